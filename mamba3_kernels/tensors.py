@@ -1,0 +1,132 @@
+"""Torch-side argument checks and the canonical tensor bundles handed to backends.
+
+The API validates shapes through spec.resolve_* (shared with the oracle), then here checks
+dtype, device and strides, and builds `StepTensors`: canonical, contiguous tensors that every
+backend's `step` takes. Nothing here writes to a user's tensor; errors name the argument,
+the expected and the actual value.
+
+Backend contract for `StepTensors` (decode step, SPEC §5):
+    q, k        (B, R, G, N)  input dtype (bf16 / fp16 / fp32), contiguous
+    v           (B, H, P)     input dtype;  z (B, H, P) input dtype or None
+    adt, dt     (B, H)        fp32;  trap (B, H) fp32 raw (pre-sigmoid), None for euler
+    angles      (B, H, A) per head or (B, A) shared (spec.shared_angles), fp32, or None (A = 0)
+    q_bias, k_bias (H, R, N)  fp32
+    d           (H,) fp32 or None
+    mimo_v, mimo_z, mimo_out (H, R, P) fp32 or None (None = ones)
+    norm_weight (H, P) fp32 or None
+    state_in / state_out: States(angle (M, H, A) fp32, ssm (M, H, P, N) fp32 or bf16,
+                k (M, R, H, N) fp32, v (M, H, P) input dtype); state_out may BE state_in
+                (in place): a backend must be race-free under that aliasing.
+    state_indices (B,) int32 or None: row b uses pool row state_indices[b]; < 0 = padding slot
+                (output row written as zeros, no state row touched).
+    out         (B, H, P), or (B, R, H, P) for output_mode "per_rank"; input dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from .spec import ScanSpec, States, bad_arg
+
+FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class StepTensors:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    z: Optional[torch.Tensor]
+    adt: torch.Tensor
+    dt: torch.Tensor
+    trap: Optional[torch.Tensor]
+    angles: Optional[torch.Tensor]
+    q_bias: torch.Tensor
+    k_bias: torch.Tensor
+    d: Optional[torch.Tensor]
+    mimo_v: Optional[torch.Tensor]
+    mimo_z: Optional[torch.Tensor]
+    mimo_out: Optional[torch.Tensor]
+    norm_weight: Optional[torch.Tensor]
+    state_in: States
+    state_out: States
+    state_indices: Optional[torch.Tensor]
+    out: torch.Tensor
+
+
+def check_tensor(name: str, x, *, dtypes=None, device=None, contiguous=False):
+    if not isinstance(x, torch.Tensor):
+        raise bad_arg(name, "a torch.Tensor", type(x).__name__)
+    if dtypes is not None and x.dtype not in dtypes:
+        raise bad_arg(name, f"dtype in {[str(d).replace('torch.', '') for d in dtypes]}",
+                      str(x.dtype).replace("torch.", ""))
+    if device is not None and x.device != device:
+        raise bad_arg(name, f"device {device}", f"device {x.device}")
+    if contiguous and not x.is_contiguous():
+        raise bad_arg(name, "a contiguous tensor", f"strides {tuple(x.stride())}")
+
+
+def _c(x, dtype=None):
+    """Contiguous, optionally cast: a new tensor when needed, never a write to the user's."""
+    if x is None:
+        return None
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.contiguous()
+
+
+def prepare_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
+                 mimo_v, mimo_z, mimo_out, norm_weight, state_indices, out=None,
+                 inplace: bool = True) -> StepTensors:
+    """Check dtypes/devices/strides of the step arguments and build the backend bundle.
+
+    States are the user's own tensors (updated in place when `inplace`), so they must already
+    have the kernel's layout: contiguous, angle/k fp32, ssm fp32 or bf16, v in V's dtype. Inputs
+    are made contiguous / cast to fp32 where the contract says so (copies, never in-place).
+    """
+    dev = v.device
+    check_tensor("v", v, dtypes=FLOAT_INPUTS)
+    for name, x in (("q", q), ("k", k), ("z", z)):
+        if x is not None:
+            check_tensor(name, x, dtypes=(v.dtype,), device=dev)
+    for name, x in (("adt", adt), ("dt", dt), ("trap", trap), ("angles", angles), ("q_bias", q_bias),
+                    ("k_bias", k_bias), ("d", d), ("mimo_v", mimo_v), ("mimo_z", mimo_z),
+                    ("mimo_out", mimo_out), ("norm_weight", norm_weight)):
+        if x is not None:
+            check_tensor(name, x, dtypes=(torch.float32, torch.bfloat16, torch.float16), device=dev)
+    ang_s, ssm_s, k_s, v_s = states
+    check_tensor("states.angle", ang_s, dtypes=(torch.float32,), device=dev, contiguous=True)
+    check_tensor("states.ssm", ssm_s, dtypes=STATE_DTYPES, device=dev, contiguous=True)
+    check_tensor("states.k", k_s, dtypes=(torch.float32,), device=dev, contiguous=True)
+    check_tensor("states.v", v_s, dtypes=(v.dtype,), device=dev, contiguous=True)
+    if state_indices is not None:
+        check_tensor("state_indices", state_indices, dtypes=(torch.int32,), device=dev)
+    B, H, P = v.shape
+    R, G, N = spec.rank, q.shape[-2], spec.d_state
+    M = ssm_s.shape[0]
+    k_s4 = k_s.view(M, R, H, N)
+    st_in = States(ang_s, ssm_s, k_s4, v_s)
+    if inplace:
+        st_out = st_in
+    elif state_indices is None:
+        st_out = States(*(torch.empty_like(x) for x in st_in))
+    else:  # rows not in state_indices keep their values in the new pool
+        st_out = States(*(x.clone() for x in st_in))
+    out_shape = (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P)
+    if out is None:
+        out = torch.empty(out_shape, dtype=v.dtype, device=dev)
+    else:
+        check_tensor("out", out, dtypes=(v.dtype,), device=dev, contiguous=True)
+        if tuple(out.shape) != out_shape:
+            raise bad_arg("out", f"shape {out_shape}", f"shape {tuple(out.shape)}")
+    f32 = torch.float32
+    return StepTensors(
+        q=_c(q).view(B, R, G, N), k=_c(k).view(B, R, G, N), v=_c(v), z=_c(z),
+        adt=_c(adt, f32), dt=_c(dt, f32), trap=_c(trap, f32), angles=_c(angles, f32),
+        q_bias=_c(q_bias, f32).view(H, R, N), k_bias=_c(k_bias, f32).view(H, R, N), d=_c(d, f32),
+        mimo_v=_c(mimo_v, f32), mimo_z=_c(mimo_z, f32), mimo_out=_c(mimo_out, f32),
+        norm_weight=None if norm_weight is None else _c(norm_weight, f32).view(H, P),
+        state_in=st_in, state_out=st_out, state_indices=_c(state_indices), out=out)
