@@ -247,11 +247,11 @@ def resolve_scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=
         G, N = _shape(q)[2:]
     qexp = (B, L, R, G, N)
     _check_shape("q", q, qexp, (B, L, G, N) if R == 1 else None)
-    _check_shape("k", k, qexp, (B, L, G, N) if R == 1 else None)
     if N % 2:
         raise bad_arg("q", "an even state size N (last dim)", N)
     if H % G:
         raise bad_arg("q", f"a group count G dividing H={H} (H % G == 0)", f"G={G}")
+    _check_shape("k", k, qexp, (B, L, G, N) if R == 1 else None)
     for name, x in (("adt", adt), ("dt", dt)):
         _ndim_check(name, x, (3,), "(B, H, L)")
         _check_shape(name, x, (B, H, L))
@@ -350,11 +350,11 @@ def resolve_step(q, k, v, adt, dt, trap, q_bias, k_bias, states, angles=None, d=
         R = 1
         G, N = _shape(q)[1:]
     _check_shape("q", q, (B, R, G, N), (B, G, N) if R == 1 else None)
-    _check_shape("k", k, (B, R, G, N), (B, G, N) if R == 1 else None)
     if N % 2:
         raise bad_arg("q", "an even state size N (last dim)", N)
     if H % G:
         raise bad_arg("q", f"a group count G dividing H={H} (H % G == 0)", f"G={G}")
+    _check_shape("k", k, (B, R, G, N), (B, G, N) if R == 1 else None)
     for name, x in (("adt", adt), ("dt", dt)):
         _check_shape(name, x, (B, H))
     if trap is not None:

@@ -47,9 +47,10 @@ class StepCase:
                 f"{' pool' if self.args.get('state_indices') is not None else ''} {s.output_mode}")
 
 
-def step_case(spec: ScanSpec, problem: Problem, rng: np.random.Generator, device="cpu",
-              pool: Optional[int] = None) -> StepCase:
-    """Draw a decode-step case: inputs in spec.input_dtype, ssm state in spec.state_dtype."""
+def step_inputs(spec: ScanSpec, problem: Problem, rng: np.random.Generator, device="cpu",
+                pool: Optional[int] = None) -> dict:
+    """Torch arguments of `mamba3_kernels.step` for a random decode case: inputs in
+    spec.input_dtype, parameters fp32, states (angle fp32, ssm spec.state_dtype, k fp32, v input)."""
     a = random_step_inputs(spec, problem, rng, pool=pool)
     idt, sdt = TORCH_DTYPES[spec.input_dtype], TORCH_DTYPES[spec.state_dtype]
     f32 = torch.float32
@@ -64,6 +65,13 @@ def step_case(spec: ScanSpec, problem: Problem, rng: np.random.Generator, device
                          to_torch(st.k, f32, device), to_torch(st.v, idt, device))
     t["state_indices"] = None if a["state_indices"] is None else \
         torch.as_tensor(a["state_indices"], dtype=torch.int32, device=device)
+    return t
+
+
+def step_case(spec: ScanSpec, problem: Problem, rng: np.random.Generator, device="cpu",
+              pool: Optional[int] = None) -> StepCase:
+    """A decode-step case with the oracle's answer computed on exactly the values the kernel sees."""
+    t = step_inputs(spec, problem, rng, device, pool)
     seen = {n: (to_numpy(x) if isinstance(x, torch.Tensor) else x) for n, x in t.items() if n != "states"}
     seen["states"] = States(*(to_numpy(x) for x in t["states"]))
     seen["state_indices"] = None if t["state_indices"] is None else t["state_indices"].cpu().numpy()

@@ -148,3 +148,15 @@ def apply_output_adjoint(mode, y, z, mz, mo, w, eps, dout):
         dz = np.sum(du * mz, axis=-2)
         dmz = reduce_to(du * z[..., None, :], np.shape(mz))
     return dy, dz, dmz, dmo, dw
+
+
+def bias_rotate(x, bias, theta, pairing: str):
+    """(x', Rot(theta) x') with x' = x + bias: the bias goes in BEFORE the rotation (SPEC §2.2)."""
+    xp = x + bias
+    return xp, rotate(xp, theta, pairing)
+
+
+def skip_term(d, v, vt):
+    """D times the projected value vt = v * MIMO_V (SPEC §3: D multiplies the projected v)."""
+    del v
+    return d * vt

@@ -56,14 +56,17 @@ def rel_max(x, ref) -> float:
 
 
 def angle_error(x, ref) -> float:
-    """Max circular distance in radians; values of x outside [0, 2 pi) give inf."""
+    """Max circular distance in radians; a value (of either side) outside [0, 2 pi) gives inf."""
     x, ref = _arr(x), _arr(ref)
     if x.shape != ref.shape:
         raise ValueError(f"x: expected shape {ref.shape} (the reference's), got {x.shape}")
     if x.size == 0:
         return 0.0
-    if _bad(x, ref) or np.any(x < 0) or np.any(x >= TWO_PI + 1e-6):
+    if _bad(x, ref):
         return float("inf")
+    for a in (x, ref):  # both sides must be wrapped states
+        if np.any(a < 0) or np.any(a >= TWO_PI + 1e-6):
+            return float("inf")
     d = np.abs(x - ref) % TWO_PI
     return float(np.max(np.minimum(d, TWO_PI - d)))
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from mamba3_kernels.spec import ScanSpec, States, resolve_scan, resolve_step
 
-from .common import angle_increment, apply_output, discretize, rotate, wrap_angle
+from .common import angle_increment, apply_output, bias_rotate, discretize, skip_term, wrap_angle
 from .inputs import canonical
 
 
@@ -40,16 +40,15 @@ def _token(spec: ScanSpec, p: Params, st, q, k, v, z, adt, dt, trap, ang, tape=N
     S (X, H, P, N) and kprev (X, H, R, N). Returns (out, y, new state)."""
     theta0, S0, kprev, vprev = st
     theta = wrap_angle(theta0 + angle_increment(ang, dt))
-    qp, kp = q + p.qb, k + p.kb
-    qh = rotate(qp, theta[:, :, None, :], spec.pairing)
-    kh = rotate(kp, theta[:, :, None, :], spec.pairing)
+    qp, qh = bias_rotate(q, p.qb, theta[:, :, None, :], spec.pairing)
+    kp, kh = bias_rotate(k, p.kb, theta[:, :, None, :], spec.pairing)
     alpha, beta, gamma, lam = discretize(adt, dt, trap, spec.lam_is_one)
     vt = v[:, :, None, :] * p.mv
     vtp = vprev[:, :, None, :] * p.mv
     S = (alpha[..., None, None] * S0
          + beta[..., None, None] * np.einsum("xhrp,xhrn->xhpn", vtp, kprev)
          + gamma[..., None, None] * np.einsum("xhrp,xhrn->xhpn", vt, kh))
-    y = np.einsum("xhpn,xhrn->xhrp", S, qh) + p.d * vt
+    y = np.einsum("xhpn,xhrn->xhrp", S, qh) + skip_term(p.d, v[:, :, None, :], vt)
     out = apply_output(spec.output_mode, y, z, p.mz, p.mo, p.w, spec.norm_eps)
     if tape is not None:
         tape.append(dict(theta=theta, qp=qp, kp=kp, qh=qh, kh=kh, alpha=alpha, beta=beta,

@@ -1,0 +1,41 @@
+# make run   — set up .venv and run the main job: validate every backend available here against
+#              the float64 oracle (on a GPU also tune and benchmark)
+# make test  — set up .venv and run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+# caches and scratch stay inside the workspace
+export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
+export TRITON_HOME ?= $(CURDIR)/.cache/triton-home
+export TILELANG_CACHE_DIR ?= $(CURDIR)/.cache/tilelang
+export TMPDIR := $(CURDIR)/.cache/tmp
+export CUDA_HOME ?= /usr/local/cuda
+export TRITON_DEFAULT_FP_FUSION ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test setup clean
+
+$(VENV)/.installed: setup.py
+	@mkdir -p $(TMPDIR)
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	@mkdir -p $(TMPDIR) bench/results
+	$(BIN)/mamba3-kernels validate --json .cache/validate.json
+	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(BIN)/mamba3-kernels tune --op step && $(BIN)/mamba3-kernels bench --op step; \
+	else echo "no GPU here: tuning and benchmarks skipped (they run on the GPU)"; fi
+
+test: $(VENV)/.installed
+	@mkdir -p $(TMPDIR)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf .cache .pytest_cache .hypothesis
