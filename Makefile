@@ -30,7 +30,10 @@ run: $(VENV)/.installed
 	@mkdir -p $(TMPDIR) bench/results
 	$(BIN)/mamba3-kernels validate --json .cache/validate.json
 	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(BIN)/mamba3-kernels tune --op step && $(BIN)/mamba3-kernels bench --op step; \
+	  for b in 1 64 256; do for r in 1 4; do \
+	    $(BIN)/mamba3-kernels tune --op step --B $$b --R $$r --H 32 --N 128 --P 64 --A 32 --has-d --has-z \
+	      $$( [ $$r -gt 1 ] && echo --mimo-v --mimo-z --mimo-out --pairing half ) || exit 1; done; done; \
+	  $(BIN)/mamba3-kernels bench --op step --H 32 --out bench/results/bench_step_local.json; \
 	else echo "no GPU here: tuning and benchmarks skipped (they run on the GPU)"; fi
 
 test: $(VENV)/.installed

@@ -1,8 +1,9 @@
 """Choose (backend, config) for a call: explicit > tuning cache > nearest bucket > heuristic.
 
 1. `backend=` / `config=` given by the caller;
-2. an entry of the autotune cache for this GPU, versions, spec and shape bucket
-   (mamba3_kernels.autotune.lookup, which also tries the nearest bucket);
+2. an entry of the autotune cache for this GPU, versions, spec and shape bucket; on a miss,
+   tuning if asked (autotune=True or MAMBA3_AUTOTUNE=1), else the nearest bucket's entry
+   (mamba3_kernels.autotune.resolve);
 3. the first available backend (in PREFERENCE order) that supports the spec, with its
    `default_config`.
 Decisions are memoised per (op, spec, problem, device) so a warm call costs a dict lookup.
@@ -41,8 +42,10 @@ def _usable(name: str, spec: ScanSpec, op: str):
 
 
 def select(op: str, spec: ScanSpec, problem: Problem, device, backend: Optional[str] = None,
-           config: Optional[dict] = None):
-    """Return (backend module, config dict, source) where source says which rule chose it."""
+           config: Optional[dict] = None, autotune: Optional[bool] = None):
+    """Return (backend module, config dict, source) where source says which rule chose it:
+    "explicit", "cache", "tuned" (autotune=True or MAMBA3_AUTOTUNE=1 on a cache miss),
+    "nearest-bucket" or "default"."""
     if backend is not None:
         mod, why = _usable(backend, spec, op)
         if mod is None:
@@ -51,11 +54,13 @@ def select(op: str, spec: ScanSpec, problem: Problem, device, backend: Optional[
     if config is not None:
         raise ValueError("config: expected None unless backend= is also given (configs are per backend), "
                          f"got {config!r}")
-    key = (op, spec, problem, _device_key(device))
+    from mamba3_kernels.autotune import autotune_requested
+    tune = autotune_requested(autotune)
+    key = (op, spec, problem, _device_key(device), tune)
     hit = _memo.get(key)
     if hit is not None:
         return hit
-    res = _from_cache(op, spec, problem, device)
+    res = _from_cache(op, spec, problem, device, tune)
     if res is None:
         reasons = []
         for name in PREFERENCE[op]:
@@ -70,12 +75,12 @@ def select(op: str, spec: ScanSpec, problem: Problem, device, backend: Optional[
     return res
 
 
-def _from_cache(op, spec, problem, device):
+def _from_cache(op, spec, problem, device, tune=False):
     if os.environ.get("MAMBA3_NO_CACHE"):
         return None
     try:
         from mamba3_kernels import autotune
-        hit = autotune.lookup(op, spec, problem, device)
+        hit = autotune.resolve(op, spec, problem, device, autotune=tune)
     except Exception:  # a broken cache never breaks a call (autotune warns itself)
         return None
     if hit is None:
