@@ -1,0 +1,150 @@
+"""The public step API and StepPlan plumbing, on CPU, through an oracle-backed backend.
+
+The backend below computes with the float64 oracle and writes into the StepTensors bundle, so
+these tests check what the API owns: argument checks (nothing written on the error path),
+in-place vs new states, pools and padding slots, dispatch, and StepPlan == step.
+"""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import mamba3_kernels as m3
+from mamba3_kernels import backends, dispatch
+from mamba3_kernels import reference as ref
+from mamba3_kernels.reference.inputs import spec_options
+from mamba3_kernels.spec import Problem, ScanSpec, States
+from mamba3_kernels.testing import step_inputs, to_numpy
+
+
+def _oracle_step(spec, cfg, t):
+    n = lambda x: None if x is None else to_numpy(x)
+    st = States(*(n(x) for x in t.state_in))
+    out, new = ref.step(n(t.q), n(t.k), n(t.v), n(t.adt), n(t.dt), n(t.trap), n(t.q_bias), n(t.k_bias), st,
+                        angles=n(t.angles), d=n(t.d), z=n(t.z), mimo_v=n(t.mimo_v), mimo_z=n(t.mimo_z),
+                        mimo_out=n(t.mimo_out), norm_weight=n(t.norm_weight),
+                        state_indices=n(t.state_indices), **spec_options(spec))
+    t.out.copy_(torch.as_tensor(out).reshape(t.out.shape))
+    for dst, src in zip(t.state_out, new):
+        dst.copy_(torch.as_tensor(src).reshape(dst.shape))
+
+
+ORACLE = types.SimpleNamespace(NAME="oracle", available=lambda: (True, "float64 oracle"),
+                               supports=lambda spec, op: (op == "step", ""),
+                               default_config=lambda spec, problem, op: {}, step=_oracle_step)
+
+
+@pytest.fixture(autouse=True)
+def oracle_backend(monkeypatch):
+    real_get = backends.get
+    monkeypatch.setattr(backends, "get", lambda name: ORACLE if name == "oracle" else real_get(name))
+    monkeypatch.setattr(dispatch, "PREFERENCE", {"step": ("oracle",)})
+    monkeypatch.setenv("MAMBA3_NO_CACHE", "1")
+    dispatch.clear_memo()
+    yield
+    dispatch.clear_memo()
+
+
+SPEC = ScanSpec(d_state=8, head_dim=6, rank=2, n_angles=3, pairing="half", has_d=True, has_z=True,
+                has_mimo_v=True, has_mimo_z=True, has_mimo_out=True, chunk_size=1, initial_states=True,
+                final_states=True, input_dtype="float32")
+
+
+def _args(rng, pool=None, B=3):
+    return step_inputs(SPEC, Problem(B, 1, 4, 2, pool or B), rng, pool=pool)
+
+
+def _opts():
+    return dict(output_mode=SPEC.output_mode, pairing=SPEC.pairing)
+
+
+def test_step_inplace_and_new(rng):
+    a = _args(rng)
+    before = States(*(x.clone() for x in a["states"]))
+    out_new, st_new = m3.step(**a, **_opts(), inplace=False)
+    for x, y in zip(a["states"], before):
+        assert torch.equal(x, y)  # inputs untouched
+    out_in, st_in = m3.step(**a, **_opts())
+    assert torch.equal(out_in, out_new)
+    for x, y, z in zip(st_in, st_new, a["states"]):
+        assert torch.equal(x, y) and x.data_ptr() == z.data_ptr()
+
+
+def test_pool_padding_and_untouched_rows(rng):
+    a = _args(rng, pool=7)
+    before = States(*(x.clone() for x in a["states"]))
+    out, st = m3.step(**a, **_opts(), inplace=False)
+    idx = a["state_indices"].numpy()
+    assert torch.all(out[torch.as_tensor(idx < 0)] == 0)
+    untouched = np.setdiff1d(np.arange(7), idx[idx >= 0])
+    for x, y in zip(st, before):
+        assert torch.equal(x[untouched], y[untouched])
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda a: a.update(v=a["v"].double()), "v: expected dtype in"),
+    (lambda a: a.update(q=a["q"].to(torch.bfloat16)), "q: expected dtype in"),
+    (lambda a: a.update(states=States(a["states"].angle.double(), *a["states"][1:])), "states.angle: expected dtype"),
+    (lambda a: a.update(states=States(a["states"].angle, a["states"].ssm.half(), *a["states"][2:])),
+     "states.ssm: expected dtype"),
+    (lambda a: a.update(states=States(a["states"].angle, a["states"].ssm.transpose(2, 3).contiguous().transpose(2, 3),
+                                      *a["states"][2:])), "states.ssm: expected a contiguous tensor"),
+    (lambda a: a.update(dt=a["dt"][:, :3]), r"dt: expected shape \(3, 4\)"),
+    (lambda a: a.update(state_indices=torch.tensor([0, 1, 2], dtype=torch.int64)), "state_indices: expected dtype"),
+])
+def test_errors_touch_nothing(rng, change, msg):
+    a = _args(rng)
+    if "state_indices" in msg:
+        a = _args(rng, pool=5)
+    change(a)
+    before = [x.clone() for x in a["states"]]
+    with pytest.raises(ValueError, match=msg):
+        m3.step(**a, **_opts())
+    for x, y in zip(a["states"], before):
+        assert torch.equal(x, y)
+
+
+def test_state_indices_range_checked(rng):
+    a = _args(rng, pool=5)
+    a["state_indices"] = torch.tensor([0, 7, 1], dtype=torch.int32)
+    before = [x.clone() for x in a["states"]]
+    with pytest.raises(ValueError, match="state_indices: expected values < state pool size M=5"):
+        m3.step(**a, **_opts())
+    for x, y in zip(a["states"], before):
+        assert torch.equal(x, y)
+
+
+def test_unknown_backend_and_config_without_backend(rng):
+    a = _args(rng)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        m3.step(**a, **_opts(), backend="cuda-c")
+    with pytest.raises(ValueError, match="config: expected None unless backend="):
+        m3.step(**a, **_opts(), config={"num_warps": 4})
+
+
+def test_plan_equals_step(rng):
+    a = _args(rng, pool=6)
+    b = {n: (States(*(x.clone() for x in v)) if n == "states" else v) for n, v in a.items()}
+    plan = m3.StepPlan(**a, **_opts())
+    tok = {n: a[n] for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z", "state_indices")}
+    for _ in range(3):  # carries states in place
+        o1, s1 = plan(**tok)
+        o2, s2 = m3.step(**b, **_opts())
+        assert torch.equal(o1, o2)
+        for x, y in zip(s1, s2):
+            assert torch.equal(x, y)
+    assert plan.source == "default"
+
+
+def test_plan_rejects_mismatched_tokens(rng):
+    a = _args(rng)
+    plan = m3.StepPlan(**a, **_opts())
+    tok = {n: a[n] for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z")}
+    bad = dict(tok, v=tok["v"][:2])
+    with pytest.raises(ValueError, match=r"v: expected shape \(3, 4, 6\)"):
+        plan(**bad)
+    with pytest.raises(ValueError, match="z: expected a tensor"):
+        plan(**dict(tok, z=None))
+    with pytest.raises(ValueError, match="state_indices: expected None"):
+        plan(**tok, state_indices=torch.zeros(3, dtype=torch.int32))
