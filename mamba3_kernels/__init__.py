@@ -5,10 +5,19 @@
 """
 from __future__ import annotations
 
-from .spec import Problem, ScanSpec, States
+import os as _os
+
+# From a source checkout that was not pip-installed (e.g. PYTHONPATH=<repo> on a machine where
+# `pip install -e .` is unavailable), the folders setup.py maps into this namespace (reference/,
+# backends/, autotune/) sit beside this package: make them importable as its subpackages.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isdir(_os.path.join(_root, "reference")):
+    __path__.append(_root)
+
+from .spec import Problem, ScanSpec, States  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ScanSpec", "Problem", "States", "step", "backends_info", "__version__"]
+__all__ = ["ScanSpec", "Problem", "States", "step", "scan", "StepPlan", "backends_info", "__version__"]
 
 
 def backends_info() -> dict:
@@ -18,7 +27,10 @@ def backends_info() -> dict:
 
 
 def __getattr__(name):
-    if name in ("step",):
+    if name in ("step", "scan"):
         from . import api
         return getattr(api, name)
+    if name == "StepPlan":
+        from .plan import StepPlan
+        return StepPlan
     raise AttributeError(f"module 'mamba3_kernels' has no attribute {name!r}")
