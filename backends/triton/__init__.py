@@ -1,0 +1,235 @@
+"""Triton backend: the decode step (SPEC §5) so far; the chunked forward/backward come later.
+
+Protocol: see backends/__init__.py. Imports without triton installed: triton is imported
+only inside the functions that need it (and by `step.py`, which holds the kernel).
+
+With TRITON_INTERPRET=1 set before triton is imported, the backend runs on CPU tensors through
+the Triton interpreter (that is how CI checks it against the oracle); otherwise it needs a CUDA
+GPU of compute capability >= 9.0. `compile` builds the cubin without any GPU (AOT) and must run
+in a process WITHOUT TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+
+from mamba3_kernels.backends import dsl_importable, gpu_reason
+
+NAME = "triton"
+OPS = ("step", "forward", "backward")
+INPUT_DTYPES = ("bfloat16", "float16", "float32")
+STATE_DTYPES = ("float32", "bfloat16")
+MAX_BLOCK_N = 1024
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def available():
+    ok, why = dsl_importable("triton")
+    if not ok:
+        return False, why
+    if _interpret():
+        return True, "Triton interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slowly"
+    return gpu_reason()
+
+
+def supports(spec, op="step"):
+    if op not in OPS:
+        return False, f"op: expected one of {OPS}, got {op!r}"
+    if op != "step":
+        return False, "not implemented yet"
+    if spec.input_dtype not in INPUT_DTYPES:
+        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
+    if spec.state_dtype not in STATE_DTYPES:
+        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    if _pow2(spec.d_state) > MAX_BLOCK_N:
+        return False, f"N={spec.d_state}: state rows wider than {MAX_BLOCK_N} columns"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------
+# configs: BLOCK_P (rows of the P x N state per loop iteration), num_warps, num_stages, VEC
+# (16-byte state accesses; see step.py)
+
+def _elems_per_thread(cfg, spec) -> float:
+    return cfg["BLOCK_P"] * _pow2(spec.d_state) / (32 * cfg["num_warps"])
+
+
+def _norm_needs_whole_head(spec) -> bool:
+    return spec.output_mode == "norm_reduce"
+
+
+def _cfg(spec, bp, elems, vec, prefetch=False):
+    """BLOCK_P = bp with about `elems` state elements per thread. With VEC the CTA must have
+    more threads than a state row has columns (32 * num_warps > N), or else Triton loads the
+    q/k rows in a layout of their own and converts the whole state tile."""
+    NB = _pow2(spec.d_state)
+    nw = max(1, bp * NB // (32 * elems))
+    nw = 1 << min(4, nw.bit_length() - 1)          # a power of two in [1, 16]
+    if vec:
+        nw = max(nw, min(16, 2 * NB // 32))
+    return dict(BLOCK_P=bp, num_warps=nw, num_stages=1, VEC=vec,
+                PREFETCH=bool(prefetch and bp < spec.head_dim))
+
+
+# (fraction of the head per tile, state elements per thread, VEC, PREFETCH). The first eight
+# were measured on H100 (bench/notes_triton_step.md); the PREFETCH ones not yet.
+_PLAN = ((1, 32, True, False), (1, 16, True, False), (2, 32, True, False), (4, 16, True, False),
+         (1, 32, False, False), (4, 32, False, False), (4, 16, False, False), (2, 32, False, False),
+         (4, 32, False, True), (4, 16, True, True), (2, 32, True, True), (4, 64, False, True))
+
+
+def space(spec, problem=None, op="step"):
+    """At most 12 candidates from _PLAN: the whole head, half or a quarter of it per tile
+    (norm_reduce: the whole head only), 16 / 32 / 64 state elements per thread, with and
+    without VEC (16-byte state accesses) and PREFETCH (next tile loaded during this one)."""
+    if op != "step":
+        return []
+    PV = _pow2(spec.head_dim)
+    out = []
+    for frac, elems, vec, pre in _PLAN:
+        if frac > 1 and (_norm_needs_whole_head(spec) or PV // frac < 1):
+            continue
+        c = _cfg(spec, PV // frac, elems, vec, pre)
+        if c not in out:
+            out.append(c)
+    d = default_config(spec, problem, op)
+    if d not in out:
+        out = [d] + out
+    return out[:12]
+
+
+def default_config(spec, problem=None, op="step"):
+    """Measured on H100 (H=32, N=128, P=64; bench/notes_triton_step.md):
+    - SISO with a bf16 state at B >= 32: quarter-head tiles, 2 warps, no VEC (16-18 % faster
+      than the next rule there);
+    - otherwise the whole head in one tile (the rotated q/k rows are built once), VEC, about
+      32 state elements per thread: best or within 1 % for SISO fp32 at every B and for bf16
+      at B = 1. (MIMO fp32 was 12 % faster with 16 warps, but that spills a little on
+      sm_90a with triton 3.9, so it is left to the tuner: it is in `space`.)"""
+    PV = _pow2(spec.head_dim)
+    big = problem is not None and problem.batch >= 32
+    if spec.rank == 1 and spec.state_dtype == "bfloat16" and big and not _norm_needs_whole_head(spec):
+        return _cfg(spec, max(1, PV // 4), 32, False)
+    return _cfg(spec, PV, 32, True)
+
+
+# ------------------------------------------------------------------------------------------
+# entry points
+
+def _kernels():
+    """The kernel module `step.py`, imported on first use."""
+    return importlib.import_module(__name__ + ".step")
+
+
+def step(spec, config, tensors):
+    """Write tensors.out and tensors.state_out (see mamba3_kernels.tensors.StepTensors)."""
+    ok, why = supports(spec, "step")
+    if not ok:
+        raise ValueError(f"spec: expected one the triton step supports, got one it does not ({why})")
+    if _norm_needs_whole_head(spec) and config["BLOCK_P"] < spec.head_dim:
+        raise ValueError(f"config.BLOCK_P: expected >= P={spec.head_dim} with output_mode 'norm_reduce', "
+                         f"got {config['BLOCK_P']}")
+    _kernels().launch(spec, config, tensors)
+
+
+class _Package(types.ModuleType):
+    """Importing the kernel submodule `step.py` binds the name `step` on this package, which
+    would shadow the protocol function `step`: the attribute stays the function. The kernel
+    module is `mamba3_kernels.backends.triton.kernels` (imported on first access)."""
+
+    @property
+    def step(self):
+        return _step_entry
+
+    @step.setter
+    def step(self, value):  # the import system binding the submodule: it stays in sys.modules
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("step: the backend entry point cannot be replaced")
+
+    @property
+    def kernels(self):
+        return _kernels()
+
+
+_step_entry = step
+sys.modules[__name__].__class__ = _Package
+
+
+_TT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def signature(spec, config):
+    """(signature, constexprs) of the step kernel for triton.compile (AOT)."""
+    _k = _kernels()
+    idt, sdt, f = "*" + _TT[spec.input_dtype], "*" + _TT[spec.state_dtype], "*fp32"
+    has_idx = bool(config.get("_has_idx", False))
+    sig = dict(
+        q_ptr=idt, k_ptr=idt, v_ptr=idt, z_ptr=idt, adt_ptr=f, dt_ptr=f, trap_ptr=f, angles_ptr=f,
+        qb_ptr=f, kb_ptr=f, d_ptr=f, mv_ptr=f, mz_ptr=f, mo_ptr=f, w_ptr=f,
+        ang_in_ptr=f, ssm_in_ptr=sdt, k_in_ptr=f, v_in_ptr=idt,
+        ang_out_ptr=f, ssm_out_ptr=sdt, k_out_ptr=f, v_out_ptr=idt,
+        idx_ptr="*i32" if has_idx else f, out_ptr=idt,
+        H="i32", G="i32", M="i32", eps="fp32", zero="i32")
+    ce = _k.constexprs(spec, config)
+    for name in ce:
+        sig[name] = "constexpr"
+    return sig, ce
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL / SHARED from the bundled cuobjdump --dump-resource-usage."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+
+    def get(key):
+        m = re.search(rf"\b{key}:(\d+)", txt)
+        return int(m.group(1)) if m else None
+    return dict(registers=get("REG"), stack=get("STACK"), local=get("LOCAL"),
+                shared_static=get("SHARED"), resource_usage=txt.strip())
+
+
+def compile(spec, config, op="step", arch="sm_90a"):
+    """AOT-compile the step kernel for `arch` without a GPU. Returns {"cubin": bytes,
+    "registers", "spills" (local-memory bytes per thread: spills or stack), "shared"
+    (bytes, dynamic incl. static), "ptx", "arch", "config"}. Run without TRITON_INTERPRET."""
+    if op != "step":
+        raise ValueError(f"op: expected 'step' (the only one implemented), got {op!r}")
+    if _interpret():
+        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
+                           "interpreter do not mix), got TRITON_INTERPRET set")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    _k = _kernels()
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    sig, ce = signature(spec, config)
+    ptr_idx = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in ptr_idx}
+    src = triton.compiler.ASTSource(fn=_k.mamba3_step_kernel, signature=sig, constexprs=ce, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
+                       options={"num_warps": int(config.get("num_warps", 4)),
+                                "num_stages": int(config.get("num_stages", 1))})
+    cubin = k.asm["cubin"]
+    use = _resource_usage(cubin)
+    spills = (use["local"] or 0) + (use["stack"] or 0)
+    return dict(cubin=cubin, registers=use["registers"], spills=spills,
+                shared=int(getattr(k.metadata, "shared", 0) or 0), ptx=k.asm.get("ptx"),
+                arch=arch, config=dict(config), resource_usage=use["resource_usage"])

@@ -1,0 +1,298 @@
+"""Triton decode step: one Mamba-3 token per sequence (SPEC §5, with the math of §2 and §3).
+
+Per batch row b and value head h (group g = h // (H/G)), ranks r = 0..R-1, reading pool row
+i = state_indices[b] (or b):
+
+    theta   = wrap(theta_i + pi tanh(angles[b, h]) dt)            into [0, 2 pi)
+    qh_r    = Rot(theta)(q[b, r, g] + q_bias[h, r]),  kh_r likewise    (bias before rotation;
+              pairs (2j, 2j+1) "interleaved" or (j, j + N/2) "half", j < A; others pass)
+    lam     = sigmoid(trap) (trapezoidal) or 1 (euler)
+    alpha   = exp(adt), beta = alpha dt (1 - lam), gamma = dt lam
+    vt_r    = v * MIMO_V[h, r],  vtp_r = v_state_i * MIMO_V[h, r]
+    S       = alpha S_i + beta sum_r vtp_r kprev_r^T + gamma sum_r vt_r kh_r^T     (P x N)
+    y_r     = S qh_r + D vt_r
+    out     = reduce:      sum_r y_r gate_r MIMO_Out_r
+              norm_reduce: sum_r y_r rstd(y_r) W gate_r MIMO_Out_r
+              per_rank:    y_r gate_r                      (gate_r = silu(z MIMO_Z_r), 1 without z)
+    states  <- (theta, S, kh_r for all r, v)
+
+A padding row (state_indices[b] < 0 or >= M) writes zeros to its output and touches no state.
+
+Launch grid: one program per (b, h), pid = b * H + h (heads of one row are neighbours, like
+their state rows). A program loops over the P rows of its (P x N) state in tiles of BLOCK_P:
+the state tile is loaded in its own dtype (fp32 or bf16), updated in fp32 registers, used for
+the R outputs and stored back. The decode step is memory bound (the state is read and written
+once), so there is no tensor-core dot: the outer products and the S qh row sums are broadcast
+multiplies and `tl.sum`.
+
+Config knobs (backends/triton/__init__.py `space`): BLOCK_P (a whole head builds the rotated
+q/k rows once; smaller tiles rebuild them per tile but need fewer registers), num_warps, VEC
+(16-byte state accesses, see "Address columns" in the kernel) and PREFETCH (the next tile is
+loaded while this one is computed). num_stages is unused (the loop carries no pipelined dot).
+
+Rotation without register shuffles: every state column n has a partner column (n ^ 1, or
+n +- N/2) and an angle j(n); q and k are gathered twice (at n and at its partner) and
+    qh[n] = q'[n] cos(theta_j) + sgn(n) q'[partner] sin(theta_j),  sgn = -1 on a pair's first
+so the state tile stays contiguous and coalesced in both pairings.
+
+In place (state_out is state_in) is race-free: the program owns its (b, h) state rows; every
+S element is read and rewritten by the data flow of one tile; the shared per-head states
+(kprev, theta, vprev) are read inside the tile loop and written only after a CTA barrier
+that follows the loop.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
+
+
+def grid(batch: int, nheads: int):
+    """One program per (batch row, value head)."""
+    return (batch * nheads,)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _wrap(x):
+    """x - 2 pi floor(x / 2 pi), clamped into [0, 2 pi) against fp32 rounding."""
+    y = x - 6.283185307179586 * tl.floor(x / 6.283185307179586)
+    y = tl.where(y < 0.0, y + 6.283185307179586, y)
+    return tl.where(y >= 6.283185307179586, y - 6.283185307179586, y)
+
+
+@triton.jit
+def _theta(ang_in_ptr, angles_ptr, row, b, h, dt, j, jmask, H, A: tl.constexpr,
+           SHARED_ANG: tl.constexpr):
+    """New angles theta[j] (j a tensor of angle indices, masked by jmask)."""
+    th0 = tl.load(ang_in_ptr + (row * H + h) * A + j, mask=jmask, other=0.0)
+    if SHARED_ANG:
+        raw = tl.load(angles_ptr + b * A + j, mask=jmask, other=0.0)
+    else:
+        raw = tl.load(angles_ptr + (b * H + h) * A + j, mask=jmask, other=0.0)
+    tanh = 2.0 * _sigmoid(2.0 * raw) - 1.0
+    return _wrap(th0 + 3.141592653589793 * tanh * dt)
+
+
+@triton.jit
+def _rot_row(x_ptr, b_ptr, ncol, pcol, cs, sn, sgn, nmask):
+    """Rotated, biased row: (x + bias)[n] cos + sgn (x + bias)[partner] sin, fp32."""
+    x = tl.load(x_ptr + ncol, mask=nmask, other=0.0).to(tl.float32) + \
+        tl.load(b_ptr + ncol, mask=nmask, other=0.0)
+    xp = tl.load(x_ptr + pcol, mask=nmask, other=0.0).to(tl.float32) + \
+        tl.load(b_ptr + pcol, mask=nmask, other=0.0)
+    return x * cs + sgn * xp * sn
+
+
+@triton.jit(do_not_specialize=["zero"])
+def mamba3_step_kernel(
+    q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, angles_ptr,
+    qb_ptr, kb_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
+    ang_in_ptr, ssm_in_ptr, k_in_ptr, v_in_ptr,
+    ang_out_ptr, ssm_out_ptr, k_out_ptr, v_out_ptr,
+    idx_ptr, out_ptr,
+    H, G, M, eps, zero,
+    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, A: tl.constexpr,
+    HALF: tl.constexpr, EULER: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
+    SHARED_ANG: tl.constexpr, HAS_IDX: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_PV: tl.constexpr,
+    VEC: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    tl.static_assert(MODE != 2 or BLOCK_P >= P, "norm_reduce needs the whole head in one tile")
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid - b * H
+    g = h // (H // G)
+
+    # ---- pool row (padding: idx < 0 or idx >= M) ------------------------------------------
+    if HAS_IDX:
+        idx = tl.load(idx_ptr + b)
+        valid = (idx >= 0) & (idx < M)
+        row = tl.where(valid, idx, 0).to(tl.int64)
+    else:
+        valid = b >= 0
+        row = b.to(tl.int64)
+    b64 = b.to(tl.int64)
+    # validity as index limits (the interpreter cannot AND a scalar with a tensor mask)
+    P_OK = tl.where(valid, P, 0)
+    N_OK = tl.where(valid, N, 0)
+    A_OK = tl.where(valid, A, 0)
+
+    # ---- per-head scalars -------------------------------------------------------------------
+    dt = tl.load(dt_ptr + b * H + h)
+    alpha = tl.exp(tl.load(adt_ptr + b * H + h))
+    if EULER:
+        lam = 1.0
+    else:
+        lam = _sigmoid(tl.load(trap_ptr + b * H + h))
+    beta = alpha * dt * (1.0 - lam)
+    gamma = dt * lam
+    if HAS_D:
+        dval = tl.load(d_ptr + h)
+    else:
+        dval = 0.0
+
+    # ---- rotation of state column n: partner column, angle, sign ---------------------------
+    n = tl.arange(0, BLOCK_N)
+    nmask = n < N
+    if HALF:
+        first = n < N // 2
+        partner = tl.where(first, n + N // 2, n - N // 2)
+        jn = tl.where(first, n, n - N // 2)
+    else:
+        first = (n % 2) == 0
+        partner = tl.where(first, n + 1, n - 1)
+        jn = n // 2
+    sgn = tl.where(first, -1.0, 1.0)
+    # Address columns. VEC: aligned, so the state tile is loaded in 16-byte vectors (and the
+    # compiler converts the outer-product update into that layout). Not VEC: `zero` (a runtime
+    # 0 the compiler cannot see) hides the alignment, so the state tile and the q/k rows share
+    # one layout (a warp still covers 32 consecutive columns per access) and nothing
+    # tile-sized is converted. Which is faster is a tuning question (config "VEC").
+    if VEC:
+        ncol = n
+        pcol = partner
+    else:
+        ncol = n + zero
+        pcol = partner + zero
+    if A > 0:
+        rmask = nmask & (jn < A_OK)
+        th_n = _theta(ang_in_ptr, angles_ptr, row, b, h, dt, jn, rmask, H, A, SHARED_ANG)
+        cs = tl.where(rmask, tl.cos(th_n), 1.0)
+        sn = tl.where(rmask, tl.sin(th_n), 0.0)
+    else:
+        cs = tl.full([BLOCK_N], 1.0, tl.float32)
+        sn = tl.full([BLOCK_N], 0.0, tl.float32)
+
+    # ---- per-program base pointers (64-bit once; tile offsets stay 32-bit) -----------------
+    head = row * H + h                       # pool row of this head (int64)
+    s_in = ssm_in_ptr + head * (P * N)
+    s_out = ssm_out_ptr + head * (P * N)
+    x_bh = (b64 * H + h) * P                 # (b, h) row of v, z, out
+    q_b = q_ptr + (b64 * R * G + g) * N      # rank r at + r * G * N
+    k_b = k_ptr + (b64 * R * G + g) * N
+    kin_b = k_in_ptr + (row * R * H + h) * N  # rank r at + r * H * N
+    kout_b = k_out_ptr + (row * R * H + h) * N
+
+    # ---- the state, tile by tile over P -------------------------------------------------------
+    # PREFETCH: the next tile's load is issued before this tile's math, so every program keeps
+    # a tile in flight while it computes (rows differ: in-place safe).
+    pt = tl.arange(0, BLOCK_P)
+    if PREFETCH:
+        S_next = tl.load(s_in + pt[:, None] * N + ncol[None, :],
+                         mask=(pt < P_OK)[:, None] & nmask[None, :], other=0.0)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + pt
+        pmask = p < P
+        pok = p < P_OK
+        smask = pok[:, None] & nmask[None, :]
+        soff = p[:, None] * N + ncol[None, :]
+        if PREFETCH:
+            S_raw = S_next
+            pn = p + BLOCK_P
+            S_next = tl.load(s_in + pn[:, None] * N + ncol[None, :],
+                             mask=(pn < P_OK)[:, None] & nmask[None, :], other=0.0)
+        else:
+            S_raw = tl.load(s_in + soff, mask=smask, other=0.0)
+        S = S_raw.to(tl.float32) * alpha
+        v = tl.load(v_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
+        vp = tl.load(v_in_ptr + head * P + p, mask=pok, other=0.0).to(tl.float32)
+        for r in tl.static_range(R):
+            kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+            kp = tl.load(kin_b + r * H * N + ncol, mask=n < N_OK, other=0.0)
+            if HAS_MV:
+                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                S += (gamma * v * mv)[:, None] * kh[None, :] + (beta * vp * mv)[:, None] * kp[None, :]
+            else:
+                S += (gamma * v)[:, None] * kh[None, :] + (beta * vp)[:, None] * kp[None, :]
+        tl.store(s_out + soff, S.to(ssm_out_ptr.dtype.element_ty), mask=smask)
+
+        if HAS_Z:
+            zv = tl.load(z_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
+        if MODE == 2:
+            w = tl.load(w_ptr + h * P + p, mask=pmask, other=0.0)
+        o = tl.zeros([BLOCK_P], tl.float32)
+        for r in tl.static_range(R):
+            qh = _rot_row(q_b + r * G * N, qb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+            vt = v
+            if HAS_MV:
+                vt = v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+            y = tl.sum(S * qh[None, :], axis=1) + dval * vt
+            if MODE == 2:  # fused pre-gate RMSNorm over the whole head (BLOCK_P >= P)
+                ym = tl.where(pmask, y, 0.0)
+                y = y * (1.0 / tl.sqrt(tl.sum(ym * ym) / P + eps)) * w
+            if HAS_Z:
+                zr = zv
+                if HAS_MZ:
+                    zr = zv * tl.load(mz_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                y = y * zr * _sigmoid(zr)
+            if MODE == 1:
+                y = tl.where(pok, y, 0.0)
+                tl.store(out_ptr + (b64 * R + r) * H * P + h * P + p,
+                         y.to(out_ptr.dtype.element_ty), mask=pmask)
+            else:
+                if HAS_MO:
+                    y = y * tl.load(mo_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                o += y
+        if MODE != 1:
+            o = tl.where(pok, o, 0.0)
+            tl.store(out_ptr + x_bh + p, o.to(out_ptr.dtype.element_ty), mask=pmask)
+
+    # ---- the per-head states: written after every read of them (in-place safe) -------------
+    tl.debug_barrier()
+    if A > 0:
+        ja = tl.arange(0, BLOCK_A)
+        amask = ja < A_OK
+        th = _theta(ang_in_ptr, angles_ptr, row, b, h, dt, ja, amask, H, A, SHARED_ANG)
+        tl.store(ang_out_ptr + head * A + ja, th, mask=amask)
+    for r in tl.static_range(R):
+        kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+        tl.store(kout_b + r * H * N + ncol, kh, mask=n < N_OK)
+    pv = tl.arange(0, BLOCK_PV)
+    vv = tl.load(v_ptr + x_bh + pv, mask=pv < P, other=0.0)
+    tl.store(v_out_ptr + head * P + pv, vv.to(v_out_ptr.dtype.element_ty), mask=pv < P_OK)
+
+
+# ------------------------------------------------------------------------------------------
+# Python wrapper
+
+def constexprs(spec, config) -> dict:
+    """The kernel's compile-time parameters for a spec and a config."""
+    N, P, A = spec.d_state, spec.head_dim, spec.n_angles
+    return dict(
+        N=N, P=P, R=spec.rank, A=A, HALF=spec.pairing == "half", EULER=spec.discretization == "euler",
+        HAS_D=spec.has_d, HAS_Z=spec.has_z, HAS_MV=spec.has_mimo_v, HAS_MZ=spec.has_mimo_z,
+        HAS_MO=spec.has_mimo_out, MODE=MODES[spec.output_mode], SHARED_ANG=spec.shared_angles,
+        HAS_IDX=bool(config.get("_has_idx", False)),
+        BLOCK_P=int(config["BLOCK_P"]), BLOCK_N=triton.next_power_of_2(N),
+        BLOCK_A=triton.next_power_of_2(max(A, 1)), BLOCK_PV=triton.next_power_of_2(P),
+        VEC=bool(config.get("VEC", False)),
+        PREFETCH=bool(config.get("PREFETCH", False)) and config["BLOCK_P"] < P)
+
+
+def launch(spec, config, t) -> None:
+    """Run the kernel on a StepTensors bundle (writes t.out and t.state_out)."""
+    B, H, P = t.v.shape
+    G = t.q.shape[2]
+    M = t.state_in.ssm.shape[0]
+    fdummy = t.q_bias  # any fp32 tensor stands in for an absent optional one
+    opt = lambda x: fdummy if x is None else x
+    si, so = t.state_in, t.state_out
+    ang_in = si.angle if spec.n_angles else fdummy
+    ang_out = so.angle if spec.n_angles else fdummy
+    idx = t.state_indices if t.state_indices is not None else t.dt
+    cfg = dict(config, _has_idx=t.state_indices is not None)
+    ce = constexprs(spec, cfg)
+    mamba3_step_kernel[grid(B, H)](
+        t.q, t.k, t.v, t.z if t.z is not None else t.v, t.adt, t.dt, opt(t.trap), opt(t.angles),
+        t.q_bias, t.k_bias, opt(t.d), opt(t.mimo_v), opt(t.mimo_z), opt(t.mimo_out), opt(t.norm_weight),
+        ang_in, si.ssm, si.k, si.v, ang_out, so.ssm, so.k, so.v,
+        idx, t.out,
+        H, G, M, float(spec.norm_eps), 0,
+        **ce, num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 1)))
