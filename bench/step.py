@@ -198,6 +198,9 @@ def upstream_calls(kind, spec, B, rng, sets):
 
 
 def git_commit() -> str:
+    """The commit measured: $MAMBA3_COMMIT (set by the device job, which has no .git), else git."""
+    if os.environ.get("MAMBA3_COMMIT"):
+        return os.environ["MAMBA3_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
@@ -252,6 +255,7 @@ def main():
                             row["config"] = cfg
                             if B <= 16:
                                 row["python_call_us"] = python_call_time(api_call(name, spec, a)) * 1e6
+                                row["launch_only_us"] = python_call_time(calls[0]) * 1e6
                         else:
                             calls = upstream_calls(name, spec, B, rng, sets)
                             if calls is None:
@@ -264,7 +268,8 @@ def main():
                     torch.cuda.empty_cache()
                     msg = (f"{row['us']:9.2f} us {row['GBps']:7.0f} GB/s {100 * row['frac_copy_bw']:5.1f}%"
                            if "us" in row else row.get("error", ""))
-                    extra = f"  python {row['python_call_us']:.1f} us" if "python_call_us" in row else ""
+                    extra = (f"  python api {row['python_call_us']:.1f} us, launch {row['launch_only_us']:.1f} us"
+                             if "python_call_us" in row else "")
                     print(f"{sdt:8s} R={R} B={B:5d} {name:22s} {msg}{extra}", flush=True)
     res = dict(meta=meta, rows=rows)
     if args.out:

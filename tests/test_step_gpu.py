@@ -138,7 +138,10 @@ def test_memcheck_p48(backend):
         "has_mimo_z=True, has_mimo_out=True, chunk_size=1, initial_states=True, final_states=True);"
         "c=step_case(s, Problem(3, 1, 4, 2, 8), np.random.default_rng(0), device='cuda', pool=8);"
         f"r=run_step_backend('{backend}', c); print('ok' if r.ok else r.table())")
-    p = subprocess.run([exe, "--tool", "memcheck", "--error-exitcode", "9", sys.executable, "-c", code],
-                       capture_output=True, text=True, timeout=900)
+    # CuTe DSL probes the GPU arch through CUDA API calls that fail by design; naming the arch
+    # skips the probe, and API-call errors (host side) are not what this test looks for.
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a")
+    p = subprocess.run([exe, "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "9",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in p.stdout + p.stderr
