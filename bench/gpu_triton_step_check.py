@@ -1,16 +1,21 @@
 """Triton decode step on a GPU: correctness against the float64 oracle, then timing.
 
-    python bench/gpu_triton_step_check.py [--out DIR] [--budget SECONDS]
+    python bench/gpu_triton_step_check.py [--out DIR] [--budget SECONDS] [--warm-workers N]
     TRITON_INTERPRET=1 python bench/gpu_triton_step_check.py --smoke   # CPU dry run, tiny shapes
 
+0. Warm-up: worker processes compile every config the timing will use into Triton's on-disk
+   cache (one tiny launch each) while the main process checks correctness.
 1. Correctness (mamba3_kernels.testing: fresh inputs, NaN-poisoned outputs, DESIGN.md bounds) on
-   realistic shapes: B in {1, 16, 64, 257}, H = 32, N = 128, P in {48, 64}, R in {1, 4}, fp32 and
-   bf16 state, the three output modes, in place / out of place, state_indices; and every config
-   of the backend's space on two specs.
+   realistic shapes: B in {1, 16, 64, 257}, H = 32, N = 128, P in {48, 64}, R in {1, 2, 4}, fp32
+   and bf16 state, the three output modes, in place / out of place, state_indices with a
+   padding slot; every config of the space on two specs; the split-P arrival counters are
+   checked to be back at zero.
 2. Timing: CUDA-graph replay of many steps, each on its own set of inputs and (in-place) states,
-   with enough sets that the states do not fit in L2; median over replays. Bytes = everything the
-   step must move (states read + written, inputs, output); GB/s compared with a measured
-   device-to-device copy (torch copy_ of 1 GiB: read + write bytes / time).
+   with enough sets that the states do not fit in L2; median over replays. For every shape:
+   the first version's default ("old default", the whole head per program), the current
+   default, then (sweeps) every config of the space. Bytes = everything the step must move
+   (states read + written, inputs, output); GB/s compared with a measured device-to-device copy
+   (torch copy_ of 1 GiB: read + write bytes / time).
 Writes JSON to DIR/triton_step_gpu.json (DIR = $OUT or bench/results) after every section.
 """
 from __future__ import annotations
@@ -84,12 +89,15 @@ def correctness(device, smoke, log):
         ("siso B1", siso(), 1, 1, None, True),
         ("siso P48 bf16-state pool", siso(head_dim=48, state_dtype="bfloat16"), 64, 1, 80, True),
         ("siso B257 out-of-place", siso(), big, 1, None, False),
+        ("siso B257 pool", siso(), big, 1, 300, True),
         ("siso fp32 euler shared-angles G2", siso(input_dtype="float32", discretization="euler",
                                                  shared_angles=True, pairing="half"), 64, 2, None, True),
         ("mimo4 norm_reduce", mimo(output_mode="norm_reduce"), 64, 1, None, True),
+        ("mimo4 B1", mimo(), 1, 1, None, True),
         ("mimo4 P48 bf16-state pool", mimo(head_dim=48, state_dtype="bfloat16"), 64, 1, 96, True),
         ("mimo4 per_rank", mimo(output_mode="per_rank", has_mimo_out=False), 16, 1, None, False),
         ("mimo4 B257 bf16-state", mimo(state_dtype="bfloat16"), big, 1, None, True),
+        ("mimo4 B257 pool", mimo(), big, 1, 260, True),
         ("mimo2 P48 interleaved", mimo(rank=2, head_dim=48, pairing="interleaved"), 64, 2, 70, True),
     ]
     rows = []
@@ -101,14 +109,15 @@ def correctness(device, smoke, log):
         try:
             case = step_case(spec, Problem(B, 1, h, min(G, h), pool or B), rng, device=device, pool=pool)
             rep = run_step_backend(tb, case, inplace=inplace)
-            rows.append(_rep_row(label, spec, B, tb.default_config(spec), inplace, rep, time.time() - t0))
+            rows.append(_rep_row(label, spec, B, tb.default_config(spec, case.problem), inplace, rep,
+                                 time.time() - t0))
         except Exception as e:  # reported, not fatal: the rest still runs
             rows.append(dict(label=label, B=B, ok=False, error=f"{type(e).__name__}: {str(e)[-1500:]}"))
         log(rows[-1])
     # every config of the space, in place
     for label, spec in (("space siso", siso()), ("space mimo4 bf16-state", mimo(state_dtype="bfloat16")),
                         ("space mimo4 norm_reduce", mimo(output_mode="norm_reduce"))):
-        B = 3 if smoke else 64
+        B = 3 if smoke else 16
         case = step_case(spec, Problem(B, 1, h, 1, B), rng, device=device)
         for cfg in tb.space(spec, case.problem, "step"):
             t0 = time.time()
@@ -119,6 +128,11 @@ def correctness(device, smoke, log):
                 rows.append(dict(label=label, B=B, config=cfg, ok=False,
                                  error=f"{type(e).__name__}: {str(e)[-1500:]}"))
             log(rows[-1])
+    bufs = list(tb.kernels._COUNTERS.values())
+    zero = all(int(b.abs().sum()) == 0 for b in bufs)
+    rows.append(dict(label="split-P arrival counters back at zero", B=0, ok=bool(bufs) and zero,
+                     buffers=len(bufs)))
+    log(rows[-1])
     return rows
 
 
@@ -216,16 +230,84 @@ def copy_bandwidth():
     return 2 * n * 4 / t / 1e9
 
 
-def timing(copy_gbs, deadline, log):
+def old_default(spec, B):
+    """The first version's default (bench/notes_triton_step.md): the whole head per program."""
+    if spec.rank == 1 and spec.state_dtype == "bfloat16" and B >= 32 and spec.output_mode != "norm_reduce":
+        return dict(BLOCK_P=16, ROWS=64, num_warps=2, num_stages=1, VEC=False, PREFETCH=False)
+    return dict(BLOCK_P=64, ROWS=64, num_warps=8, num_stages=1, VEC=True, PREFETCH=False)
+
+
+VARIANTS = [("siso fp32-state", dict(kind="siso")), ("siso bf16-state", dict(kind="siso", state_dtype="bfloat16")),
+            ("mimo4 fp32-state", dict(kind="mimo")), ("mimo4 bf16-state", dict(kind="mimo", state_dtype="bfloat16")),
+            ("mimo4 norm fp32-state", dict(kind="mimo", output_mode="norm_reduce"))]
+# (B, sweep the space): the defaults at every B, the whole space at 64, 256 and 1
+PLAN = [(64, True), (256, True), (1, True), (16, False), (1024, False)]
+
+
+def variant_spec(kw):
+    kw = dict(kw)
+    return (siso if kw.pop("kind") == "siso" else mimo)(**kw)
+
+
+def configs_for(spec, B, sweep):
+    cfgs = [old_default(spec, B), tb.default_config(spec, Problem(B, 1, H, 1, B))]
+    if sweep:
+        cfgs += tb.space(spec, Problem(B, 1, H, 1, B), "step")
+    out = []
+    for c in cfgs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def warm_jobs():
+    """(variant kwargs, B, config): one job per kernel specialization the timing compiles (M = B
+    is specialized only as 1 / multiple of 16 / other)."""
+    jobs = []
+    for B, sweep in PLAN:
+        for _, kw in VARIANTS:
+            for c in configs_for(variant_spec(kw), B, sweep):
+                key = (json.dumps(kw, sort_keys=True), 1 if B == 1 else 16, json.dumps(c, sort_keys=True))
+                if key not in [j[0] for j in jobs]:
+                    jobs.append((key, kw, 1 if B == 1 else 16, c))
+    return [j[1:] for j in jobs]
+
+
+def warm_worker(jobs):
+    """Compile (one launch on a tiny batch) every job; returns (done, errors)."""
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(1)
+    done, errs = 0, []
+    for kw, B, cfg in jobs:
+        spec = variant_spec(kw)
+        try:
+            t = prepare_step(spec, **make_args(spec, B, H, 1, "cuda", gen), inplace=True)
+            tb.step(spec, cfg, t)
+            torch.cuda.synchronize()
+            done += 1
+        except Exception as e:
+            errs.append(f"{kw} {cfg}: {type(e).__name__}: {str(e)[-300:]}")
+    return done, errs
+
+
+def start_warm(n_workers):
+    import multiprocessing as mp
+    jobs = warm_jobs()
+    if n_workers <= 0 or not jobs:
+        return None, len(jobs)
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(n_workers)
+    chunks = [jobs[i::n_workers] for i in range(n_workers)]
+    return (pool, pool.map_async(warm_worker, chunks)), len(jobs)
+
+
+def timing(copy_gbs, deadline, log, rows=None, flush=lambda: None):
     gen = torch.Generator(device="cuda")
     gen.manual_seed(7)
-    rows = []
-    variants = [("siso fp32-state", siso()), ("siso bf16-state", siso(state_dtype="bfloat16")),
-                ("mimo4 fp32-state", mimo()), ("mimo4 bf16-state", mimo(state_dtype="bfloat16"))]
-    # defaults for every B first (the numbers that matter most), then config sweeps
-    plan = [(B, False) for B in (1, 16, 64, 256, 1024)] + [(64, True), (256, True), (1, True)]
-    for B, sweep in plan:
-        for vname, spec in variants:
+    rows = [] if rows is None else rows
+    for B, sweep in PLAN:
+        for vname, kw in VARIANTS:
+            spec = variant_spec(kw)
             if time.time() > deadline:
                 log({"skipped": f"{vname} B={B} sweep={sweep}: out of time budget"})
                 continue
@@ -239,12 +321,10 @@ def timing(copy_gbs, deadline, log):
             except Exception as e:
                 log({"error": f"{vname} B={B}: inputs: {type(e).__name__}: {e}"})
                 continue
-            dflt = tb.default_config(spec)
-            cfgs = [c for c in tb.space(spec, Problem(B, 1, H, 1, B), "step") if c != dflt] if sweep else [dflt]
-            if B == 1 and sweep:
-                cfgs = [c for c in cfgs if c["VEC"]] or cfgs
+            dflt = tb.default_config(spec, Problem(B, 1, H, 1, B))
+            old = old_default(spec, B)
             nbytes = step_bytes(spec, B, H, 1)
-            for cfg in cfgs:
+            for cfg in configs_for(spec, B, sweep):
                 if time.time() > deadline:
                     break
                 fns = [(lambda t=bundles[i % sets], c=cfg: tb.step(spec, c, t)) for i in range(n_launch)]
@@ -255,24 +335,26 @@ def timing(copy_gbs, deadline, log):
                     log(rows[-1])
                     continue
                 gbs = nbytes / (med * 1e-6) / 1e9
-                rows.append(dict(variant=vname, B=B, config=cfg, default=cfg == tb.default_config(spec),
+                rows.append(dict(variant=vname, B=B, config=cfg, default=cfg == dflt, old_default=cfg == old,
                                  us=round(med, 2), us_min=round(best, 2), bytes=nbytes, GBs=round(gbs, 1),
                                  frac_copy=round(gbs / copy_gbs, 3), state_sets=sets, launches=n_launch))
                 log(rows[-1])
             del bundles
             torch.cuda.empty_cache()
+            flush()
     return rows
 
 
 # ------------------------------------------------------------------------------------------
 
 def _cfg_s(c):
-    return f"BP{c['BLOCK_P']}/w{c['num_warps']}/{'vec' if c.get('VEC') else 'novec'}"
+    return (f"R{c.get('ROWS', 64)}/BP{c['BLOCK_P']}/w{c['num_warps']}/{'vec' if c.get('VEC') else 'novec'}"
+            f"{'/pre' if c.get('PREFETCH') else ''}")
 
 
 def _short(row):
     """One compact line per result (the full rows go to the JSON)."""
-    if "errors" in row:
+    if "errors" in row and "config" in row:
         e = row["errors"]
         worst = max(((v["rel_l2"], k) for k, v in e.items() if k != "state.angle"), default=(0, ""))
         ang = e.get("state.angle", {}).get("rel_l2", 0.0)
@@ -281,7 +363,8 @@ def _short(row):
                 f" out rel_max {e['out']['rel_max']:.1e} angle {ang:.1e} rad  {row['seconds']}s")
     if "us" in row:
         return (f"{row['variant']:18s} B={row['B']:<5d} {_cfg_s(row['config']):18s} {row['us']:9.2f} us"
-                f" {row['GBs']:8.1f} GB/s {100 * row['frac_copy']:5.1f}% copy{'  (default)' if row['default'] else ''}")
+                f" {row['GBs']:8.1f} GB/s {100 * row['frac_copy']:5.1f}% copy{'  (default)' if row['default'] else ''}"
+                f"{'  (old default)' if row.get('old_default') else ''}")
     return json.dumps(row, default=str)
 
 
@@ -291,6 +374,7 @@ def main():
     ap.add_argument("--budget", type=float, default=270.0, help="seconds for the whole script")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--warm-workers", type=int, default=10, help="processes compiling the timing configs")
     args = ap.parse_args()
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -310,6 +394,12 @@ def main():
     def log(row):
         print(_short(row), flush=True)
 
+    warm, n_jobs = (None, 0)
+    if device == "cuda":
+        try:
+            warm, n_jobs = start_warm(args.warm_workers)
+        except Exception as e:
+            res["warm_error"] = f"{type(e).__name__}: {e}"
     if not args.skip_correctness:
         res["correctness"] = correctness(device, args.smoke, log)
         res["all_ok"] = all(r["ok"] for r in res["correctness"])
@@ -317,16 +407,31 @@ def main():
               f"({sum(r['ok'] for r in res['correctness'])}/{len(res['correctness'])}) "
               f"after {time.time() - t_start:.0f} s", flush=True)
         flush()
+    if warm is not None:
+        pool, ares = warm
+        try:
+            outs = ares.get(timeout=max(10.0, t_start + 0.6 * args.budget - time.time()))
+            res["warm"] = dict(jobs=n_jobs, done=sum(o[0] for o in outs), errors=sum((o[1] for o in outs), [])[:20])
+        except Exception as e:
+            res["warm"] = dict(jobs=n_jobs, error=f"{type(e).__name__}: {e}")
+        pool.terminate()
+        print(f"warm-up: {res['warm']} after {time.time() - t_start:.0f} s", flush=True)
     if device == "cuda":
         res["copy_GBs"] = round(copy_bandwidth(), 1)
         print(f"copy bandwidth (torch copy_, 1 GiB): {res['copy_GBs']} GB/s", flush=True)
-        res["timing"] = timing(res["copy_GBs"], t_start + args.budget, log)
+        res["timing"] = []
+        timing(res["copy_GBs"], t_start + args.budget, log, res["timing"], flush)
+        bufs = list(tb.kernels._COUNTERS.values())
+        res["counters_zero_after_timing"] = all(int(b.abs().sum()) == 0 for b in bufs)
+        print(f"counters back at zero after timing: {res['counters_zero_after_timing']}", flush=True)
         flush()
-        print("\nsummary (default config):")
+        print("\nsummary (old default -> default):")
+        olds = {(r["variant"], r["B"]): r for r in res["timing"] if r.get("old_default")}
         for r in res["timing"]:
             if r.get("default"):
-                print(f"  {r['variant']:18s} B={r['B']:5d} {r['us']:9.2f} us {r['GBs']:8.1f} GB/s "
-                      f"{100 * r['frac_copy']:5.1f}% of copy")
+                o = olds.get((r["variant"], r["B"]))
+                print(f"  {r['variant']:22s} B={r['B']:5d} {o['us'] if o else float('nan'):9.2f} -> {r['us']:9.2f} us "
+                      f"{r['GBs']:8.1f} GB/s {100 * r['frac_copy']:5.1f}% of copy")
         best = {}
         for r in res["timing"]:
             if "us" in r:
@@ -335,7 +440,7 @@ def main():
                     best[k] = r
         print("best config per shape:")
         for (v, B), r in best.items():
-            print(f"  {v:18s} B={B:5d} {r['us']:9.2f} us {100 * r['frac_copy']:5.1f}%  {r['config']}")
+            print(f"  {v:22s} B={B:5d} {r['us']:9.2f} us {100 * r['frac_copy']:5.1f}%  {_cfg_s(r['config'])}")
     flush()
     print(f"wrote {path} after {time.time() - t_start:.0f} s")
     return 0 if res.get("all_ok", True) else 1

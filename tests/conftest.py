@@ -6,6 +6,21 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+# Without a GPU this pytest process is the Triton-interpreter process: TRITON_INTERPRET must be
+# set before anything imports triton (it is read at @triton.jit time). AOT compile tests run in
+# subprocesses with it removed (CPU-TOOLCHAINS.md: never mix the two in one process).
+if not _has_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 for var, sub in (("TRITON_CACHE_DIR", "triton"), ("TILELANG_CACHE_DIR", "tilelang")):
     os.environ.setdefault(var, str(ROOT / ".cache" / sub))
 
@@ -16,12 +31,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-        has_gpu = torch.cuda.is_available()
-    except Exception:
-        has_gpu = False
-    if has_gpu:
+    if _has_gpu():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine: GPU test skipped (runs on the lent H100)")
     for it in items:

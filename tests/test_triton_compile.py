@@ -70,12 +70,12 @@ def resources(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-6000:]
     rows = json.loads(r.stdout)
     print("\nTriton decode step, sm_90a (AOT):")
-    print(f"{'case':30s} {'config':34s} {'regs':>5s} {'spill':>6s} {'smem':>6s}")
+    print(f"{'case':30s} {'config':40s} {'regs':>5s} {'spill':>6s} {'smem':>6s}")
     for x in rows:
         c = x["config"]
-        cs = (f"BLOCK_P={c['BLOCK_P']} warps={c['num_warps']}{' VEC' if c.get('VEC') else ''}"
+        cs = (f"ROWS={c.get('ROWS', '-')} BLOCK_P={c['BLOCK_P']} w={c['num_warps']}{' VEC' if c.get('VEC') else ''}"
               f"{' PREFETCH' if c.get('PREFETCH') else ''}{' idx' if c.get('_has_idx') else ''}")
-        print(f"{x['name']:30s} {cs:34s} {x['registers']:5d} {x['spills']:6d} "
+        print(f"{x['name']:30s} {cs:40s} {x['registers']:5d} {x['spills']:6d} "
               f"{x['shared']:6d}{'  (default)' if x['default'] else ''}")
     return rows
 

@@ -157,11 +157,13 @@ def test_output_modes(mode, rank):
 @in_place_here
 @pytest.mark.parametrize("inplace", [True, False])
 def test_every_config_of_the_space(inplace):
-    """P = 48 with BLOCK_P 16 / 32 loops over three / two tiles (ragged), in place and not."""
+    """P = 48 with BLOCK_P 16 / 32 loops over three / two tiles (ragged), or splits over 6 / 3 / 2
+    programs per head (ROWS 8 / 16 / 32), in place (arrival counters) and not."""
     spec = realistic_spec(output_mode="reduce", state_dtype="bfloat16", pairing="interleaved", n_angles=5)
     case = step_case(spec, Problem(2, 1, 2, 1, 2), np.random.default_rng(7 + inplace))
     cfgs = tb.space(spec, case.problem, "step")
     assert {c["BLOCK_P"] for c in cfgs} >= {16, 32, 64}
+    assert {c["ROWS"] for c in cfgs} >= {8, 16, 32, 64}  # 6, 3, 2 and 1 programs per head
     for cfg in cfgs:
         check(case, config=cfg, inplace=inplace)
 
@@ -216,6 +218,65 @@ def test_three_steps_in_place_match_oracle_scan():
     assert rel_l2(got, ref_out) < 1e-3
     assert rel_l2(states.ssm.double().numpy(), ref_st.ssm) < 1e-3
     assert rel_l2(states.k.double().numpy().reshape(ref_st.k.shape), ref_st.k) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# P split over several programs per head: the shared kprev / theta and the arrival counters
+
+def _split_cfg(spec, rows, vec=False, nw=2):
+    return dict(BLOCK_P=rows, ROWS=rows, num_warps=nw, num_stages=1, VEC=vec, PREFETCH=False)
+
+
+def _counter_bufs():
+    return list(tb.kernels._COUNTERS.values())
+
+
+@in_place_here
+@pytest.mark.parametrize("rank,mode", [(1, "reduce"), (4, "reduce"), (2, "per_rank")])
+def test_split_in_place_pool_padding_counters(rank, mode):
+    """P = 48 over 3 (ROWS 16) or 6 (ROWS 8) programs per head, in place, a pool with a padding
+    slot: matches the oracle, the counters are back to zero after each call, and a second
+    call (which relies on that) is right too."""
+    spec = realistic_spec(rank=rank, output_mode=mode, has_mimo_out=mode != "per_rank",
+                          pairing="interleaved" if rank == 2 else "half")
+    for rows in (16, 8):
+        cfg = _split_cfg(spec, rows, vec=rows == 16)
+        assert tb.kernels.constexprs(spec, dict(cfg, _inplace=True))["WRITER"] == 2
+        for seed in (1, 2):  # two consecutive calls on the same counter buffer
+            case = step_case(spec, Problem(3, 1, 4, 2, 6), np.random.default_rng(seed * 10 + rows), pool=6)
+            assert int((case.args["state_indices"] < 0).sum()) == 1
+            check(case, config=cfg, inplace=True)
+            bufs = _counter_bufs()
+            assert bufs and all(int(b.abs().sum()) == 0 for b in bufs)
+
+
+@in_place_here
+def test_split_out_of_place_writes_shared_states_once():
+    spec = realistic_spec(rank=2, output_mode="reduce", state_dtype="bfloat16")
+    cfg = _split_cfg(spec, 16)
+    assert tb.kernels.constexprs(spec, dict(cfg, _inplace=False))["WRITER"] == 1
+    for pool in (None, 5):
+        case = step_case(spec, Problem(3, 1, 2, 1, 5 if pool else 3), np.random.default_rng(9), pool=pool)
+        check(case, config=cfg, inplace=False)
+
+
+@in_place_here
+def test_split_in_place_needs_the_counter():
+    """A counter that does not start at zero lets an early program overwrite kprev / theta
+    before the later tiles of the head read them: the result is wrong, so the counter path
+    is what keeps the in-place split correct (programs run in order in the interpreter)."""
+    spec = realistic_spec(rank=2, output_mode="reduce", n_angles=16)
+    cfg = _split_cfg(spec, 16)
+    case = step_case(spec, Problem(2, 1, 2, 1, 2), np.random.default_rng(3))
+    check(case, config=cfg, inplace=True)
+    buf = _counter_bufs()[0]
+    buf.fill_(1)  # each head's second program now believes it is the last of three
+    try:
+        rep = run_step_backend(tb, case, config=cfg, inplace=True)
+        assert not rep.ok
+    finally:
+        buf.zero_()
+    check(case, config=cfg, inplace=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,6 +352,8 @@ def test_protocol():
             assert all(c["BLOCK_P"] >= s.head_dim for c in sp)
     with pytest.raises(ValueError, match="BLOCK_P"):
         tb.step(spec, dict(BLOCK_P=16, num_warps=4, num_stages=1), None)
+    with pytest.raises(ValueError, match="ROWS"):
+        tb.step(spec, dict(BLOCK_P=64, ROWS=32, num_warps=4, num_stages=1), None)
 
 
 @pytest.mark.skipif(not _LATE, reason="triton imported after TRITON_INTERPRET: tests ran here")

@@ -59,8 +59,9 @@ def supports(spec, op="step"):
 
 
 # ------------------------------------------------------------------------------------------
-# configs: BLOCK_P (rows of the P x N state per loop iteration), num_warps, num_stages, VEC
-# (16-byte state accesses; see step.py)
+# configs: ROWS (rows of the P x N state per program: the whole head, or P split over several
+# programs), BLOCK_P (rows per tile of a program's loop), num_warps, num_stages, VEC (16-byte
+# state accesses) and PREFETCH (see step.py)
 
 def _elems_per_thread(cfg, spec) -> float:
     return cfg["BLOCK_P"] * _pow2(spec.d_state) / (32 * cfg["num_warps"])
@@ -70,38 +71,46 @@ def _norm_needs_whole_head(spec) -> bool:
     return spec.output_mode == "norm_reduce"
 
 
-def _cfg(spec, bp, elems, vec, prefetch=False):
-    """BLOCK_P = bp with about `elems` state elements per thread. With VEC the CTA must have
-    more threads than a state row has columns (32 * num_warps > N), or else Triton loads the
-    q/k rows in a layout of their own and converts the whole state tile."""
+def _cfg(spec, bp, elems, vec, prefetch=False, rows=None):
+    """ROWS = rows (default: the whole head), BLOCK_P = bp with about `elems` state elements per
+    thread. With VEC the CTA must have more threads than a state row has columns
+    (32 * num_warps > N), or else Triton loads the q/k rows in a layout of their own and
+    converts the whole state tile."""
     NB = _pow2(spec.d_state)
+    PV = _pow2(spec.head_dim)
+    rows = PV if rows is None else rows
     nw = max(1, bp * NB // (32 * elems))
     nw = 1 << min(4, nw.bit_length() - 1)          # a power of two in [1, 16]
     if vec:
         nw = max(nw, min(16, 2 * NB // 32))
-    return dict(BLOCK_P=bp, num_warps=nw, num_stages=1, VEC=vec,
-                PREFETCH=bool(prefetch and bp < spec.head_dim))
+    return dict(BLOCK_P=bp, ROWS=rows, num_warps=nw, num_stages=1, VEC=vec,
+                PREFETCH=bool(prefetch and bp < min(rows, spec.head_dim)))
 
 
-# (fraction of the head per tile, state elements per thread, VEC, PREFETCH). The first eight
-# were measured on H100 (bench/notes_triton_step.md); the PREFETCH ones not yet.
-_PLAN = ((1, 32, True, False), (1, 16, True, False), (2, 32, True, False), (4, 16, True, False),
-         (1, 32, False, False), (4, 32, False, False), (4, 16, False, False), (2, 32, False, False),
-         (4, 32, False, True), (4, 16, True, True), (2, 32, True, True), (4, 64, False, True))
+# (head / ROWS, head / BLOCK_P, state elements per thread, VEC, PREFETCH). Split heads first
+# (ROWS < P: several programs per head), then the whole-head configs of the first version
+# (the only ones for norm_reduce, whose RMSNorm needs all of P in one tile).
+_PLAN = ((4, 4, 8, True, False), (4, 4, 16, False, False), (4, 4, 32, False, False),
+         (2, 2, 16, True, False), (2, 2, 32, False, False), (8, 8, 4, True, False),
+         (8, 8, 8, False, False), (2, 4, 8, True, True),
+         (1, 1, 32, True, False), (1, 1, 16, True, False), (1, 4, 32, False, False),
+         (1, 1, 32, False, False))
 
 
 def space(spec, problem=None, op="step"):
-    """At most 12 candidates from _PLAN: the whole head, half or a quarter of it per tile
-    (norm_reduce: the whole head only), 16 / 32 / 64 state elements per thread, with and
-    without VEC (16-byte state accesses) and PREFETCH (next tile loaded during this one)."""
+    """At most 12 candidates from _PLAN: P split over 2, 4 or 8 programs per head, or the whole
+    head per program (norm_reduce: the whole head in one tile only), 4 to 32 state elements per
+    thread, with and without VEC (16-byte state accesses)."""
     if op != "step":
         return []
     PV = _pow2(spec.head_dim)
     out = []
-    for frac, elems, vec, pre in _PLAN:
-        if frac > 1 and (_norm_needs_whole_head(spec) or PV // frac < 1):
+    for rdiv, bdiv, elems, vec, pre in _PLAN:
+        if PV // bdiv < 1 or PV // rdiv < 1:
             continue
-        c = _cfg(spec, PV // frac, elems, vec, pre)
+        if _norm_needs_whole_head(spec) and bdiv > 1:
+            continue
+        c = _cfg(spec, PV // bdiv, elems, vec, pre, rows=PV // rdiv)
         if c not in out:
             out.append(c)
     d = default_config(spec, problem, op)
@@ -111,16 +120,22 @@ def space(spec, problem=None, op="step"):
 
 
 def default_config(spec, problem=None, op="step"):
-    """Measured on H100 (H=32, N=128, P=64; bench/notes_triton_step.md):
-    - SISO with a bf16 state at B >= 32: quarter-head tiles, 2 warps, no VEC (16-18 % faster
-      than the next rule there);
-    - otherwise the whole head in one tile (the rotated q/k rows are built once), VEC, about
-      32 state elements per thread: best or within 1 % for SISO fp32 at every B and for bf16
-      at B = 1. (MIMO fp32 was 12 % faster with 16 warps, but that spills a little on
-      sm_90a with triton 3.9, so it is left to the tuner: it is in `space`.)"""
+    """Measured on H100 (H=32, N=128, P=64; bench/notes_triton_step.md, results/triton_step_gpu_v2.json):
+    - few heads (B * H <= 64, e.g. B = 1): P split over 8 programs per head (ROWS = BLOCK_P =
+      P/8; MIMO: VEC, 8 warps; SISO: no VEC, 4 warps): 20-28 % faster than the whole head at
+      B = 1 (MIMO 8.0 vs 10.9 us, SISO bf16 5.3 vs 7.3 us); not for norm_reduce;
+    - otherwise the whole head per program (the split loses 15-300 % at B >= 16): SISO with a
+      bf16 state at B >= 32: quarter-head tiles, 2 warps, no VEC; else one tile, VEC, about 32
+      state elements per thread."""
     PV = _pow2(spec.head_dim)
+    norm = _norm_needs_whole_head(spec)
+    if problem is not None and problem.batch * problem.nheads <= 64 and not norm and PV >= 8:
+        rows = PV // 8
+        if spec.rank > 1:
+            return _cfg(spec, rows, 4, True, rows=rows)
+        return _cfg(spec, rows, 8, False, rows=rows)
     big = problem is not None and problem.batch >= 32
-    if spec.rank == 1 and spec.state_dtype == "bfloat16" and big and not _norm_needs_whole_head(spec):
+    if spec.rank == 1 and spec.state_dtype == "bfloat16" and big and not norm:
         return _cfg(spec, max(1, PV // 4), 32, False)
     return _cfg(spec, PV, 32, True)
 
@@ -138,9 +153,11 @@ def step(spec, config, tensors):
     ok, why = supports(spec, "step")
     if not ok:
         raise ValueError(f"spec: expected one the triton step supports, got one it does not ({why})")
-    if _norm_needs_whole_head(spec) and config["BLOCK_P"] < spec.head_dim:
-        raise ValueError(f"config.BLOCK_P: expected >= P={spec.head_dim} with output_mode 'norm_reduce', "
-                         f"got {config['BLOCK_P']}")
+    if _norm_needs_whole_head(spec):
+        for key in ("BLOCK_P", "ROWS"):
+            if config.get(key, spec.head_dim) < spec.head_dim:
+                raise ValueError(f"config.{key}: expected >= P={spec.head_dim} with output_mode "
+                                 f"'norm_reduce', got {config[key]}")
     _kernels().launch(spec, config, tensors)
 
 
@@ -180,7 +197,7 @@ def signature(spec, config):
         qb_ptr=f, kb_ptr=f, d_ptr=f, mv_ptr=f, mz_ptr=f, mo_ptr=f, w_ptr=f,
         ang_in_ptr=f, ssm_in_ptr=sdt, k_in_ptr=f, v_in_ptr=idt,
         ang_out_ptr=f, ssm_out_ptr=sdt, k_out_ptr=f, v_out_ptr=idt,
-        idx_ptr="*i32" if has_idx else f, out_ptr=idt,
+        idx_ptr="*i32" if has_idx else f, out_ptr=idt, cnt_ptr="*i32",
         H="i32", G="i32", M="i32", eps="fp32", zero="i32")
     ce = _k.constexprs(spec, config)
     for name in ce:

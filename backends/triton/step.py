@@ -18,27 +18,33 @@ i = state_indices[b] (or b):
 
 A padding row (state_indices[b] < 0 or >= M) writes zeros to its output and touches no state.
 
-Launch grid: one program per (b, h), pid = b * H + h (heads of one row are neighbours, like
-their state rows). A program loops over the P rows of its (P x N) state in tiles of BLOCK_P:
+Launch grid: NT programs per (b, h), pid = (b * H + h) * NT + t (the tiles of a head, then the
+heads of a row, are neighbours, like their state rows). Program t owns the state rows
+[t * ROWS, (t + 1) * ROWS) and walks them in ITERS tiles of BLOCK_P rows (a static loop):
 the state tile is loaded in its own dtype (fp32 or bf16), updated in fp32 registers, used for
 the R outputs and stored back. The decode step is memory bound (the state is read and written
 once), so there is no tensor-core dot: the outer products and the S qh row sums are broadcast
 multiplies and `tl.sum`.
 
-Config knobs (backends/triton/__init__.py `space`): BLOCK_P (a whole head builds the rotated
-q/k rows once; smaller tiles rebuild them per tile but need fewer registers), num_warps, VEC
-(16-byte state accesses, see "Address columns" in the kernel) and PREFETCH (the next tile is
-loaded while this one is computed). num_stages is unused (the loop carries no pipelined dot).
+Config knobs (backends/triton/__init__.py `space`): ROWS (rows per program: a whole head, or
+a split of P over several programs, for parallelism and fewer registers), BLOCK_P (rows per
+tile), num_warps, VEC (16-byte state accesses, see "Address columns" in the kernel) and
+PREFETCH (the next tile is loaded while this one is computed). num_stages is unused.
 
 Rotation without register shuffles: every state column n has a partner column (n ^ 1, or
 n +- N/2) and an angle j(n); q and k are gathered twice (at n and at its partner) and
     qh[n] = q'[n] cos(theta_j) + sgn(n) q'[partner] sin(theta_j),  sgn = -1 on a pair's first
 so the state tile stays contiguous and coalesced in both pairings.
 
-In place (state_out is state_in) is race-free: the program owns its (b, h) state rows; every
-S element is read and rewritten by the data flow of one tile; the shared per-head states
-(kprev, theta, vprev) are read inside the tile loop and written only after a CTA barrier
-that follows the loop.
+In place (state_out is state_in) is race-free: a program owns its state rows (S and v): every
+S element is read and rewritten by the data flow of one tile, v rows are written after a CTA
+barrier that follows the tile loop. The shared per-head states kprev (R x N) and theta (A)
+are read by all NT programs of a head: with NT = 1 they are written after that barrier; with
+NT > 1 out of place, tile 0 writes them; with NT > 1 in place, each program, after the
+barrier, increments an int32 arrival counter of its (b, h) with an acq_rel atomic, and the
+one that sees NT - 1 (the last reader) writes them and resets the counter to 0 for the next
+call (`counters`: a zeroed buffer per device and stream). Padding rows count in too but write
+nothing.
 """
 from __future__ import annotations
 
@@ -48,9 +54,9 @@ import triton.language as tl
 MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
 
-def grid(batch: int, nheads: int):
-    """One program per (batch row, value head)."""
-    return (batch * nheads,)
+def grid(batch: int, nheads: int, nt: int = 1):
+    """nt programs per (batch row, value head), pid = (b * H + h) * nt + tile."""
+    return (batch * nheads * nt,)
 
 
 @triton.jit
@@ -95,20 +101,24 @@ def mamba3_step_kernel(
     qb_ptr, kb_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
     ang_in_ptr, ssm_in_ptr, k_in_ptr, v_in_ptr,
     ang_out_ptr, ssm_out_ptr, k_out_ptr, v_out_ptr,
-    idx_ptr, out_ptr,
+    idx_ptr, out_ptr, cnt_ptr,
     H, G, M, eps, zero,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, A: tl.constexpr,
     HALF: tl.constexpr, EULER: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
     SHARED_ANG: tl.constexpr, HAS_IDX: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_PV: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+    ROWS: tl.constexpr, NT: tl.constexpr, ITERS: tl.constexpr, WRITER: tl.constexpr,
     VEC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    tl.static_assert(MODE != 2 or BLOCK_P >= P, "norm_reduce needs the whole head in one tile")
+    tl.static_assert(MODE != 2 or NT * ITERS == 1, "norm_reduce needs the whole head in one tile")
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid - b * H
+    bh = pid // NT                      # (b, h) of this program; its P rows: tile t of NT
+    t = pid - bh * NT
+    b = bh // H
+    h = bh - b * H
     g = h // (H // G)
+    p_start = t * ROWS
 
     # ---- pool row (padding: idx < 0 or idx >= M) ------------------------------------------
     if HAS_IDX:
@@ -180,24 +190,25 @@ def mamba3_step_kernel(
     kin_b = k_in_ptr + (row * R * H + h) * N  # rank r at + r * H * N
     kout_b = k_out_ptr + (row * R * H + h) * N
 
-    # ---- the state, tile by tile over P -------------------------------------------------------
-    # PREFETCH: the next tile's load is issued before this tile's math, so every program keeps
-    # a tile in flight while it computes (rows differ: in-place safe).
+    # ---- this program's rows [p_start, p_start + ROWS) of the state, in ITERS tiles ----------
+    # (static loop). PREFETCH: the next tile's load is issued before this tile's math.
     pt = tl.arange(0, BLOCK_P)
+    p_end = tl.minimum(P_OK, p_start + ROWS)   # rows this program may touch (padding: none)
     if PREFETCH:
-        S_next = tl.load(s_in + pt[:, None] * N + ncol[None, :],
-                         mask=(pt < P_OK)[:, None] & nmask[None, :], other=0.0)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + pt
+        S_next = tl.load(s_in + (p_start + pt)[:, None] * N + ncol[None, :],
+                         mask=((p_start + pt) < p_end)[:, None] & nmask[None, :], other=0.0)
+    for it in tl.static_range(ITERS):
+        p = p_start + it * BLOCK_P + pt
         pmask = p < P
-        pok = p < P_OK
+        pok = p < p_end
         smask = pok[:, None] & nmask[None, :]
         soff = p[:, None] * N + ncol[None, :]
         if PREFETCH:
             S_raw = S_next
-            pn = p + BLOCK_P
-            S_next = tl.load(s_in + pn[:, None] * N + ncol[None, :],
-                             mask=(pn < P_OK)[:, None] & nmask[None, :], other=0.0)
+            if it + 1 < ITERS:
+                pn = p + BLOCK_P
+                S_next = tl.load(s_in + pn[:, None] * N + ncol[None, :],
+                                 mask=(pn < p_end)[:, None] & nmask[None, :], other=0.0)
         else:
             S_raw = tl.load(s_in + soff, mask=smask, other=0.0)
         S = S_raw.to(tl.float32) * alpha
@@ -224,7 +235,7 @@ def mamba3_step_kernel(
             if HAS_MV:
                 vt = v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
             y = tl.sum(S * qh[None, :], axis=1) + dval * vt
-            if MODE == 2:  # fused pre-gate RMSNorm over the whole head (BLOCK_P >= P)
+            if MODE == 2:  # fused pre-gate RMSNorm over the whole head (one tile covers P)
                 ym = tl.where(pmask, y, 0.0)
                 y = y * (1.0 / tl.sqrt(tl.sum(ym * ym) / P + eps)) * w
             if HAS_Z:
@@ -233,7 +244,7 @@ def mamba3_step_kernel(
                     zr = zv * tl.load(mz_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
                 y = y * zr * _sigmoid(zr)
             if MODE == 1:
-                y = tl.where(pok, y, 0.0)
+                y = tl.where(p < P_OK, y, 0.0)
                 tl.store(out_ptr + (b64 * R + r) * H * P + h * P + p,
                          y.to(out_ptr.dtype.element_ty), mask=pmask)
             else:
@@ -241,39 +252,87 @@ def mamba3_step_kernel(
                     y = y * tl.load(mo_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
                 o += y
         if MODE != 1:
-            o = tl.where(pok, o, 0.0)
+            o = tl.where(p < P_OK, o, 0.0)
             tl.store(out_ptr + x_bh + p, o.to(out_ptr.dtype.element_ty), mask=pmask)
 
-    # ---- the per-head states: written after every read of them (in-place safe) -------------
+    # ---- this program's v rows, then the shared per-head states (kprev, theta) --------------
+    # Every read of this program's state rows is before the barrier (in-place safe).
     tl.debug_barrier()
+    pv = p_start + tl.arange(0, ROWS)
+    vv = tl.load(v_ptr + x_bh + pv, mask=pv < P, other=0.0)
+    tl.store(v_out_ptr + head * P + pv, vv.to(v_out_ptr.dtype.element_ty), mask=pv < p_end)
+    # kprev and theta are read by all NT programs of the head. WRITER 0: one program per head.
+    # WRITER 1 (state_out is not state_in): tile 0 writes. WRITER 2 (in place): each program
+    # counts itself in on an int32 arrival counter after its reads (barrier, then an acq_rel
+    # atomic); the last to arrive writes the new shared states and resets the counter to 0.
+    if WRITER == 2:
+        cnt = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+        last = cnt == NT - 1
+        tl.store(cnt_ptr + bh, 0, mask=last)
+        N_W = tl.where(last, N_OK, 0)
+        A_W = tl.where(last, A_OK, 0)
+    elif WRITER == 1:
+        N_W = tl.where(t == 0, N_OK, 0)
+        A_W = tl.where(t == 0, A_OK, 0)
+    else:
+        N_W = N_OK
+        A_W = A_OK
     if A > 0:
         ja = tl.arange(0, BLOCK_A)
-        amask = ja < A_OK
+        amask = ja < A_W
         th = _theta(ang_in_ptr, angles_ptr, row, b, h, dt, ja, amask, H, A, SHARED_ANG)
         tl.store(ang_out_ptr + head * A + ja, th, mask=amask)
     for r in tl.static_range(R):
         kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
-        tl.store(kout_b + r * H * N + ncol, kh, mask=n < N_OK)
-    pv = tl.arange(0, BLOCK_PV)
-    vv = tl.load(v_ptr + x_bh + pv, mask=pv < P, other=0.0)
-    tl.store(v_out_ptr + head * P + pv, vv.to(v_out_ptr.dtype.element_ty), mask=pv < P_OK)
+        tl.store(kout_b + r * H * N + ncol, kh, mask=n < N_W)
 
 
 # ------------------------------------------------------------------------------------------
 # Python wrapper
 
+def rows_per_program(spec, config) -> int:
+    """P rows of the state per program (config "ROWS"; absent: the whole head)."""
+    PV = triton.next_power_of_2(spec.head_dim)
+    return min(PV, int(config.get("ROWS", PV)))
+
+
 def constexprs(spec, config) -> dict:
-    """The kernel's compile-time parameters for a spec and a config."""
+    """The kernel's compile-time parameters for a spec and a config. `_inplace` (set by
+    `launch`) picks how the shared per-head states are written when a head is split."""
     N, P, A = spec.d_state, spec.head_dim, spec.n_angles
+    rows = rows_per_program(spec, config)
+    bp = min(int(config["BLOCK_P"]), rows)
+    nt = -(-P // rows)
+    iters = -(-min(rows, P) // bp)
+    writer = 0 if nt == 1 else (2 if config.get("_inplace", True) else 1)
     return dict(
         N=N, P=P, R=spec.rank, A=A, HALF=spec.pairing == "half", EULER=spec.discretization == "euler",
         HAS_D=spec.has_d, HAS_Z=spec.has_z, HAS_MV=spec.has_mimo_v, HAS_MZ=spec.has_mimo_z,
         HAS_MO=spec.has_mimo_out, MODE=MODES[spec.output_mode], SHARED_ANG=spec.shared_angles,
         HAS_IDX=bool(config.get("_has_idx", False)),
-        BLOCK_P=int(config["BLOCK_P"]), BLOCK_N=triton.next_power_of_2(N),
-        BLOCK_A=triton.next_power_of_2(max(A, 1)), BLOCK_PV=triton.next_power_of_2(P),
-        VEC=bool(config.get("VEC", False)),
-        PREFETCH=bool(config.get("PREFETCH", False)) and config["BLOCK_P"] < P)
+        BLOCK_P=bp, BLOCK_N=triton.next_power_of_2(N), BLOCK_A=triton.next_power_of_2(max(A, 1)),
+        ROWS=rows, NT=nt, ITERS=iters, WRITER=writer,
+        VEC=bool(config.get("VEC", False)), PREFETCH=bool(config.get("PREFETCH", False)) and iters > 1)
+
+
+# Arrival counters of the in-place split path: int32, zero between calls (the last program of
+# each head resets its own). One buffer per (device, stream), grown on demand; allocate it
+# outside CUDA-graph capture (any earlier call with at least as many heads does).
+_COUNTERS: dict = {}
+
+
+def counters(device, n: int):
+    import torch
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _same(a, b) -> bool:
+    return a.data_ptr() == b.data_ptr()
 
 
 def launch(spec, config, t) -> None:
@@ -287,12 +346,17 @@ def launch(spec, config, t) -> None:
     ang_in = si.angle if spec.n_angles else fdummy
     ang_out = so.angle if spec.n_angles else fdummy
     idx = t.state_indices if t.state_indices is not None else t.dt
-    cfg = dict(config, _has_idx=t.state_indices is not None)
+    # the shared states race only when written where they are read
+    inplace = _same(si.k, so.k) or (spec.n_angles > 0 and _same(si.angle, so.angle))
+    cfg = dict(config, _has_idx=t.state_indices is not None, _inplace=inplace)
     ce = constexprs(spec, cfg)
-    mamba3_step_kernel[grid(B, H)](
+    cnt = counters(t.v.device, B * H) if ce["WRITER"] == 2 else t.state_indices
+    if cnt is None:
+        cnt = counters(t.v.device, 1)
+    mamba3_step_kernel[grid(B, H, ce["NT"])](
         t.q, t.k, t.v, t.z if t.z is not None else t.v, t.adt, t.dt, opt(t.trap), opt(t.angles),
         t.q_bias, t.k_bias, opt(t.d), opt(t.mimo_v), opt(t.mimo_z), opt(t.mimo_out), opt(t.norm_weight),
         ang_in, si.ssm, si.k, si.v, ang_out, so.ssm, so.k, so.v,
-        idx, t.out,
+        idx, t.out, cnt,
         H, G, M, float(spec.norm_eps), 0,
         **ce, num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 1)))
