@@ -231,7 +231,7 @@ def copy_bandwidth():
 
 
 def old_default(spec, B):
-    """The first version's default (bench/notes_triton_step.md): the whole head per program."""
+    """The first version's default (bench/NOTES.md, "Triton step"): the whole head per program."""
     if spec.rank == 1 and spec.state_dtype == "bfloat16" and B >= 32 and spec.output_mode != "norm_reduce":
         return dict(BLOCK_P=16, ROWS=64, num_warps=2, num_stages=1, VEC=False, PREFETCH=False)
     return dict(BLOCK_P=64, ROWS=64, num_warps=8, num_stages=1, VEC=True, PREFETCH=False)

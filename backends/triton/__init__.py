@@ -120,7 +120,7 @@ def space(spec, problem=None, op="step"):
 
 
 def default_config(spec, problem=None, op="step"):
-    """Measured on H100 (H=32, N=128, P=64; bench/notes_triton_step.md, results/triton_step_gpu_v2.json):
+    """Measured on H100 (H=32, N=128, P=64; bench/NOTES.md, "Triton step", results/triton_step_gpu_v2.json):
     - few heads (B * H <= 64, e.g. B = 1): P split over 8 programs per head (ROWS = BLOCK_P =
       P/8; MIMO: VEC, 8 warps; SISO: no VEC, 4 warps): 20-28 % faster than the whole head at
       B = 1 (MIMO 8.0 vs 10.9 us, SISO bf16 5.3 vs 7.3 us); not for norm_reduce;
