@@ -160,7 +160,6 @@ def covering_cases(seed=7, n_rows=18):
 
 def section_correct(budget):
     import numpy as np
-    import torch
     from mamba3_kernels.backends import cute as cb
     from mamba3_kernels.spec import Problem
     from mamba3_kernels.testing import run_step_backend, step_case
@@ -290,7 +289,6 @@ def _copy_bw():
 
 def _sets(spec, B, H, G, rng, min_bytes=200e6, max_sets=128):
     """Several independent StepTensors (own states, shared inputs) for L2-cold timing."""
-    import torch
     from mamba3_kernels.spec import Problem, States, resolve_step
     from mamba3_kernels.tensors import prepare_step
     from mamba3_kernels.testing import step_inputs

@@ -148,7 +148,7 @@ def api_call(name, spec, args):
 def upstream_calls(kind, spec, B, rng, sets):
     """Upstream's callables on equivalent inputs (same sizes and dtypes)."""
     R, A = spec.rank, spec.n_angles
-    dev, bf, f32 = "cuda", torch.bfloat16, torch.float32
+    dev, bf = "cuda", torch.bfloat16
     sdt = torch.float32 if spec.state_dtype == "float32" else torch.bfloat16
     x = torch.randn(B, H, P, device=dev, dtype=bf)
     z = torch.randn(B, H, P, device=dev, dtype=bf)

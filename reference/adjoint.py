@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamba3_kernels.spec import States, resolve_scan
+from mamba3_kernels.spec import States
 
 from .common import apply_output_adjoint, reduce_to, rotate, rotate_dtheta
-from .inputs import canonical
-from .recurrent import Params, _heads, external_states, forward_segment, internal_states, segments
+from .inputs import prepare_scan
+from .recurrent import Params, external_states, forward_segment, segments
 
 
 def _segment_backward(spec, p: Params, seg, st0, dout, dfin):
@@ -122,11 +122,8 @@ def backward(dout, dfinal=None, *, q, k, v, adt, dt, trap, q_bias, k_bias, angle
     args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
                 angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_out=mimo_out,
                 norm_weight=norm_weight, initial_states=initial_states, cu_seqlens=cu_seqlens)
-    cu = None if cu_seqlens is None else np.asarray(cu_seqlens).astype(np.int64)
-    spec, problem = resolve_scan(**args, output_mode=output_mode, pairing=pairing,
-                                 discretization=discretization, norm_eps=norm_eps,
-                                 input_dtype="float64", cu_seqlens_values=cu)
-    c = canonical(spec, problem, args)
+    spec, problem, c, cu = prepare_scan(args, output_mode=output_mode, pairing=pairing,
+                                        discretization=discretization, norm_eps=norm_eps)
     p = Params(spec, c)
     B, L, H, P = problem.batch, problem.seqlen, problem.nheads, spec.head_dim
     R, N, A, S = spec.rank, spec.d_state, spec.n_angles, problem.nseqs

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamba3_kernels.spec import resolve_scan
-
 from .common import angle_increment, apply_output, discretize, rotate, wrap_angle
-from .inputs import canonical
+from .inputs import prepare_scan
 from .recurrent import Params, _heads, external_states, segments
 
 
@@ -113,11 +111,8 @@ def forward_chunked(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None,
     args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
                 angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_out=mimo_out,
                 norm_weight=norm_weight, initial_states=initial_states, cu_seqlens=cu_seqlens)
-    cu = None if cu_seqlens is None else np.asarray(cu_seqlens).astype(np.int64)
-    spec, problem = resolve_scan(**args, output_mode=output_mode, pairing=pairing,
-                                 discretization=discretization, norm_eps=norm_eps,
-                                 chunk_size=chunk_size, input_dtype="float64", cu_seqlens_values=cu)
-    c = canonical(spec, problem, args)
+    spec, problem, c, cu = prepare_scan(args, output_mode=output_mode, pairing=pairing,
+                                        discretization=discretization, norm_eps=norm_eps, chunk_size=chunk_size)
     p = Params(spec, c)
     C = spec.chunk_size
     outs, finals, phases = [], [], []

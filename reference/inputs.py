@@ -151,3 +151,15 @@ def random_step_inputs(spec: ScanSpec, problem: Problem, rng: np.random.Generato
     else:
         a["state_indices"] = None
     return a
+
+
+def prepare_scan(args: dict, *, output_mode=None, pairing="interleaved", discretization="trapezoidal",
+                 norm_eps=1e-5, chunk_size=64):
+    """The oracle entry points' common prologue: validate `args` (the forward's tensor
+    arguments by name), then return (spec, problem, canonical float64 arrays, host cu_seqlens)."""
+    from mamba3_kernels.spec import resolve_scan
+    cu = None if args.get("cu_seqlens") is None else np.asarray(args["cu_seqlens"]).astype(np.int64)
+    spec, problem = resolve_scan(**args, output_mode=output_mode, pairing=pairing,
+                                 discretization=discretization, norm_eps=norm_eps, chunk_size=chunk_size,
+                                 input_dtype="float64", cu_seqlens_values=cu)
+    return spec, problem, canonical(spec, problem, args), cu

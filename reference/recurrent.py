@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mamba3_kernels.spec import ScanSpec, States, resolve_scan, resolve_step
+from mamba3_kernels.spec import ScanSpec, States, resolve_step
 
 from .common import angle_increment, apply_output, bias_rotate, discretize, skip_term, wrap_angle
-from .inputs import canonical
+from .inputs import canonical, prepare_scan
 
 
 class Params:
@@ -123,11 +123,8 @@ def forward(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None,
     args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
                 angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_out=mimo_out,
                 norm_weight=norm_weight, initial_states=initial_states, cu_seqlens=cu_seqlens)
-    cu = None if cu_seqlens is None else np.asarray(cu_seqlens).astype(np.int64)
-    spec, problem = resolve_scan(**args, output_mode=output_mode, pairing=pairing,
-                                 discretization=discretization, norm_eps=norm_eps,
-                                 input_dtype="float64", cu_seqlens_values=cu)
-    c = canonical(spec, problem, args)
+    spec, problem, c, cu = prepare_scan(args, output_mode=output_mode, pairing=pairing,
+                                        discretization=discretization, norm_eps=norm_eps)
     p = Params(spec, c)
     out_parts, finals = [], []
     for sl, seg, st0, _ in segments(spec, problem, c, cu):

@@ -3,7 +3,6 @@
 Each mutant patches one rule of the recurrent form only (the chunked form, written
 independently, keeps the right rule), then `self_check` must report a failure.
 """
-import numpy as np
 import pytest
 
 from mamba3_kernels.reference import common, recurrent

@@ -40,11 +40,10 @@ tensors directly (stream = torch's current stream).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, const_expr
 
 from mamba3_kernels.spec import ScanSpec
 
