@@ -1,4 +1,4 @@
-"""Public torch entry points: `step` (decode, SPEC §5); `scan` arrives with the chunked kernels.
+"""Public torch entry points: `step` (decode, SPEC §5) and `scan` (the chunked forward, SPEC §8).
 
 Validation order: shapes (spec.resolve_*, shared with the oracle), then dtypes, devices and
 strides (tensors.prepare_*), then dispatch. Every check runs before any kernel, so on an
@@ -6,12 +6,14 @@ error nothing is written to the caller's tensors.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
 from . import dispatch
-from .spec import Problem, ScanSpec, States, bad_arg, resolve_step
+from .scan_tensors import prepare_scan
+from .spec import Problem, ScanSpec, States, bad_arg, resolve_scan, resolve_step
 from .tensors import prepare_step
 
 
@@ -20,7 +22,7 @@ def step(q, k, v, adt, dt, trap, q_bias, k_bias, states, angles=None, d=None, z=
          output_mode: Optional[str] = None, pairing: str = "interleaved",
          discretization: str = "trapezoidal", norm_eps: float = 1e-5, inplace: bool = True,
          out: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-         config: Optional[dict] = None, validate: bool = True):
+         config: Optional[dict] = None, validate: bool = True, autotune: Optional[bool] = None):
     """One decode token per sequence (SPEC §5): bias + rotation + angle update (wrapped mod
     2 pi) + trapezoidal step with the stored K/V states + D, Z, MIMO projections and output mode.
 
@@ -29,7 +31,8 @@ def step(q, k, v, adt, dt, trap, q_bias, k_bias, states, angles=None, d=None, z=
     (B,) int32 (negative = padding slot: output row 0, state untouched).
     `inplace=True` updates `states` and returns them; else new state tensors are returned.
     `validate=False` skips the one host sync (the state_indices range check): use it inside
-    CUDA graphs. Returns (out, States).
+    CUDA graphs. `autotune=True` (or MAMBA3_AUTOTUNE=1) tunes on a cache miss (never inside
+    graph capture). Returns (out, States).
     """
     args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
                 states=states, angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z,
@@ -42,6 +45,68 @@ def step(q, k, v, adt, dt, trap, q_bias, k_bias, states, angles=None, d=None, z=
         if hi >= problem.nseqs:
             raise bad_arg("state_indices", f"values < state pool size M={problem.nseqs} (negative = padding)",
                           f"max {hi}")
-    mod, cfg, _ = dispatch.select("step", spec, problem, v.device, backend, config)
+    mod, cfg, _ = dispatch.select("step", spec, problem, v.device, backend, config, autotune)
     mod.step(spec, cfg, t)
     return t.out, t.state_out
+
+
+def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mimo_v=None,
+         mimo_z=None, mimo_out=None, norm_weight=None, initial_states=None, cu_seqlens=None, *,
+         output_mode: Optional[str] = None, pairing: str = "interleaved",
+         discretization: str = "trapezoidal", final_states: bool = False, norm_eps: float = 1e-5,
+         chunk_size: int = 64, state_dtype: str = "float32", out: Optional[torch.Tensor] = None,
+         backend: Optional[str] = None, config: Optional[dict] = None, validate: bool = True):
+    """The chunked Mamba-3 scan over whole sequences (prefill; SPEC §2, §3, §7, §8).
+
+    Shapes (mamba3_kernels.spec): q, k (B, L, R, G, N) or (B, L, G, N) for R = 1; v, z
+    (B, L, H, P); adt, dt, trap (B, H, L) (trap raw, pre-sigmoid; None for
+    discretization="euler"); q_bias, k_bias (H, R, N) or (H, N); angles (B, L, H, A) per head or
+    (B, L, A) shared by all heads (raw rates; A <= N/2); d (H,); mimo_v, mimo_z, mimo_out
+    (H, R, P) (None = ones); norm_weight (H, P) selects the fused pre-gate RMSNorm;
+    initial_states = (angle (S,H,A), ssm (S,H,P,N), k (S,R,H,N), v (S,H,P)) or None;
+    cu_seqlens (S + 1,) int32 prefix sums with B = 1 (packed sequences, empty ones allowed).
+    q, k, v, z share one dtype (bf16, fp16 or fp32); parameters and states may be any float
+    dtype (read as fp32; state v in V's dtype).
+
+    Returns out (B, L, H, P) (or (B, L, R, H, P) for output_mode "per_rank"), and with
+    final_states=True also States(angle fp32 (S,H,A) wrapped into [0, 2 pi), ssm
+    (S,H,P,N) in `state_dtype`, k fp32 (S,R,H,N) rotated and biased, v (S,H,P) in V's dtype):
+    feeding them back as initial_states continues the sequence exactly.
+
+    Forward only: the outputs carry no autograd graph (the call runs under torch.no_grad);
+    gradients arrive with the backward kernels. A warning says so when an input requires grad.
+    `chunk_size` is recorded in the spec (the oracle's chunked form uses it); the Triton
+    forward picks its own chunk and segment lengths from its config (results do not depend on
+    them beyond rounding). `validate=False` skips the one host sync (checking the cu_seqlens
+    values): use it inside CUDA graphs. Inputs are never written to; a tensor the kernels
+    cannot read as it is (a last dim that is not unit-stride, a dtype cast) is copied.
+    """
+    args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
+                angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_out=mimo_out,
+                norm_weight=norm_weight, initial_states=initial_states, cu_seqlens=cu_seqlens)
+    cu_vals = None
+    if validate and cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor):
+        cu_vals = cu_seqlens.detach().cpu().tolist()
+    spec, problem = resolve_scan(**args, output_mode=output_mode, pairing=pairing,
+                                 discretization=discretization, final_states=final_states,
+                                 norm_eps=norm_eps, chunk_size=chunk_size, state_dtype=state_dtype,
+                                 cu_seqlens_values=cu_vals)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                       for x in _flat_tensors(args)):
+        warnings.warn("mamba3_kernels.scan: forward only for now, the outputs carry no gradient "
+                      "(the backward kernels arrive with the backward issue)", stacklevel=2)
+    with torch.no_grad():
+        t = prepare_scan(spec, problem, **args, out=out)
+        mod, cfg, _ = dispatch.select("forward", spec, problem, v.device, backend, config)
+        mod.forward(spec, cfg, t)
+    if final_states:
+        return t.out, t.state_out
+    return t.out
+
+
+def _flat_tensors(args: dict):
+    for x in args.values():
+        if isinstance(x, (tuple, list)):
+            yield from x
+        else:
+            yield x

@@ -1,4 +1,4 @@
-"""Triton backend: the decode step (SPEC §5) so far; the chunked forward/backward come later.
+"""Triton backend: the decode step (SPEC §5, step.py) and the chunked forward (SPEC §8, scan_*.py).
 
 Protocol: see backends/__init__.py. Imports without triton installed: triton is imported
 only inside the functions that need it (and by `step.py`, which holds the kernel).
@@ -47,6 +47,9 @@ def available():
 def supports(spec, op="step"):
     if op not in OPS:
         return False, f"op: expected one of {OPS}, got {op!r}"
+    if op == "forward":
+        from . import scan_fwd
+        return scan_fwd.supports(spec)
     if op != "step":
         return False, "not implemented yet"
     if spec.input_dtype not in INPUT_DTYPES:
@@ -100,7 +103,10 @@ _PLAN = ((4, 4, 8, True, False), (4, 4, 16, False, False), (4, 4, 32, False, Fal
 def space(spec, problem=None, op="step"):
     """At most 12 candidates from _PLAN: P split over 2, 4 or 8 programs per head, or the whole
     head per program (norm_reduce: the whole head in one tile only), 4 to 32 state elements per
-    thread, with and without VEC (16-byte state accesses)."""
+    thread, with and without VEC (16-byte state accesses). op "forward": scan_fwd.space."""
+    if op == "forward":
+        from . import scan_fwd
+        return scan_fwd.space(spec, problem)
     if op != "step":
         return []
     PV = _pow2(spec.head_dim)
@@ -126,7 +132,11 @@ def default_config(spec, problem=None, op="step"):
       B = 1 (MIMO 8.0 vs 10.9 us, SISO bf16 5.3 vs 7.3 us); not for norm_reduce;
     - otherwise the whole head per program (the split loses 15-300 % at B >= 16): SISO with a
       bf16 state at B >= 32: quarter-head tiles, 2 warps, no VEC; else one tile, VEC, about 32
-      state elements per thread."""
+      state elements per thread.
+    op "forward": scan_fwd.default_config."""
+    if op == "forward":
+        from . import scan_fwd
+        return scan_fwd.default_config(spec, problem)
     PV = _pow2(spec.head_dim)
     norm = _norm_needs_whole_head(spec)
     if problem is not None and problem.batch * problem.nheads <= 64 and not norm and PV >= 8:
@@ -225,7 +235,11 @@ def _resource_usage(cubin: bytes) -> dict:
 def compile(spec, config, op="step", arch="sm_90a"):
     """AOT-compile the step kernel for `arch` without a GPU. Returns {"cubin": bytes,
     "registers", "spills" (local-memory bytes per thread: spills or stack), "shared"
-    (bytes, dynamic incl. static), "ptx", "arch", "config"}. Run without TRITON_INTERPRET."""
+    (bytes, dynamic incl. static), "ptx", "arch", "config"}. Run without TRITON_INTERPRET.
+    op "forward": a list of such dicts, one per kernel of the chunked forward."""
+    if op == "forward":
+        from . import scan_fwd
+        return scan_fwd.compile(spec, config, None, arch)
     if op != "step":
         raise ValueError(f"op: expected 'step' (the only one implemented), got {op!r}")
     if _interpret():
@@ -250,3 +264,10 @@ def compile(spec, config, op="step", arch="sm_90a"):
     return dict(cubin=cubin, registers=use["registers"], spills=spills,
                 shared=int(getattr(k.metadata, "shared", 0) or 0), ptx=k.asm.get("ptx"),
                 arch=arch, config=dict(config), resource_usage=use["resource_usage"])
+
+
+def forward(spec, config, tensors):
+    """The chunked forward: writes tensors.out and tensors.state_out
+    (mamba3_kernels.scan_tensors.ScanTensors)."""
+    from . import scan_fwd
+    scan_fwd.forward(spec, config, tensors)

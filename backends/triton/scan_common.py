@@ -1,0 +1,332 @@
+"""Phase 1 of the chunked scan (SPEC §8, reference/chunked.py `preprocess`), as @triton.jit
+helpers that the three forward kernels call on the fly for one chunk, plus the segment map.
+
+Nothing of phase 1 is written to global memory in the forward: every kernel that needs a
+chunk's rotated q/k, decays and weights recomputes them from the inputs (cheaper than a round
+trip through HBM). `scan_preprocess.py`'s debug kernel calls the same helpers and writes them
+out, so phase 1 can be checked alone against reference.chunked.preprocess.
+
+Per token t of a chunk (masked tokens t >= end of sequence read as dt = adt = 0, so they add
+nothing and leave the decay cumsum flat):
+    lam_t    = sigmoid(trap_t) (trapezoidal) or 1 (euler)
+    gamma_t  = dt_t lam_t;  gamma'_t = dt_{t+1} (1 - lam_{t+1}) (0 at the sequence's last token,
+               read across chunk and segment boundaries);  scale_t = gamma_t + gamma'_t
+    cs_t     = inclusive cumsum of adt inside the chunk
+    phi_t,j  = pi tanh(raw_t,j) dt_t;  ell_t = carry + inclusive cumsum of phi inside the chunk
+Rotations use angles relative to the start of the segment (`ell`, carried across the chunks of
+a segment, wrapped into [0, 2 pi) at every chunk): scores qh.kh only depend on angle
+differences, and the absolute frame is restored by the state passing kernel (one rotation per
+segment of the carried P x N state; see scan_state_passing.py).
+
+Pair layout ("split halves"): a q/k/state row of N columns is handled as two tiles of the
+pair's first and second members, x0[j] = x[c0(j)], x1[j] = x[c1(j)] for pairs j < N/2, with
+c0, c1 = (2j, 2j+1) for the interleaved pairing and (j, j + N/2) for the half pairing. A
+rotation is then elementwise on (x0, x1); dot products over N are two dots over N/2. Pairs
+j >= A have angle 0 (cos 1, sin 0). Tiles are padded to NHP = max(16, pow2(N/2)) columns.
+
+Row layout (MIMO, R ranks padded to RP = pow2(R)): a chunk of C tokens is C * RP rows,
+row i = token (i // RP), rank (i % RP) (the TileLang "fused rows"); padded ranks are zero.
+
+Each helper comes as a load part (`*_raw`) and a math part, so the kernels' chunk loops can
+issue the next chunk's loads before the current chunk's math (software pipelining by hand:
+the loops are latency-bound, and Triton's pipeliner only prefetches loads that feed dots).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PI = tl.constexpr(3.141592653589793)
+TWO_PI = tl.constexpr(6.283185307179586)
+
+
+@triton.jit
+def _sigmoid(x):
+    d = 1.0 + tl.exp(-x)
+    return tl.fdiv(d * 0.0 + 1.0, d)  # approximate (2 ulp) division: no IEEE slow path
+
+
+@triton.jit
+def _tanh(x):
+    # accurate to fp32 rounding (no tanh.approx: angle errors accumulate over the sequence)
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _wrap(x):
+    """x - 2 pi floor(x / 2 pi), clamped into [0, 2 pi) against fp32 rounding."""
+    two_pi: tl.constexpr = 6.283185307179586
+    inv: tl.constexpr = 0.15915494309189535
+    y = x - two_pi * tl.floor(x * inv)
+    y = tl.where(y < 0.0, y + two_pi, y)
+    return tl.where(y >= two_pi, y - two_pi, y)
+
+
+@triton.jit
+def _cos_sin(x, FAST: tl.constexpr):
+    """cos, sin of x (fp32). FAST: reduce into [-pi, pi] then the MUFU approximations
+    (|error| < 1e-6 there); else the accurate library functions (interpreter)."""
+    if FAST:
+        two_pi: tl.constexpr = 6.283185307179586
+        inv: tl.constexpr = 0.15915494309189535
+        r = x - two_pi * tl.floor(x * inv + 0.5)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(x)
+        s = tl.sin(x)
+    return c, s
+
+
+@triton.jit
+def _cast(x, ty: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(ty) with round-to-nearest-even. The interpreter truncates fp32 -> bf16 (the GPU
+    rounds to nearest even), which biases every rounding error; there bf16 is rounded here."""
+    if INTERP and ty == tl.bfloat16:
+        i = x.to(tl.float32).to(tl.int32, bitcast=True)
+        i = (i + 0x7FFF + ((i >> 16) & 1)) & -65536
+        r = i.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        r = x.to(ty)
+    return r
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b with fp32 accumulation, operands rounded to DT first (the input dtype: bf16 or
+    fp16); fp32 inputs (DOT_F32) use 3xTF32 on the GPU. The interpreter multiplies 16-bit
+    operands wrongly (triton#11584): there the rounded operands are multiplied in fp32."""
+    if DOT_F32:
+        if INTERP:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        if INTERP:
+            r = tl.dot(_cast(a, DT, INTERP).to(tl.float32), _cast(b, DT, INTERP).to(tl.float32))
+        else:
+            r = tl.dot(a.to(DT), b.to(DT))
+    return r
+
+
+@triton.jit
+def _pair_cols(j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """Column indices (c0, c1) of pair j."""
+    if PAIR_HALF:
+        c0 = j
+        c1 = j + N // 2
+    else:
+        c0 = 2 * j
+        c1 = 2 * j + 1
+    return c0, c1
+
+
+@triton.jit
+def _locate(slot, cu_ptr, S, L, NSEG, SEGLEN: tl.constexpr, VARLEN: tl.constexpr):
+    """Segment slot -> (batch row b, sequence, segment index, sequence start, sequence end,
+    segment start). Dense: slot = b * NSEG + segment. Varlen (B = 1): sequence i owns slots
+    cu[i] // SEGLEN + i + [0, cdiv(len_i, SEGLEN)) (one spare slot per sequence makes the
+    ranges disjoint; SPEC §7); a slot past its sequence's segments has seg_start >= end."""
+    if VARLEN:
+        lo = 0
+        hi = S - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            st = tl.load(cu_ptr + mid) // SEGLEN + mid
+            if st <= slot:
+                lo = mid
+            else:
+                hi = mid - 1
+        seq = lo
+        bos = tl.load(cu_ptr + seq)
+        eos = tl.load(cu_ptr + seq + 1)
+        seg = slot - (bos // SEGLEN + seq)
+        b = seq * 0
+    else:
+        seq = slot // NSEG
+        seg = slot % NSEG
+        b = seq
+        bos = seq * 0
+        eos = bos + L
+    t0 = bos + seg * SEGLEN
+    return b, seq, seg, bos, eos, t0
+
+
+@triton.jit
+def _scalars_raw(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C: tl.constexpr, RP: tl.constexpr,
+                 TRAP: tl.constexpr):
+    """The loads of _chunk_scalars (issued a chunk ahead by the software-pipelined loops):
+    per row, adt, dt, dt of the next token, raw trap and raw trap of the next token."""
+    rows = tl.arange(0, C * RP)
+    offs = tc + rows // RP
+    m = offs < eos
+    mn = (offs + 1) < eos
+    adt = tl.load(adt_ptr + base + offs, mask=m, other=0.0)
+    dt = tl.load(dt_ptr + base + offs, mask=m, other=0.0)
+    dtn = tl.load(dt_ptr + base + offs + 1, mask=mn, other=0.0)
+    if TRAP:
+        tr = tl.load(trap_ptr + base + offs, mask=m, other=0.0)
+        trn = tl.load(trap_ptr + base + offs + 1, mask=mn, other=0.0)
+    else:
+        tr = dt
+        trn = dtn
+    return adt, dt, dtn, tr, trn
+
+
+@triton.jit
+def _scalars_math(adt, dt, dtn, tr, trn, C: tl.constexpr, RP: tl.constexpr, TRAP: tl.constexpr):
+    """Per row i = (token t_i, rank r_i): (dt, gamma, scale, cs, T, lead) [C * RP],
+    lead = (r_i == 0); cs is the inclusive decay cumsum of the row's token and T the chunk's
+    decay total. Every rank row reads its token's values itself (L1 hits): no per-token ->
+    per-row reshapes, which cost many registers for MIMO."""
+    rows = tl.arange(0, C * RP)
+    lead = (rows % RP) == 0
+    if TRAP:
+        lam = _sigmoid(tr)
+        lamn = _sigmoid(trn)
+        gamma = dt * lam
+        scale = gamma + dtn * (1.0 - lamn)
+    else:
+        gamma = dt
+        scale = dt
+    adt_lead = tl.where(lead, adt, 0.0)
+    cs = tl.cumsum(adt_lead, axis=0)
+    T = tl.sum(adt_lead, axis=0)
+    return dt, gamma, scale, cs, T, lead
+
+
+@triton.jit
+def _chunk_scalars(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C: tl.constexpr, RP: tl.constexpr,
+                   TRAP: tl.constexpr):
+    """_scalars_math of _scalars_raw for the chunk [tc, tc + C) (base: the (b, h) row of the
+    (B, H, L) tensors)."""
+    adt, dt, dtn, tr, trn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C, RP, TRAP)
+    return _scalars_math(adt, dt, dtn, tr, trn, C, RP, TRAP)
+
+
+@triton.jit
+def _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A: tl.constexpr, C: tl.constexpr,
+                RP: tl.constexpr, AP: tl.constexpr):
+    """Raw angle rates [C * RP, AP] of the rows' tokens (rank-0 rows only; others 0)."""
+    rows = tl.arange(0, C * RP)
+    offs = tc + rows // RP
+    j = tl.arange(0, AP)
+    m = ((offs < eos) & ((rows % RP) == 0))[:, None] & (j < A)[None, :]
+    return tl.load(ang_ptr + ang_base + offs[:, None].to(tl.int64) * s_at + j[None, :], mask=m,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _angles_math(raw, dt, carry, C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr,
+                 FAST: tl.constexpr):
+    """cos, sin [C * RP, NHP] of the segment-relative angles ell of each row's token, and the
+    new carry (wrapped ell after the chunk's last token). dt per row (_scalars_math). carry
+    [AP]: the AP = carry.shape[0] first pairs (AP >= A, a power of two >= 16) are computed, the
+    other pairs get cos 1, sin 0 (the trig work scales with A, not N)."""
+    AP: tl.constexpr = carry.shape[0]
+    phi = PI * _tanh(raw) * dt[:, None]           # 0 on rows of ranks > 0: counted once
+    ell = tl.cumsum(phi, axis=0) + carry[None, :]
+    c, s = _cos_sin(ell, FAST)
+    new_carry = _wrap(carry + tl.sum(phi, axis=0))
+    if AP < NHP:
+        K: tl.constexpr = NHP // AP
+        first = (tl.arange(0, K) == 0)[None, :, None]
+        c = tl.reshape(tl.where(first, c[:, None, :], 1.0), [C * RP, NHP])
+        s = tl.reshape(tl.where(first, s[:, None, :], 0.0), [C * RP, NHP])
+    return c, s, new_carry
+
+
+@triton.jit
+def _chunk_angles(ang_ptr, ang_base, s_at, tc, eos, dt, carry, lead, A: tl.constexpr,
+                  C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr, FAST: tl.constexpr):
+    """_angles_math of _angles_raw for the chunk [tc, tc + C)."""
+    AP: tl.constexpr = carry.shape[0]
+    raw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+    return _angles_math(raw, dt, carry, C, RP, NHP, FAST)
+
+
+@triton.jit
+def _bias_pairs(bias_ptr, h, R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr, N: tl.constexpr,
+                NH: tl.constexpr, NHP: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """The head's bias as pair halves, broadcastable to the chunk's rows: [1, NHP] (SISO) or
+    [C * RP, NHP] (row (t, r) reads rank r); padded ranks are 0."""
+    j = tl.arange(0, NHP)
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    if RP == 1:
+        b0 = tl.load(bias_ptr + h * N + c0, mask=j < NH, other=0.0)[None, :]
+        b1 = tl.load(bias_ptr + h * N + c1, mask=j < NH, other=0.0)[None, :]
+    else:
+        r = tl.arange(0, RP)
+        m = (r < R)[:, None] & (j < NH)[None, :]
+        off = (h * R + r)[:, None] * N
+        b0 = tl.load(bias_ptr + off + c0[None, :], mask=m, other=0.0)
+        b1 = tl.load(bias_ptr + off + c1[None, :], mask=m, other=0.0)
+        b0 = tl.reshape(tl.broadcast_to(b0[None, :, :], [C, RP, NHP]), [C * RP, NHP])
+        b1 = tl.reshape(tl.broadcast_to(b1[None, :, :], [C, RP, NHP]), [C * RP, NHP])
+    return b0, b1
+
+
+@triton.jit
+def _pairs_raw(ptr, row_off, rmask, j, N: tl.constexpr, NH: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """The raw (input dtype) pair halves (x0, x1) [ROWS, NHP] of the rows at row_off [ROWS]
+    (int64 element offsets). Loads are contiguous along the row (vectorised): the half pairing
+    reads two contiguous halves, the interleaved pairing one [ROWS, 2 NHP] tile split into even
+    and odd columns in registers."""
+    NHP: tl.constexpr = j.shape[0]
+    if PAIR_HALF:
+        m = rmask[:, None] & (j < NH)[None, :]
+        x0 = tl.load(ptr + row_off[:, None] + j[None, :], mask=m, other=0.0)
+        x1 = tl.load(ptr + row_off[:, None] + (j + N // 2)[None, :], mask=m, other=0.0)
+    else:
+        cols = tl.arange(0, 2 * NHP)
+        mm = rmask[:, None] & (cols < N)[None, :]
+        x = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mm, other=0.0)
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0], NHP, 2]))
+    return x0, x1
+
+
+@triton.jit
+def _pairs_math(x0, x1, rmask, b0, b1, j, NH: tl.constexpr):
+    """Biased fp32 pair halves (x + bias); masked rows and padded pairs are 0."""
+    m = rmask[:, None] & (j < NH)[None, :]
+    return tl.where(m, x0.to(tl.float32) + b0, 0.0), tl.where(m, x1.to(tl.float32) + b1, 0.0)
+
+
+@triton.jit
+def _load_pairs(ptr, row_off, rmask, b0, b1, j, N: tl.constexpr, NH: tl.constexpr,
+                PAIR_HALF: tl.constexpr):
+    """Biased rows (x + bias) as fp32 pair halves (x0, x1) [ROWS, NHP]; masked rows are 0."""
+    x0, x1 = _pairs_raw(ptr, row_off, rmask, j, N, NH, PAIR_HALF)
+    return _pairs_math(x0, x1, rmask, b0, b1, j, NH)
+
+
+@triton.jit
+def _rotate(x0, x1, c, s):
+    """Rot(theta) on pairs: (x0 c - x1 s, x0 s + x1 c)."""
+    return x0 * c - x1 * s, x0 * s + x1 * c
+
+
+@triton.jit
+def _load_state(ptr, base, p, j, P: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
+                PAIR_HALF: tl.constexpr):
+    """A (BP x N) block of a P x N state at ptr + base (row-major, natural column order) as
+    pair halves (S0, S1) [BP, NHP] fp32."""
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    m = (p < P)[:, None] & (j < NH)[None, :]
+    off = base + p[:, None].to(tl.int64) * N
+    s0 = tl.load(ptr + off + c0[None, :], mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(ptr + off + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    return s0, s1
+
+
+@triton.jit
+def _store_state(ptr, base, p, j, s0, s1, P: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
+                 PAIR_HALF: tl.constexpr, INTERP: tl.constexpr):
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    m = (p < P)[:, None] & (j < NH)[None, :]
+    off = base + p[:, None].to(tl.int64) * N
+    ty: tl.constexpr = ptr.dtype.element_ty
+    tl.store(ptr + off + c0[None, :], _cast(s0, ty, INTERP), mask=m)
+    tl.store(ptr + off + c1[None, :], _cast(s1, ty, INTERP), mask=m)

@@ -1,0 +1,458 @@
+"""Triton chunked-scan forward (prefill): configs, launch, AOT build. SPEC §2, §3, §7, §8.
+
+The forward is a split-sequence scan over segments of SEG chunks of C tokens (SEGLEN tokens):
+
+  phase 1  preprocess       (scan_common.py)  bias, rotary angles, gamma / scale, decays:
+                                              recomputed on the fly per chunk, never stored
+  phase 2  chunk states     (scan_chunk_state.py)    grid (H * P-blocks, segment slots)
+           every segment's local state from zero, in the segment's own rotary frame
+  phase 3  state passing    (scan_state_passing.py)  grid (H * P-blocks, sequences)
+           entry state of every segment (sequential over the few segments of a sequence);
+           initial states in (with their pending beta term), final states out
+  phase 4  chunk outputs    (scan_chunk_output.py)   grid (H * P-blocks, segment slots)
+           each program walks its segment's chunks with the state in registers
+
+With SEG = 1 this is Mamba-2's SSD (chunk states, state passing, chunk outputs); larger SEG
+trades parallelism for less state traffic: the P x N scratch states are written and read once
+per segment, not per chunk. Every (batch, head, segment) is a program, so the GPU fills even
+when B * H is small (B = 1, H = 32, L = 16384: 512 programs with SEGLEN = 1024).
+
+Phases 2 and 3 are skipped when no segment has a predecessor and no final states are asked
+for (every sequence fits in one segment); phase 3 alone runs for initial states then.
+
+Config keys (`default_config`, `space`):
+  CHUNK        tokens per chunk C (rows per chunk = C * pow2(R); 64 rows by default)
+  SEG          chunks per segment
+  BLOCK_P      columns of P per program in phases 2 and 4 (norm_reduce: the whole head)
+  PASS_BLOCK_P rows of the state per program in phase 3
+  num_warps (phase 4), state_num_warps (phase 2), pass_num_warps (phase 3), num_stages,
+  maxnreg      optional register cap of phase 4 (tuning only: it trades spills for occupancy)
+  AP_FULL      trig over all N/2 pairs instead of pow2(A) widened (tuning experiment)
+  PREFETCH, STATE_PREFETCH  issue each chunk's loads one chunk ahead in phase 4 / phase 2
+               (software pipelining by hand; the chunk loops are latency-bound)
+  SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
+               GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
+
+What the backward can use (`forward(..., keep=True)` returns it; the backward issue decides):
+  erel (slots, H, P, N)  entry state of each segment, segment frame; with tot/phi below and the
+                         inputs, every chunk's state can be recomputed by one segment walk
+                         (the forward's phase 4 without outputs), which is what a chunk-parallel
+                         backward needs; theta0 per segment = the cumulative phi (phase 3).
+  tot (slots, H)         segment decay totals;  phi (slots, H, A) segment angle totals
+  lrel (slots, H, P, N)  local segment states (segment frame)
+Nothing per token is saved: rotated q/k, gamma, scale and decays are cheap to recompute.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+
+from mamba3_kernels.spec import ScanSpec, bad_arg
+
+from . import scan_chunk_output as _out
+from . import scan_chunk_state as _cst
+from . import scan_state_passing as _pass
+
+INPUT_DTYPES = ("bfloat16", "float16", "float32")
+STATE_DTYPES = ("float32", "bfloat16")
+N_SM_H100 = 132
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _rp(spec) -> int:
+    return _pow2(spec.rank)
+
+
+def _nhp(spec) -> int:
+    return max(16, _pow2(spec.d_state // 2))
+
+
+def _ap(spec) -> int:
+    """Width of the angle tiles: pow2(A), at least 16 (a tensor-core dot dimension)."""
+    return min(_nhp(spec), max(16, _pow2(spec.n_angles)))
+
+
+def supports(spec: ScanSpec):
+    """(ok, reason) for the Triton forward."""
+    if spec.input_dtype not in INPUT_DTYPES:
+        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
+    if spec.state_dtype not in STATE_DTYPES:
+        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    if spec.d_state > 512:
+        return False, f"N={spec.d_state} > 512"
+    if spec.head_dim > 512:
+        return False, f"P={spec.head_dim} > 512"
+    if spec.rank > 16:
+        return False, f"R={spec.rank} > 16"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------
+# configs
+
+def _rows(spec) -> int:
+    """Rows per chunk (C * pow2(R)): 16. The fp32 state, the rotated q/k pair halves, the
+    scores and the output tile of one chunk live in registers together; with 32 or 64 rows
+    ptxas spills on part of the grid (AOT-measured, tests/test_triton_scan_compile.py), and
+    the defaults must not spill. Longer chunks are in `space` for the tuner."""
+    return 16
+
+
+def _chunk(spec) -> int:
+    return max(1, _rows(spec) // _rp(spec))
+
+
+def _norm_split(spec) -> bool:
+    """norm_reduce through the fp32 per-rank scratch and the epilogue kernel when the whole
+    head's state (P x N) is over 64 x 128 (one program holding it all would spill)."""
+    return spec.output_mode == "norm_reduce" and max(16, _pow2(spec.head_dim)) * _pow2(spec.d_state) > 8192
+
+
+def _block_p(spec) -> int:
+    pp = max(16, _pow2(spec.head_dim))
+    if spec.output_mode == "norm_reduce" and not _norm_split(spec):
+        return pp
+    # keep the fp32 state tile (BP x N) at <= 64 x 128 elements
+    cap = max(16, 8192 // max(16, _pow2(spec.d_state)))
+    bp = min(pp, cap)
+    if bp == 32 and _nhp(spec) == 32:  # a 32 x 32 state-half tile spills (ptxas, AOT-measured)
+        bp = 16
+    return bp
+
+
+def _warps(spec, bp: int, chunk: int) -> int:
+    """Phase 4 (chunk outputs): 4 warps (H100: 4 warps ran 1.3-1.8x faster than 8 at 16-32
+    rows per chunk, where 8 warps replicate the small MMA tiles); 8 where 4 spill on the AOT
+    grid: N >= 256, BP >= 128, fp32 inputs, MIMO with the fused norm, R >= 8 with big states."""
+    n = _pow2(spec.d_state)
+    if (n >= 256 or bp >= 128 or spec.input_dtype == "float32"
+            or (spec.rank > 1 and spec.output_mode == "norm_reduce")
+            or (_rp(spec) >= 8 and bp * n >= 8192)):
+        return 8
+    return 4
+
+
+def _state_warps(spec, bp: int) -> int:
+    """Phase 2 (chunk states, lighter: no q, no outputs): 4 warps (H100: 1.5x faster than 8 on
+    the benchmark shapes); 8 for N >= 256, fp32 inputs, and MIMO with N >= 128 and BP < 64
+    (where 4 spill on the AOT grid)."""
+    n = _pow2(spec.d_state)
+    if n >= 256 or spec.input_dtype == "float32" or (spec.rank > 1 and n >= 128 and bp < 64):
+        return 8
+    return 4
+
+
+def _seg(problem, progs_per_seg: int, chunk: int, target: int = 4 * N_SM_H100) -> int:
+    """Chunks per segment: enough programs (B * H * P-blocks * segments >= target, about four
+    per SM) with the longest segments that give them (state traffic falls as 1/SEG)."""
+    if problem is None:
+        return 16
+    nchunks = triton.cdiv(max(problem.seqlen, 1), chunk)
+    nseg = triton.cdiv(target, max(1, problem.batch * progs_per_seg))
+    return max(1, min(64, _pow2(triton.cdiv(nchunks, nseg))))
+
+
+def default_config(spec: ScanSpec, problem=None) -> dict:
+    C = _chunk(spec)
+    bp = _block_p(spec)
+    nw = _warps(spec, bp, C)
+    H = problem.nheads if problem is not None else 32
+    npb = triton.cdiv(spec.head_dim, bp)
+    # one spill-prone corner (R >= 8 with 16-column state halves) schedules better pipelined
+    stages = 2 if _rp(spec) >= 8 and bp == 16 else 1
+    return dict(CHUNK=C, SEG=_seg(problem, H * npb, C), BLOCK_P=bp,
+                PASS_BLOCK_P=min(32, max(16, _pow2(spec.head_dim))), num_warps=nw, num_stages=stages,
+                state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
+                NORM_SPLIT=_norm_split(spec),
+                SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16")
+
+
+def space(spec: ScanSpec, problem=None) -> list:
+    """Tuning candidates: SEG x {default, half chunk} x warps x stages, at most 16."""
+    d = default_config(spec, problem)
+    out = [d]
+    segs = sorted({max(1, d["SEG"] // 2), d["SEG"], min(64, d["SEG"] * 2)})
+    for seg in segs:
+        for nw in (4, 8):
+            for st in (1, 2):
+                c = dict(d, SEG=seg, num_warps=nw, num_stages=st)
+                if c not in out:
+                    out.append(c)
+    half = dict(d, CHUNK=max(d["CHUNK"] // 2, max(1, 16 // _rp(spec))))
+    if half not in out:
+        out.append(half)
+    return out[:16]
+
+
+def check_config(spec: ScanSpec, config: dict) -> None:
+    for key in ("CHUNK", "SEG", "BLOCK_P", "PASS_BLOCK_P", "num_warps"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise bad_arg(f"config.{key}", "a power of two >= 1", v)
+    if config["CHUNK"] * _rp(spec) < 16:
+        raise bad_arg("config.CHUNK", f">= {16 // _rp(spec)} (C * pow2(R) >= 16 rows)", config["CHUNK"])
+    if config["BLOCK_P"] < 16 or config["PASS_BLOCK_P"] < 16:
+        raise bad_arg("config.BLOCK_P", ">= 16 (and PASS_BLOCK_P >= 16)",
+                      (config["BLOCK_P"], config["PASS_BLOCK_P"]))
+    if spec.output_mode == "norm_reduce" and not config.get("NORM_SPLIT") and config["BLOCK_P"] < spec.head_dim:
+        raise bad_arg("config.BLOCK_P", f">= P={spec.head_dim} with output_mode 'norm_reduce' "
+                      "(or NORM_SPLIT=True)", config["BLOCK_P"])
+    if config.get("SCRATCH", "bfloat16") not in ("bfloat16", "float32"):
+        raise bad_arg("config.SCRATCH", "'bfloat16' or 'float32'", config.get("SCRATCH"))
+
+
+# ------------------------------------------------------------------------------------------
+# launch plan: one list of kernel calls, used both to run and to AOT-compile
+
+_TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def plan(spec: ScanSpec, config: dict, t, device=None):
+    """The three kernel calls for the bundle `t` (mamba3_kernels.scan_tensors.ScanTensors, or a
+    stand-in with meta tensors for AOT): list of dicts (name, kernel, grid, args, constexprs,
+    num_warps, num_stages, run), plus the scratch tensors."""
+    check_config(spec, config)
+    dev = device if device is not None else t.v.device
+    B, L, H, P = t.v.shape
+    G = t.q.shape[3]
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    C, SEG = config["CHUNK"], config["SEG"]
+    SEGLEN = C * SEG
+    varlen = t.cu_seqlens is not None
+    nseg_dense = triton.cdiv(L, SEGLEN)
+    nslots = (L // SEGLEN + S) if varlen else B * nseg_dense
+    many = (L > SEGLEN) if varlen else nseg_dense > 1
+    run_a = L > 0 and (spec.final_states or many)
+    run_b = run_a or spec.initial_states or spec.final_states
+    sdt = _TORCH[config.get("SCRATCH", "bfloat16")]
+    f32 = torch.float32
+    dummy = torch.empty(1, dtype=f32, device=dev)
+    cu = t.cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
+    lrel = torch.empty((nslots, H, P, N), dtype=sdt, device=dev) if run_a else dummy.to(sdt)
+    tot = torch.empty((nslots, H), dtype=f32, device=dev) if run_a else dummy
+    phi = torch.empty((nslots, H, max(A, 1)), dtype=f32, device=dev) if run_a else dummy
+    erel = torch.empty((nslots, H, P, N), dtype=sdt, device=dev) if run_b else dummy.to(sdt)
+    opt = lambda x: dummy if x is None else x  # noqa: E731
+    sq, sk, sv = t.q.stride(), t.k.stride(), t.v.stride()
+    sz = t.z.stride() if t.z is not None else (0, 0, 0, 0)
+    if t.angles is None:
+        sa = (0, 0, 0)
+    elif spec.shared_angles:
+        sa = (t.angles.stride(0), t.angles.stride(1), 0)
+    else:
+        sa = t.angles.stride()[:3]
+    common = dict(R=R, N=N, NHP=_nhp(spec), P=P, A=A, AP=_nhp(spec) if config.get("AP_FULL") else _ap(spec), PAIR_HALF=spec.pairing == "half",
+                  TRAP=spec.discretization == "trapezoidal", HAS_MV=t.mimo_v is not None,
+                  VARLEN=varlen, FAST_TRIG=not _interpret())
+    dotc = dict(DOT_F32=spec.input_dtype == "float32", INTERP=_interpret())
+    st_in = t.state_in
+    st_out = t.state_out
+    calls = []
+    bp = config["BLOCK_P"]
+    calls.append(dict(
+        name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
+        grid=_cst.grid(H, P, bp, nslots),
+        args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
+              ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
+              ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
+              ("phi_ptr", phi),
+              ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
+              ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+              ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense)],
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, FINAL=spec.final_states,
+                        PREFETCH=bool(config.get("STATE_PREFETCH", False)), **dotc),
+        num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
+    pbp = config["PASS_BLOCK_P"]
+    calls.append(dict(
+        name="scan_state_passing", kernel=_pass.scan_state_passing_kernel, run=run_b,
+        grid=_pass.grid(H, P, pbp, S),
+        args=[("lrel_ptr", lrel), ("tot_ptr", tot), ("phi_ptr", phi), ("erel_ptr", erel), ("cu_ptr", cu),
+              ("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("mv_ptr", opt(t.mimo_v)), ("k_ptr", t.k),
+              ("kb_ptr", t.k_bias), ("v_ptr", t.v),
+              ("ang_in_ptr", st_in.angle if st_in else dummy),
+              ("ssm_in_ptr", st_in.ssm if st_in else dummy),
+              ("k_in_ptr", st_in.k if st_in else dummy),
+              ("v_in_ptr", st_in.v if st_in else dummy),
+              ("ang_out_ptr", st_out.angle if st_out else dummy),
+              ("ssm_out_ptr", st_out.ssm if st_out else dummy),
+              ("k_out_ptr", st_out.k if st_out else dummy),
+              ("v_out_ptr", st_out.v if st_out else dummy),
+              ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
+              ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+              ("L", L), ("H", H), ("G", G), ("NSEG", nseg_dense)],
+        constexprs=dict(R=R, N=N, NHP=_nhp(spec), P=P, PPOW=_pow2(P), BP=pbp, A=A, SEGLEN=SEGLEN,
+                        PAIR_HALF=common["PAIR_HALF"], TRAP=common["TRAP"], HAS_MV=common["HAS_MV"],
+                        VARLEN=varlen, HAS_INIT=st_in is not None, HAS_LOCAL=run_a,
+                        FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
+                        INTERP=_interpret()),
+        num_warps=config.get("pass_num_warps", 4), num_stages=1))
+    split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
+    if split:  # raw per-rank y (no gate) into an fp32 scratch, then the epilogue
+        ybuf = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
+        out4, mode4, z4, mz4, mo4 = ybuf, _out.MODES["per_rank"], None, None, None
+    else:
+        ybuf = None
+        out4, mode4, z4, mz4, mo4 = t.out, _out.MODES[spec.output_mode], t.z, t.mimo_z, t.mimo_out
+    calls.append(dict(
+        name="scan_chunk_output", kernel=_out.scan_chunk_output_kernel, run=L > 0,
+        grid=_out.grid(H, P, bp, nslots),
+        args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("z_ptr", opt(z4)), ("adt_ptr", t.adt),
+              ("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
+              ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
+              ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
+              ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
+              ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
+              ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
+              ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+              ("s_zb", sz[0]), ("s_zt", sz[1]), ("s_zh", sz[2]),
+              ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense), ("eps", float(spec.norm_eps))],
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, HAS_D=t.d is not None,
+                        HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
+                        HAS_MO=mo4 is not None, MODE=mode4,
+                        HAS_ENTRY=run_b, PREFETCH=bool(config.get("PREFETCH", False)), **dotc),
+        num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
+        maxnreg=config.get("maxnreg")))
+    if split:
+        BT = 16
+        zst = t.z.stride() if t.z is not None else (0, 0, 0, 0)
+        calls.append(dict(
+            name="scan_norm_epilogue", kernel=_out.scan_norm_epilogue_kernel, run=L > 0,
+            grid=_out.norm_grid(B, L, H, BT),
+            args=[("y_ptr", ybuf), ("z_ptr", opt(t.z)), ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)),
+                  ("w_ptr", t.norm_weight), ("out_ptr", t.out), ("s_zb", zst[0]), ("s_zt", zst[1]),
+                  ("s_zh", zst[2]), ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
+            constexprs=dict(R=R, P=P, PP=max(16, _pow2(P)), BT=BT, HAS_Z=t.z is not None,
+                            HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
+                            INTERP=_interpret()),
+            num_warps=4, num_stages=1))
+    scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
+                   phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN,
+                   nslots=nslots, nseg_dense=nseg_dense)
+    return calls, scratch
+
+
+def forward(spec: ScanSpec, config: dict, t, keep: bool = False):
+    """Write t.out and t.state_out (mamba3_kernels.scan_tensors.ScanTensors). With keep=True
+    return the per-segment scratch (see the module docstring) for tests and the backward."""
+    ok, why = supports(spec)
+    if not ok:
+        raise ValueError(f"spec: expected one the Triton forward supports, got one it does not ({why})")
+    calls, scratch = plan(spec, config, t)
+    for c in calls:
+        if c["run"]:
+            launch(c)
+    return scratch if keep else None
+
+
+def launch(c: dict) -> None:
+    """Launch one kernel call of `plan` (benchmarks time the phases one by one with it)."""
+    extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+    c["kernel"][c["grid"]](*[v for _, v in c["args"]], **c["constexprs"],
+                           num_warps=c["num_warps"], num_stages=c["num_stages"], **extra)
+
+
+# ------------------------------------------------------------------------------------------
+# AOT build (no GPU): registers, spills, shared memory per kernel
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+       torch.int64: "i64"}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+
+    def get(key):
+        m = re.search(rf"\b{key}:(\d+)", txt)
+        return int(m.group(1)) if m else None
+    return dict(registers=get("REG"), stack=get("STACK"), local=get("LOCAL"), shared_static=get("SHARED"))
+
+
+def meta_tensors(spec: ScanSpec, problem, lengths=None):
+    """A ScanTensors bundle of meta tensors (shapes and dtypes only) for AOT builds."""
+    from mamba3_kernels.scan_tensors import ScanTensors
+    from mamba3_kernels.spec import States
+    m = dict(device="meta")
+    B, L, H, G, S = problem.batch, problem.seqlen, problem.nheads, problem.ngroups, problem.nseqs
+    R, N, P, A = spec.rank, spec.d_state, spec.head_dim, spec.n_angles
+    idt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec.input_dtype]
+    sdt = _TORCH[spec.state_dtype]
+    f32 = torch.float32
+    e = lambda *s, dt=f32: torch.empty(s, dtype=dt, **m)  # noqa: E731
+    st = lambda ssm_dt: States(e(S, H, A), e(S, H, P, N, dt=ssm_dt), e(S, R, H, N), e(S, H, P, dt=idt))  # noqa: E731
+    out = e(B, L, R, H, P, dt=idt) if spec.output_mode == "per_rank" else e(B, L, H, P, dt=idt)
+    return ScanTensors(
+        q=e(B, L, R, G, N, dt=idt), k=e(B, L, R, G, N, dt=idt), v=e(B, L, H, P, dt=idt),
+        z=e(B, L, H, P, dt=idt) if spec.has_z else None, adt=e(B, H, L), dt=e(B, H, L),
+        trap=e(B, H, L) if spec.discretization == "trapezoidal" else None,
+        angles=(e(B, L, A) if spec.shared_angles else e(B, L, H, A)) if A else None,
+        q_bias=e(H, R, N), k_bias=e(H, R, N), d=e(H) if spec.has_d else None,
+        mimo_v=e(H, R, P) if spec.has_mimo_v else None, mimo_z=e(H, R, P) if spec.has_mimo_z else None,
+        mimo_out=e(H, R, P) if spec.has_mimo_out else None,
+        norm_weight=e(H, P) if spec.output_mode == "norm_reduce" else None,
+        cu_seqlens=e(S + 1, dt=torch.int32) if spec.varlen else None,
+        state_in=st(f32) if spec.initial_states else None, out=out,
+        state_out=st(sdt) if spec.final_states else None)
+
+
+def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") -> list:
+    """AOT-compile the forward's kernels for `arch` without a GPU (run without
+    TRITON_INTERPRET). One dict per kernel: name, registers, spills (local bytes per thread),
+    shared (bytes), cubin size. `problem` only sizes the stand-in tensors (the code does not
+    depend on it); default: a small one."""
+    if problem is None:
+        from mamba3_kernels.spec import Problem
+        problem = Problem(1 if spec.varlen else 2, 1024, 4, 1, 2)
+    if _interpret():
+        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
+                           "interpreter do not mix), got TRITON_INTERPRET set")
+    from triton.backends.compiler import GPUTarget
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    t = meta_tensors(spec, problem)
+    calls, _ = plan(spec, config, t, device="meta")
+    res = []
+    for c in calls:
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(c["args"]):
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + _TT[v.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        for name in c["constexprs"]:
+            sig[name] = "constexpr"
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
+                                        attrs=attrs)
+        opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+        if c.get("maxnreg"):
+            opts["maxnreg"] = c["maxnreg"]
+        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32), options=opts)
+        use = _resource_usage(k.asm["cubin"])
+        res.append(dict(name=c["name"], run=c["run"], registers=use["registers"],
+                        spills=(use["local"] or 0) + (use["stack"] or 0),
+                        shared=int(getattr(k.metadata, "shared", 0) or 0),
+                        num_warps=c["num_warps"], cubin_bytes=len(k.asm["cubin"])))
+    return res

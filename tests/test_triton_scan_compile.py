@@ -1,0 +1,142 @@
+"""Triton chunked-scan forward: every kernel builds for sm_90a (AOT, no GPU) in its default
+config, and no default config spills.
+
+The kernels are compiled in two worker subprocesses without TRITON_INTERPRET (AOT and the
+interpreter must not share a process; two workers use both CI cores). Per kernel the registers,
+spill bytes (local memory / stack per thread) and shared memory are recorded (printed with -s,
+and written to .cache/scan_fwd_compile.json). Grid: a pairwise-style cover of N {16..256},
+P {32, 64, 128}, R {1, 2, 4, 8}, the output modes, pairings, input dtypes, varlen, euler and
+initial / final states, plus the benchmark's shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
+
+
+def _c(name, B=4, L=4096, H=32, G=1, **spec):
+    return {"name": name, "problem": [B, L, H, G, B], "spec": spec}
+
+
+def cases():
+    out = [
+        # the benchmark's shapes
+        _c("bench-siso-N128-P64", d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True, shared_angles=True),
+        _c("bench-siso-N128-P64-B1L16k", B=1, L=16384, d_state=128, head_dim=64, n_angles=32, has_d=True,
+           has_z=True, shared_angles=True, final_states=True),
+        _c("bench-siso-G8-N64", G=8, d_state=64, head_dim=64, n_angles=16, has_d=True, has_z=True,
+           shared_angles=True),
+        _c("bench-mimo-R4-N128-P64", L=2048, rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
+           has_d=True, has_z=True, shared_angles=True, **MIMO),
+        _c("bench-mimo-R4-norm", L=2048, rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
+           has_d=True, has_z=True, output_mode="norm_reduce", **MIMO),
+        # odd corners
+        _c("siso-fp32-init-final", d_state=64, head_dim=64, n_angles=16, has_d=True, has_z=True,
+           initial_states=True, final_states=True, input_dtype="float32"),
+        _c("siso-fp16-varlen-euler", B=1, d_state=32, head_dim=32, n_angles=3, pairing="half",
+           discretization="euler", varlen=True, initial_states=True, final_states=True, input_dtype="float16"),
+        _c("R3-per_rank-N16-P48", rank=3, d_state=16, head_dim=48, n_angles=8, has_z=True, has_mimo_v=True,
+           has_mimo_z=True, output_mode="per_rank"),
+    ]
+    Ns, Ps, Rs = (16, 32, 64, 128, 256), (32, 64, 128), (1, 2, 4, 8)
+    i = 0
+    for N in Ns:
+        for P in Ps:
+            R = Rs[i % 4]
+            i += 1
+            modes = ("reduce", "norm_reduce") if R == 1 else ("reduce", "per_rank", "norm_reduce")
+            mode = modes[i % len(modes)]
+            kw = dict(MIMO) if R > 1 else {}
+            if mode == "per_rank":
+                kw.pop("has_mimo_out")
+            out.append(_c(f"N{N}-P{P}-R{R}-{mode}", B=2, L=4096, H=16, d_state=N, head_dim=P, rank=R,
+                          n_angles=(N // 4, N // 2)[i % 2], pairing=("interleaved", "half")[i % 2],
+                          has_d=True, has_z=True, output_mode=mode, initial_states=i % 3 == 0,
+                          final_states=i % 2 == 0, **kw))
+    return out
+
+
+def _worker(idx, n, out_path):
+    """Compile cases idx, idx+n, ... (run in a subprocess, no TRITON_INTERPRET)."""
+    from mamba3_kernels.backends.triton import scan_fwd as sf
+    from mamba3_kernels.spec import Problem, ScanSpec
+    res = []
+    for k, c in enumerate(cases()):
+        if k % n != idx:
+            continue
+        spec = ScanSpec(**c["spec"])
+        B, L, H, G, S = c["problem"]
+        prob = Problem(B, L, H, G, S)
+        cfg = sf.default_config(spec, prob)
+        try:
+            ks = sf.compile(spec, cfg, prob, arch="sm_90a")
+            res.append(dict(name=c["name"], config=cfg, kernels=ks))
+        except Exception as e:  # reported by the test
+            res.append(dict(name=c["name"], config=cfg, error=f"{type(e).__name__}: {e}"[:2000]))
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    pytest.importorskip("triton")
+    d = tmp_path_factory.mktemp("scan_aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton"))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    n = 2
+    procs, paths = [], []
+    for i in range(n):
+        p = str(d / f"w{i}.json")
+        paths.append(p)
+        procs.append(subprocess.Popen([sys.executable, __file__, str(i), str(n), p], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [pr.communicate(timeout=1500)[0] for pr in procs]
+    res = []
+    for pr, p, log in zip(procs, paths, logs):
+        assert pr.returncode == 0, log[-4000:]
+        with open(p) as f:
+            res.extend(json.load(f))
+    os.makedirs(os.path.join(ROOT, ".cache"), exist_ok=True)
+    with open(os.path.join(ROOT, ".cache", "scan_fwd_compile.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n{:<34} {:<20} {:>5} {:>7} {:>7}  config".format("case", "kernel", "regs", "spills", "shared"))
+    for r in res:
+        for k in r.get("kernels", []):
+            print(f"{r['name'][:34]:<34} {k['name']:<20} {k['registers']:>5} {k['spills']:>7} {k['shared']:>7}  "
+                  f"C{r['config']['CHUNK']} SEG{r['config']['SEG']} BP{r['config']['BLOCK_P']} w{k['num_warps']}")
+    return res
+
+
+def test_every_kernel_builds(results):
+    errors = [f"{r['name']}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "\n".join(errors)
+    assert len(results) == len(cases())
+    for r in results:
+        names = {k["name"] for k in r["kernels"]}
+        assert {"scan_chunk_state", "scan_state_passing", "scan_chunk_output"} <= names, names
+        assert names <= {"scan_chunk_state", "scan_state_passing", "scan_chunk_output", "scan_norm_epilogue"}
+
+
+def test_no_default_config_spills(results):
+    bad = [f"{r['name']} {k['name']}: {k['spills']} spill bytes, {k['registers']} registers, config {r['config']}"
+           for r in results for k in r.get("kernels", []) if k["spills"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_memory_fits_an_sm(results):
+    bad = [f"{r['name']} {k['name']}: {k['shared']} bytes" for r in results for k in r.get("kernels", [])
+           if k["shared"] > 227 * 1024]
+    assert not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

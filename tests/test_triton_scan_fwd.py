@@ -1,0 +1,323 @@
+"""Triton chunked-scan forward vs the float64 oracle, on CPU through the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is imported (Triton's own tl.* helpers are decorated
+at import). If an earlier test module imported triton without it, this module reruns itself in
+a fresh process (test_fresh_process) and skips in place.
+
+Coverage: a deterministic pairwise covering array over R {1, 2, 3}, pairing, A {0, odd, N/2},
+euler, D, Z, MIMO projections, output mode, GQA, initial / final states, varlen (with empty
+sequences), L in {1, C-1, C, C+1, 3C+5}, shared angles, input dtype (fp32 / bf16 / fp16) and
+the segment length, with small chunks so that every case crosses chunk and segment boundaries;
+plus the per-phase scratch against reference.chunked, the split-sequence equivalence (two calls
+with states == one call), configs of the tuning space, and the API's argument errors.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "") in ("", "0")
+if not _LATE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mamba3_kernels import api  # noqa: E402
+from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
+from mamba3_kernels.reference.inputs import spec_options  # noqa: E402
+from mamba3_kernels.scan_testing import (compare_segments, poisoned_scan_tensors, run_scan,  # noqa: E402
+                                         scan_case)
+from mamba3_kernels.spec import Problem, ScanSpec, States  # noqa: E402
+
+here = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET; see test_fresh_process")
+
+# ------------------------------------------------------------------------------------------
+# pairwise covering array
+
+FACTORS = dict(
+    R=(1, 2, 3), pairing=("interleaved", "half"), A=("zero", "odd", "half"), euler=(False, True),
+    d=(False, True), z=(False, True), mode=("reduce", "per_rank", "norm_reduce"), G=(1, 2),
+    init=(False, True), final=(False, True), varlen=(False, True),
+    L=("1", "C-1", "C", "C+1", "3C+5"), shared=(False, True), dtype=("float32", "bfloat16", "float16"),
+    seg=(1, 2), N=(16, 32),
+)
+
+
+def _possible(d):
+    if d.get("A") == "zero" and d.get("shared") is True:
+        return False
+    if d.get("mode") == "per_rank" and d.get("R") == 1:
+        return False
+    return True
+
+
+def covering_rows(seed=7, tries=200):
+    """Greedy pairwise covering array (deterministic)."""
+    keys = sorted(FACTORS)
+    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a]
+            for vb in FACTORS[b] if _possible({a: va, b: vb})}
+    rng = np.random.default_rng(seed)
+    rows = []
+    while need:
+        best, best_cov = None, -1
+        for _ in range(tries):
+            row = {k: FACTORS[k][rng.integers(len(FACTORS[k]))] for k in keys}
+            a, va, b, vb = sorted(need)[rng.integers(len(need))]
+            row[a], row[b] = va, vb
+            if not _possible(row):
+                continue
+            cov = sum(1 for x, y in itertools.combinations(keys, 2) if (x, row[x], y, row[y]) in need)
+            if cov > best_cov:
+                best, best_cov = row, cov
+        rows.append(best)
+        need -= {(x, best[x], y, best[y]) for x, y in itertools.combinations(keys, 2)}
+    return rows
+
+
+ROWS = covering_rows()
+
+
+def row_case(row, rng):
+    R, N = row["R"], row["N"]
+    A = {"zero": 0, "odd": 3, "half": N // 2}[row["A"]]
+    mimo = R > 1
+    mode = row["mode"]
+    spec = ScanSpec(d_state=N, head_dim=24 if R == 1 else 16, rank=R, n_angles=A, pairing=row["pairing"],
+                    discretization="euler" if row["euler"] else "trapezoidal", has_d=row["d"],
+                    has_z=row["z"] or mode == "norm_reduce", has_mimo_v=mimo, has_mimo_z=mimo and row["z"],
+                    has_mimo_out=mimo and mode != "per_rank", output_mode=mode,
+                    initial_states=row["init"], final_states=row["final"], varlen=row["varlen"],
+                    shared_angles=row["shared"] and A > 0, input_dtype=row["dtype"])
+    cfg = sf.default_config(spec, None)
+    C = max(16 // sf._rp(spec), 1)
+    cfg.update(CHUNK=C, SEG=row["seg"], BLOCK_P=32 if mode == "norm_reduce" else 16, num_warps=4)
+    Lc = {"1": 1, "C-1": C - 1, "C": C, "C+1": C + 1, "3C+5": 3 * C + 5}[row["L"]]
+    H, G = 4, row["G"]
+    if row["varlen"]:
+        lengths = [Lc, 0, 2 * C + 3, 1]
+        prob = Problem(1, sum(lengths), H, G, len(lengths))
+    else:
+        lengths = None
+        prob = Problem(2, Lc, H, G, 2)
+    return scan_case(spec, prob, rng, lengths=lengths, short_forms=(R == 1 and row["G"] == 1)), cfg
+
+
+@here
+@pytest.mark.parametrize("i", range(len(ROWS)))
+def test_pairwise_grid(i, rng):
+    case, cfg = row_case(ROWS[i], rng)
+    cfg.update(PREFETCH=bool(i % 2), STATE_PREFETCH=bool(i % 3 == 1))  # both load orders
+    rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
+    assert rep.ok, f"row {ROWS[i]} config {cfg}\n{rep.table()}"
+    if i % 3 == 0:  # per-phase scratch (phase 2 local states and totals, phase 3 entry states)
+        seg = compare_segments(case, scratch)
+        assert seg.ok, f"row {ROWS[i]} config {cfg}\n{seg.table()}"
+
+
+def test_covering_array_is_small_and_complete():
+    keys = sorted(FACTORS)
+    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a]
+            for vb in FACTORS[b] if _possible({a: va, b: vb})}
+    got = {(a, r[a], b, r[b]) for r in ROWS for a, b in itertools.combinations(keys, 2)}
+    assert need <= got
+    assert len(ROWS) <= 24, len(ROWS)
+
+
+# ------------------------------------------------------------------------------------------
+# targeted cases
+
+MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
+
+
+@here
+@pytest.mark.parametrize("seg,chunk,prefetch", [(1, 16, False), (4, 16, True), (2, 32, False), (2, 32, True)])
+def test_segment_and_chunk_lengths(seg, chunk, prefetch, rng):
+    """The same problem with SSD-like (SEG=1), longer segments and a longer chunk."""
+    spec = ScanSpec(d_state=32, head_dim=16, n_angles=8, pairing="half", has_d=True, has_z=True,
+                    initial_states=True, final_states=True, input_dtype="bfloat16")
+    case = scan_case(spec, Problem(1, 150, 2, 1, 1), rng)
+    cfg = dict(sf.default_config(spec, None), CHUNK=chunk, SEG=seg, BLOCK_P=16, num_warps=4,
+               PREFETCH=prefetch, STATE_PREFETCH=prefetch)
+    rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
+    assert rep.ok, rep.table()
+    seg_rep = compare_segments(case, scratch)
+    assert seg_rep.ok, seg_rep.table()
+
+
+@here
+def test_p_blocks_and_scratch_fp32(rng):
+    """P split over programs (BLOCK_P < P) with fp32 scratch; MIMO R=2 reduce, GQA."""
+    spec = ScanSpec(d_state=32, head_dim=40, rank=2, n_angles=5, has_d=True, has_z=True,
+                    final_states=True, initial_states=True, input_dtype="bfloat16", **MIMO)
+    case = scan_case(spec, Problem(2, 45, 4, 2, 2), rng)
+    cfg = dict(sf.default_config(spec, None), CHUNK=8, SEG=2, BLOCK_P=16, PASS_BLOCK_P=16,
+               SCRATCH="float32", num_warps=4)
+    rep, _, _ = run_scan(sf.forward, case, cfg)
+    assert rep.ok, rep.table()
+
+
+@here
+def test_split_sequence_equivalence(rng):
+    """Two calls with states (first half's final states as the second half's initial states)
+    equal one call over the whole sequence, for SISO and MIMO."""
+    for spec in (ScanSpec(d_state=32, head_dim=16, n_angles=8, has_d=True, has_z=True,
+                          final_states=True, input_dtype="float32"),
+                 ScanSpec(d_state=16, head_dim=16, rank=2, n_angles=4, pairing="half", has_d=True,
+                          has_z=True, final_states=True, input_dtype="float32", **MIMO)):
+        case = scan_case(spec, Problem(2, 70, 2, 1, 2), rng)
+        cfg = dict(sf.default_config(spec, None), CHUNK=16 // sf._rp(spec), SEG=2, BLOCK_P=16, num_warps=4)
+        a = case.args
+        whole = api.scan(**a, **spec_options(spec), final_states=True, backend=None, config=None) \
+            if sf_wired() else _direct(spec, cfg, a)
+        cut = 33
+        first = {k: v for k, v in a.items()}
+        second = {k: v for k, v in a.items()}
+        for name in ("q", "k", "v", "z", "angles"):
+            if a[name] is not None:
+                first[name] = a[name][:, :cut]
+                second[name] = a[name][:, cut:]
+        for name in ("adt", "dt", "trap"):
+            if a[name] is not None:
+                first[name] = a[name][:, :, :cut]
+                second[name] = a[name][:, :, cut:]
+        o1, st1 = _direct(spec, cfg, first)
+        second["initial_states"] = st1
+        o2, st2 = _direct(spec.replace(initial_states=True), cfg, second)
+        o = torch.cat([o1, o2], dim=1)
+        ow, stw = whole
+        assert torch.allclose(o, ow, rtol=1e-4, atol=1e-4), (o - ow).abs().max()
+        for x, y in zip(st2, stw):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-4), (x - y).abs().max()
+
+
+def sf_wired() -> bool:
+    """Whether the backend package routes op 'forward' to scan_fwd (the lead wires it)."""
+    from mamba3_kernels.backends import triton as tb
+    spec = ScanSpec(d_state=16, head_dim=16, input_dtype="float32")
+    return bool(tb.supports(spec, "forward")[0]) and hasattr(tb, "forward")
+
+
+def _direct(spec, cfg, args):
+    """Run the backend forward directly (no dispatch) on user-style arguments."""
+    from mamba3_kernels.scan_tensors import prepare_scan
+    from mamba3_kernels.spec import resolve_scan
+    cu = args.get("cu_seqlens")
+    sp, prob = resolve_scan(**args, **spec_options(spec), final_states=spec.final_states,
+                            cu_seqlens_values=None if cu is None else cu.tolist())
+    t = prepare_scan(sp, prob, **args)
+    sf.forward(sp, cfg, t)
+    return t.out, t.state_out
+
+
+@here
+def test_every_config_of_the_space(rng):
+    spec = ScanSpec(d_state=32, head_dim=16, n_angles=4, has_d=True, final_states=True,
+                    input_dtype="bfloat16")
+    case = scan_case(spec, Problem(1, 100, 2, 1, 1), rng)
+    for cfg in sf.space(spec, case.problem):
+        rep, _, _ = run_scan(sf.forward, case, dict(cfg, BLOCK_P=16))
+        assert rep.ok, f"{cfg}\n{rep.table()}"
+
+
+@here
+def test_varlen_all_empty_but_one_and_leading_empty(rng):
+    spec = ScanSpec(d_state=16, head_dim=16, n_angles=2, has_d=True, initial_states=True,
+                    final_states=True, varlen=True, input_dtype="float32")
+    case = scan_case(spec, Problem(1, 40, 2, 1, 4), rng, lengths=[0, 0, 40, 0])
+    cfg = dict(sf.default_config(spec, None), CHUNK=16, SEG=1, BLOCK_P=16, num_warps=4)
+    rep, _, _ = run_scan(sf.forward, case, cfg)
+    assert rep.ok, rep.table()
+
+
+@here
+def test_strided_inputs_are_read_in_place(rng):
+    """q/k/v views of a fused projection (non-contiguous rows) give the same result and are
+    not copied or written."""
+    spec = ScanSpec(d_state=32, head_dim=16, n_angles=4, has_z=True, input_dtype="float32")
+    case = scan_case(spec, Problem(2, 40, 2, 1, 2), rng)
+    a = dict(case.args)
+    B, L, H, P = a["v"].shape
+    fused = torch.randn(B, L, H * P * 2 + 64)
+    fused[..., :H * P] = a["v"].reshape(B, L, H * P)
+    v_view = fused[..., :H * P].view(B, L, H, P)
+    assert not v_view.is_contiguous()
+    before = fused.clone()
+    a["v"] = v_view
+    cfg = dict(sf.default_config(spec, None), CHUNK=16, SEG=2, BLOCK_P=16, num_warps=4)
+    o, _ = _direct(spec, cfg, a)
+    o_ref, _ = _direct(spec, cfg, case.args)
+    assert torch.equal(fused, before)
+    assert torch.equal(o, o_ref)
+
+
+# ------------------------------------------------------------------------------------------
+# API: argument errors name the argument; nothing is written before they are raised
+
+def _api_args(rng, **over):
+    spec = ScanSpec(d_state=16, head_dim=16, n_angles=2, has_d=True, input_dtype="float32")
+    case = scan_case(spec, Problem(2, 20, 2, 1, 2), rng)
+    a = dict(case.args)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("bad,arg", [
+    (lambda a: a.update(q=a["q"][..., :8]), "k"),
+    (lambda a: a.update(v=a["v"].to(torch.float64)), "v"),
+    (lambda a: a.update(q=a["q"].to(torch.bfloat16)), "q"),
+    (lambda a: a.update(adt=a["adt"][:, :, :5]), "adt"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 10, 20], dtype=torch.int32)), "v"),
+    (lambda a: a.update(angles=torch.zeros(2, 20, 2, 9)), "angles"),
+    (lambda a: a.update(d=torch.zeros(3)), "d"),
+    (lambda a: a.update(initial_states=(torch.zeros(2, 2, 2),) * 4), "initial_states.ssm"),
+])
+def test_api_bad_arguments_name_the_argument(bad, arg, rng):
+    a = _api_args(rng)
+    bad(a)
+    with pytest.raises(ValueError, match=rf"^{arg}"):
+        api.scan(**a)
+
+
+def test_api_varlen_cu_seqlens_values_checked(rng):
+    spec = ScanSpec(d_state=16, head_dim=16, varlen=True, input_dtype="float32")
+    case = scan_case(spec, Problem(1, 20, 2, 1, 2), rng, lengths=[5, 15])
+    a = dict(case.args)
+    a["cu_seqlens"] = torch.tensor([0, 12, 11], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        api.scan(**a)
+
+
+@here
+def test_api_end_to_end(rng):
+    if not sf_wired():
+        pytest.skip("backends/triton/__init__.py does not route op 'forward' to scan_fwd yet")
+    spec = ScanSpec(d_state=16, head_dim=16, rank=2, n_angles=2, has_d=True, has_z=True,
+                    final_states=True, input_dtype="float32", **MIMO)
+    case = scan_case(spec, Problem(1, 30, 2, 1, 1), rng)
+    out, st = api.scan(**case.args, **spec_options(spec), final_states=True)
+    from mamba3_kernels.reference.compare import rel_l2
+    assert rel_l2(out.double().numpy(), case.ref_out) < 1e-4
+    assert isinstance(st, States)
+
+
+def test_poisoned_bundle_is_nan(rng):
+    spec = ScanSpec(d_state=16, head_dim=16, final_states=True, input_dtype="float32")
+    case = scan_case(spec, Problem(1, 5, 2, 1, 1), rng)
+    t = poisoned_scan_tensors(case)
+    assert torch.isnan(t.out).all() and all(torch.isnan(x).all() for x in t.state_out if x.numel())
+
+
+def test_fresh_process():
+    """Rerun this module in a clean process when triton was imported too early here."""
+    if not _LATE:
+        pytest.skip("ran in place")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
