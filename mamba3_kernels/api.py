@@ -13,7 +13,7 @@ import torch
 
 from . import dispatch
 from .scan_tensors import prepare_scan
-from .spec import Problem, ScanSpec, States, bad_arg, resolve_scan, resolve_step
+from .spec import bad_arg, resolve_scan, resolve_step
 from .tensors import prepare_step
 
 

@@ -32,42 +32,16 @@ from typing import Optional
 import torch
 
 from .spec import Problem, ScanSpec, States, bad_arg, output_shape
-from .tensors import FLOAT_INPUTS, check_tensor
-
-TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-               "float64": torch.float64}
+from .tensors import FLOAT_INPUTS, TORCH_DTYPES, TokenTensors, as_contiguous, check_tensor
 
 
 @dataclasses.dataclass
-class ScanTensors:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    z: Optional[torch.Tensor]
-    adt: torch.Tensor
-    dt: torch.Tensor
-    trap: Optional[torch.Tensor]
-    angles: Optional[torch.Tensor]
-    q_bias: torch.Tensor
-    k_bias: torch.Tensor
-    d: Optional[torch.Tensor]
-    mimo_v: Optional[torch.Tensor]
-    mimo_z: Optional[torch.Tensor]
-    mimo_out: Optional[torch.Tensor]
-    norm_weight: Optional[torch.Tensor]
+class ScanTensors(TokenTensors):
+    """The chunked scan's bundle (contract in the module docstring)."""
     cu_seqlens: Optional[torch.Tensor]
     state_in: Optional[States]
     out: torch.Tensor
     state_out: Optional[States]
-
-
-def _c(x, dtype=None):
-    """Contiguous, optionally cast: a new tensor when needed, never a write to the user's."""
-    if x is None:
-        return None
-    if dtype is not None and x.dtype != dtype:
-        x = x.to(dtype)
-    return x.contiguous()
 
 
 def _unit_last(x):
@@ -98,8 +72,8 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
             check_tensor(name, x, dtypes=small, device=dev)
     if cu_seqlens is not None:
         check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64), device=dev)
-    B, L, H, P = problem.batch, problem.seqlen, problem.nheads, spec.head_dim
-    R, G, N, S, A = spec.rank, problem.ngroups, spec.d_state, problem.nseqs, spec.n_angles
+    H, P = problem.nheads, spec.head_dim
+    R, N, S, A = spec.rank, spec.d_state, problem.nseqs, spec.n_angles
     f32 = torch.float32
     st_in = None
     if initial_states is not None:
@@ -107,7 +81,7 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
         for name, x in zip(names, initial_states):
             check_tensor(name, x, dtypes=small, device=dev)
         a0, s0, k0, v0 = initial_states
-        st_in = States(_c(a0, f32), _c(s0, f32), _c(k0, f32).view(S, R, H, N), _c(v0, v.dtype))
+        st_in = States(as_contiguous(a0, f32), as_contiguous(s0, f32), as_contiguous(k0, f32).view(S, R, H, N), as_contiguous(v0, v.dtype))
     oshape = output_shape(spec, problem)
     if out is None:
         out = torch.empty(oshape, dtype=v.dtype, device=dev)
@@ -117,7 +91,7 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
             raise bad_arg("out", f"shape {oshape}", f"shape {tuple(out.shape)}")
     st_out = None
     if spec.final_states:
-        sdt = TORCH_DTYPE[spec.state_dtype]
+        sdt = TORCH_DTYPES[spec.state_dtype]
         st_out = States(torch.empty((S, H, A), dtype=f32, device=dev),
                         torch.empty((S, H, P, N), dtype=sdt, device=dev),
                         torch.empty((S, R, H, N), dtype=f32, device=dev),
@@ -131,10 +105,10 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
         k5 = k5.unsqueeze(2)
     return ScanTensors(
         q=q5, k=k5, v=_unit_last(v), z=_unit_last(z),
-        adt=_c(adt, f32), dt=_c(dt, f32), trap=_c(trap, f32) if spec.discretization == "trapezoidal" else None,
+        adt=as_contiguous(adt, f32), dt=as_contiguous(dt, f32), trap=as_contiguous(trap, f32) if spec.discretization == "trapezoidal" else None,
         angles=_unit_last(angles) if A else None,
-        q_bias=_c(q_bias, f32).view(H, R, N), k_bias=_c(k_bias, f32).view(H, R, N), d=_c(d, f32),
-        mimo_v=_c(mimo_v, f32), mimo_z=_c(mimo_z, f32), mimo_out=_c(mimo_out, f32),
-        norm_weight=None if norm_weight is None else _c(norm_weight, f32).view(H, P),
-        cu_seqlens=None if cu_seqlens is None else _c(cu_seqlens, torch.int32),
+        q_bias=as_contiguous(q_bias, f32).view(H, R, N), k_bias=as_contiguous(k_bias, f32).view(H, R, N), d=as_contiguous(d, f32),
+        mimo_v=as_contiguous(mimo_v, f32), mimo_z=as_contiguous(mimo_z, f32), mimo_out=as_contiguous(mimo_out, f32),
+        norm_weight=None if norm_weight is None else as_contiguous(norm_weight, f32).view(H, P),
+        cu_seqlens=None if cu_seqlens is None else as_contiguous(cu_seqlens, torch.int32),
         state_in=st_in, out=out, state_out=st_out)

@@ -23,22 +23,17 @@ import numpy as np
 import torch
 
 from . import reference as ref
-from .reference.common import TWO_PI, rotate, wrap_angle
+from .reference.common import rotate, wrap_angle
 from .reference.compare import Report, compare_outputs
 from .reference.inputs import random_scan_inputs, spec_options
 from .scan_tensors import ScanTensors, prepare_scan
 from .spec import Problem, ScanSpec, States, resolve_scan
-from .testing import TORCH_DTYPES, to_numpy, to_torch
+from .tensors import TORCH_DTYPES
+from .testing import Case, to_numpy, to_torch
 
 
 @dataclasses.dataclass
-class ScanCase:
-    spec: ScanSpec
-    problem: Problem
-    args: dict             # torch tensors, as a user would pass them
-    seen: dict             # float64 numpy copies of exactly what the kernel sees
-    ref_out: np.ndarray
-    ref_states: States
+class ScanCase(Case):
     lengths: Optional[list] = None
 
     def label(self) -> str:

@@ -32,10 +32,13 @@ from .spec import ScanSpec, States, bad_arg
 
 FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "float64": torch.float64}
 
 
 @dataclasses.dataclass
-class StepTensors:
+class TokenTensors:
+    """The per-token inputs and per-head parameters common to the step and the scan bundles."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -51,6 +54,11 @@ class StepTensors:
     mimo_z: Optional[torch.Tensor]
     mimo_out: Optional[torch.Tensor]
     norm_weight: Optional[torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepTensors(TokenTensors):
+    """The decode step's bundle (contract in the module docstring)."""
     state_in: States
     state_out: States
     state_indices: Optional[torch.Tensor]
@@ -69,7 +77,7 @@ def check_tensor(name: str, x, *, dtypes=None, device=None, contiguous=False):
         raise bad_arg(name, "a contiguous tensor", f"strides {tuple(x.stride())}")
 
 
-def _c(x, dtype=None):
+def as_contiguous(x, dtype=None):
     """Contiguous, optionally cast: a new tensor when needed, never a write to the user's."""
     if x is None:
         return None
@@ -124,9 +132,9 @@ def prepare_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, stat
             raise bad_arg("out", f"shape {out_shape}", f"shape {tuple(out.shape)}")
     f32 = torch.float32
     return StepTensors(
-        q=_c(q).view(B, R, G, N), k=_c(k).view(B, R, G, N), v=_c(v), z=_c(z),
-        adt=_c(adt, f32), dt=_c(dt, f32), trap=_c(trap, f32), angles=_c(angles, f32),
-        q_bias=_c(q_bias, f32).view(H, R, N), k_bias=_c(k_bias, f32).view(H, R, N), d=_c(d, f32),
-        mimo_v=_c(mimo_v, f32), mimo_z=_c(mimo_z, f32), mimo_out=_c(mimo_out, f32),
-        norm_weight=None if norm_weight is None else _c(norm_weight, f32).view(H, P),
-        state_in=st_in, state_out=st_out, state_indices=_c(state_indices), out=out)
+        q=as_contiguous(q).view(B, R, G, N), k=as_contiguous(k).view(B, R, G, N), v=as_contiguous(v), z=as_contiguous(z),
+        adt=as_contiguous(adt, f32), dt=as_contiguous(dt, f32), trap=as_contiguous(trap, f32), angles=as_contiguous(angles, f32),
+        q_bias=as_contiguous(q_bias, f32).view(H, R, N), k_bias=as_contiguous(k_bias, f32).view(H, R, N), d=as_contiguous(d, f32),
+        mimo_v=as_contiguous(mimo_v, f32), mimo_z=as_contiguous(mimo_z, f32), mimo_out=as_contiguous(mimo_out, f32),
+        norm_weight=None if norm_weight is None else as_contiguous(norm_weight, f32).view(H, P),
+        state_in=st_in, state_out=st_out, state_indices=as_contiguous(state_indices), out=out)

@@ -16,10 +16,8 @@ from . import reference as ref
 from .reference.compare import Report, compare_outputs
 from .reference.inputs import random_step_inputs, spec_options
 from .spec import Problem, ScanSpec, States, resolve_step
-from .tensors import StepTensors, prepare_step
+from .tensors import TORCH_DTYPES, StepTensors, prepare_step
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-                "float64": torch.float64}
 
 
 def to_torch(x, dtype, device):
@@ -31,13 +29,18 @@ def to_numpy(x):
 
 
 @dataclasses.dataclass
-class StepCase:
+class Case:
+    """A conformance case: the user-facing tensors, what the kernel sees, the oracle's answer."""
     spec: ScanSpec
     problem: Problem
     args: dict            # torch tensors, as a user would pass them
     seen: dict            # float64 numpy copies of exactly what the kernel sees
     ref_out: np.ndarray
     ref_states: States
+
+
+@dataclasses.dataclass
+class StepCase(Case):
 
     def label(self) -> str:
         s = self.spec
