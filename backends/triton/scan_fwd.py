@@ -58,17 +58,9 @@ from . import scan_chunk_output as _out
 from . import scan_chunk_state as _cst
 from . import scan_state_passing as _pass
 
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16")
+from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2  # the package's (one definition)
+
 N_SM_H100 = 132
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def _pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 def _rp(spec) -> int:
