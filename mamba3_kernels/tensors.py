@@ -77,24 +77,26 @@ def check_tensor(name: str, x, *, dtypes=None, device=None, contiguous=False):
         raise bad_arg(name, "a contiguous tensor", f"strides {tuple(x.stride())}")
 
 
-def as_contiguous(x, dtype=None):
-    """Contiguous, optionally cast: a new tensor when needed, never a write to the user's."""
+def as_contiguous(x, dtype=None, shape=None):
+    """x in `dtype`, contiguous, viewed as `shape`: x itself when it already is (the common
+    case costs a few attribute reads), else a new tensor; never a write to the caller's."""
     if x is None:
         return None
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
-    return x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if shape is not None and x.dim() != len(shape):
+        x = x.view(shape)
+    return x
 
 
-def prepare_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
-                 mimo_v, mimo_z, mimo_out, norm_weight, state_indices, out=None,
-                 inplace: bool = True) -> StepTensors:
-    """Check dtypes/devices/strides of the step arguments and build the backend bundle.
+def check_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
+               mimo_v, mimo_z, mimo_out, norm_weight, state_indices) -> None:
+    """Dtypes, devices and strides of the step arguments (shapes: spec.resolve_step).
 
-    States are the user's own tensors (updated in place when `inplace`), so they must already
-    have the kernel's layout: contiguous, angle/k fp32, ssm fp32 or bf16, v in V's dtype. Inputs
-    are made contiguous / cast to fp32 where the contract says so (copies, never in-place).
-    """
+    States are the user's own tensors (updated in place), so they must already have the
+    kernel's layout: contiguous, angle/k fp32, ssm fp32 or bf16, v in V's dtype."""
     dev = v.device
     check_tensor("v", v, dtypes=FLOAT_INPUTS)
     for name, x in (("q", q), ("k", k), ("z", z)):
@@ -112,11 +114,19 @@ def prepare_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, stat
     check_tensor("states.v", v_s, dtypes=(v.dtype,), device=dev, contiguous=True)
     if state_indices is not None:
         check_tensor("state_indices", state_indices, dtypes=(torch.int32,), device=dev)
+
+
+def build_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
+               mimo_v, mimo_z, mimo_out, norm_weight, state_indices, out=None,
+               inplace: bool = True) -> StepTensors:
+    """The backend bundle from checked arguments: inputs made contiguous / cast to fp32 where the
+    contract says so (copies, never in-place), the output and (out of place) new states."""
+    dev = v.device
     B, H, P = v.shape
     R, G, N = spec.rank, q.shape[-2], spec.d_state
+    ang_s, ssm_s, k_s, v_s = states
     M = ssm_s.shape[0]
-    k_s4 = k_s.view(M, R, H, N)
-    st_in = States(ang_s, ssm_s, k_s4, v_s)
+    st_in = States(ang_s, ssm_s, as_contiguous(k_s, shape=(M, R, H, N)), v_s)
     if inplace:
         st_out = st_in
     elif state_indices is None:
@@ -131,10 +141,17 @@ def prepare_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, stat
         if tuple(out.shape) != out_shape:
             raise bad_arg("out", f"shape {out_shape}", f"shape {tuple(out.shape)}")
     f32 = torch.float32
+    c = as_contiguous
     return StepTensors(
-        q=as_contiguous(q).view(B, R, G, N), k=as_contiguous(k).view(B, R, G, N), v=as_contiguous(v), z=as_contiguous(z),
-        adt=as_contiguous(adt, f32), dt=as_contiguous(dt, f32), trap=as_contiguous(trap, f32), angles=as_contiguous(angles, f32),
-        q_bias=as_contiguous(q_bias, f32).view(H, R, N), k_bias=as_contiguous(k_bias, f32).view(H, R, N), d=as_contiguous(d, f32),
-        mimo_v=as_contiguous(mimo_v, f32), mimo_z=as_contiguous(mimo_z, f32), mimo_out=as_contiguous(mimo_out, f32),
-        norm_weight=None if norm_weight is None else as_contiguous(norm_weight, f32).view(H, P),
-        state_in=st_in, state_out=st_out, state_indices=as_contiguous(state_indices), out=out)
+        q=c(q, shape=(B, R, G, N)), k=c(k, shape=(B, R, G, N)), v=c(v), z=c(z),
+        adt=c(adt, f32), dt=c(dt, f32), trap=c(trap, f32), angles=c(angles, f32),
+        q_bias=c(q_bias, f32, (H, R, N)), k_bias=c(k_bias, f32, (H, R, N)), d=c(d, f32),
+        mimo_v=c(mimo_v, f32), mimo_z=c(mimo_z, f32), mimo_out=c(mimo_out, f32),
+        norm_weight=c(norm_weight, f32, (H, P)), state_in=st_in, state_out=st_out,
+        state_indices=c(state_indices), out=out)
+
+
+def prepare_step(spec: ScanSpec, *, out=None, inplace: bool = True, **args) -> StepTensors:
+    """check_step, then build_step: the whole torch-side preparation of one decode step."""
+    check_step(spec, **args)
+    return build_step(spec, **args, out=out, inplace=inplace)

@@ -148,3 +148,20 @@ def test_plan_rejects_mismatched_tokens(rng):
         plan(**dict(tok, z=None))
     with pytest.raises(ValueError, match="state_indices: expected None"):
         plan(**tok, state_indices=torch.zeros(3, dtype=torch.int32))
+
+
+def test_validation_cache_never_skips_a_check(rng):
+    """After a valid call is cached, a call differing in any dtype/stride/shape is checked again."""
+    a = _args(rng, pool=5)
+    m3.step(**a, **_opts())                       # validated and cached
+    m3.step(**a, **_opts())                       # cache hit
+    bad = dict(a, states=States(a["states"].angle, a["states"].ssm.to(torch.float16), *a["states"][2:]))
+    with pytest.raises(ValueError, match="states.ssm: expected dtype"):
+        m3.step(**bad, **_opts())
+    nc = dict(a, v=a["v"].transpose(0, 1).contiguous().transpose(0, 1))   # same shape, other strides
+    out_nc, _ = m3.step(**nc, **_opts(), inplace=False)                 # inputs may be strided: copied
+    out_c, _ = m3.step(**a, **_opts(), inplace=False)
+    assert torch.equal(out_nc, out_c)
+    a["state_indices"] = torch.tensor([0, 9, 1], dtype=torch.int32)     # same signature, bad values
+    with pytest.raises(ValueError, match="state_indices: expected values < state pool size M=5"):
+        m3.step(**a, **_opts())
