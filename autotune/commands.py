@@ -159,6 +159,9 @@ def add_parsers(subparsers) -> None:
     c.add_argument("--list", action="store_true", help="list the cache entries")
     c.add_argument("--export", metavar="FILE", default=None, help="write the entries (this GPU's only with --this-gpu)")
     c.add_argument("--import", dest="import_", metavar="FILE", default=None, help="merge entries from FILE")
+    c.add_argument("--merge", nargs="+", metavar="FILE", default=None,
+                   help="combine cache files tuned by separate processes with different DSLs on the same GPU "
+                        "(e.g. Triton+CuTe and Triton+TileLang) into entries for all DSLs (autotune/merge.py)")
     c.add_argument("--this-gpu", action="store_true", help="--export/--list: only this GPU's entries")
     c.add_argument("--prune-stale", action="store_true", help="drop this GPU's entries of other versions/drivers")
     c.add_argument("--clear", action="store_true", help="delete every entry")
@@ -213,7 +216,7 @@ def _list(c: cache_mod.Cache, match) -> str:
 
 def cmd_tune(args) -> int:
     c = cache_mod.get_cache(args.cache)
-    managing = args.list or args.export or args.import_ or args.prune_stale or args.clear
+    managing = args.list or args.export or args.import_ or args.merge or args.prune_stale or args.clear
     if managing:
         env = None
         if args.this_gpu or args.prune_stale:
@@ -229,6 +232,14 @@ def cmd_tune(args) -> int:
                 print(f"--import: {e}", file=sys.stderr)
                 return 2
             print(f"imported {n} entries from {args.import_} into {c.path}")
+        if args.merge:
+            from .merge import merge_files
+            try:
+                n, m = merge_files(args.merge, c)
+            except ValueError as e:
+                print(f"--merge: {e}", file=sys.stderr)
+                return 2
+            print(f"merged {len(args.merge)} files into {c.path}: {n} entries, {m} combined across processes")
         if args.prune_stale:
             print(f"pruned {c.prune_stale(env)} stale entries of {env.gpu} from {c.path}")
         if args.clear:

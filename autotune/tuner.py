@@ -154,8 +154,12 @@ class TuneResult:
         fails = [{"backend": r.backend, "config": dict(r.config), "stage": r.stage, "reason": r.reason}
                  for r in self.failures][:20]
         p = self.problem
+        by_backend = {}
+        for r in self.ranked():
+            by_backend.setdefault(r.backend, {"config": dict(r.config), "time_us": _r(r.best_us)})
         return {"key": self.key, "backend": b.backend, "config": dict(b.config),
                 "time_us": _r(b.best_us), "runners_up": runners, "failures": fails,
+                "best_by_backend": by_backend,
                 "problem": {"B": p.batch, "L": p.seqlen, "H": p.nheads, "G": p.ngroups, "S": p.nseqs},
                 "n_candidates": len(self.rows), "n_ok": len(self.ok), "n_failed": len(self.failures),
                 "skipped_backends": [list(s) for s in self.skipped],
