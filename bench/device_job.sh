@@ -4,6 +4,8 @@
 #   bash bench/device_job.sh cute      # carry .carry/cute and .upstream: triton + cute + upstream
 #   bash bench/device_job.sh tilelang  # carry .carry/tilelang: triton + tilelang
 # Writes under $OUT: env.txt, tests.log, bench.log, step_<bundle>.json, tune_<bundle>.json, tune.log
+# Afterwards, here: python bench/summarize_step.py <both step_*.json> (one table), and
+#   mamba3-kernels tune --merge <both tune_*.json> --cache bench/results/tune_cache_h100_merged.json
 set -uo pipefail
 bundle=$1
 export PYTHONUNBUFFERED=1
