@@ -36,6 +36,8 @@ import sys
 import time
 import traceback
 
+from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
 SECTIONS = {"correct": 70, "sanitize": 40, "timing": 110, "upstream": 30}   # seconds (device call <= 300 s)
@@ -43,22 +45,7 @@ DEFAULT_SECTIONS = ("correct", "sanitize", "timing")   # upstream: --only upstre
 
 
 def _ensure_package():
-    """Import mamba3_kernels.* from this checkout even when `pip install -e .` did not take:
-    the package maps backends/, reference/, autotune/ under mamba3_kernels (setup.py)."""
-    try:
-        import mamba3_kernels.backends  # noqa: F401
-        import mamba3_kernels.reference  # noqa: F401
-        return
-    except ImportError:
-        pass
-    for k in [k for k in sys.modules if k == "mamba3_kernels" or k.startswith("mamba3_kernels.")]:
-        del sys.modules[k]
-    sys.path.insert(0, ROOT)
-    import mamba3_kernels
-    if ROOT not in list(mamba3_kernels.__path__):
-        mamba3_kernels.__path__.append(ROOT)
-    import mamba3_kernels.backends  # noqa: F401
-    print("[setup] mamba3_kernels imported from the checkout (editable install not found)", flush=True)
+    use_checkout()
 
 
 def _save(name, obj):
@@ -279,12 +266,9 @@ def _plain_time(fn, n=2000):
 
 
 def _copy_bw():
-    import torch
-    n = 1 << 28
-    x = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
-    y = torch.empty_like(x)
-    us = _graph_time([lambda: y.copy_(x)], iters=20)
-    return 2 * n * 4 / (us * 1e-6) / 1e9, us
+    """(GB/s read + write, µs per 1 GiB copy): bench/common.py's measurement."""
+    bw = copy_bandwidth()
+    return bw / 1e9, (1 << 31) / bw * 1e6
 
 
 def _sets(spec, B, H, G, rng, min_bytes=200e6, max_sets=128):

@@ -32,6 +32,8 @@ import sys
 import time
 import traceback
 
+from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
 os.environ.setdefault("TILELANG_CACHE_DIR", "/tmp/m3-tilelang-cache")
@@ -41,22 +43,7 @@ H = 32
 
 
 def ensure_package():
-    """Import mamba3_kernels.* from this checkout even when `pip install -e .` did not take
-    (setup.py maps backends/, reference/, autotune/ under mamba3_kernels)."""
-    try:
-        import mamba3_kernels.backends  # noqa: F401
-        import mamba3_kernels.reference  # noqa: F401
-        return
-    except ImportError:
-        pass
-    for k in [k for k in sys.modules if k == "mamba3_kernels" or k.startswith("mamba3_kernels.")]:
-        del sys.modules[k]
-    sys.path.insert(0, ROOT)
-    import mamba3_kernels
-    if ROOT not in list(mamba3_kernels.__path__):
-        mamba3_kernels.__path__.append(ROOT)
-    import mamba3_kernels.backends  # noqa: F401
-    print("[setup] mamba3_kernels imported from the checkout (editable install not found)", flush=True)
+    use_checkout()
 
 
 def left(budget):
@@ -307,14 +294,6 @@ def eager_time(fn_i, n_sets, calls=200):
     return (time.perf_counter() - t) * 1e6 / calls
 
 
-def copy_bandwidth(nbytes=512 << 20):
-    import torch
-    x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    y = torch.empty_like(x)
-    us = graph_time(lambda i: y.copy_(x), 1, 10)
-    return 2 * nbytes / (us * 1e-6) / 1e9
-
-
 def n_sets_for(total_bytes, l2=50 << 20):
     return int(min(64, max(2, math.ceil(3 * l2 / max(1, total_bytes)))))
 
@@ -358,7 +337,7 @@ def time_spec(name, spec, B, G, cfg, copy_gbs, with_triton=True, eager=True):
 
 def timing(budget):
     rows = []
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth() / 1e9
     print(f"\ndevice-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
     print(f"{'spec':<11} {'B':>4} {'us':>8} {'GB/s':>7} {'ssmGB/s':>8} {'%copy':>6} {'eager us':>9} {'triton us':>9}",
           flush=True)
@@ -384,7 +363,7 @@ def configs(budget, copy_gbs=None):
     from mamba3_kernels.backends import tilelang as TLB
     from mamba3_kernels.spec import Problem
     from mamba3_kernels.testing import run_step_backend, step_case
-    copy_gbs = copy_gbs or copy_bandwidth()
+    copy_gbs = copy_gbs or copy_bandwidth() / 1e9
     rows = []
     rng = np.random.default_rng(1)
     print(f"\n{'spec':<10} {'config':<40} {'ok':>3} {'B=1 us':>8} {'B=64 us':>8} {'%copy':>6}", flush=True)

@@ -33,28 +33,9 @@ import numpy as np
 import torch
 
 
-def _import_from_this_checkout():
-    """Import the package from this checkout whatever is installed: the layout of setup.py
-    (backends/, reference/, autotune/ installed as mamba3_kernels.*) mapped by a finder placed
-    first. Also immune to a stray mamba3_kernels/backends/ directory shadowing `backends/`."""
-    import importlib.abc
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    pkgs = {"mamba3_kernels": "mamba3_kernels", "mamba3_kernels.reference": "reference",
-            "mamba3_kernels.autotune": "autotune", "mamba3_kernels.backends": "backends"}
+from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
 
-    class _Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            d = os.path.join(root, pkgs.get(fullname, "\0"))
-            init = os.path.join(d, "__init__.py")
-            if fullname in pkgs and os.path.exists(init):
-                return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[d])
-            return None
-
-    sys.meta_path.insert(0, _Finder())
-
-
-_import_from_this_checkout()
+use_checkout()
 from mamba3_kernels.backends import triton as tb  # noqa: E402
 from mamba3_kernels.spec import Problem, ScanSpec, States  # noqa: E402
 from mamba3_kernels.tensors import prepare_step  # noqa: E402
@@ -208,26 +189,6 @@ def time_graph(fn_list, reps=15):
         ts.append(st.elapsed_time(en) * 1e3 / len(fn_list))
     del g
     return statistics.median(ts), min(ts)
-
-
-def copy_bandwidth():
-    n = 2**28  # 1 GiB of fp32
-    a = torch.empty(n, device="cuda", dtype=torch.float32).normal_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(10):
-        st.record()
-        b.copy_(a)
-        en.record()
-        en.synchronize()
-        ts.append(st.elapsed_time(en) / 1e3)
-    t = statistics.median(ts)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * n * 4 / t / 1e9
 
 
 def old_default(spec, B):
@@ -417,7 +378,7 @@ def main():
         pool.terminate()
         print(f"warm-up: {res['warm']} after {time.time() - t_start:.0f} s", flush=True)
     if device == "cuda":
-        res["copy_GBs"] = round(copy_bandwidth(), 1)
+        res["copy_GBs"] = round(copy_bandwidth() / 1e9, 1)
         print(f"copy bandwidth (torch copy_, 1 GiB): {res['copy_GBs']} GB/s", flush=True)
         res["timing"] = []
         timing(res["copy_GBs"], t_start + args.budget, log, res["timing"], flush)

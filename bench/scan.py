@@ -26,15 +26,14 @@ import argparse
 import json
 import math
 import os
-import statistics
-import sys
 import time
 import traceback
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
+
+use_checkout()
 
 from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
 from mamba3_kernels.reference import forward_chunked  # noqa: E402
@@ -54,24 +53,6 @@ UPSTREAM_NOTED = {  # measured by the issue author on this H100 (ms)
     ("siso", "B4-L4096-H32"): 0.759, ("siso", "B8-L2048-H32"): 0.736, ("siso", "B1-L16384-H32"): 2.54,
     ("siso", "B4-L4096-H32-G8-N64"): 0.549, ("mimo", "B4-L2048-H32"): 0.890,
 }
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 28
-    a = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ts = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * 4 * n / statistics.median(ts)
 
 
 def matmul_rate() -> float:

@@ -26,13 +26,14 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
+
+use_checkout()
 
 from mamba3_kernels import backends  # noqa: E402
 from mamba3_kernels.spec import Problem, ScanSpec, States  # noqa: E402
@@ -40,25 +41,6 @@ from mamba3_kernels.tensors import prepare_step  # noqa: E402
 from mamba3_kernels.testing import step_inputs  # noqa: E402
 
 H, N, P, G = 32, 128, 64, 1
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (median of 30)."""
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ts = []
-    for _ in range(30):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * n * 4 / statistics.median(ts)
 
 
 def graph_time(calls, reps: int = 20) -> float:

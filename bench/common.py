@@ -1,0 +1,35 @@
+"""Helpers shared by the bench scripts: importing the package from this checkout, and the
+device copy bandwidth every roofline fraction is taken against."""
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def use_checkout() -> None:
+    """Import mamba3_kernels from this checkout (also where `pip install -e .` did not take, as on
+    the device image: the package extends its own __path__ to backends/, reference/, autotune/)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy of `nbytes`, bytes read + written per second (median of `reps`,
+    CUDA events, after 3 warm-ups)."""
+    import torch
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(ts)
