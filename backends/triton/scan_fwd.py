@@ -44,10 +44,7 @@ Nothing per token is saved: rotated q/k, gamma, scale and decays are cheap to re
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 
 import torch
 import triton
@@ -58,7 +55,7 @@ from . import scan_chunk_output as _out
 from . import scan_chunk_state as _cst
 from . import scan_state_passing as _pass
 
-from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2  # the package's (one definition)
+from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2, _resource_usage  # the package's
 
 N_SM_H100 = 132
 
@@ -363,20 +360,6 @@ def launch(c: dict) -> None:
 
 _TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
        torch.int64: "i64"}
-
-
-def _resource_usage(cubin: bytes) -> dict:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-
-    def get(key):
-        m = re.search(rf"\b{key}:(\d+)", txt)
-        return int(m.group(1)) if m else None
-    return dict(registers=get("REG"), stack=get("STACK"), local=get("LOCAL"), shared_static=get("SHARED"))
 
 
 def meta_tensors(spec: ScanSpec, problem, lengths=None):
