@@ -18,6 +18,23 @@ from __future__ import annotations
 import importlib
 
 NAMES = ("triton", "tilelang", "cute")
+OPS = ("step", "forward", "backward")
+INPUT_DTYPES = ("bfloat16", "float16", "float32")
+STATE_DTYPES = ("float32", "bfloat16")
+
+
+def common_support(spec, op: str, implemented=("step",)):
+    """The checks every backend's `supports` starts with: a known op that this backend
+    implements, and input/state dtypes that the kernels read. (ok, reason)."""
+    if op not in OPS:
+        return False, f"op: expected one of {OPS}, got {op!r}"
+    if op not in implemented:
+        return False, "not implemented yet"
+    if spec.input_dtype not in INPUT_DTYPES:
+        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
+    if spec.state_dtype not in STATE_DTYPES:
+        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    return True, ""
 
 
 def get(name: str):

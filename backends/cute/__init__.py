@@ -13,12 +13,9 @@ import shutil
 import subprocess
 import tempfile
 
-from mamba3_kernels.backends import dsl_importable, gpu_reason
+from mamba3_kernels.backends import common_support, dsl_importable, gpu_reason
 
 NAME = "cute"
-OPS = ("step", "forward", "backward")
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16")
 MAX_N = 1024
 MAX_P = 4096
 
@@ -54,14 +51,9 @@ def available():
 
 
 def supports(spec, op="step"):
-    if op not in OPS:
-        return False, f"op: expected one of {OPS}, got {op!r}"
-    if op != "step":
-        return False, "not implemented yet"
-    if spec.input_dtype not in INPUT_DTYPES:
-        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
-    if spec.state_dtype not in STATE_DTYPES:
-        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    ok, why = common_support(spec, op)
+    if not ok:
+        return ok, why
     if spec.d_state > MAX_N:
         return False, f"N={spec.d_state} > {MAX_N}"
     if spec.head_dim > MAX_P:

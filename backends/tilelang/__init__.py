@@ -18,12 +18,9 @@ import subprocess
 import sys
 import time
 
-from mamba3_kernels.backends import dsl_importable, gpu_reason
+from mamba3_kernels.backends import common_support, dsl_importable, gpu_reason
 
 NAME = "tilelang"
-OPS = ("step", "forward", "backward")
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16")
 MAX_ELEMS_PER_THREAD = 128         # fp32 state elements a thread holds in registers
 MAX_SHARED = 160 * 1024
 
@@ -85,14 +82,9 @@ def supports(spec, op="step"):
 
 @functools.lru_cache(maxsize=None)
 def _supports(spec, op):
-    if op not in OPS:
-        return False, f"op: expected one of {OPS}, got {op!r}"
-    if op != "step":
-        return False, "not implemented yet"
-    if spec.input_dtype not in INPUT_DTYPES:
-        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
-    if spec.state_dtype not in STATE_DTYPES:
-        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    ok, why = common_support(spec, op)
+    if not ok:
+        return ok, why
     if spec.varlen:
         return False, "varlen does not apply to the decode step"
     try:

@@ -18,12 +18,9 @@ import sys
 import tempfile
 import types
 
-from mamba3_kernels.backends import dsl_importable, gpu_reason
+from mamba3_kernels.backends import INPUT_DTYPES, OPS, STATE_DTYPES, common_support, dsl_importable, gpu_reason  # noqa: F401 (scan_fwd reads the dtype lists here)
 
 NAME = "triton"
-OPS = ("step", "forward", "backward")
-INPUT_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16")
 MAX_BLOCK_N = 1024
 
 
@@ -50,12 +47,9 @@ def supports(spec, op="step"):
     if op == "forward":
         from . import scan_fwd
         return scan_fwd.supports(spec)
-    if op != "step":
-        return False, "not implemented yet"
-    if spec.input_dtype not in INPUT_DTYPES:
-        return False, f"input dtype {spec.input_dtype} (supported: {', '.join(INPUT_DTYPES)})"
-    if spec.state_dtype not in STATE_DTYPES:
-        return False, f"state dtype {spec.state_dtype} (supported: {', '.join(STATE_DTYPES)})"
+    ok, why = common_support(spec, op)
+    if not ok:
+        return ok, why
     if _pow2(spec.d_state) > MAX_BLOCK_N:
         return False, f"N={spec.d_state}: state rows wider than {MAX_BLOCK_N} columns"
     return True, ""
