@@ -264,20 +264,11 @@ def _sampled_step_case(spec, problem, rng, device, pool, n_rows):
     import numpy as np
     import torch
     from mamba3_kernels import reference as ref
-    from mamba3_kernels.reference.inputs import random_step_inputs, spec_options
+    from mamba3_kernels.reference.inputs import spec_options
     from mamba3_kernels.spec import States
-    from mamba3_kernels.testing import TORCH_DTYPES, to_numpy, to_torch
-    a = random_step_inputs(spec, problem, rng, pool=pool)
-    idt, sdt, f32 = TORCH_DTYPES[spec.input_dtype], TORCH_DTYPES[spec.state_dtype], torch.float32
-    t = {n: to_torch(a[n], idt, device) for n in ("q", "k", "v", "z")}
-    for n in ("adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v", "mimo_z", "mimo_out",
-              "norm_weight"):
-        t[n] = to_torch(a[n], f32, device)
-    st = a["states"]
-    t["states"] = States(to_torch(st.angle, f32, device), to_torch(st.ssm, sdt, device),
-                         to_torch(st.k, f32, device), to_torch(st.v, idt, device))
-    idx = a["state_indices"]
-    t["state_indices"] = None if idx is None else torch.as_tensor(idx, dtype=torch.int32, device=device)
+    from mamba3_kernels.testing import step_inputs, to_numpy
+    t = step_inputs(spec, problem, rng, device, pool)
+    idx = None if t["state_indices"] is None else t["state_indices"].cpu().numpy()
     B = problem.batch
     pick = {0, B - 1, B // 2}
     if idx is not None:
