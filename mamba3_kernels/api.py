@@ -6,7 +6,6 @@ error nothing is written to the caller's tensors.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -104,8 +103,8 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     (S,H,P,N) in `state_dtype`, k fp32 (S,R,H,N) rotated and biased, v (S,H,P) in V's dtype):
     feeding them back as initial_states continues the sequence exactly.
 
-    Forward only: the outputs carry no autograd graph (the call runs under torch.no_grad);
-    gradients arrive with the backward kernels. A warning says so when an input requires grad.
+    Forward only: with grad enabled, an input that requires grad raises NotImplementedError
+    (naming it) rather than returning outputs that would silently carry no gradient.
     `chunk_size` is recorded in the spec (the oracle's chunked form uses it); the Triton
     forward picks its own chunk and segment lengths from its config (results do not depend on
     them beyond rounding). `validate=False` skips the one host sync (checking the cu_seqlens
@@ -122,10 +121,14 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
                                  discretization=discretization, final_states=final_states,
                                  norm_eps=norm_eps, chunk_size=chunk_size, state_dtype=state_dtype,
                                  cu_seqlens_values=cu_vals)
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in _flat_tensors(args)):
-        warnings.warn("mamba3_kernels.scan: forward only for now, the outputs carry no gradient "
-                      "(the backward kernels arrive with the backward issue)", stacklevel=2)
+    if torch.is_grad_enabled():
+        needs = [n for n, x in args.items() if any(isinstance(y, torch.Tensor) and y.requires_grad
+                                                   for y in (x if isinstance(x, (tuple, list)) else (x,)))]
+        if needs:  # a silently gradient-free output would train wrongly: refuse instead
+            raise NotImplementedError(
+                f"mamba3_kernels.scan: {', '.join(needs)}: expected no tensor requiring grad (the scan "
+                "is forward-only until the backward kernels land), got requires_grad=True; call it "
+                "under torch.no_grad() or pass detached tensors")
     with torch.no_grad():
         t = prepare_scan(spec, problem, **args, out=out)
         mod, cfg, _ = dispatch.select("forward", spec, problem, v.device, backend, config)
@@ -133,11 +136,3 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     if final_states:
         return t.out, t.state_out
     return t.out
-
-
-def _flat_tensors(args: dict):
-    for x in args.values():
-        if isinstance(x, (tuple, list)):
-            yield from x
-        else:
-            yield x

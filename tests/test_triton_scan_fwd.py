@@ -321,3 +321,16 @@ def test_fresh_process():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_scan_refuses_inputs_that_need_grad():
+    """Forward-only: an input requiring grad is an error naming it, not a gradient-free output."""
+    import mamba3_kernels as m3
+    from mamba3_kernels.reference.inputs import random_scan_inputs
+    spec = ScanSpec(d_state=8, head_dim=4, input_dtype="float32")
+    a = random_scan_inputs(spec, Problem(1, 5, 2, 1, 1), np.random.default_rng(0))
+    t = {n: (None if x is None else torch.as_tensor(x, dtype=torch.float32)) for n, x in a.items()
+         if n not in ("initial_states", "cu_seqlens")}
+    t["v"].requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="scan: v: expected no tensor requiring grad"):
+        m3.scan(**t)
