@@ -31,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from .spec import Problem, ScanSpec, States, bad_arg, output_shape
-from .tensors import FLOAT_INPUTS, TORCH_DTYPES, TokenTensors, as_contiguous, check_tensor
+from .spec import Problem, ScanSpec, States, output_shape
+from .tensors import FLOAT_INPUTS, TORCH_DTYPES, TokenTensors, as_contiguous, check_tensor, output_tensor
 
 
 @dataclasses.dataclass
@@ -82,13 +82,7 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
             check_tensor(name, x, dtypes=small, device=dev)
         a0, s0, k0, v0 = initial_states
         st_in = States(as_contiguous(a0, f32), as_contiguous(s0, f32), as_contiguous(k0, f32).view(S, R, H, N), as_contiguous(v0, v.dtype))
-    oshape = output_shape(spec, problem)
-    if out is None:
-        out = torch.empty(oshape, dtype=v.dtype, device=dev)
-    else:
-        check_tensor("out", out, dtypes=(v.dtype,), device=dev, contiguous=True)
-        if tuple(out.shape) != oshape:
-            raise bad_arg("out", f"shape {oshape}", f"shape {tuple(out.shape)}")
+    out = output_tensor(out, output_shape(spec, problem), v.dtype, dev)
     st_out = None
     if spec.final_states:
         sdt = TORCH_DTYPES[spec.state_dtype]

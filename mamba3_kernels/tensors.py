@@ -91,6 +91,16 @@ def as_contiguous(x, dtype=None, shape=None):
     return x
 
 
+def output_tensor(out, shape: tuple, dtype, device) -> torch.Tensor:
+    """A new output tensor, or the caller's `out` after checking its shape, dtype, device and layout."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_tensor("out", out, dtypes=(dtype,), device=device, contiguous=True)
+    if tuple(out.shape) != tuple(shape):
+        raise bad_arg("out", f"shape {tuple(shape)}", f"shape {tuple(out.shape)}")
+    return out
+
+
 def check_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
                mimo_v, mimo_z, mimo_out, norm_weight, state_indices) -> None:
     """Dtypes, devices and strides of the step arguments (shapes: spec.resolve_step).
@@ -133,13 +143,7 @@ def build_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states
         st_out = States(*(torch.empty_like(x) for x in st_in))
     else:  # rows not in state_indices keep their values in the new pool
         st_out = States(*(x.clone() for x in st_in))
-    out_shape = (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P)
-    if out is None:
-        out = torch.empty(out_shape, dtype=v.dtype, device=dev)
-    else:
-        check_tensor("out", out, dtypes=(v.dtype,), device=dev, contiguous=True)
-        if tuple(out.shape) != out_shape:
-            raise bad_arg("out", f"shape {out_shape}", f"shape {tuple(out.shape)}")
+    out = output_tensor(out, (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P), v.dtype, dev)
     f32 = torch.float32
     c = as_contiguous
     return StepTensors(
