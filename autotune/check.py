@@ -112,6 +112,7 @@ class StepHarness:
         self.bound_dtype = dt            # as testing.compare_step chooses it
         self.reference = None            # (label, out, States) of the first passing candidate (sampled mode)
         self._sets = None
+        self.serial_builds = self.device.type != "cuda"   # the Triton interpreter is not thread-safe
 
     # -- helpers ---------------------------------------------------------------------------
     def _sync(self):
@@ -352,7 +353,7 @@ def _compare_full(reference, t, dtype, factor: float = 2.0) -> Optional[str]:
     b = BOUNDS[dtype]
     bad = []
     pairs = [("out", t.out, ref_out)] + list(zip(("state.angle", "state.ssm", "state.k", "state.v"),
-                                                 t.state_out, ref_states))
+                                                 t.state_out or (), ref_states or ()))
     for name, x, r in pairs:
         angle = name == "state.angle"
         l2, mx = _torch_errors(x, r, angle)
@@ -374,19 +375,23 @@ def _tensors(t):
 
 
 def _clone_bundle(t):
-    """A deep copy of a StepTensors, keeping state_out aliased to state_in when it was."""
+    """A deep copy of a StepTensors / ScanTensors, keeping state_out aliased to state_in when it
+    was (either may be None in a ScanTensors)."""
     import dataclasses
     from mamba3_kernels.spec import States
-    c = lambda x: None if x is None else x.clone()
+    c = lambda x: None if x is None else x.clone()  # noqa: E731
     kw = {f: c(getattr(t, f)) for f in t.__dataclass_fields__ if f not in ("state_in", "state_out")}
-    sin = States(*(c(x) for x in t.state_in))
-    sout = sin if t.state_out is t.state_in else States(*(c(x) for x in t.state_out))
+    sin = None if t.state_in is None else States(*(c(x) for x in t.state_in))
+    if t.state_out is None:
+        sout = None
+    else:
+        sout = sin if t.state_out is t.state_in else States(*(c(x) for x in t.state_out))
     return dataclasses.replace(t, **kw, state_in=sin, state_out=sout)
 
 
 def _pairs(a, b):
     yield "out", a.out, b.out
-    for n, x, y in zip(("state.angle", "state.ssm", "state.k", "state.v"), a.state_out, b.state_out):
+    for n, x, y in zip(("state.angle", "state.ssm", "state.k", "state.v"), a.state_out or (), b.state_out or ()):
         yield n, x, y
 
 
@@ -398,3 +403,4 @@ def _worst(rep) -> str:
 
 
 register_harness("step", StepHarness)
+from . import scan_harness  # noqa: E402,F401  (registers op "forward")

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 from . import cache as cache_mod
 
+DEFAULT_BUDGET_S = 50.0   # `tune`: one (spec, shape) within a minute, cold builds included
+
 # ----------------------------------------------------------------------------------------
 # the spec of a decode step from sizes (exactly what api.step would derive from tensors)
 
@@ -59,6 +61,38 @@ def step_spec_problem(B: int, H: int, N: int, P: int, R: int = 1, G: int = 1, A:
         state_indices=_stub((B,)) if pool is not None else None)
     return resolve_step(**args, output_mode=output_mode, pairing=pairing, discretization=discretization,
                         norm_eps=float(norm_eps), input_dtype=dtype, state_dtype=state_dtype)
+
+
+def scan_spec_problem(B: int, L: int, H: int, N: int, P: int, R: int = 1, G: int = 1, A: int = 0, *,
+                      pairing: str = "interleaved", discretization: str = "trapezoidal",
+                      has_d: bool = False, has_z: bool = False, mimo_v: bool = False,
+                      mimo_z: bool = False, mimo_out: bool = False, output_mode: Optional[str] = None,
+                      shared_angles: bool = False, norm_eps: float = 1e-5, dtype: str = "bfloat16",
+                      state_dtype: str = "float32", initial_states: bool = False,
+                      final_states: bool = False, nseqs: Optional[int] = None, chunk_size: int = 64):
+    """(ScanSpec, Problem) of a chunked scan with these sizes, derived by spec.resolve_scan from
+    shape stubs (the key `mamba3_kernels.scan` looks up for such tensors). nseqs: packed varlen
+    sequences (B must be 1)."""
+    from mamba3_kernels.spec import States, resolve_scan
+    S = nseqs if nseqs is not None else B
+    norm = output_mode == "norm_reduce"
+    qs = (B, L, R, G, N) if R > 1 else (B, L, G, N)
+    bs = (H, R, N) if R > 1 else (H, N)
+    args = dict(
+        q=_stub(qs, dtype), k=_stub(qs, dtype), v=_stub((B, L, H, P), dtype),
+        adt=_stub((B, H, L)), dt=_stub((B, H, L)),
+        trap=None if discretization == "euler" else _stub((B, H, L)),
+        q_bias=_stub(bs), k_bias=_stub(bs),
+        angles=None if A == 0 else _stub((B, L, A) if shared_angles else (B, L, H, A)),
+        d=_stub((H,)) if has_d else None, z=_stub((B, L, H, P), dtype) if has_z else None,
+        mimo_v=_stub((H, R, P)) if mimo_v else None, mimo_z=_stub((H, R, P)) if mimo_z else None,
+        mimo_out=_stub((H, R, P)) if mimo_out else None, norm_weight=_stub((H, P)) if norm else None,
+        initial_states=States(_stub((S, H, A)), _stub((S, H, P, N)), _stub((S, R, H, N)),
+                              _stub((S, H, P), dtype)) if initial_states else None,
+        cu_seqlens=_stub((S + 1,), "int32") if nseqs is not None else None)
+    return resolve_scan(**args, output_mode=output_mode, pairing=pairing, discretization=discretization,
+                        final_states=final_states, norm_eps=float(norm_eps), chunk_size=chunk_size,
+                        input_dtype=dtype, state_dtype=state_dtype)
 
 
 def _ints(s: str, arg: str) -> list:
@@ -103,11 +137,31 @@ def _add_spec_args(p, grid: bool):
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     g.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--pool", type=int, default=None, help="state pool size M (> B: state_indices)")
+    c = p.add_argument_group("problem (chunked scan, --op forward)")
+    c.add_argument("--initial-states", action="store_true", help="initial states in")
+    c.add_argument("--final-states", action="store_true", help="final states out")
+    c.add_argument("--nseqs", type=int, default=None, help="packed varlen sequences (cu_seqlens; B must be 1)")
 
 
 def _spec_from(args, B: int, R: int):
+    if args.op == "forward":
+        for name in ("H", "N", "P"):
+            if getattr(args, name) is None:
+                raise SystemExit(f"--{name}: required to tune")
+        if args.nseqs is not None and B != 1:
+            raise SystemExit(f"--B: expected 1 with --nseqs (packed sequences), got {B}")
+        try:
+            return scan_spec_problem(B, args.L, args.H, args.N, args.P, R, args.G, args.A, pairing=args.pairing,
+                                     discretization=args.discretization, has_d=args.has_d, has_z=args.has_z,
+                                     mimo_v=args.mimo_v, mimo_z=args.mimo_z, mimo_out=args.mimo_out,
+                                     output_mode=args.output_mode, shared_angles=args.shared_angles,
+                                     dtype=args.dtype, state_dtype=args.state_dtype,
+                                     initial_states=args.initial_states, final_states=args.final_states,
+                                     nseqs=args.nseqs)
+        except ValueError as e:
+            raise SystemExit(f"invalid problem: {e}") from None
     if args.op != "step":
-        raise SystemExit(f"--op: expected 'step' (the chunked forward/backward are not tunable yet), got {args.op!r}")
+        raise SystemExit(f"--op: expected 'step' or 'forward', got {args.op!r}")
     if args.L != 1:
         raise SystemExit(f"--L: expected 1 for the decode step, got {args.L}")
     for name in ("H", "N", "P"):
@@ -137,7 +191,8 @@ def add_parsers(subparsers) -> None:
         description="Build, check (oracle + bitwise repeatability) and time every candidate "
                     "(backend x config) for one decode-step problem; print the table of candidates "
                     "and store the winner in the tuning cache.")
-    p.add_argument("--op", default="step", choices=("step",))
+    p.add_argument("--op", default="step", choices=("step", "forward"),
+                   help="step: the decode step; forward: the chunked scan forward (give --L)")
     _add_spec_args(p, grid=False)
     t = p.add_argument_group("tuning")
     t.add_argument("--backends", default=None, help="comma separated (default: all available)")
@@ -152,6 +207,9 @@ def add_parsers(subparsers) -> None:
     t.add_argument("--max-candidates", type=int, default=64)
     t.add_argument("--seed", type=int, default=None, help="input seed (default: fresh)")
     t.add_argument("--remeasure", action="store_true", help="re-time all passing candidates and report the regret")
+    t.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"wall-clock seconds for the whole tuning run, cold builds included (default "
+                        f"{DEFAULT_BUDGET_S:g}; builds run most promising first and stop at 60 %% of it; 0 = no budget)")
     t.add_argument("--device", default=None)
     t.add_argument("--json", default=None, help="also write the full result as JSON here")
     t.add_argument("--no-progress", action="store_true")
@@ -261,7 +319,7 @@ def cmd_tune(args) -> int:
                    confirm_top=args.confirm_top, confirm_reps=args.confirm_reps,
                    compile_timeout=args.compile_timeout, compile_workers=args.workers,
                    max_candidates=args.max_candidates, progress=not args.no_progress, seed=args.seed,
-                   remeasure=args.remeasure)
+                   remeasure=args.remeasure, budget_s=args.budget if args.budget and args.budget > 0 else None)
     except ValueError as e:
         print(f"tune: {e}", file=sys.stderr)
         return 2

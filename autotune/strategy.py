@@ -1,9 +1,10 @@
 """Search strategies: which candidates to build, and how to spend timing on them.
 
-* `prune(candidates, max_candidates)`: for very large spaces, keep every backend's default,
-  then the most promising configs (by the backend's optional `rank(spec, problem, config, op)`,
-  else spread evenly over its space), shared fairly among backends. The rest are recorded as
-  pruned, not silently dropped.
+* `priority(candidates)`: most promising first (every backend's default, then round-robin over
+  the backends by each one's optional `rank(spec, problem, config, op)`, else spread evenly over
+  its space): the order builds run in, so a tuning time budget keeps the best-ranked ones.
+* `prune(candidates, max_candidates)`: for very large spaces, the first `max_candidates` of
+  that order (defaults always kept). The rest are recorded as pruned, not silently dropped.
 * `Exhaustive`: every candidate gets `reps` samples (small spaces).
 * `SuccessiveHalving(eta)`: rounds that bring every survivor to `min_reps`, then eta times
   more, ... (capped at `reps`; samples accumulate), keeping the fastest 1/eta each round until
@@ -19,18 +20,16 @@ import math
 from typing import Callable, Optional, Sequence
 
 
-def prune(cands: Sequence, max_candidates: Optional[int], spec=None, problem=None, op: str = "step"):
-    """(kept, pruned) with len(kept) <= max(max_candidates, number of defaults)."""
-    cands = list(cands)
-    if max_candidates is None or len(cands) <= max_candidates:
-        return cands, []
-    if max_candidates < 1:
-        raise ValueError(f"max_candidates: expected an int >= 1 or None, got {max_candidates!r}")
+def priority(cands: Sequence, spec=None, problem=None, op: str = "step") -> list:
+    """Every candidate, most promising first: each backend's default, then round-robin over the
+    backends, each in its own `rank(spec, problem, config, op)` order (else spread evenly over
+    its space). Builds run in this order, so a time budget that ends the build stage early
+    keeps the defaults and a fair share of every backend's best-ranked configs."""
     by_backend: dict = {}
     for c in cands:
         by_backend.setdefault(c.backend, []).append(c)
     queues = []
-    for name, cs in by_backend.items():
+    for cs in by_backend.values():
         default = [c for c in cs if c.is_default]
         rest = [c for c in cs if not c.is_default]
         rank = getattr(cs[0].module, "rank", None) if cs[0].module is not None else None
@@ -41,15 +40,30 @@ def prune(cands: Sequence, max_candidates: Optional[int], spec=None, problem=Non
                 rest = _spread(rest)
         else:
             rest = _spread(rest)
-        queues.append(default + rest)
-    kept, i = [], 0
-    while len(kept) < max_candidates and any(i < len(q) for q in queues):
-        for q in queues:
-            if i < len(q) and (len(kept) < max_candidates or q[i].is_default):
-                kept.append(q[i])
+        queues.append((default, rest))
+    out = [c for d, _ in queues for c in d]
+    i = 0
+    while any(i < len(r) for _, r in queues):
+        out += [r[i] for _, r in queues if i < len(r)]
         i += 1
-    for q in queues:  # defaults always stay
-        kept += [c for c in q if c.is_default and c not in kept]
+    return out
+
+
+def prune(cands: Sequence, max_candidates: Optional[int], spec=None, problem=None, op: str = "step"):
+    """(kept, pruned) with len(kept) <= max(max_candidates, number of defaults): the first
+    `max_candidates` of `priority` (defaults always stay), in the original order."""
+    cands = list(cands)
+    if max_candidates is None or len(cands) <= max_candidates:
+        return cands, []
+    if max_candidates < 1:
+        raise ValueError(f"max_candidates: expected an int >= 1 or None, got {max_candidates!r}")
+    order = priority(cands, spec, problem, op)
+    kept = [c for c in order if c.is_default]
+    for c in order:
+        if len(kept) >= max_candidates:
+            break
+        if not c.is_default:
+            kept.append(c)
     ids = {id(c) for c in kept}
     return [c for c in cands if id(c) in ids], [c for c in cands if id(c) not in ids]
 

@@ -40,6 +40,7 @@ from .space import Candidate, candidates
 from .timing import default_timer, median, summarize
 
 MIN_REPS = 20
+BUILD_SHARE = 0.6    # with a time budget: no build starts after this fraction of it
 
 
 class TuneAborted(RuntimeError):
@@ -123,6 +124,8 @@ class TuneResult:
     cache_path: Optional[str] = None
     written: bool = False
     regret: Optional[float] = None     # chosen / fastest - 1 when re-measured (remeasure=True)
+    budget_s: Optional[float] = None   # the wall-clock budget asked for (None: none)
+    stage_seconds: dict = dataclasses.field(default_factory=dict)   # setup / build / check / time
 
     @property
     def ok(self) -> list:
@@ -164,7 +167,9 @@ class TuneResult:
                 "n_candidates": len(self.rows), "n_ok": len(self.ok), "n_failed": len(self.failures),
                 "skipped_backends": [list(s) for s in self.skipped],
                 "strategy": self.strategy, "timer": self.timer, "mode": b.mode,
-                "tune_seconds": round(self.seconds, 3), "seed": self.seed,
+                "tune_seconds": round(self.seconds, 3), "stage_seconds": dict(self.stage_seconds),
+                "budget_s": self.budget_s, "n_pruned": sum(r.status == "pruned" for r in self.rows),
+                "regret": None if self.regret is None else round(self.regret, 4), "seed": self.seed,
                 "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def to_json(self) -> dict:
@@ -174,7 +179,8 @@ class TuneResult:
                 "best": self.best.as_dict() if self.best else None,
                 "rows": [r.as_dict() for r in self._ordered()], "skipped": [list(s) for s in self.skipped],
                 "strategy": self.strategy, "timer": self.timer, "seconds": self.seconds, "seed": self.seed,
-                "cache_path": self.cache_path, "written": self.written, "regret": self.regret}
+                "cache_path": self.cache_path, "written": self.written, "regret": self.regret,
+                "budget_s": self.budget_s, "stage_seconds": self.stage_seconds}
 
     def _ordered(self) -> list:
         ranked = self.ranked()
@@ -207,6 +213,11 @@ class TuneResult:
         s = (f"{len(self.rows)} candidates, {len(self.ok)} ok, {len(self.failures)} failed, "
              f"{sum(r.status == 'pruned' for r in self.rows)} pruned; {self.strategy}, timer {self.timer}; "
              f"{self.seconds:.1f} s")
+        if self.stage_seconds:
+            s += " (" + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + ")"
+        if self.budget_s is not None:
+            n = sum(r.stage == "budget" for r in self.rows)
+            s += f"; budget {self.budget_s:g} s" + (f", {n} not built in it" if n else "")
         if self.best is not None:
             s += f"\nchosen: {self.best.backend} {self.best.config} at {self.best.best_us:.3f} us"
         else:
@@ -295,17 +306,29 @@ class _Progress:
 # ----------------------------------------------------------------------------------------
 # stages
 
-def _compile_all(rows: list, harness, timeout: float, workers: int, prog: _Progress):
+def _compile_all(rows: list, harness, timeout: float, workers: int, prog: _Progress,
+                 deadline: Optional[float] = None, budget_note: str = ""):
+    """Build `rows` (in their order: most promising first). A backend without PARALLEL_COMPILE
+    gets one builder thread of its own (its builds run one at a time, side by side with the
+    other backends'); the parallel backends share `workers` threads. A build that overruns
+    `timeout` is recorded as a timeout and abandoned (a daemon thread); a serial backend's queue
+    behind it is not built. No build starts after `deadline` (time.monotonic()): those rows are
+    recorded as pruned by the time budget, not as failures. A harness with a true
+    `serial_builds` attribute (the Triton interpreter on CPU is not thread-safe) gets a single
+    builder for everything."""
     if not rows:
         return
     ph = prog.phase("compile", len(rows))
-    lanes = {}
+    serial: dict = {}
+    shared: queue.Queue = queue.Queue()
+    one_lane = bool(getattr(harness, "serial_builds", False))
     for r in rows:
-        if not getattr(r.candidate.module, "PARALLEL_COMPILE", False):
-            lanes.setdefault(r.backend, threading.Lock())
-    jobs: queue.Queue = queue.Queue()
-    for r in rows:
-        jobs.put(r)
+        if one_lane:
+            serial.setdefault("*", queue.Queue()).put(r)
+        elif getattr(r.candidate.module, "PARALLEL_COMPILE", False):
+            shared.put(r)
+        else:
+            serial.setdefault(r.backend, queue.Queue()).put(r)
     cv = threading.Condition()
     starts, results, abandoned = {}, {}, set()
 
@@ -314,21 +337,16 @@ def _compile_all(rows: list, harness, timeout: float, workers: int, prog: _Progr
             results[id(r)] = res
             cv.notify_all()
 
-    def worker():
+    def worker(jobs: queue.Queue, lane: Optional[str]):
         while True:
+            if lane is not None and lane in abandoned:
+                return
             try:
                 r = jobs.get_nowait()
             except queue.Empty:
                 return
-            lane = lanes.get(r.backend)
-            got = lane is None
-            while not got:
-                if r.backend in abandoned:
-                    break
-                got = lane.acquire(timeout=0.05)
-            if not got:
-                finish(r, ("failed", "not built: an earlier build of this backend timed out "
-                                     "(its builds run one at a time)", None))
+            if deadline is not None and time.monotonic() > deadline:
+                finish(r, ("budget", budget_note or "not built: the tuning time budget was spent", None))
                 continue
             t0 = time.monotonic()
             with cv:
@@ -339,16 +357,15 @@ def _compile_all(rows: list, harness, timeout: float, workers: int, prog: _Progr
                 res = ("ok", "", time.monotonic() - t0)
             except BaseException as e:  # noqa: BLE001 - every failure is a recorded reason
                 res = ("failed", classify(e), time.monotonic() - t0)
-            finally:
-                if lane is not None:
-                    lane.release()
             finish(r, res)
 
-    def spawn():
-        threading.Thread(target=worker, daemon=True, name="mamba3-tune-compile").start()
+    def spawn(jobs, lane=None):
+        threading.Thread(target=worker, args=(jobs, lane), daemon=True, name="mamba3-tune-compile").start()
 
-    for _ in range(max(1, min(workers, len(rows)))):
-        spawn()
+    for name, jobs in serial.items():
+        spawn(jobs, name)
+    for _ in range(max(1, min(workers, shared.qsize()))) if shared.qsize() else ():
+        spawn(shared)
     pending = {id(r): r for r in rows}
     try:
         while pending:
@@ -361,14 +378,26 @@ def _compile_all(rows: list, harness, timeout: float, workers: int, prog: _Progr
                         r.compile_s = dt
                         if status == "ok":
                             r.status = "compiled"
+                        elif status == "budget":
+                            r.status, r.stage, r.reason = "pruned", "budget", reason
                         else:
                             r.fail("compile", reason)
                     elif i in starts and now - starts[i] > timeout:
                         r.compile_s = now - starts[i]
                         r.fail("compile", f"timeout: build took over {timeout:g} s (abandoned)")
-                        if r.backend in lanes:
-                            abandoned.add(r.backend)
-                        spawn()  # replace the stuck worker
+                        lane = "*" if one_lane else r.backend
+                        if lane in serial:
+                            abandoned.add(lane)
+                            jobs = serial[lane]
+                            while True:  # the stuck thread keeps its lane: nothing behind it is built
+                                try:
+                                    q = jobs.get_nowait()
+                                except queue.Empty:
+                                    break
+                                finish(q, ("failed", "not built: an earlier build of this backend timed "
+                                                     "out (its builds run one at a time)", None))
+                        else:
+                            spawn(shared)  # replace the stuck worker
                     else:
                         continue
                     del pending[i]
@@ -435,7 +464,8 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
          harness=None, timer=None, strategy: str = "auto", reps: int = 25, confirm_top: int = 3,
          confirm_reps: int = 40, compile_timeout: float = 120.0, compile_workers: Optional[int] = None,
          max_candidates: Optional[int] = 64, progress=True, seed: Optional[int] = None,
-         env: Optional[Environment] = None, remeasure: bool = False) -> TuneResult:
+         env: Optional[Environment] = None, remeasure: bool = False,
+         budget_s: Optional[float] = None) -> TuneResult:
     """Tune (op, spec, problem) on `device` over every available backend x config; return a
     TuneResult (`.table()` prints every candidate, failures with reasons) and, if `write` and a
     candidate passed, store the winner in the cache (`cache`: path, Cache or None = default).
@@ -445,9 +475,14 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
     (default timing.default_timer: CUDA-graph replay on a GPU); strategy: "auto" | "exhaustive" |
     "halving"; reps / confirm_reps: samples per median (>= 20); confirm_top: how many are
     re-timed; env: the cache environment (default from the device); remeasure: re-time every
-    passing candidate afterwards and report the chosen one's regret.
+    passing candidate afterwards and report the chosen one's regret; budget_s: wall-clock
+    budget for the whole run: builds run most promising first (strategy.priority) and none
+    starts after BUILD_SHARE of the budget (the rest are recorded as pruned by the budget), so
+    checking and timing what was built fit in the remainder. None = no budget.
     """
     _validate_args(op, spec, problem, reps, confirm_top, confirm_reps, compile_timeout, max_candidates)
+    if budget_s is not None and not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise ValueError(f"budget_s: expected seconds > 0 or None, got {budget_s!r}")
     if harness is None:
         from .check import _HARNESSES
         if op not in _HARNESSES:
@@ -462,7 +497,7 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
     key = make_key(op, spec, problem, env) if env is not None else None
     cands, skipped = candidates(op, spec, problem, device, backends)
     kept, pruned = strategies.prune(cands, max_candidates, spec, problem, op)
-    rows = [Row(c) for c in kept]
+    rows = [Row(c) for c in strategies.priority(kept, spec, problem, op)]
     for c in pruned:
         rows.append(Row(c, status="pruned", stage="prune",
                         reason=f"space of {len(cands)} > max_candidates={max_candidates}"))
@@ -473,18 +508,31 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
     cache_obj = get_cache(cache) if write else None
     result = TuneResult(op, spec, problem, env, key, rows, skipped, None, strat.name,
                         getattr(timer, "name", type(timer).__name__), 0.0,
-                        cache_path=cache_obj.path if cache_obj else None)
+                        cache_path=cache_obj.path if cache_obj is not None else None,
+                        budget_s=budget_s)
     try:
         active = [r for r in rows if r.status == "pending"]
         if active and harness is None:
             harness = make_harness(op, spec, problem, device, seed)
         result.seed = getattr(harness, "seed", seed)
         workers = compile_workers or min(8, os.cpu_count() or 1)
-        _compile_all(active, harness, float(compile_timeout), workers, prog)
+        deadline = None if budget_s is None else t_start + BUILD_SHARE * float(budget_s)
+        note = "" if budget_s is None else \
+            f"not built: builds stop at {BUILD_SHARE:.0%} of the {budget_s:g} s tuning budget"
+        t0 = time.monotonic()
+        _compile_all(active, harness, float(compile_timeout), workers, prog, deadline, note)
+        t1 = time.monotonic()
+        built = [r for r in active if r.status == "compiled"]
+        if budget_s is not None:
+            strat = strategies.choose(len(built), name=strategy)
+            result.strategy = strat.name
         with _device_ctx(harness):
-            _check_all([r for r in active if r.status == "compiled"], harness, prog)
-            _time_and_confirm(result, rows, active, harness, timer, strat, reps, confirm_top, confirm_reps,
+            _check_all(built, harness, prog)
+            t2 = time.monotonic()
+            _time_and_confirm(result, rows, built, harness, timer, strat, reps, confirm_top, confirm_reps,
                               remeasure, prog)
+        result.stage_seconds = {"setup": round(t0 - t_start, 3), "build": round(t1 - t0, 3),
+                                "check": round(t2 - t1, 3), "time": round(time.monotonic() - t2, 3)}
     finally:
         for r in rows:
             r._release()

@@ -243,6 +243,63 @@ def test_parallel_compile_overlaps():
     assert time.monotonic() - t0 < 8 * 0.25  # built side by side, not one after another
 
 
+def test_serial_backends_build_side_by_side():
+    """Each backend without PARALLEL_COMPILE gets its own builder: two serial backends overlap
+    (a shared worker pool once let one backend's queued builds starve the other's)."""
+    a = fake_backend("triton", [0, 1, 2, 3])
+    b = fake_backend("cute", [10, 11, 12, 13])
+    h = FakeHarness(compile_sleep=0.2)
+    times = {("triton", t): 2.0 + t for t in range(4)}
+    times.update({("cute", t): 1.0 + (t - 10) for t in range(10, 14)})
+    t0 = time.monotonic()
+    res, _, _ = run_tune([a, b], times, harness=h, write=False, compile_workers=8)
+    assert time.monotonic() - t0 < 8 * 0.2 - 0.3   # 4 + 4 builds of 0.2 s, two lanes
+    assert res.best.backend == "cute" and res.best.config == {"tile": 10}
+
+
+def test_priority_order_defaults_then_round_robin():
+    a = fake_backend("triton", [0, 1, 2, 3, 4], default=2)
+    b = fake_backend("cute", [10, 11], default=11)
+    cands, _ = at.candidates("step", SPEC, PROB, backends=[a, b])
+    order = [(c.backend, c.config["tile"], c.is_default) for c in strat.priority(cands)]
+    assert [o for o in order if o[2]] == order[:2]                      # defaults first
+    assert {o[:2] for o in order[:2]} == {("triton", 2), ("cute", 11)}
+    assert len(order) == len({o[:2] for o in order}) == len(cands)      # nothing lost or repeated
+    rest = [o[0] for o in order[2:]]
+    assert rest[:2] in (["triton", "cute"], ["cute", "triton"])         # round-robin
+
+
+def test_budget_stops_builds_and_keeps_the_defaults():
+    a = fake_backend("triton", list(range(10)), default=5)
+    b = fake_backend("cute", list(range(20, 30)), default=25)
+    times = {("triton", t): 10.0 - t * 0.1 for t in range(10)}
+    times.update({("cute", t): 9.0 - (t - 20) * 0.1 for t in range(20, 30)})
+    h = FakeHarness(compile_sleep=0.15)
+    t0 = time.monotonic()
+    res, _, _ = run_tune([a, b], times, harness=h, write=False, budget_s=1.0)
+    wall = time.monotonic() - t0
+    budget = [r for r in res.rows if r.stage == "budget"]
+    assert budget and all(r.status == "pruned" and "budget" in r.reason for r in budget)
+    assert not res.failures
+    built = [r for r in res.rows if r.status == "ok"]
+    assert {(r.backend, r.config["tile"]) for r in built if r.candidate.is_default} == {("triton", 5), ("cute", 25)}
+    assert len(built) + len(budget) == 20 and len(built) < 20
+    assert res.best in built and res.best.backend == "cute"
+    assert wall < 1.0 + 0.6   # no build starts after 60 % of the budget; each takes 0.15 s
+    assert set(res.stage_seconds) == {"setup", "build", "check", "time"}
+    assert "not built in it" in res.summary()
+    with pytest.raises(ValueError, match="budget_s"):
+        run_tune([a], times, write=False, budget_s=0)
+
+
+def test_written_result_names_its_cache_even_when_it_was_empty(tmp_path):
+    """An empty Cache is falsy (len 0): the result once said 'cached in None'."""
+    a = fake_backend("triton", [1, 2])
+    res, _, _ = run_tune([a], {("triton", 1): 3.0, ("triton", 2): 6.0}, tmp_path=tmp_path)
+    assert res.written and res.cache_path == str(tmp_path / "tune.json")
+    assert f"cached in {tmp_path / 'tune.json'}" in res.summary()
+
+
 def test_confirmation_overrides_first_timing():
     """A candidate that looked fastest but is slower when re-timed is not chosen."""
     a = fake_backend("triton", [1, 2, 3])
@@ -267,7 +324,7 @@ def test_bad_arguments_name_the_argument(tmp_path):
         with pytest.raises(ValueError, match=word):
             at.tune("step", SPEC, PROB, backends=[a], harness=FakeHarness(), timer=FakeTimer({}), env=ENV, **kw)
     with pytest.raises(ValueError, match="^op:"):
-        at.tune("forward", SPEC, PROB, backends=[a], env=ENV)
+        at.tune("no-such-op", SPEC, PROB, backends=[a], env=ENV)
     with pytest.raises(ValueError, match="^spec:"):
         at.tune("step", "not a spec", PROB, backends=[a], env=ENV)
     with pytest.raises(ValueError, match="^problem:"):

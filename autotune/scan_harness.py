@@ -1,0 +1,205 @@
+"""The tuner's harness for the chunked scan forward (op "forward"): check and time candidates.
+
+Same protocol as check.StepHarness (compile / check / bench). One fresh random case per tuning
+run, drawn as mamba3_kernels.scan_testing draws them (the float64 oracle sees exactly the values
+the kernel sees). The whole problem is too long for the oracle at tuning sizes (B=4, L=4096,
+H=32 is minutes of NumPy), so a candidate passes when
+
+1. on a *small case* (batch 1, L = min(L, small_len), the same heads/groups/spec) every output
+   and final state matches the oracle within the DESIGN.md bounds, with NaN-poisoned outputs;
+2. on the *full case* its output over the first `prefix_len` tokens of batch row 0 matches the
+   oracle run on just that prefix (dense layouts; causality makes the prefix exact), and every
+   element of out and the final states matches the *reference output* -- the full-case result
+   of the first candidate that passed 1 and 2 -- within twice the bounds (both lie within one
+   bound of the truth where the oracle can see them);
+3. two runs on the same inputs are bitwise identical.
+
+Timing: `forward` on input sets rotated so the working set exceeds L2 (one set when a single
+one is already larger than the L2 cache, as the tuning shapes are).
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Optional
+
+from .check import _mod, _pairs, _tensors, _worst, bitwise_equal, register_harness
+from .timing import Bench, l2_bytes, rotation_count
+
+
+class ScanHarness:
+    op = "forward"
+
+    def __init__(self, spec, problem, device=None, seed: Optional[int] = None, small_len: int = 160,
+                 prefix_len: int = 192):
+        import numpy as np
+        import torch
+
+        from mamba3_kernels.scan_testing import scan_case, scan_inputs
+        from mamba3_kernels.spec import Problem
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name, v in (("small_len", small_len), ("prefix_len", prefix_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        self.spec, self.problem, self.device = spec, problem, torch.device(device)
+        self.seed = secrets.randbits(32) if seed is None else int(seed)
+        rng = np.random.default_rng(self.seed)
+        if spec.varlen:
+            lens = _split_lengths(problem.seqlen, problem.nseqs, rng)
+            small_lens = [min(n, small_len) for n in lens[:3]]
+            small = Problem(1, sum(small_lens), problem.nheads, problem.ngroups, len(small_lens))
+            self.small = scan_case(spec, small, rng, device=self.device, lengths=small_lens)
+            self.args = scan_inputs(spec, problem, rng, device=self.device, lengths=lens)
+        else:
+            small = Problem(1, min(problem.seqlen, small_len), problem.nheads, problem.ngroups, 1)
+            self.small = scan_case(spec, small, rng, device=self.device)
+            self.args = scan_inputs(spec, problem, rng, device=self.device)
+        self.prefix = None if spec.varlen else self._prefix_oracle(min(problem.seqlen, prefix_len))
+        dt = spec.input_dtype
+        if spec.state_dtype in ("bfloat16", "float16"):
+            dt = "bfloat16"
+        self.bound_dtype = dt
+        self.reference = None
+        self._sets = None
+        # the Triton interpreter (CPU) is not thread-safe: the tuner then builds one at a time
+        self.serial_builds = self.device.type != "cuda"
+
+    # -- the oracle on a prefix of batch row 0 --------------------------------------------------
+    def _prefix_oracle(self, n: int):
+        from mamba3_kernels import reference as ref
+        from mamba3_kernels.reference.inputs import spec_options
+        from mamba3_kernels.spec import States
+        from mamba3_kernels.testing import to_numpy
+        a = self.args
+        seen = {}
+        for k, x in a.items():
+            if x is None or k in ("initial_states", "cu_seqlens"):
+                continue
+            if k in ("q", "k", "v", "z", "angles"):
+                x = x[:1, :n]
+            elif k in ("adt", "dt", "trap"):
+                x = x[:1, :, :n]
+            seen[k] = to_numpy(x)
+        st = a.get("initial_states")
+        seen["initial_states"] = None if st is None else States(*(to_numpy(x[:1]) for x in st))
+        seen["cu_seqlens"] = None
+        for k in ("z", "angles", "trap", "d", "mimo_v", "mimo_z", "mimo_out", "norm_weight"):
+            seen.setdefault(k, None)
+        out, _ = ref.forward(**seen, **spec_options(self.spec))
+        return n, out
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _sync(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def device_context(self):
+        import contextlib
+        import torch
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _bundle(self, args):
+        from mamba3_kernels.scan_tensors import prepare_scan
+        t = prepare_scan(self.spec, self.problem if args is self.args else self.small.problem, **args)
+        t.out.fill_(float("nan"))
+        if t.state_out is not None:
+            for x in t.state_out:
+                x.fill_(float("nan"))
+        return t
+
+    def _run(self, candidate, t):
+        _mod(candidate).forward(self.spec, dict(candidate.config), t)
+        self._sync()
+        return t
+
+    def _check_prefix(self, t) -> Optional[str]:
+        if self.prefix is None:
+            return None
+        from mamba3_kernels.reference.compare import Report, compare_outputs
+        from mamba3_kernels.testing import to_numpy
+        n, ref_out = self.prefix
+        got = to_numpy(t.out[:1, :n])
+        rep = Report(compare_outputs("prefix", {"out": got}, {"out": ref_out}, dtype=self.bound_dtype))
+        return None if rep.ok else _worst(rep)
+
+    def _check_reference(self, t) -> Optional[str]:
+        from .check import _compare_full
+        return _compare_full(self.reference, t, self.bound_dtype)
+
+    # -- protocol -----------------------------------------------------------------------------
+    def compile(self, candidate) -> None:
+        self._run(candidate, self._bundle(self.small.args))
+
+    def check(self, candidate):
+        from mamba3_kernels.scan_testing import compare_scan
+        s = self._run(candidate, self._bundle(self.small.args))
+        rep = compare_scan(self.small, s, candidate.label + " small case")
+        if not rep.ok:
+            return False, "mismatch (small case vs the oracle): " + _worst(rep)
+        a = self._run(candidate, self._bundle(self.args))
+        why = self._check_prefix(a)
+        if why:
+            return False, "mismatch (prefix of the full case vs the oracle): " + why
+        if self.reference is not None:
+            why = self._check_reference(a)
+            if why:
+                return False, f"mismatch vs the reference output ({self.reference[0]}): {why}"
+        b = self._run(candidate, self._bundle(self.args))
+        for name, x, y in _pairs(a, b):
+            if not bitwise_equal(x, y):
+                return False, f"non-repeatable: {name} differs bitwise between two runs on the same inputs"
+        if self.reference is None:
+            self.reference = (candidate.label, a.out, a.state_out)
+        return True, ""
+
+    def bytes_per_set(self) -> int:
+        t = self._bundle(self.args)
+        return sum(x.numel() * x.element_size() for x in _tensors(t))
+
+    def _input_sets(self):
+        if self._sets is None:
+            import torch
+            t0 = self._bundle(self.args)
+            size = sum(x.numel() * x.element_size() for x in _tensors(t0))
+            n = 2
+            if self.device.type == "cuda":
+                n = rotation_count(size, l2_bytes(self.device), torch.cuda.mem_get_info(self.device)[0])
+            from .check import _clone_bundle
+            self._sets = [t0] + [_clone_bundle(t0) for _ in range(n - 1)]
+        return self._sets
+
+    def bench(self, candidate) -> Bench:
+        sets = self._input_sets()
+        mod, spec, cfg = _mod(candidate), self.spec, dict(candidate.config)
+        return Bench(lambda i: mod.forward(spec, cfg, sets[i]), n_inputs=len(sets), device=self.device,
+                     label=candidate.label)
+
+    def healthy(self):
+        try:
+            self._sync()
+            return True, ""
+        except Exception as e:  # noqa: BLE001
+            from .check import classify
+            return False, classify(e)
+
+    def close(self):
+        self._sets = None
+        self.reference = None
+
+
+def _split_lengths(total: int, n: int, rng) -> list:
+    """n sequence lengths summing to total (one of them empty when n > 2: varlen edge case)."""
+    if n <= 1:
+        return [total]
+    cuts = sorted(rng.integers(0, total + 1, size=n - 1).tolist())
+    lens = [b - a for a, b in zip([0] + cuts, cuts + [total])]
+    if n > 2 and 0 not in lens:
+        i = int(rng.integers(0, n))
+        j = (i + 1) % n
+        lens[j] += lens[i]
+        lens[i] = 0
+    return lens
+
+
+register_harness("forward", ScanHarness)

@@ -1,0 +1,129 @@
+"""The tuner on the chunked scan forward (op "forward") on CPU: the real ScanHarness with the
+Triton forward under the interpreter, plus broken fake backends the harness must reject, and
+the CLI's scan spec matching what `mamba3_kernels.scan` derives from tensors."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from mamba3_kernels import autotune as at
+from mamba3_kernels.autotune import cache as cache_mod
+from mamba3_kernels.autotune.commands import scan_spec_problem
+from mamba3_kernels.autotune.scan_harness import ScanHarness, _split_lengths
+from mamba3_kernels.spec import resolve_scan
+
+ENV = at.Environment(gpu="NVIDIA H100 80GB HBM3", cc="9.0", sm_count=132, driver="550.54.15",
+                     torch="2.13.0", triton="3.6.0", tilelang="0.1.15", cutlass_dsl="4.8.1",
+                     mamba3_kernels="0.1.0")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA3_TUNE_CACHE", str(tmp_path / "tune.json"))
+    at.set_environment_provider(lambda device: ENV)
+    yield
+    at.set_environment_provider(None)
+    cache_mod._caches.clear()
+
+
+class ConstTimer:
+    """Preset microseconds per backend name (the CPU has nothing worth timing)."""
+    name = "const"
+
+    def __init__(self, times):
+        self.times = times
+
+    def measure(self, bench, reps):
+        base = self.times[bench.label.split("[")[0].split()[0]]
+        return [base * (1 + 1e-3 * i) for i in range(reps)]
+
+
+def _triton():
+    from mamba3_kernels import backends
+    return backends.get("triton")
+
+
+def _wrapped(name, fn):
+    """A backend whose forward runs Triton's default config, then `fn(t)` on the result."""
+    tri = _triton()
+
+    def forward(spec, config, t):
+        tri.forward(spec, tri.default_config(spec, None, "forward"), t)
+        fn(t)
+
+    return types.SimpleNamespace(
+        NAME=name, PARALLEL_COMPILE=False, available=lambda: (True, ""),
+        supports=lambda spec, op: (op == "forward", ""),
+        space=lambda spec, problem, op: [{"x": 0}], default_config=lambda spec, problem, op: {"x": 0},
+        forward=forward)
+
+
+def _scale_out(t):
+    t.out.mul_(1.2)
+
+
+def _noisy(t):
+    t.out.add_(torch.randn_like(t.out) * 1e-6 * t.out.abs().max())
+
+
+def test_scan_tuning_checks_and_rejects():
+    spec, problem = scan_spec_problem(2, 24, 2, 16, 16, A=4, has_d=True, has_z=True, initial_states=True,
+                                      final_states=True, dtype="float32")
+    good = _triton()
+    res = at.tune("forward", spec, problem, "cpu", backends=[good, _wrapped("scaled", _scale_out),
+                                                            _wrapped("noisy", _noisy)],
+                  harness=ScanHarness(spec, problem, "cpu", seed=5, small_len=12, prefix_len=16),
+                  timer=ConstTimer({"triton": 5.0, "scaled": 1.0, "noisy": 2.0}), env=ENV,
+                  progress=False, reps=20, confirm_reps=20, max_candidates=2, write=True)
+    by = {r.backend: r for r in res.rows}
+    assert by["scaled"].status == "failed" and "mismatch (small case" in by["scaled"].reason
+    assert by["noisy"].status == "failed" and "non-repeatable" in by["noisy"].reason
+    assert res.best is not None and res.best.backend == "triton"
+    hit = at.lookup("forward", spec, problem, "cpu", env=ENV)
+    assert hit is not None and hit[0] == "triton"
+
+
+def test_scan_harness_reference_catches_a_late_divergence():
+    """A candidate right on the small case and on the prefix but wrong late in the sequence
+    fails against the reference output of the first passing candidate."""
+    spec, problem = scan_spec_problem(1, 40, 2, 16, 16, A=4, final_states=True, dtype="float32")
+
+    def late(t):
+        t.out[:, 30:].mul_(1.5)
+
+    h = ScanHarness(spec, problem, "cpu", seed=9, small_len=12, prefix_len=16)
+    tri = _triton()
+    cand = lambda mod, cfg: at.Candidate(mod.NAME, cfg, module=mod, is_default=True)  # noqa: E731
+    ok, why = h.check(cand(tri, tri.default_config(spec, problem, "forward")))
+    assert ok, why
+    ok, why = h.check(cand(_wrapped("late", late), {"x": 0}))
+    assert not ok and "reference output" in why
+
+
+def test_cli_scan_spec_matches_the_api():
+    B, L, H, G, N, P, R, A = 2, 33, 4, 2, 32, 16, 2, 8
+    spec, problem = scan_spec_problem(B, L, H, N, P, R, G, A, pairing="half", has_d=True, has_z=True,
+                                      mimo_v=True, mimo_z=True, mimo_out=True, initial_states=True,
+                                      final_states=True)
+    e = lambda *s, dt=torch.float32: torch.empty(s, dtype=dt, device="meta")  # noqa: E731
+    bf = torch.bfloat16
+    from mamba3_kernels.spec import States
+    api_spec, api_problem = resolve_scan(
+        e(B, L, R, G, N, dt=bf), e(B, L, R, G, N, dt=bf), e(B, L, H, P, dt=bf), e(B, H, L), e(B, H, L),
+        e(B, H, L), e(H, R, N), e(H, R, N), angles=e(B, L, H, A), d=e(H), z=e(B, L, H, P, dt=bf),
+        mimo_v=e(H, R, P), mimo_z=e(H, R, P), mimo_out=e(H, R, P),
+        initial_states=States(e(B, H, A), e(B, H, P, N), e(B, R, H, N), e(B, H, P, dt=bf)),
+        pairing="half", final_states=True)
+    assert (spec, problem) == (api_spec, api_problem)
+
+
+def test_split_lengths_sum_and_empty():
+    rng = np.random.default_rng(0)
+    for total, n in ((10, 1), (10, 2), (37, 4), (0, 3)):
+        lens = _split_lengths(total, n, rng)
+        assert len(lens) == n and sum(lens) == total and min(lens) >= 0
+        if n > 2:
+            assert 0 in lens
