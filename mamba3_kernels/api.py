@@ -85,7 +85,8 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
          output_mode: Optional[str] = None, pairing: str = "interleaved",
          discretization: str = "trapezoidal", final_states: bool = False, norm_eps: float = 1e-5,
          chunk_size: int = 64, state_dtype: str = "float32", out: Optional[torch.Tensor] = None,
-         backend: Optional[str] = None, config: Optional[dict] = None, validate: bool = True):
+         backend: Optional[str] = None, config: Optional[dict] = None, validate: bool = True,
+         bwd_config: Optional[dict] = None, save_y: bool = False):
     """The chunked Mamba-3 scan over whole sequences (prefill; SPEC §2, §3, §7, §8).
 
     Shapes (mamba3_kernels.spec): q, k (B, L, R, G, N) or (B, L, G, N) for R = 1; v, z
@@ -103,8 +104,12 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     (S,H,P,N) in `state_dtype`, k fp32 (S,R,H,N) rotated and biased, v (S,H,P) in V's dtype):
     feeding them back as initial_states continues the sequence exactly.
 
-    Forward only: with grad enabled, an input that requires grad raises NotImplementedError
-    (naming it) rather than returning outputs that would silently carry no gradient.
+    Differentiable: with grad enabled and an input requiring grad, the call goes through
+    mamba3_kernels.autograd.ScanFunction (Triton forward and backward; out and the final states
+    are differentiable outputs; every float input gets its gradient, deterministically).
+    `bwd_config` is the backward's config (backends/triton/scan_bwd.py; None = its default);
+    `save_y=True` keeps the per-rank y (fp32) for the backward instead of recomputing it. With
+    nothing requiring grad (or under torch.no_grad()) the forward-only path runs, at no extra cost.
     `chunk_size` is recorded in the spec (the oracle's chunked form uses it); the Triton
     forward picks its own chunk and segment lengths from its config (results do not depend on
     them beyond rounding). `validate=False` skips the one host sync (checking the cu_seqlens
@@ -121,14 +126,10 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
                                  discretization=discretization, final_states=final_states,
                                  norm_eps=norm_eps, chunk_size=chunk_size, state_dtype=state_dtype,
                                  cu_seqlens_values=cu_vals)
-    if torch.is_grad_enabled():
-        needs = [n for n, x in args.items() if any(isinstance(y, torch.Tensor) and y.requires_grad
-                                                   for y in (x if isinstance(x, (tuple, list)) else (x,)))]
-        if needs:  # a silently gradient-free output would train wrongly: refuse instead
-            raise NotImplementedError(
-                f"mamba3_kernels.scan: {', '.join(needs)}: expected no tensor requiring grad (the scan "
-                "is forward-only until the backward kernels land), got requires_grad=True; call it "
-                "under torch.no_grad() or pass detached tensors")
+    if torch.is_grad_enabled() and any(
+            isinstance(y, torch.Tensor) and y.requires_grad
+            for x in args.values() for y in (x if isinstance(x, (tuple, list)) else (x,))):
+        return _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y)
     with torch.no_grad():
         t = prepare_scan(spec, problem, **args, out=out)
         mod, cfg, _ = dispatch.select("forward", spec, problem, v.device, backend, config)
@@ -136,3 +137,26 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     if final_states:
         return t.out, t.state_out
     return t.out
+
+
+def _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y):
+    """The differentiable path (mamba3_kernels.autograd): Triton forward and backward."""
+    if out is not None:
+        raise bad_arg("out", "None when an input requires grad (the autograd path allocates its "
+                      "outputs)", "a tensor")
+    if backend not in (None, "triton"):
+        raise bad_arg("backend", "None or 'triton' when an input requires grad (the backward is "
+                      "Triton's)", repr(backend))
+    from .autograd import scan_with_grad
+    from .backends.triton import scan_bwd, scan_fwd
+    ok, why = scan_bwd.supports(spec)
+    if not ok:
+        raise ValueError(f"spec: expected one the Triton backward supports, got one it does not ({why})")
+    # dtype / device / stride checks before anything runs (nothing is written on an error)
+    prepare_scan(spec, problem, **args, out=None)
+    fwd_cfg = dict(config) if config is not None else scan_fwd.default_config(spec, problem)
+    bcfg = scan_bwd.default_config(spec, problem)
+    if bwd_config is not None:
+        bcfg.update(bwd_config)
+    scan_bwd.check_config(spec, bcfg)
+    return scan_with_grad(spec, problem, args, fwd_cfg, bcfg, bool(save_y))

@@ -1,0 +1,466 @@
+"""Triton chunked-scan backward: configs, the stage pipeline, AOT build. SPEC §9.1.
+
+`backward(spec, config, saved, grads)` returns every input gradient of the scan whose forward
+ran on the bundle `saved` (mamba3_kernels.scan_tensors.ScanTensors: the inputs in kernel
+layout; mamba3_kernels/autograd.py keeps it). Stages (per sequence, value head h, token t,
+rank r; q' = Q[g(h)] + Q_bias, k' likewise, theta the cumulative angle, lam = sigmoid(Trap),
+gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
+
+  0  seq_fwd   (scan_bwd_prep.py, grid (S, H))   theta, gamma, scale, pend0 = DT_0 (1 - lam_0)
+  1  y         the per-rank y (before the output mode) in fp32: recomputed by the forward
+               (`scan_fwd.forward` with a per-rank, no-Z, no-MIMO_Out spec), or the copy the
+               forward saved (config SAVE_Y / scan(..., save_y=True)); only when the output mode
+               needs it (Z, MIMO_Out or the norm)
+  2  output    (scan_bwd_output.py, token-parallel) dy (B,L,R,H,P), dZ, dMIMO_Z/Out, dNormW partials
+  3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
+  4  core      (scan_bwd_core.py) the strictly causal decayed attention's backward:
+               dqh, dks, dvt, dADT, dS0 (S0 = S_init + pend0 sum_r vt_init,r k_init,r^T)
+  5  post      (scan_bwd_post.py, token-parallel) diagonal and D terms, inverse rotation,
+               dK_final / dV_final at each sequence's last token -> dq', dk' per value head,
+               dV, dtheta, dgamma, dscale, bias / MIMO_V / D partials
+  6  seq_bwd   (scan_bwd_post.py, grid (S, H)) dDT, dTrap, reverse angle cumsum -> dAngles, dTheta_init
+  7  torch     GQA sum of dq'/dk' into G groups (fp32 per-head buffers, only when G < H),
+               block partial sums, shared-angle head sum, the initial states' K/V/MIMO_V parts.
+Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
+
+Config keys: BT (tokens per program of the token-parallel kernels), SEQ_BT (tokens per step of
+the per-sequence loops), num_warps, CORE (the core's own config dict or None = its default),
+CORE_IMPL ("triton", or "reference": the float64 NumPy core_adjoint, for tests only).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+
+from mamba3_kernels.spec import ScanSpec, States, bad_arg
+
+from . import _interpret, _pow2, _resource_usage
+from . import scan_bwd_output as _outk
+from . import scan_bwd_post as _post
+from . import scan_bwd_prep as _prep
+
+F32 = torch.float32
+
+
+def supports(spec: ScanSpec):
+    from . import scan_fwd
+    ok, why = scan_fwd.supports(spec)
+    if not ok:
+        return ok, why
+    if spec.state_dtype != "float32" and spec.final_states:
+        return False, "final SSM state in bf16 (the backward needs fp32 final-state gradients)"
+    return True, ""
+
+
+def _nhp(spec) -> int:
+    return max(2, _pow2(spec.d_state // 2))
+
+
+def _ap(spec) -> int:
+    return max(2, _pow2(spec.n_angles))
+
+
+def default_config(spec: ScanSpec, problem=None) -> dict:
+    """Token-parallel kernels: 32 tokens per program (16 when a rank's N- and P-tiles are wide:
+    the post kernel holds a few [BT, N/2] and [BT, P] fp32 tiles at once), 4 warps; the
+    per-sequence loops step 64 tokens."""
+    wide = _nhp(spec) * max(16, _pow2(spec.head_dim)) >= 64 * 128
+    return dict(BT=16 if wide else 32, SEQ_BT=64, num_warps=4, CORE=None, CORE_IMPL="triton",
+                SAVE_Y=False)
+
+
+def check_config(spec: ScanSpec, config: dict) -> None:
+    for key in ("BT", "SEQ_BT", "num_warps"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise bad_arg(f"config.{key}", "a power of two >= 1", v)
+    if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
+        raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
+
+
+def op_dtype(spec: ScanSpec):
+    """GEMM operand dtype of the core: bf16 for 16-bit inputs, fp32 for fp32 inputs."""
+    return F32 if spec.input_dtype == "float32" else torch.bfloat16
+
+
+def needs_y(spec: ScanSpec) -> bool:
+    """The output mode's adjoint reads y only with a gate, MIMO_Out or the norm."""
+    return spec.has_z or spec.has_mimo_out or spec.output_mode == "norm_reduce"
+
+
+def y_spec(spec: ScanSpec) -> ScanSpec:
+    """The forward spec whose output is the per-rank y before the output mode."""
+    return spec.replace(output_mode="per_rank", has_z=False, has_mimo_z=False, has_mimo_out=False,
+                        final_states=False)
+
+
+def compute_y(spec: ScanSpec, t, problem=None, fwd_config=None) -> torch.Tensor:
+    """Stage 1: the per-rank y (B, L, R, H, P) in fp32, by the Triton forward."""
+    from mamba3_kernels.scan_tensors import ScanTensors
+
+    from . import scan_fwd
+    ys = y_spec(spec)
+    B, L, H, P = t.v.shape
+    y = torch.empty((B, L, spec.rank, H, P), dtype=F32, device=t.v.device)
+    ty = ScanTensors(q=t.q, k=t.k, v=t.v, z=None, adt=t.adt, dt=t.dt, trap=t.trap, angles=t.angles,
+                     q_bias=t.q_bias, k_bias=t.k_bias, d=t.d, mimo_v=t.mimo_v, mimo_z=None,
+                     mimo_out=None, norm_weight=None, cu_seqlens=t.cu_seqlens, state_in=t.state_in,
+                     out=y, state_out=None)
+    if L:
+        cfg = fwd_config or scan_fwd.default_config(ys, problem)
+        scan_fwd.forward(ys, cfg, ty)
+    return y
+
+
+# ------------------------------------------------------------------------------------------
+# the core (stage 4)
+
+def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
+    """The float64 NumPy core (reference/core_adjoint.py) on the same operands (tests only)."""
+    from mamba3_kernels.reference import core_adjoint as ca
+    n = lambda x: None if x is None else x.detach().double().cpu().numpy()
+    g = ca.core_backward(n(qh), n(ks), n(vt), n(adt), n(dy), n(s0), n(dsf),
+                         None if cu is None else cu.cpu().numpy())
+    return {k: torch.as_tensor(v, dtype=F32, device=qh.device) for k, v in g.items()}
+
+
+def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
+    if config.get("CORE_IMPL", "triton") == "reference":
+        return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
+    from . import scan_bwd_core as core
+    ccfg = None
+    if config.get("CORE"):   # partial overrides on top of the core's default
+        R, N, P = qh.shape[2], qh.shape[4], vt.shape[4]
+        ccfg = dict(core.default_config(R, N, P, qh.dtype), **config["CORE"])
+    return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
+                              config=ccfg, want_ds0=True)
+
+
+# ------------------------------------------------------------------------------------------
+# launch plan
+
+def _strides_angles(spec, ang):
+    if ang is None:
+        return (0, 0, 0)
+    if spec.shared_angles:
+        return (ang.stride(0), ang.stride(1), 0)
+    return tuple(ang.stride()[:3])
+
+
+def _last_index(B, L, S, cu, dev):
+    """Per token (B * L,) int32: the index of the sequence it ends, or -1."""
+    last = torch.full((B * L + 1,), -1, dtype=torch.int32, device=dev)
+    if B * L == 0:
+        return last[:0]
+    if cu is None:
+        idx = torch.arange(B, device=dev, dtype=torch.int64) * L + (L - 1)
+        last[idx] = torch.arange(B, device=dev, dtype=torch.int32)
+    else:
+        cu64 = cu.to(torch.int64)
+        ends = cu64[1:] - 1
+        ok = cu64[1:] > cu64[:-1]
+        idx = torch.where(ok, ends, torch.full_like(ends, B * L))   # empty ones -> spare slot
+        last.scatter_(0, idx, torch.arange(S, device=dev, dtype=torch.int32))
+    return last[:B * L]
+
+
+def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
+    """The kernel calls of stages 0, 2, 3 (before the core) and 5, 6 (after it) as dicts
+    (name, kernel, grid, args, constexprs, num_warps, stage); `bufs` holds every tensor by name
+    (see `buffers`)."""
+    B, L, H, P = t.v.shape
+    G = t.q.shape[3]
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    BT, SBT = config["BT"], config["SEQ_BT"]
+    nw = config["num_warps"]
+    varlen = t.cu_seqlens is not None
+    interp = _interpret()
+    b = bufs
+    d = b["dummy"]
+    opt = lambda x: d if x is None else x
+    sq, sk, sv = t.q.stride(), t.k.stride(), t.v.stride()
+    sa = _strides_angles(spec, t.angles)
+    cu = t.cu_seqlens if varlen else b["zero_i32"]
+    PP = max(2, _pow2(P))
+    common = dict(R=R, N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
+                  HAS_MV=t.mimo_v is not None, INTERP=interp)
+    st = t.state_in
+    calls = [
+        dict(name="bwd_seq_fwd", stage=0, kernel=_prep.seq_fwd_kernel, grid=(S, H),
+             args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
+                   ("ang_in_ptr", st.angle if st is not None else d), ("cu_ptr", cu),
+                   ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
+                   ("pend_ptr", b["pend"]), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
+                   ("L", L), ("H", H)],
+             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
+                             HAS_INIT=st is not None),
+             num_warps=1),
+        dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
+             args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
+                   ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)), ("w_ptr", opt(t.norm_weight)),
+                   ("dy_ptr", b["dy"]), ("dz_ptr", opt(b["dz"])), ("pmz_ptr", opt(b["pmz"])),
+                   ("pmo_ptr", opt(b["pmo"])), ("pw_ptr", opt(b["pw"])),
+                   ("s_zb", t.z.stride(0) if t.z is not None else 0),
+                   ("s_zt", t.z.stride(1) if t.z is not None else 0),
+                   ("s_zh", t.z.stride(2) if t.z is not None else 0),
+                   ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
+             constexprs=dict(R=R, P=P, PP=PP, BT=BT, MODE=_outk.MODES[spec.output_mode],
+                             HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
+                             HAS_MO=t.mimo_out is not None, NEED_Y=needs_y(spec), INTERP=interp),
+             num_warps=nw),
+        dict(name="bwd_prep", stage=3, kernel=_prep.prep_kernel, grid=_post.token_grid(B * L, H, BT),
+             args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
+                   ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("theta_ptr", b["theta"]),
+                   ("scale_ptr", b["scale"]), ("qh_ptr", b["qh"]), ("ks_ptr", b["ks"]), ("vt_ptr", b["vt"]),
+                   ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
+                   ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
+                   ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+                   ("BL", B * L), ("L", L), ("H", H), ("G", G)],
+             constexprs=dict(common), num_warps=nw),
+        dict(name="bwd_post", stage=5, kernel=_post.post_kernel, grid=_post.token_grid(B * L, H, BT),
+             args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
+                   ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
+                   ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
+                   ("dqh_ptr", b["dqh"]), ("dks_ptr", b["dks"]), ("dvt_ptr", b["dvt"]), ("dy_ptr", b["dy"]),
+                   ("last_ptr", b["last"]), ("dkf_ptr", opt(b["dkf"])), ("dvf_ptr", opt(b["dvf"])),
+                   ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
+                   ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
+                   ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])), ("pd_ptr", opt(b["pd"])),
+                   ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
+                   ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
+                   ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+                   ("BL", B * L), ("L", L), ("H", H), ("G", G)],
+             constexprs=dict(common, HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
+                             HAS_VF=b["dvf"] is not None),
+             num_warps=nw),
+        dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=(S, H),
+             args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("cu_ptr", cu),
+                   ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("dth_ptr", b["dtheta"]),
+                   ("dthf_ptr", opt(b["dthf"])), ("dpend_ptr", opt(b["dpend"])),
+                   ("ddt_ptr", b["ddt"]), ("dtrap_ptr", opt(b["dtrap"])), ("dang_ptr", b["dang"]),
+                   ("dthi_ptr", opt(b["dthi"])), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
+                   ("L", L), ("H", H)],
+             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
+                             HAS_INIT=st is not None, HAS_THF=b["dthf"] is not None),
+             num_warps=1),
+    ]
+    return calls
+
+
+def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
+    """Every scratch and output tensor of the pipeline (device may be "meta" for AOT)."""
+    B, L, H, P = t.v.shape
+    G = t.q.shape[3]
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    BT = grads["_config"]["BT"]
+    nblk = triton.cdiv(max(B * L, 1), BT)
+    e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
+    idt = t.v.dtype
+    odt = op_dtype(spec)
+    b = dict(dummy=e(1), zero_i32=torch.zeros(1, dtype=torch.int32, device=device))
+    b["theta"] = e(B, L, H, max(A, 1))
+    b["gamma"], b["scale"] = e(B, H, L), e(B, H, L)
+    b["pend"] = e(S, H)
+    b["y"] = grads.get("_y") if with_y else None
+    b["dout"] = grads["out"]
+    b["dy"] = e(B, L, R, H, P, dt=odt)
+    b["dz"] = e(B, L, H, P, dt=idt) if t.z is not None else None
+    b["pmz"] = e(nblk, H, R, P) if t.mimo_z is not None else None
+    b["pmo"] = e(nblk, H, R, P) if t.mimo_out is not None else None
+    b["pw"] = e(nblk, H, P) if t.norm_weight is not None else None
+    b["qh"], b["ks"] = e(B, L, R, H, N, dt=odt), e(B, L, R, H, N, dt=odt)
+    b["vt"] = e(B, L, R, H, P, dt=odt)
+    b["dqh"] = b["dks"] = b["dvt"] = None        # from the core
+    b["last"] = torch.empty(B * L, dtype=torch.int32, device=device)
+    b["dkf"] = grads.get("k")
+    b["dvf"] = grads.get("v")
+    b["dthf"] = grads.get("angle") if A else None
+    gdt = idt if G == H else F32
+    b["dq"], b["dk"] = e(B, L, R, H, N, dt=gdt), e(B, L, R, H, N, dt=gdt)
+    b["dv"] = e(B, L, H, P, dt=idt)
+    b["dtheta"] = e(B, L, H, max(A, 1))
+    b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
+    b["pqb"], b["pkb"] = e(nblk, H, R, N), e(nblk, H, R, N)
+    b["pmv"] = e(nblk, H, R, P) if t.mimo_v is not None else None
+    b["pd"] = e(nblk, H) if t.d is not None else None
+    b["ddt"] = e(B, H, L)
+    b["dtrap"] = e(B, H, L) if t.trap is not None else None
+    b["dang"] = e(B, L, H, max(A, 1))
+    b["dpend"] = e(S, H) if t.state_in is not None else None
+    b["dthi"] = e(S, H, max(A, 1)) if t.state_in is not None else None
+    b["nblk"] = nblk
+    return b
+
+
+def launch(c: dict) -> None:
+    c["kernel"][c["grid"]](*[v for _, v in c["args"]], **c["constexprs"], num_warps=c["num_warps"],
+                           num_stages=1)
+
+
+def _f32(x):
+    return None if x is None else x.to(F32).contiguous()
+
+
+def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> dict:
+    """Every input gradient. `saved`: the forward's ScanTensors (out/state_out unused);
+    `grads`: out (the upstream gradient of out, any strides) and, for final states, angle, ssm,
+    k, v (each None = 0); optional `_y`: the saved fp32 per-rank y. Returns a dict keyed like
+    scan()'s arguments in kernel layouts (q, k (B,L,R,G,N); biases (H,R,N); initial_states a
+    States with k (S,R,H,N)); None for absent inputs."""
+    check_config(spec, config)
+    t = saved
+    dev = t.v.device
+    B, L, H, P = t.v.shape
+    G = t.q.shape[3]
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    g = dict(grads)
+    g["_config"] = config
+    g["out"] = grads["out"].contiguous()
+    for key in ("angle", "ssm", "k", "v"):
+        g[key] = _f32(grads.get(key))
+    if g["k"] is not None:
+        g["k"] = g["k"].view(S, R, H, N)
+    y = grads.get("_y")
+    if y is None and needs_y(spec):
+        y = compute_y(spec, t, problem)
+    g["_y"] = y
+    b = buffers(spec, t, g, dev)
+    b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
+    calls = {c["name"]: c for c in plan(spec, config, t, b)}
+    launch(calls["bwd_seq_fwd"])
+    if L:
+        launch(calls["bwd_output"])
+        launch(calls["bwd_prep"])
+    # stage 4: the core, on the corrected initial state S0 = S_init + pend0 sum_r vt_init k_init^T
+    st = t.state_in
+    s0 = None
+    mv = t.mimo_v if t.mimo_v is not None else torch.ones((H, R, P), dtype=F32, device=dev)
+    if st is not None:
+        vinit = st.v.to(F32)
+        s0 = st.ssm + b["pend"][:, :, None, None] * torch.einsum("shp,hrp,srhn->shpn", vinit, mv, st.k)
+    core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens)
+    b["dqh"], b["dks"], b["dvt"] = core["dqh"].contiguous(), core["dks"].contiguous(), core["dvt"].contiguous()
+    ds0 = core["ds0"]
+    if st is not None:
+        # d/dpend0 of <ds0, pend0 sum_r vt_init,r k_init,r^T>, consumed by seq_bwd at token 0
+        kd = torch.einsum("shpn,srhn->shrp", ds0, st.k)                       # (S, H, R, P)
+        b["dpend"] = torch.einsum("shrp,shp,hrp->sh", kd, vinit, mv).contiguous()
+    calls = {c["name"]: c for c in plan(spec, config, t, b)}
+    if L:
+        launch(calls["bwd_post"])
+    launch(calls["bwd_seq_bwd"])
+    # stage 7: fixed-order reductions
+    out = {}
+    if G == H:
+        out["q"], out["k"] = b["dq"].view(B, L, R, G, N), b["dk"].view(B, L, R, G, N)
+    else:
+        out["q"] = b["dq"].view(B, L, R, G, H // G, N).sum(4).to(t.v.dtype)
+        out["k"] = b["dk"].view(B, L, R, G, H // G, N).sum(4).to(t.v.dtype)
+    out["v"] = b["dv"]
+    out["adt"] = core["dadt"].to(F32).contiguous()
+    out["dt"] = b["ddt"]
+    out["trap"] = b["dtrap"]
+    out["q_bias"] = b["pqb"].sum(0)
+    out["k_bias"] = b["pkb"].sum(0)
+    out["d"] = b["pd"].sum(0) if b["pd"] is not None else None
+    out["z"] = b["dz"]
+    out["mimo_z"] = b["pmz"].sum(0) if b["pmz"] is not None else None
+    out["mimo_out"] = b["pmo"].sum(0) if b["pmo"] is not None else None
+    out["norm_weight"] = b["pw"].sum(0) if b["pw"] is not None else None
+    dmv = b["pmv"].sum(0) if b["pmv"] is not None else None
+    if A:
+        dang = b["dang"]
+        out["angles"] = dang.sum(2) if spec.shared_angles else dang
+    else:
+        out["angles"] = None
+    if st is not None:
+        pend = b["pend"]
+        # S0 = S_init + pend0 sum_r (v_init mv_r) k_init,r^T
+        dk_init = pend[:, None, :, None] * torch.einsum("shpn,shp,hrp->srhn", ds0, vinit, mv)
+        dv_init = pend[:, :, None] * torch.einsum("shrp,hrp->shp", kd, mv)
+        if dmv is not None:
+            dmv = dmv + torch.einsum("sh,shrp,shp->hrp", pend, kd, vinit)
+        if t.cu_seqlens is not None:   # an empty sequence passes its final-state grads through
+            empty = (t.cu_seqlens[1:] == t.cu_seqlens[:-1])
+            if g["k"] is not None:
+                dk_init = dk_init + torch.where(empty[:, None, None, None], g["k"], 0.0)
+            if g["v"] is not None:
+                dv_init = dv_init + torch.where(empty[:, None, None], g["v"], 0.0)
+        elif L == 0:
+            if g["k"] is not None:
+                dk_init = dk_init + g["k"]
+            if g["v"] is not None:
+                dv_init = dv_init + g["v"]
+        dth_init = b["dthi"] if A else torch.zeros((S, H, 0), dtype=F32, device=dev)
+        out["initial_states"] = States(dth_init, ds0.to(F32), dk_init, dv_init)
+    else:
+        out["initial_states"] = None
+    out["mimo_v"] = dmv
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# AOT build (no GPU)
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+       torch.int64: "i64"}
+
+
+def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") -> list:
+    """AOT-compile the backward's own kernels (stages 0, 2, 3, 5, 6) for `arch` without a GPU (run
+    without TRITON_INTERPRET). One dict per kernel: name, registers, spills, shared, cubin size.
+    The core's kernels are compiled by scan_bwd_core's own `compile` where it has one."""
+    from mamba3_kernels.spec import Problem
+
+    from . import scan_fwd
+    if problem is None:
+        problem = Problem(1 if spec.varlen else 2, 1024, 4, 1, 2)
+    if _interpret():
+        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
+                           "interpreter do not mix), got TRITON_INTERPRET set")
+    from triton.backends.compiler import GPUTarget
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    t = scan_fwd.meta_tensors(spec, problem)
+    B, L, H, P = t.v.shape
+    S = problem.nseqs
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    e = lambda *s: torch.empty(s, dtype=F32, device="meta")
+    grads = dict(out=torch.empty(t.out.shape, dtype=t.v.dtype, device="meta"), _config=config,
+                 _y=e(B, L, R, H, P) if needs_y(spec) else None,
+                 angle=e(S, H, A) if spec.final_states and A else None,
+                 k=e(S, R, H, N) if spec.final_states else None,
+                 v=e(S, H, P) if spec.final_states else None)
+    b = buffers(spec, t, grads, "meta")
+    b["dqh"], b["dks"] = e(B, L, R, H, N), e(B, L, R, H, N)
+    b["dvt"] = e(B, L, R, H, P)
+    b["dpend"] = e(S, H) if spec.initial_states else None
+    res = []
+    for c in plan(spec, config, t, b, device="meta"):
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(c["args"]):
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + _TT[v.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        for name in c["constexprs"]:
+            sig[name] = "constexpr"
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
+                                        attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
+                           options={"num_warps": c["num_warps"], "num_stages": 1})
+        use = _resource_usage(k.asm["cubin"])
+        res.append(dict(name=c["name"], registers=use["registers"],
+                        spills=(use["local"] or 0) + (use["stack"] or 0),
+                        shared=int(getattr(k.metadata, "shared", 0) or 0), num_warps=c["num_warps"],
+                        cubin_bytes=len(k.asm["cubin"])))
+    return res

@@ -1,0 +1,258 @@
+"""Backward stages 5 and 6 of the chunked scan (SPEC §9.1; orchestrated by scan_bwd.py).
+
+`post_kernel` grid (token blocks, H), token-parallel. From the core's fp32 gradients of its
+operands (dqh, dks, dvt) and the output stage's dy, per token t of head h (q' = Q + Q_bias,
+k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt_r'):
+    diagonal term y_r += gamma sum_r' M[r,r'] vt_r' and skip term y_r += D vt_r:
+        dq'_r += gamma sum_r' W[r,r'] k'_r';   dk'_r' += gamma sum_r W[r,r'] q'_r
+        dvt_r' += gamma sum_r M[r,r'] dy_r + D dy_r';  dgamma_t = sum M o W;  dD += sum dy_r . vt_r
+    ks = kh * scale:  dkh = dks * scale (+ dK_final at a sequence's last token),
+                      dscale_t = sum_r dks_r . kh_r
+    rotation: dq' += Rot(-theta) dqh, dk' += Rot(-theta) dkh,
+              dtheta_j = sum over q and k, ranks of d0 (-x0 s - x1 c) + d1 (x0 c - x1 s)
+    dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
+Writes dq', dk' per value head (B, L, R, H, N) in the pointer's dtype (the final dQ/dK when
+G = H, else fp32 for the GQA sum), dV, per-token dtheta (B, L, H, A), dgamma and dscale
+(B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .)
+and dD (nblk, H).
+
+`seq_bwd_kernel` grid (sequences, H): walks one sequence backwards chunk by chunk:
+    dDT_t   = (dgamma_t + dscale_t) lam_t + dscale_{t-1} (1 - lam_t)      (SPEC §9.2 stage 4)
+    dTrap_t = (dgamma_t + dscale_t - dscale_{t-1}) DT_t lam_t (1 - lam_t)
+    (dscale_{-1} = 0; the first token also gets the initial states' pending term
+     dpend0 (1 - lam_0), -dpend0 DT_0 lam_0 (1 - lam_0))
+    Gacc_t  = dTheta_final + sum_{s >= t} dtheta_s (reverse cumsum carried across chunks, fp32)
+    dAngles_t = Gacc_t pi DT_t (1 - tanh^2),  dDT_t += sum_j Gacc_t,j pi tanh,  dTheta_init = Gacc_0
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .scan_bwd_prep import PI, _cast, _pair_cols, _seq_bounds, _sigmoid, _tanh
+
+
+@triton.jit
+def post_kernel(
+    q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
+    dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, pd_ptr,
+    s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
+    BL, L, H, G,
+    R: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+    A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, HAS_MV: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // (H // G)
+    m = pid * BT + tl.arange(0, BT)
+    mm = m < BL
+    m64 = m.to(tl.int64)
+    b = m64 // L
+    t = m64 % L
+    j = tl.arange(0, NHP)
+    jm = j < (N // 2)
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    xm = mm[:, None] & jm[None, :]
+    p = tl.arange(0, PP)
+    pm = p < P
+    vm = mm[:, None] & pm[None, :]
+    if A > 0:
+        th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
+                     mask=mm[:, None] & (j[None, :] < A), other=0.0)
+        cs = tl.cos(th)
+        sn = tl.sin(th)
+    else:
+        cs = tl.full([BT, NHP], 1.0, tl.float32)
+        sn = tl.zeros([BT, NHP], dtype=tl.float32)
+    sidx = (b * H + h) * L + t
+    gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
+    scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
+    v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
+                other=0.0).to(tl.float32)
+    if HAS_D:
+        dd = tl.load(d_ptr + h)
+    else:
+        dd = 0.0
+    if HAS_KF or HAS_VF:
+        seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
+        is_last = seq_last >= 0
+        sl = tl.where(is_last, seq_last, 0).to(tl.int64)
+    dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
+    dscale = tl.zeros([BT], dtype=tl.float32)
+    dgamma = tl.zeros([BT], dtype=tl.float32)
+    dv = tl.zeros([BT, PP], dtype=tl.float32)
+    dD = tl.zeros([BT], dtype=tl.float32)
+    DQT = dq_ptr.dtype.element_ty
+    for r in range(R):
+        qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
+        brow = (h * R + r) * N
+        x0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+        x1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+        hrow = ((m64 * R + r) * H + h)[:, None] * N
+        d0 = tl.load(dqh_ptr + hrow + c0[None, :], mask=xm, other=0.0)
+        d1 = tl.load(dqh_ptr + hrow + c1[None, :], mask=xm, other=0.0)
+        dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
+        e0 = d0 * cs + d1 * sn
+        e1 = d1 * cs - d0 * sn
+        dyr = tl.load(dy_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                      other=0.0).to(tl.float32)
+        for r2 in range(R):
+            if HAS_MV:
+                mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+                w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
+            else:
+                w = tl.sum(dyr * v, axis=1) * gamma
+            krow2 = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
+            brow2 = (h * R + r2) * N
+            y0 = tl.load(k_ptr + krow2 + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(kb_ptr + brow2 + c0, mask=jm, other=0.0)[None, :]
+            y1 = tl.load(k_ptr + krow2 + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(kb_ptr + brow2 + c1, mask=jm, other=0.0)[None, :]
+            e0 += w[:, None] * y0
+            e1 += w[:, None] * y1
+        tl.store(dq_ptr + hrow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
+        tl.store(dq_ptr + hrow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+        prow = ((pid * H + h) * R + r) * N
+        tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+        tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+    for r2 in range(R):
+        krow = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
+        brow = (h * R + r2) * N
+        x0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+        x1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+        kh0 = x0 * cs - x1 * sn
+        kh1 = x0 * sn + x1 * cs
+        hrow = ((m64 * R + r2) * H + h)[:, None] * N
+        f0 = tl.load(dks_ptr + hrow + c0[None, :], mask=xm, other=0.0)
+        f1 = tl.load(dks_ptr + hrow + c1[None, :], mask=xm, other=0.0)
+        dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+        d0 = f0 * scale[:, None]
+        d1 = f1 * scale[:, None]
+        if HAS_KF:
+            frow = ((sl * R + r2) * H + h)[:, None] * N
+            fm = xm & is_last[:, None]
+            d0 += tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
+            d1 += tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
+        dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
+        e0 = d0 * cs + d1 * sn
+        e1 = d1 * cs - d0 * sn
+        vrow = ((m64 * R + r2) * H + h)[:, None] * P + p[None, :]
+        dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+        dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
+        if HAS_MV:
+            mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+            vt2 = v * mv2[None, :]
+        else:
+            vt2 = v
+        dD += tl.sum(dy2 * vt2, axis=1)
+        dvt += dd * dy2
+        for r in range(R):
+            qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
+            brq = (h * R + r) * N
+            y0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(qb_ptr + brq + c0, mask=jm, other=0.0)[None, :]
+            y1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(qb_ptr + brq + c1, mask=jm, other=0.0)[None, :]
+            dyr = tl.load(dy_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                          other=0.0).to(tl.float32)
+            mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
+            w = tl.sum(dyr * vt2, axis=1)
+            dgamma += mqk * w
+            e0 += (gamma * w)[:, None] * y0
+            e1 += (gamma * w)[:, None] * y1
+            dvt += (gamma * mqk)[:, None] * dyr
+        tl.store(dk_ptr + hrow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
+        tl.store(dk_ptr + hrow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+        prow = ((pid * H + h) * R + r2) * N
+        tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+        tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+        if HAS_MV:
+            dv += dvt * mv2[None, :]
+            tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
+        else:
+            dv += dvt
+    if HAS_VF:
+        dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
+                      other=0.0)
+    tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
+             mask=vm)
+    if A > 0:
+        tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                 mask=mm[:, None] & (j[None, :] < A))
+    tl.store(dgam_ptr + sidx, dgamma, mask=mm)
+    tl.store(dsc_ptr + sidx, dscale, mask=mm)
+    if HAS_D:
+        tl.store(pd_ptr + pid * H + h, tl.sum(dD, axis=0))
+
+
+@triton.jit
+def seq_bwd_kernel(
+    dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, dthf_ptr, dpend_ptr,
+    ddt_ptr, dtrap_ptr, dang_ptr, dthi_ptr,
+    s_ab, s_at, s_ah, L, H,
+    A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_THF: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    b, t0, t1 = _seq_bounds(seq, cu_ptr, L, VARLEN)
+    b64 = b.to(tl.int64)
+    base = (b64 * H + h) * L
+    j = tl.arange(0, AP)
+    jm = j < A
+    if HAS_THF and A > 0:
+        carry = tl.load(dthf_ptr + (seq * H + h) * A + j, mask=jm, other=0.0)
+    else:
+        carry = tl.zeros([AP], dtype=tl.float32)
+    if HAS_INIT:
+        dpend = tl.load(dpend_ptr + seq * H + h)
+    else:
+        dpend = 0.0
+    rows = tl.arange(0, BT)
+    nch = tl.cdiv(t1 - t0, BT)
+    for i in range(nch):
+        t = t0 + (nch - 1 - i) * BT + rows
+        tm = t < t1
+        dg = tl.load(dgam_ptr + base + t, mask=tm, other=0.0)
+        ds = tl.load(dsc_ptr + base + t, mask=tm, other=0.0)
+        dt = tl.load(dt_ptr + base + t, mask=tm, other=0.0)
+        first = t == t0
+        if TRAP:
+            dsp = tl.load(dsc_ptr + base + t - 1, mask=tm & (t > t0), other=0.0)
+            lam = _sigmoid(tl.load(trap_ptr + base + t, mask=tm, other=0.0))
+            dG = dg + ds
+            dpd = tl.where(first, dpend, 0.0)
+            ddt = dG * lam + (dsp + dpd) * (1.0 - lam)
+            dtrap = (dG - dsp - dpd) * dt * lam * (1.0 - lam)
+            tl.store(dtrap_ptr + base + t, dtrap, mask=tm)
+        else:
+            ddt = dg + ds
+        if A > 0:
+            am = tm[:, None] & jm[None, :]
+            t64 = t.to(tl.int64)
+            d = tl.load(dth_ptr + ((b64 * L + t64[:, None]) * H + h) * A + j[None, :], mask=am, other=0.0)
+            incl = tl.cumsum(d, axis=0)
+            tot = tl.sum(d, axis=0)
+            rev = carry[None, :] + (tot[None, :] - incl) + d
+            raw = tl.load(ang_ptr + b64 * s_ab + t64[:, None] * s_at + h * s_ah + j[None, :],
+                          mask=am, other=0.0).to(tl.float32)
+            th = _tanh(raw)
+            tl.store(dang_ptr + ((b64 * L + t64[:, None]) * H + h) * A + j[None, :],
+                     rev * PI * dt[:, None] * (1.0 - th * th), mask=am)
+            ddt += tl.sum(tl.where(am, rev * PI * th, 0.0), axis=1)
+            carry = carry + tot
+        tl.store(ddt_ptr + base + t, ddt, mask=tm)
+    if HAS_INIT and A > 0:
+        tl.store(dthi_ptr + (seq * H + h) * A + j, carry, mask=jm)
+
+
+def token_grid(BL: int, H: int, BT: int):
+    return (triton.cdiv(max(BL, 1), BT), H)
+
+

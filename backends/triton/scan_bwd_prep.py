@@ -1,0 +1,210 @@
+"""Backward stages 1 and 3 of the chunked scan (SPEC §9.1; orchestrated by scan_bwd.py).
+
+`seq_fwd_kernel`   grid (sequences, H): walks one sequence of one head chunk by chunk and
+                   writes the per-token scalars of the forward's phase 1 that the backward
+                   reuses (fp32):
+                     theta[t]  = wrap(theta_init + sum_{u<=t} pi tanh(Angles_u) DT_u)  (B,L,H,A)
+                     gamma[t]  = DT_t lam_t                                             (B,H,L)
+                     scale[t]  = gamma_t + DT_{t+1} (1 - lam_{t+1}) (0 past the seq's end) (B,H,L)
+                     pend0     = DT_0 (1 - lam_0) of the sequence's first token (0 if empty) (S,H)
+                   (the angle cumsum is the one sequential part; the loop carries it wrapped).
+`prep_kernel`      grid (token blocks, H): the GEMM operands of the core backward, token-parallel,
+                   in the operand dtype (bf16 for 16-bit inputs, fp32 for fp32 inputs):
+                     qh[t,r] = Rot(theta_t)(Q[t,r,g(h)] + Q_bias[h,r])                 (B,L,R,H,N)
+                     ks[t,r] = Rot(theta_t)(K[t,r,g(h)] + K_bias[h,r]) * scale_t        (B,L,R,H,N)
+                     vt[t,r] = V[t,h] * MIMO_V[h,r]                                       (B,L,R,H,P)
+
+Pairs: a row of N columns is handled as two tiles of the pairs' members, x0[j] = x[c0(j)],
+x1[j] = x[c1(j)], j < N/2, with (c0, c1) = (2j, 2j+1) (interleaved) or (j, j + N/2) (half);
+pairs j >= A have angle 0. The small jit helpers below are this module's own copies (the
+forward's scan_common.py is being tuned independently).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PI = tl.constexpr(3.141592653589793)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _wrap(x):
+    two_pi: tl.constexpr = 6.283185307179586
+    inv: tl.constexpr = 0.15915494309189535
+    y = x - two_pi * tl.floor(x * inv)
+    y = tl.where(y < 0.0, y + two_pi, y)
+    return tl.where(y >= two_pi, y - two_pi, y)
+
+
+@triton.jit
+def _cast(x, ty: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(ty) rounding to nearest even (the interpreter truncates fp32 -> bf16)."""
+    if INTERP and ty == tl.bfloat16:
+        i = x.to(tl.float32).to(tl.int32, bitcast=True)
+        i = (i + 0x7FFF + ((i >> 16) & 1)) & -65536
+        r = i.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        r = x.to(ty)
+    return r
+
+
+@triton.jit
+def _pair_cols(j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
+    if PAIR_HALF:
+        c0 = j
+        c1 = j + N // 2
+    else:
+        c0 = 2 * j
+        c1 = 2 * j + 1
+    return c0, c1
+
+
+@triton.jit
+def _seq_bounds(seq, cu_ptr, L, VARLEN: tl.constexpr):
+    """(batch row, first token, end token) of sequence `seq` (dense: row = seq, [0, L))."""
+    if VARLEN:
+        b = seq * 0
+        t0 = tl.load(cu_ptr + seq)
+        t1 = tl.load(cu_ptr + seq + 1)
+    else:
+        b = seq
+        t0 = seq * 0
+        t1 = t0 + L
+    return b, t0, t1
+
+
+@triton.jit
+def seq_fwd_kernel(
+    dt_ptr, trap_ptr, ang_ptr, ang_in_ptr, cu_ptr,
+    theta_ptr, gamma_ptr, scale_ptr, pend_ptr,
+    s_ab, s_at, s_ah, L, H,
+    A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    b, t0, t1 = _seq_bounds(seq, cu_ptr, L, VARLEN)
+    b64 = b.to(tl.int64)
+    base = (b64 * H + h) * L
+    j = tl.arange(0, AP)
+    jm = j < A
+    if HAS_INIT and A > 0:
+        carry = tl.load(ang_in_ptr + (seq * H + h) * A + j, mask=jm, other=0.0)
+    else:
+        carry = tl.zeros([AP], dtype=tl.float32)
+    rows = tl.arange(0, BT)
+    for c in range(t0, t1, BT):
+        t = c + rows
+        tm = t < t1
+        tn = tm & ((t + 1) < t1)
+        dt = tl.load(dt_ptr + base + t, mask=tm, other=0.0)
+        dtn = tl.load(dt_ptr + base + t + 1, mask=tn, other=0.0)
+        if TRAP:
+            lam = _sigmoid(tl.load(trap_ptr + base + t, mask=tm, other=0.0))
+            lamn = _sigmoid(tl.load(trap_ptr + base + t + 1, mask=tn, other=0.0))
+            gamma = dt * lam
+            scale = gamma + dtn * (1.0 - lamn)
+        else:
+            gamma = dt
+            scale = dt
+        tl.store(gamma_ptr + base + t, gamma, mask=tm)
+        tl.store(scale_ptr + base + t, scale, mask=tm)
+        if A > 0:
+            am = tm[:, None] & jm[None, :]
+            t64 = t.to(tl.int64)
+            raw = tl.load(ang_ptr + b64 * s_ab + t64[:, None] * s_at + h * s_ah + j[None, :],
+                          mask=am, other=0.0).to(tl.float32)
+            phi = PI * _tanh(raw) * dt[:, None]
+            cs = tl.cumsum(phi, axis=0)
+            th = _wrap(carry[None, :] + cs)
+            tl.store(theta_ptr + ((b64 * L + t64[:, None]) * H + h) * A + j[None, :], th, mask=am)
+            carry = _wrap(carry + tl.sum(phi, axis=0))
+    # the pending beta term of the initial states: DT_0 (1 - lam_0) of a non-empty sequence
+    nonempty = t1 > t0
+    dt0 = tl.load(dt_ptr + base + t0, mask=nonempty, other=0.0)
+    if TRAP:
+        lam0 = _sigmoid(tl.load(trap_ptr + base + t0, mask=nonempty, other=0.0))
+        pend = dt0 * (1.0 - lam0)
+    else:
+        pend = dt0 * 0.0
+    tl.store(pend_ptr + seq * H + h, pend)
+
+
+@triton.jit
+def prep_kernel(
+    q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, theta_ptr, scale_ptr,
+    qh_ptr, ks_ptr, vt_ptr,
+    s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
+    BL, L, H, G,
+    R: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+    A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, HAS_MV: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // (H // G)
+    m = pid * BT + tl.arange(0, BT)
+    mm = m < BL
+    m64 = m.to(tl.int64)
+    b = m64 // L
+    t = m64 % L
+    j = tl.arange(0, NHP)
+    jm = j < (N // 2)
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    xm = mm[:, None] & jm[None, :]
+    if A > 0:
+        th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
+                     mask=mm[:, None] & (j[None, :] < A), other=0.0)
+        cs = tl.cos(th)
+        sn = tl.sin(th)
+    scale = tl.load(scale_ptr + (b * H + h) * L + t, mask=mm, other=0.0)
+    p = tl.arange(0, PP)
+    pm = p < P
+    vm = mm[:, None] & pm[None, :]
+    v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
+                other=0.0).to(tl.float32)
+    ODT = qh_ptr.dtype.element_ty
+    for r in tl.static_range(R):
+        qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
+        krow = (b * s_kb + t * s_kt + r * s_kr + g * s_kg)[:, None]
+        brow = (h * R + r) * N
+        q0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+        q1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+        k0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+        k1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+            tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+        if A > 0:
+            qh0 = q0 * cs - q1 * sn
+            qh1 = q0 * sn + q1 * cs
+            kh0 = k0 * cs - k1 * sn
+            kh1 = k0 * sn + k1 * cs
+        else:
+            qh0 = q0
+            qh1 = q1
+            kh0 = k0
+            kh1 = k1
+        orow = ((m64 * R + r) * H + h)[:, None] * N
+        tl.store(qh_ptr + orow + c0[None, :], _cast(qh0, ODT, INTERP), mask=xm)
+        tl.store(qh_ptr + orow + c1[None, :], _cast(qh1, ODT, INTERP), mask=xm)
+        tl.store(ks_ptr + orow + c0[None, :], _cast(kh0 * scale[:, None], ODT, INTERP), mask=xm)
+        tl.store(ks_ptr + orow + c1[None, :], _cast(kh1 * scale[:, None], ODT, INTERP), mask=xm)
+        if HAS_MV:
+            mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
+            vt = v * mv[None, :]
+        else:
+            vt = v
+        tl.store(vt_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], _cast(vt, ODT, INTERP),
+                 mask=vm)

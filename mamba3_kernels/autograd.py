@@ -1,0 +1,103 @@
+"""torch.autograd.Function behind `mamba3_kernels.scan` when an input requires grad (issue 5).
+
+Forward: the Triton chunked forward (backends/triton/scan_fwd.py) on the validated bundle.
+Saved for the backward (the default, `save_y=False`): the inputs themselves, as the kernels read
+them (mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
+stride had to be fixed) -- no activation of its own. The per-rank y the output mode's adjoint
+needs (only with Z, MIMO_Out or the norm) is recomputed in the backward by one extra forward.
+`save_y=True` trades memory for that recompute: the forward also writes y (fp32, 4 R H P bytes
+per token) and the backward reads it. See bench/notes/scan_bwd.md for the bytes per token.
+
+Outputs: out, and with final_states=True the four final states (angle, ssm, k, v), all
+differentiable: their upstream gradients (None = 0) enter the backward at each sequence's last
+token (K, V, angle) or as the final-state adjoint (SSM); an empty sequence passes them straight
+to its initial-state gradients.
+
+Backward: backends/triton/scan_bwd.py. Deterministic (fixed-order reductions, no atomics): two
+backward runs on the same inputs are bitwise equal. Gradients come in the inputs' shapes and
+dtypes (a shared (B, L, A) angle tensor gets the head sum; (H, N) biases and SISO short-form
+Q/K get their short forms back).
+"""
+from __future__ import annotations
+
+import torch
+
+from .scan_tensors import prepare_scan
+from .spec import States
+
+NAMES = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "d", "z", "mimo_v",
+         "mimo_z", "mimo_out", "norm_weight", "state_angle", "state_ssm", "state_k", "state_v",
+         "cu_seqlens")
+_BUNDLE = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v",
+           "mimo_z", "mimo_out", "norm_weight", "cu_seqlens")
+
+
+def _flat(args: dict) -> list:
+    st = args["initial_states"]
+    out = [args[n] for n in NAMES[:15]]
+    out += list(st) if st is not None else [None] * 4
+    out.append(args["cu_seqlens"])
+    return out
+
+
+class ScanFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, meta, *flat):
+        spec, problem, fwd_cfg, bwd_cfg, save_y = meta
+        from .backends.triton import scan_bwd, scan_fwd
+        a = dict(zip(NAMES, flat))
+        st = None if a["state_angle"] is None else States(a["state_angle"], a["state_ssm"], a["state_k"],
+                                                          a["state_v"])
+        args = {n: a[n] for n in NAMES[:15]}
+        t = prepare_scan(spec, problem, **args, initial_states=st, cu_seqlens=a["cu_seqlens"])
+        scan_fwd.forward(spec, fwd_cfg, t)
+        y = scan_bwd.compute_y(spec, t, problem) if (save_y and scan_bwd.needs_y(spec)) else None
+        tensors = [getattr(t, n) for n in _BUNDLE]
+        tensors += list(t.state_in) if t.state_in is not None else [None] * 4
+        tensors.append(y)
+        ctx.save_for_backward(*tensors)
+        ctx.meta = (spec, problem, bwd_cfg, t.state_in is not None)
+        ctx.shapes = [None if x is None else (tuple(x.shape), x.dtype) for x in flat]
+        outs = (t.out,) + (tuple(t.state_out) if t.state_out is not None else ())
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        from .backends.triton import scan_bwd
+        from .scan_tensors import ScanTensors
+        spec, problem, bwd_cfg, has_init = ctx.meta
+        saved = ctx.saved_tensors
+        b = dict(zip(_BUNDLE, saved[:len(_BUNDLE)]))
+        st = States(*saved[len(_BUNDLE):len(_BUNDLE) + 4]) if has_init else None
+        y = saved[-1]
+        t = ScanTensors(**b, state_in=st, out=None, state_out=None)
+        grads = {"out": gouts[0] if gouts[0] is not None else _zeros_out(spec, problem, t),
+                 "_y": y}
+        if spec.final_states:
+            grads.update(angle=gouts[1], ssm=gouts[2], k=gouts[3], v=gouts[4])
+        g = scan_bwd.backward(spec, bwd_cfg, t, grads, problem)
+        flat = [g[n] for n in NAMES[:15]]
+        gi = g["initial_states"]
+        flat += list(gi) if gi is not None else [None] * 4
+        flat.append(None)
+        res = [None]
+        for i, (x, shp) in enumerate(zip(flat, ctx.shapes)):
+            if x is None or shp is None or not ctx.needs_input_grad[i + 1]:
+                res.append(None)
+            else:
+                res.append(x.reshape(shp[0]).to(shp[1]))
+        return tuple(res)
+
+
+def _zeros_out(spec, problem, t):
+    from .spec import output_shape
+    return torch.zeros(output_shape(spec, problem), dtype=t.v.dtype, device=t.v.device)
+
+
+def scan_with_grad(spec, problem, args: dict, fwd_cfg: dict, bwd_cfg: dict, save_y: bool):
+    """Run the differentiable scan; returns out, or (out, States) with final states."""
+    outs = ScanFunction.apply((spec, problem, fwd_cfg, bwd_cfg, save_y), *_flat(args))
+    if spec.final_states:
+        return outs[0], States(*outs[1:])
+    return outs
