@@ -116,8 +116,10 @@ def _add_spec_args(p, grid: bool):
         g.add_argument("--N", type=int, default=128, help="state size d_state (default 128)")
         g.add_argument("--P", type=int, default=64, help="head dim (default 64)")
     else:
-        g.add_argument("--B", type=int, help="batch size (required to tune)")
-        g.add_argument("--R", type=int, default=1, help="MIMO rank (1 = SISO)")
+        g.add_argument("--B", type=lambda s: _ints(s, "--B"), default=None,
+                       help="batch size, or several comma separated (tuned one after another in this process)")
+        g.add_argument("--R", type=lambda s: _ints(s, "--R"), default=[1],
+                       help="MIMO rank (1 = SISO), or several comma separated")
         g.add_argument("--H", type=int, help="heads (required to tune)")
         g.add_argument("--N", type=int, help="state size d_state (required to tune)")
         g.add_argument("--P", type=int, help="head dim (required to tune)")
@@ -310,26 +312,46 @@ def cmd_tune(args) -> int:
         return 0
     if args.B is None:
         raise SystemExit("--B: required to tune (or use --list/--export/--import/--prune-stale/--clear)")
-    spec, problem = _spec_from(args, args.B, args.R)
+    shapes = [(B, R) for R in args.R for B in args.B]
+    problems = [_spec_from(args, B, R) for B, R in shapes]   # every shape checked before any tuning
     from .tuner import tune
-    print(f"tuning {args.op}: {problem.describe()}\n  {spec.describe()}", flush=True)
-    try:
-        res = tune(args.op, spec, problem, args.device, backends=_backends_arg(args.backends), cache=c,
-                   write=not args.no_write, strategy=args.strategy, reps=args.reps,
-                   confirm_top=args.confirm_top, confirm_reps=args.confirm_reps,
-                   compile_timeout=args.compile_timeout, compile_workers=args.workers,
-                   max_candidates=args.max_candidates, progress=not args.no_progress, seed=args.seed,
-                   remeasure=args.remeasure, budget_s=args.budget if args.budget and args.budget > 0 else None)
-    except ValueError as e:
-        print(f"tune: {e}", file=sys.stderr)
-        return 2
-    if res.env is not None:
-        print(f"device: {res.env.describe()}")
-    print(res.table())
+    from .warmup import warm_up
+    budget = args.budget if args.budget and args.budget > 0 else None
+    if len(problems) > 1 or budget is not None:
+        w = warm_up(args.device, _backends_arg(args.backends), args.op)
+        print(f"process warm-up (once per process, not part of any shape's tuning time): {w['seconds']:.1f} s "
+              f"({', '.join(f'{k} {v:.1f}' for k, v in w['parts'].items())})", flush=True)
+    results, status = [], 0
+    for (B, R), (spec, problem) in zip(shapes, problems):
+        print(f"tuning {args.op}: {problem.describe()}\n  {spec.describe()}", flush=True)
+        try:
+            res = tune(args.op, spec, problem, args.device, backends=_backends_arg(args.backends), cache=c,
+                       write=not args.no_write, strategy=args.strategy, reps=args.reps,
+                       confirm_top=args.confirm_top, confirm_reps=args.confirm_reps,
+                       compile_timeout=args.compile_timeout, compile_workers=args.workers,
+                       max_candidates=args.max_candidates, progress=not args.no_progress, seed=args.seed,
+                       remeasure=args.remeasure, budget_s=budget)
+        except ValueError as e:
+            print(f"tune: {e}", file=sys.stderr)
+            return 2
+        if res.env is not None:
+            print(f"device: {res.env.describe()}")
+        print(res.table(), flush=True)
+        results.append(res)
+        if res.best is None:
+            status = 1
+    if len(results) > 1:
+        print("\nshape            chosen     time us   tuned in s  re-measured")
+        for (B, R), res in zip(shapes, results):
+            ch = res.best.backend if res.best else "-"
+            t = f"{res.best.best_us:9.2f}" if res.best else f"{'-':>9}"
+            rg = f"{res.regret * 100:+.1f}%" if res.regret is not None else "-"
+            print(f"B={B:<5} R={R:<3}     {ch:<9} {t}   {res.seconds:9.1f}  {rg}")
     if args.json:
-        _write_json(args.json, res.to_json())
+        data = results[0].to_json() if len(results) == 1 else {"results": [r.to_json() for r in results]}
+        _write_json(args.json, data)
         print(f"wrote {args.json}")
-    return 0 if res.best is not None else 1
+    return status
 
 
 def _write_json(path, data):

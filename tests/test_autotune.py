@@ -835,6 +835,16 @@ def test_cli_tune_and_cache_management(tmp_path, capsys, monkeypatch):
     assert "<- chosen" in out and "tile=2" in out and "cached in" in out
     assert json.load(open(tmp_path / "r.json"))["best"]["config"] == {"tile": 2}
     assert at.lookup("step", SPEC.replace(input_dtype="bfloat16"), PROB, cache=cpath, validate=False)[1] == {"tile": 2}
+    # several shapes in one process: one warm-up, a table per shape, a summary, every entry cached
+    args = p.parse_args(["tune", "--B", "6,40", "--H", "4", "--N", "16", "--P", "8", "--cache", cpath,
+                         "--no-progress", "--budget", "20", "--json", str(tmp_path / "m.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("process warm-up") == 1 and out.count("<- chosen") == 2
+    assert "B=6 " in out and "B=40 " in out and "budget 20 s" in out
+    assert len(json.load(open(tmp_path / "m.json"))["results"]) == 2
+    assert at.lookup("step", SPEC.replace(input_dtype="bfloat16"), Problem(40, 1, 4, 1, 40), cache=cpath,
+                     validate=False, nearest=False) is not None
     with pytest.raises(SystemExit, match="--H"):
         args = p.parse_args(["tune", "--B", "6", "--cache", cpath])
         args.func(args)
