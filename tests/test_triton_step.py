@@ -221,6 +221,48 @@ def test_three_steps_in_place_match_oracle_scan():
 
 
 # ------------------------------------------------------------------------------------------
+# DOT: the whole head as two tensor-core products (the MIMO default at B * H > 64)
+
+DOT_CFG = dict(BLOCK_P=64, ROWS=64, num_warps=4, num_stages=1, VEC=True, PREFETCH=False, DOT=True)
+
+
+@in_place_here
+@pytest.mark.parametrize("rank,mode,state,inp,pairing", [
+    (4, "reduce", "float32", "float32", "half"),
+    (4, "per_rank", "bfloat16", "bfloat16", "half"),
+    (4, "norm_reduce", "float32", "bfloat16", "interleaved"),
+    (2, "reduce", "bfloat16", "float32", "interleaved"),
+    (1, "reduce", "float32", "bfloat16", "interleaved"),   # SISO forced onto DOT (K padded to 16)
+    (3, "per_rank", "float32", "float32", "half"),          # R not a power of two
+])
+def test_dot_path(rank, mode, state, inp, pairing):
+    """P = 48 (ragged against the 64-row tile), a pool with a padding slot, in place; the
+    kernel takes the DOT branch (asserted through its compile-time parameters)."""
+    spec = realistic_spec(rank=rank, output_mode=mode, has_mimo_out=mode != "per_rank",
+                          state_dtype=state, input_dtype=inp, pairing=pairing,
+                          has_mimo_v=rank > 1, has_mimo_z=rank > 1)
+    if mode == "per_rank" or rank == 1:
+        spec = spec.replace(has_mimo_out=False) if mode == "per_rank" else spec
+    ce = tb.kernels.constexprs(spec, DOT_CFG)
+    assert ce["DOT"] and ce["KD"] >= max(16, 2 * rank) and ce["RD"] >= max(16, rank)
+    assert ce["PREC"] == ("tf32x3" if state == inp == "float32" else "tf32")
+    case = step_case(spec, Problem(3, 1, 4, 2, 6), np.random.default_rng(rank * 7 + len(mode)), pool=6)
+    check(case, config=DOT_CFG, inplace=True)
+    check(case, config=DOT_CFG, inplace=False)
+
+
+def test_dot_is_the_mimo_default_only_for_whole_heads():
+    spec = realistic_spec(output_mode="reduce")
+    big = tb.kernels.constexprs(spec, tb.default_config(spec, Problem(64, 1, 32, 1, 64)))
+    assert big["DOT"] and big["NT"] == 1
+    small = tb.kernels.constexprs(spec, tb.default_config(spec, Problem(1, 1, 32, 1, 1)))
+    assert not small["DOT"]                       # the split default (B * H <= 64)
+    assert not tb.kernels.constexprs(spec.replace(rank=1), tb.default_config(spec.replace(rank=1)))["DOT"]
+    tiny = spec.replace(head_dim=8)               # tiles under tl.dot's 16: the broadcast path
+    assert not tb.kernels.constexprs(tiny, dict(DOT_CFG, BLOCK_P=8, ROWS=8))["DOT"]
+
+
+# ------------------------------------------------------------------------------------------
 # P split over several programs per head: the shared kprev / theta and the arrival counters
 
 def _split_cfg(spec, rows, vec=False, nw=2):

@@ -67,6 +67,8 @@ def _pow2_floor(x: int) -> int:
 # configuration: knobs, their validation and the derived tile geometry
 
 CONFIG_KEYS = ("num_warps", "lanes_per_row", "vec", "tile_p")
+# optional: "min_ctas" (> 1: ptxas caps the registers so that many CTAs fit on an SM,
+# `minctasm`; absent or 0: no cap)
 
 
 def max_vec(spec: ScanSpec, align_bytes: int = 16) -> int:
@@ -178,6 +180,7 @@ class Mamba3StepKernel:
         self.align_bytes = int(align_bytes)
         for k, v in geo.items():
             setattr(self, k, v)
+        self.min_ctas = int(cfg.get("min_ctas", 0) or 0)
 
     # ---------------------------------------------------------------- host side (jit)
     @cute.jit
@@ -188,7 +191,16 @@ class Mamba3StepKernel:
                  mOut: cute.Tensor, stream):
         self.kernel(mQ, mK, mV, mZ, mAdt, mDt, mTrap, mAng, mQb, mKb, mD, mMv, mMz, mMo, mW,
                     mAngIn, mSsmIn, mKIn, mVIn, mAngOut, mSsmOut, mKOut, mVOut, mIdx, mOut).launch(
-            grid=[self.H, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream)
+            grid=[self.H, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream,
+            **self._occupancy())
+
+    def _occupancy(self) -> dict:
+        """Launch attributes of the register cap (min_ctas > 1): minctasm. The carveout is given
+        so the DSL does not query a device for it (an AOT build has none); 25 % of the SM's
+        shared memory holds far more than min_ctas CTAs of this kernel (a few KB each)."""
+        if self.min_ctas <= 1:
+            return {}
+        return dict(min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=25)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -596,7 +608,7 @@ def run(spec: ScanSpec, cfg: dict, t) -> None:
     si, so = t.state_in, t.state_out
     a = (si.ssm.data_ptr() | so.ssm.data_ptr()) & 15
     align = 16 if a == 0 else (a & -a)
-    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], v.shape[1],
+    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], cfg.get("min_ctas", 0), v.shape[1],
            t.q.shape[2], t.state_indices is not None, align)
     fn = _cache.get(key)
     if fn is None:

@@ -95,6 +95,172 @@ def _rot_row(x_ptr, b_ptr, ncol, pcol, cs, sn, sgn, nmask):
     return x * cs + sgn * xp * sn
 
 
+@triton.jit
+def _tiles(q_b, k_b, kin_b, qb_ptr, kb_ptr, v_ptr, z_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
+           v_in_ptr, s_in, s_out, out_ptr, x_bh, head, b64, h, H, G, P_OK, N_OK, dval,
+           alpha, beta, gamma, eps, n, nmask, ncol, pcol, cs, sn, sgn, p_start,
+           N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, HAS_Z: tl.constexpr,
+           HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
+           BLOCK_P: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr, PREFETCH: tl.constexpr):
+    """The first version's data flow: this program's rows [p_start, p_start + ROWS) of the state
+    in ITERS tiles of BLOCK_P rows, broadcast multiplies and row sums (no tensor cores)."""
+    # ---- this program's rows [p_start, p_start + ROWS) of the state, in ITERS tiles ----------
+    # (static loop). PREFETCH: the next tile's load is issued before this tile's math.
+    pt = tl.arange(0, BLOCK_P)
+    p_end = tl.minimum(P_OK, p_start + ROWS)   # rows this program may touch (padding: none)
+    if PREFETCH:
+        S_next = tl.load(s_in + (p_start + pt)[:, None] * N + ncol[None, :],
+                         mask=((p_start + pt) < p_end)[:, None] & nmask[None, :], other=0.0)
+    for it in tl.static_range(ITERS):
+        p = p_start + it * BLOCK_P + pt
+        pmask = p < P
+        pok = p < p_end
+        smask = pok[:, None] & nmask[None, :]
+        soff = p[:, None] * N + ncol[None, :]
+        if PREFETCH:
+            S_raw = S_next
+            if it + 1 < ITERS:
+                pn = p + BLOCK_P
+                S_next = tl.load(s_in + pn[:, None] * N + ncol[None, :],
+                                 mask=(pn < p_end)[:, None] & nmask[None, :], other=0.0)
+        else:
+            S_raw = tl.load(s_in + soff, mask=smask, other=0.0)
+        S = S_raw.to(tl.float32) * alpha
+        v = tl.load(v_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
+        vp = tl.load(v_in_ptr + head * P + p, mask=pok, other=0.0).to(tl.float32)
+        for r in tl.static_range(R):
+            kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+            kp = tl.load(kin_b + r * H * N + ncol, mask=n < N_OK, other=0.0)
+            if HAS_MV:
+                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                S += (gamma * v * mv)[:, None] * kh[None, :] + (beta * vp * mv)[:, None] * kp[None, :]
+            else:
+                S += (gamma * v)[:, None] * kh[None, :] + (beta * vp)[:, None] * kp[None, :]
+        tl.store(s_out + soff, S.to(s_out.dtype.element_ty), mask=smask)
+
+        if HAS_Z:
+            zv = tl.load(z_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
+        if MODE == 2:
+            w = tl.load(w_ptr + h * P + p, mask=pmask, other=0.0)
+        o = tl.zeros([BLOCK_P], tl.float32)
+        for r in tl.static_range(R):
+            qh = _rot_row(q_b + r * G * N, qb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+            vt = v
+            if HAS_MV:
+                vt = v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+            y = tl.sum(S * qh[None, :], axis=1) + dval * vt
+            if MODE == 2:  # fused pre-gate RMSNorm over the whole head (one tile covers P)
+                ym = tl.where(pmask, y, 0.0)
+                y = y * (1.0 / tl.sqrt(tl.sum(ym * ym) / P + eps)) * w
+            if HAS_Z:
+                zr = zv
+                if HAS_MZ:
+                    zr = zv * tl.load(mz_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                y = y * zr * _sigmoid(zr)
+            if MODE == 1:
+                y = tl.where(p < P_OK, y, 0.0)
+                tl.store(out_ptr + (b64 * R + r) * H * P + h * P + p,
+                         y.to(out_ptr.dtype.element_ty), mask=pmask)
+            else:
+                if HAS_MO:
+                    y = y * tl.load(mo_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
+                o += y
+        if MODE != 1:
+            o = tl.where(p < P_OK, o, 0.0)
+            tl.store(out_ptr + x_bh + p, o.to(out_ptr.dtype.element_ty), mask=pmask)
+
+
+
+@triton.jit
+def _dot_head(q_b, k_b, kin_b, qb_ptr, kb_ptr, v_ptr, z_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
+              v_in_ptr, s_in, s_out, out_ptr, x_bh, head, b64, h, H, G, P_OK, N_OK, dval,
+              alpha, beta, gamma, eps, n, nmask, ncol, pcol, cs, sn, sgn,
+              N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, HAS_Z: tl.constexpr,
+              HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KD: tl.constexpr, RD: tl.constexpr,
+              PREC: tl.constexpr):
+    """The whole head (P x N) in one tile, the rank-2R update and the R row sums as two small
+    matrix products (tensor cores; PREC "tf32x3" keeps fp32 accuracy, "tf32" for the bf16 bounds):
+        S' = alpha S + Cf @ Km,   Cf (P x KD): column r < R gamma v mv_r, column R + r beta vprev mv_r
+                                  Km (KD x N): row r < R kh_r, row R + r kprev_r  (other rows 0)
+        Y  = S' @ Qt,             Qt (N x RD): column r < R qh_r                  (other columns 0)
+    The rotation and the coefficients are computed once per element of these small tiles (no
+    per-row replication), and the output modes work on the (P x RD) tile Y. Returns Km (its rows
+    r < R are the new k state, stored after the CTA barrier)."""
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < P
+    pok = p < P_OK
+    soff = p[:, None] * N + ncol[None, :]
+    smask = pok[:, None] & nmask[None, :]
+    S_raw = tl.load(s_in + soff, mask=smask, other=0.0)
+    v = tl.load(v_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
+    vp = tl.load(v_in_ptr + head * P + p, mask=pok, other=0.0).to(tl.float32)
+
+    # coefficients Cf (BLOCK_P x KD)
+    c = tl.arange(0, KD)[None, :]
+    rc = tl.where(c < R, c, c - R)
+    cval = c < 2 * R
+    cf = tl.where(c < R, (gamma * v)[:, None], (beta * vp)[:, None])
+    if HAS_MV:
+        cf = cf * tl.load(mv_ptr + (h * R + rc) * P + p[:, None], mask=pmask[:, None] & cval, other=0.0)
+    cf = tl.where(cval, cf, 0.0)
+
+    # K matrix Km (KD x BLOCK_N): rotated, biased k of this token, and the k state
+    ck = tl.arange(0, KD)[:, None]
+    rk = tl.where(ck < R, ck, ck - R)
+    kcur = (ck < R) & nmask[None, :]
+    x = tl.load(k_b + rk * (G * N) + ncol[None, :], mask=kcur, other=0.0).to(tl.float32) + \
+        tl.load(kb_ptr + (h * R + rk) * N + ncol[None, :], mask=kcur, other=0.0)
+    xp = tl.load(k_b + rk * (G * N) + pcol[None, :], mask=kcur, other=0.0).to(tl.float32) + \
+        tl.load(kb_ptr + (h * R + rk) * N + pcol[None, :], mask=kcur, other=0.0)
+    kh = x * cs[None, :] + sgn[None, :] * xp * sn[None, :]
+    kprv = (ck >= R) & (ck < 2 * R) & (n < N_OK)[None, :]
+    kp = tl.load(kin_b + rk * (H * N) + ncol[None, :], mask=kprv, other=0.0)
+    Km = tl.where(ck < R, kh, kp)
+
+    S = tl.dot(cf, Km, S_raw.to(tl.float32) * alpha, input_precision=PREC)   # alpha S accumulates
+    tl.store(s_out + soff, S.to(s_out.dtype.element_ty), mask=smask)
+
+    # Q matrix Qt (BLOCK_N x RD): rotated, biased q
+    rq = tl.arange(0, RD)[None, :]
+    qv = (rq < R) & nmask[:, None]
+    xq = tl.load(q_b + rq * (G * N) + ncol[:, None], mask=qv, other=0.0).to(tl.float32) + \
+        tl.load(qb_ptr + (h * R + rq) * N + ncol[:, None], mask=qv, other=0.0)
+    xqp = tl.load(q_b + rq * (G * N) + pcol[:, None], mask=qv, other=0.0).to(tl.float32) + \
+        tl.load(qb_ptr + (h * R + rq) * N + pcol[:, None], mask=qv, other=0.0)
+    Qt = xq * cs[:, None] + sgn[:, None] * xqp * sn[:, None]
+    Y = tl.dot(S, Qt, input_precision=PREC)          # (BLOCK_P x RD): y_r = S' qh_r
+
+    # output modes on (BLOCK_P x RD)
+    rv = rq < R
+    m2 = pmask[:, None] & rv
+    vt = v[:, None]
+    if HAS_MV:
+        vt = vt * tl.load(mv_ptr + (h * R + rq) * P + p[:, None], mask=m2, other=0.0)
+    y = Y + dval * vt
+    if MODE == 2:  # fused pre-gate RMSNorm per rank over the whole head
+        ym = tl.where(m2, y, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(ym * ym, axis=0) / P + eps)
+        w = tl.load(w_ptr + h * P + p, mask=pmask, other=0.0)
+        y = y * rstd[None, :] * w[:, None]
+    if HAS_Z:
+        zr = tl.load(z_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)[:, None]
+        if HAS_MZ:
+            zr = zr * tl.load(mz_ptr + (h * R + rq) * P + p[:, None], mask=m2, other=0.0)
+        y = y * zr * _sigmoid(zr)
+    if MODE == 1:
+        y = tl.where(pok[:, None], y, 0.0)
+        tl.store(out_ptr + (b64 * R + rq) * H * P + h * P + p[:, None],
+                 y.to(out_ptr.dtype.element_ty), mask=m2)
+    else:
+        if HAS_MO:
+            y = y * tl.load(mo_ptr + (h * R + rq) * P + p[:, None], mask=m2, other=0.0)
+        o = tl.sum(tl.where(rv, y, 0.0), axis=1)
+        o = tl.where(pok, o, 0.0)
+        tl.store(out_ptr + x_bh + p, o.to(out_ptr.dtype.element_ty), mask=pmask)
+    return Km
+
+
 @triton.jit(do_not_specialize=["zero"])
 def mamba3_step_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, angles_ptr,
@@ -110,6 +276,7 @@ def mamba3_step_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
     ROWS: tl.constexpr, NT: tl.constexpr, ITERS: tl.constexpr, WRITER: tl.constexpr,
     VEC: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT: tl.constexpr = False, KD: tl.constexpr = 16, RD: tl.constexpr = 16, PREC: tl.constexpr = "tf32x3",
 ):
     tl.static_assert(MODE != 2 or NT * ITERS == 1, "norm_reduce needs the whole head in one tile")
     pid = tl.program_id(0)
@@ -190,74 +357,23 @@ def mamba3_step_kernel(
     kin_b = k_in_ptr + (row * R * H + h) * N  # rank r at + r * H * N
     kout_b = k_out_ptr + (row * R * H + h) * N
 
-    # ---- this program's rows [p_start, p_start + ROWS) of the state, in ITERS tiles ----------
-    # (static loop). PREFETCH: the next tile's load is issued before this tile's math.
-    pt = tl.arange(0, BLOCK_P)
-    p_end = tl.minimum(P_OK, p_start + ROWS)   # rows this program may touch (padding: none)
-    if PREFETCH:
-        S_next = tl.load(s_in + (p_start + pt)[:, None] * N + ncol[None, :],
-                         mask=((p_start + pt) < p_end)[:, None] & nmask[None, :], other=0.0)
-    for it in tl.static_range(ITERS):
-        p = p_start + it * BLOCK_P + pt
-        pmask = p < P
-        pok = p < p_end
-        smask = pok[:, None] & nmask[None, :]
-        soff = p[:, None] * N + ncol[None, :]
-        if PREFETCH:
-            S_raw = S_next
-            if it + 1 < ITERS:
-                pn = p + BLOCK_P
-                S_next = tl.load(s_in + pn[:, None] * N + ncol[None, :],
-                                 mask=(pn < p_end)[:, None] & nmask[None, :], other=0.0)
-        else:
-            S_raw = tl.load(s_in + soff, mask=smask, other=0.0)
-        S = S_raw.to(tl.float32) * alpha
-        v = tl.load(v_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
-        vp = tl.load(v_in_ptr + head * P + p, mask=pok, other=0.0).to(tl.float32)
-        for r in tl.static_range(R):
-            kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
-            kp = tl.load(kin_b + r * H * N + ncol, mask=n < N_OK, other=0.0)
-            if HAS_MV:
-                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
-                S += (gamma * v * mv)[:, None] * kh[None, :] + (beta * vp * mv)[:, None] * kp[None, :]
-            else:
-                S += (gamma * v)[:, None] * kh[None, :] + (beta * vp)[:, None] * kp[None, :]
-        tl.store(s_out + soff, S.to(ssm_out_ptr.dtype.element_ty), mask=smask)
-
-        if HAS_Z:
-            zv = tl.load(z_ptr + x_bh + p, mask=pmask, other=0.0).to(tl.float32)
-        if MODE == 2:
-            w = tl.load(w_ptr + h * P + p, mask=pmask, other=0.0)
-        o = tl.zeros([BLOCK_P], tl.float32)
-        for r in tl.static_range(R):
-            qh = _rot_row(q_b + r * G * N, qb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
-            vt = v
-            if HAS_MV:
-                vt = v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
-            y = tl.sum(S * qh[None, :], axis=1) + dval * vt
-            if MODE == 2:  # fused pre-gate RMSNorm over the whole head (one tile covers P)
-                ym = tl.where(pmask, y, 0.0)
-                y = y * (1.0 / tl.sqrt(tl.sum(ym * ym) / P + eps)) * w
-            if HAS_Z:
-                zr = zv
-                if HAS_MZ:
-                    zr = zv * tl.load(mz_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
-                y = y * zr * _sigmoid(zr)
-            if MODE == 1:
-                y = tl.where(p < P_OK, y, 0.0)
-                tl.store(out_ptr + (b64 * R + r) * H * P + h * P + p,
-                         y.to(out_ptr.dtype.element_ty), mask=pmask)
-            else:
-                if HAS_MO:
-                    y = y * tl.load(mo_ptr + (h * R + r) * P + p, mask=pmask, other=0.0)
-                o += y
-        if MODE != 1:
-            o = tl.where(p < P_OK, o, 0.0)
-            tl.store(out_ptr + x_bh + p, o.to(out_ptr.dtype.element_ty), mask=pmask)
+    if DOT:
+        # ---- the whole head as two small matrix products (tensor cores, see `_dot_head`) ----
+        Kmat = _dot_head(
+            q_b, k_b, kin_b, qb_ptr, kb_ptr, v_ptr, z_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
+            v_in_ptr, s_in, s_out, out_ptr, x_bh, head, b64, h, H, G, P_OK, N_OK, dval,
+            alpha, beta, gamma, eps, n, nmask, ncol, pcol, cs, sn, sgn,
+            N, P, R, HAS_Z, HAS_MV, HAS_MZ, HAS_MO, MODE, BLOCK_P, BLOCK_N, KD, RD, PREC)
+    else:
+        _tiles(q_b, k_b, kin_b, qb_ptr, kb_ptr, v_ptr, z_ptr, d_ptr, mv_ptr, mz_ptr, mo_ptr, w_ptr,
+               v_in_ptr, s_in, s_out, out_ptr, x_bh, head, b64, h, H, G, P_OK, N_OK, dval,
+               alpha, beta, gamma, eps, n, nmask, ncol, pcol, cs, sn, sgn, p_start,
+               N, P, R, HAS_Z, HAS_MV, HAS_MZ, HAS_MO, MODE, BLOCK_P, ROWS, ITERS, PREFETCH)
 
     # ---- this program's v rows, then the shared per-head states (kprev, theta) --------------
     # Every read of this program's state rows is before the barrier (in-place safe).
     tl.debug_barrier()
+    p_end = tl.minimum(P_OK, p_start + ROWS)
     pv = p_start + tl.arange(0, ROWS)
     vv = tl.load(v_ptr + x_bh + pv, mask=pv < P, other=0.0)
     tl.store(v_out_ptr + head * P + pv, vv.to(v_out_ptr.dtype.element_ty), mask=pv < p_end)
@@ -282,9 +398,13 @@ def mamba3_step_kernel(
         amask = ja < A_W
         th = _theta(ang_in_ptr, angles_ptr, row, b, h, dt, ja, amask, H, A, SHARED_ANG)
         tl.store(ang_out_ptr + head * A + ja, th, mask=amask)
-    for r in tl.static_range(R):
-        kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
-        tl.store(kout_b + r * H * N + ncol, kh, mask=n < N_W)
+    if DOT:  # rows c < R of the K matrix are the new kh_r
+        ck = tl.arange(0, KD)[:, None]
+        tl.store(kout_b + ck * (H * N) + n[None, :], Kmat, mask=(ck < R) & (n < N_W)[None, :])
+    else:
+        for r in tl.static_range(R):
+            kh = _rot_row(k_b + r * G * N, kb_ptr + (h * R + r) * N, ncol, pcol, cs, sn, sgn, nmask)
+            tl.store(kout_b + r * H * N + ncol, kh, mask=n < N_W)
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,6 +425,13 @@ def constexprs(spec, config) -> dict:
     nt = -(-P // rows)
     iters = -(-min(rows, P) // bp)
     writer = 0 if nt == 1 else (2 if config.get("_inplace", True) else 1)
+    PV, NB = triton.next_power_of_2(P), triton.next_power_of_2(N)
+    R = spec.rank
+    # DOT (config "DOT"; absent: on for MIMO): the whole head as two tensor-core products, when
+    # one program holds the whole head in one tile and the tiles are >= 16 (tl.dot's minimum)
+    dot = bool(config.get("DOT", R > 1)) and nt == 1 and iters == 1 and bp == PV and PV >= 16 and NB >= 16
+    narrow = spec.input_dtype != "float32" or spec.state_dtype != "float32"
+    prec = config.get("PREC") or ("tf32" if narrow else "tf32x3")
     return dict(
         N=N, P=P, R=spec.rank, A=A, HALF=spec.pairing == "half", EULER=spec.discretization == "euler",
         HAS_D=spec.has_d, HAS_Z=spec.has_z, HAS_MV=spec.has_mimo_v, HAS_MZ=spec.has_mimo_z,
@@ -312,7 +439,8 @@ def constexprs(spec, config) -> dict:
         HAS_IDX=bool(config.get("_has_idx", False)),
         BLOCK_P=bp, BLOCK_N=triton.next_power_of_2(N), BLOCK_A=triton.next_power_of_2(max(A, 1)),
         ROWS=rows, NT=nt, ITERS=iters, WRITER=writer,
-        VEC=bool(config.get("VEC", False)), PREFETCH=bool(config.get("PREFETCH", False)) and iters > 1)
+        VEC=bool(config.get("VEC", False)), PREFETCH=bool(config.get("PREFETCH", False)) and iters > 1,
+        DOT=dot, KD=max(16, triton.next_power_of_2(2 * R)), RD=max(16, triton.next_power_of_2(R)), PREC=prec)
 
 
 # Arrival counters of the in-place split path: int32, zero between calls (the last program of
@@ -359,4 +487,5 @@ def launch(spec, config, t) -> None:
         ang_in, si.ssm, si.k, si.v, ang_out, so.ssm, so.k, so.v,
         idx, t.out, cnt,
         H, G, M, float(spec.norm_eps), 0,
-        **ce, num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 1)))
+        **ce, num_warps=int(config.get("num_warps", 4)), num_stages=int(config.get("num_stages", 1)),
+        **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {}))
