@@ -32,9 +32,11 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def run_grad_case(spec, problem, rng, lengths=None, short_forms=False, bwd_config=None, save_y=False):
-    """(rows of (name, rel_l2, bound), the case): every gradient of the scan vs the oracle."""
-    case = scan_case(spec, problem, rng, lengths=lengths, short_forms=short_forms)
+def run_grad_case(spec, problem, rng, lengths=None, short_forms=False, bwd_config=None, save_y=False,
+                  device="cpu", config=None):
+    """(rows of (name, rel_l2, bound), the case): every gradient of the scan vs the oracle.
+    Also used by test_scan_bwd_gpu.py (device="cuda")."""
+    case = scan_case(spec, problem, rng, device=device, lengths=lengths, short_forms=short_forms)
     args = dict(case.args)
     leaves = {}
     for n in GRADS:
@@ -44,13 +46,15 @@ def run_grad_case(spec, problem, rng, lengths=None, short_forms=False, bwd_confi
     if st is not None:
         st = args["initial_states"] = States(*(_leaf(x) for x in st))
     res = m3.scan(**args, **spec_options(spec), final_states=spec.final_states,
-                  bwd_config=bwd_config, save_y=save_y)
+                  bwd_config=bwd_config, save_y=save_y, backend=None if config is None else "triton",
+                  config=config)
     out, fin = (res if spec.final_states else (res, None))
-    dout = torch.as_tensor(rng.standard_normal(tuple(out.shape))).to(out.dtype)
+    dout = torch.as_tensor(rng.standard_normal(tuple(out.shape))).to(out.dtype).to(out.device)
     loss = (out.double() * dout.double()).sum()
     dfin = None
     if fin is not None:
-        dfin = States(*(torch.as_tensor(rng.standard_normal(tuple(x.shape))).to(x.dtype) for x in fin))
+        dfin = States(*(torch.as_tensor(rng.standard_normal(tuple(x.shape))).to(x.dtype).to(x.device)
+                        for x in fin))
         loss = loss + sum((f.double() * d.double()).sum() for f, d in zip(fin, dfin))
     loss.backward()
     ref = adjoint.backward(to_numpy(dout), None if dfin is None else States(*(to_numpy(x) for x in dfin)),
@@ -98,6 +102,8 @@ CASES = {
                                           shared_angles=True, final_states=True, has_mimo_v=True,
                                           has_mimo_z=True), (1, 11, 2, 1, 1), None),
     "mimo2-reduce-noMO": (_spec(rank=2, has_z=False, has_mimo_v=True), (1, 9, 2, 1, 1), None),
+    "mimo3-padded-ranks-states": (_spec(rank=3, initial_states=True, final_states=True, **MIMO),
+                                  (1, 10, 2, 1, 1), None),
     "siso-L1-states": (_spec(initial_states=True, final_states=True), (2, 1, 2, 1, 2), None),
     "siso-fp16-varlen-empties": (_spec(d_state=16, head_dim=16, initial_states=True, final_states=True,
                                        varlen=True, input_dtype="float16", pairing="half"),

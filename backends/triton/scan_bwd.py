@@ -9,7 +9,7 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
   0  seq_fwd   (scan_bwd_prep.py, grid (S, H))   theta, gamma, scale, pend0 = DT_0 (1 - lam_0)
   1  y         the per-rank y (before the output mode) in fp32: recomputed by the forward
                (`scan_fwd.forward` with a per-rank, no-Z, no-MIMO_Out spec), or the copy the
-               forward saved (config SAVE_Y / scan(..., save_y=True)); only when the output mode
+               forward saved (scan(..., save_y=True)); only when the output mode
                needs it (Z, MIMO_Out or the norm)
   2  output    (scan_bwd_output.py, token-parallel) dy (B,L,R,H,P), dZ, dMIMO_Z/Out, dNormW partials
   3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
@@ -23,9 +23,11 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
                block partial sums, shared-angle head sum, the initial states' K/V/MIMO_V parts.
 Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
-Config keys: BT (tokens per program of the token-parallel kernels), SEQ_BT (tokens per step of
-the per-sequence loops), num_warps, CORE (the core's own config dict or None = its default),
-CORE_IMPL ("triton", or "reference": the float64 NumPy core_adjoint, for tests only).
+Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
+step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
+the core's own default config, or None), CORE_IMPL ("triton", or "reference": the float64 NumPy
+core_adjoint, for tests only). The core's operands carry pow2(R) ranks (zero-padded for R = 3,
+5, 6, 7).
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def supports(spec: ScanSpec):
     ok, why = scan_fwd.supports(spec)
     if not ok:
         return ok, why
-    if spec.state_dtype != "float32" and spec.final_states:
-        return False, "final SSM state in bf16 (the backward needs fp32 final-state gradients)"
+    if spec.rank > 8:
+        return False, f"R={spec.rank} > 8 (the backward core takes up to 8 ranks)"
     return True, ""
 
 
@@ -63,21 +65,27 @@ def _ap(spec) -> int:
 
 
 def default_config(spec: ScanSpec, problem=None) -> dict:
-    """Token-parallel kernels: 32 tokens per program (16 when a rank's N- and P-tiles are wide:
-    the post kernel holds a few [BT, N/2] and [BT, P] fp32 tiles at once), 4 warps; the
-    per-sequence loops step 64 tokens."""
-    wide = _nhp(spec) * max(16, _pow2(spec.head_dim)) >= 64 * 128
-    return dict(BT=16 if wide else 32, SEQ_BT=64, num_warps=4, CORE=None, CORE_IMPL="triton",
-                SAVE_Y=False)
+    """Tile sizes that keep every kernel spill-free on the AOT grid
+    (tests/test_triton_scan_bwd_compile.py): token-parallel programs of BT tokens (prep, output:
+    BT x max(N/2, P) <= 2048 fp32 per tile; post, which holds about twenty such tiles: POST_BT
+    x max(N/2, P) <= 1024), 4 warps; the per-sequence loops step SEQ_BT tokens
+    (SEQ_BT x pow2(A) <= 1024), 4 warps."""
+    w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
+    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, 1024 // w)),
+                SEQ_BT=max(8, min(64, 1024 // _ap(spec))), num_warps=4, post_num_warps=4,
+                seq_num_warps=4, CORE=None, CORE_IMPL="triton")
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
-    for key in ("BT", "SEQ_BT", "num_warps"):
+    for key in ("BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps", "seq_num_warps"):
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
     if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
+    if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
+        raise bad_arg("config.CORE", "None or a dict (overrides of the core's default config)",
+                      type(config["CORE"]).__name__)
 
 
 def op_dtype(spec: ScanSpec):
@@ -174,8 +182,8 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
-    BT, SBT = config["BT"], config["SEQ_BT"]
-    nw = config["num_warps"]
+    BT, PBT, SBT = config["BT"], config["POST_BT"], config["SEQ_BT"]
+    nw, pnw, snw = config["num_warps"], config["post_num_warps"], config["seq_num_warps"]
     varlen = t.cu_seqlens is not None
     interp = _interpret()
     b = bufs
@@ -185,7 +193,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     sa = _strides_angles(spec, t.angles)
     cu = t.cu_seqlens if varlen else b["zero_i32"]
     PP = max(2, _pow2(P))
-    common = dict(R=R, N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
+    common = dict(R=R, RC=_pow2(R), N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
                   HAS_MV=t.mimo_v is not None, INTERP=interp)
     st = t.state_in
     calls = [
@@ -197,7 +205,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("L", L), ("H", H)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
                              HAS_INIT=st is not None),
-             num_warps=1),
+             num_warps=snw),
         dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
              args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
                    ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)), ("w_ptr", opt(t.norm_weight)),
@@ -207,7 +215,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_zt", t.z.stride(1) if t.z is not None else 0),
                    ("s_zh", t.z.stride(2) if t.z is not None else 0),
                    ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
-             constexprs=dict(R=R, P=P, PP=PP, BT=BT, MODE=_outk.MODES[spec.output_mode],
+             constexprs=dict(R=R, RC=_pow2(R), P=P, PP=PP, BT=BT, MODE=_outk.MODES[spec.output_mode],
                              HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
                              HAS_MO=t.mimo_out is not None, NEED_Y=needs_y(spec), INTERP=interp),
              num_warps=nw),
@@ -220,7 +228,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common), num_warps=nw),
-        dict(name="bwd_post", stage=5, kernel=_post.post_kernel, grid=_post.token_grid(B * L, H, BT),
+        dict(name="bwd_post", stage=5, kernel=_post.post_kernel, grid=_post.token_grid(B * L, H, PBT),
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -233,9 +241,9 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
-             constexprs=dict(common, HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
+             constexprs=dict(common, BT=PBT, HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
                              HAS_VF=b["dvf"] is not None),
-             num_warps=nw),
+             num_warps=pnw),
         dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=(S, H),
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("cu_ptr", cu),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("dth_ptr", b["dtheta"]),
@@ -245,7 +253,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("L", L), ("H", H)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
                              HAS_INIT=st is not None, HAS_THF=b["dthf"] is not None),
-             num_warps=1),
+             num_warps=snw),
     ]
     return calls
 
@@ -256,8 +264,12 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
-    BT = grads["_config"]["BT"]
+    BT, PBT = grads["_config"]["BT"], grads["_config"]["POST_BT"]
     nblk = triton.cdiv(max(B * L, 1), BT)
+    npblk = triton.cdiv(max(B * L, 1), PBT)
+    RC = _pow2(R)   # the core's rank layout: padded ranks must be zero
+    z = (lambda *s, dt=F32: torch.zeros(s, dtype=dt, device=device)) if RC != R else \
+        (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device))
     e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
     idt = t.v.dtype
     odt = op_dtype(spec)
@@ -267,13 +279,13 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["pend"] = e(S, H)
     b["y"] = grads.get("_y") if with_y else None
     b["dout"] = grads["out"]
-    b["dy"] = e(B, L, R, H, P, dt=odt)
+    b["dy"] = z(B, L, RC, H, P, dt=odt)
     b["dz"] = e(B, L, H, P, dt=idt) if t.z is not None else None
     b["pmz"] = e(nblk, H, R, P) if t.mimo_z is not None else None
     b["pmo"] = e(nblk, H, R, P) if t.mimo_out is not None else None
     b["pw"] = e(nblk, H, P) if t.norm_weight is not None else None
-    b["qh"], b["ks"] = e(B, L, R, H, N, dt=odt), e(B, L, R, H, N, dt=odt)
-    b["vt"] = e(B, L, R, H, P, dt=odt)
+    b["qh"], b["ks"] = z(B, L, RC, H, N, dt=odt), z(B, L, RC, H, N, dt=odt)
+    b["vt"] = z(B, L, RC, H, P, dt=odt)
     b["dqh"] = b["dks"] = b["dvt"] = None        # from the core
     b["last"] = torch.empty(B * L, dtype=torch.int32, device=device)
     b["dkf"] = grads.get("k")
@@ -284,9 +296,9 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dv"] = e(B, L, H, P, dt=idt)
     b["dtheta"] = e(B, L, H, max(A, 1))
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
-    b["pqb"], b["pkb"] = e(nblk, H, R, N), e(nblk, H, R, N)
-    b["pmv"] = e(nblk, H, R, P) if t.mimo_v is not None else None
-    b["pd"] = e(nblk, H) if t.d is not None else None
+    b["pqb"], b["pkb"] = e(npblk, H, R, N), e(npblk, H, R, N)
+    b["pmv"] = e(npblk, H, R, P) if t.mimo_v is not None else None
+    b["pd"] = e(npblk, H) if t.d is not None else None
     b["ddt"] = e(B, H, L)
     b["dtrap"] = e(B, H, L) if t.trap is not None else None
     b["dang"] = e(B, L, H, max(A, 1))
@@ -411,10 +423,11 @@ _TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", tor
        torch.int64: "i64"}
 
 
-def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") -> list:
-    """AOT-compile the backward's own kernels (stages 0, 2, 3, 5, 6) for `arch` without a GPU (run
-    without TRITON_INTERPRET). One dict per kernel: name, registers, spills, shared, cubin size.
-    The core's kernels are compiled by scan_bwd_core's own `compile` where it has one."""
+def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", core: bool = True) -> list:
+    """AOT-compile every kernel of the backward for `arch` without a GPU (run without
+    TRITON_INTERPRET): this module's own (stages 0, 2, 3, 5, 6) and, with `core`, the core's
+    (scan_bwd_core.compile, in the config the backward would give it). One dict per kernel:
+    name, registers, spills, shared, cubin size."""
     from mamba3_kernels.spec import Problem
 
     from . import scan_fwd
@@ -438,8 +451,9 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") ->
                  k=e(S, R, H, N) if spec.final_states else None,
                  v=e(S, H, P) if spec.final_states else None)
     b = buffers(spec, t, grads, "meta")
-    b["dqh"], b["dks"] = e(B, L, R, H, N), e(B, L, R, H, N)
-    b["dvt"] = e(B, L, R, H, P)
+    RC = _pow2(R)
+    b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
+    b["dvt"] = e(B, L, RC, H, P)
     b["dpend"] = e(S, H) if spec.initial_states else None
     res = []
     for c in plan(spec, config, t, b, device="meta"):
@@ -463,4 +477,15 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") ->
                         spills=(use["local"] or 0) + (use["stack"] or 0),
                         shared=int(getattr(k.metadata, "shared", 0) or 0), num_warps=c["num_warps"],
                         cubin_bytes=len(k.asm["cubin"])))
+    if core and L:
+        from . import scan_bwd_core as _core
+        odt = op_dtype(spec)
+        RC = _pow2(R)
+        ccfg = None
+        if config.get("CORE"):
+            ccfg = dict(_core.default_config(RC, N, P, odt), **config["CORE"])
+        for k in _core.compile(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
+                               s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
+                               arch=arch):
+            res.append(dict(k, name="core:" + k["name"]))
     return res

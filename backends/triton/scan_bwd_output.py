@@ -11,6 +11,7 @@ the orchestrator), dO the upstream gradient, u = Z * MIMO_Z[r], gate = silu(u) (
     dZ = sum_r dgate_r silu'(u_r) mz_r
 Parameter gradients leave as one fp32 partial sum per (token block, head) (deterministic;
 the orchestrator sums the blocks): dMIMO_Z, dMIMO_Out (nblk, H, R, P), dNormW (nblk, H, P).
+dy is laid out with RC = pow2(R) ranks (the core's operand layout; padded ranks stay zero).
 y is read only when a term needs it (NEED_Y: Z, MIMO_Out or the norm).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def output_bwd_kernel(
     y_ptr, do_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr,
     dy_ptr, dz_ptr, pmz_ptr, pmo_ptr, pw_ptr,
     s_zb, s_zt, s_zh, BL, L, H, eps,
-    R: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
+    R: tl.constexpr, RC: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NEED_Y: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -52,8 +53,9 @@ def output_bwd_kernel(
         w = tl.load(w_ptr + h * P + p, mask=pm, other=0.0)
         dw = tl.zeros([PP], dtype=tl.float32)
     DYT = dy_ptr.dtype.element_ty
-    for r in tl.static_range(R):
+    for r in range(R):
         row = ((m64 * R + r) * H + h)[:, None] * P + p[None, :]
+        drow = ((m64 * RC + r) * H + h)[:, None] * P + p[None, :]
         if MODE == 1:
             do = tl.load(do_ptr + row, mask=msk, other=0.0).to(tl.float32)
         if NEED_Y:
@@ -95,7 +97,7 @@ def output_bwd_kernel(
             dnw = dn * w[None, :]
             dw += tl.sum(dn * xhat, axis=0)
             dy = rstd[:, None] * (dnw - xhat * (tl.sum(dnw * xhat, axis=1) / P)[:, None])
-        tl.store(dy_ptr + row, _cast(dy, DYT, INTERP), mask=msk)
+        tl.store(dy_ptr + drow, _cast(dy, DYT, INTERP), mask=msk)
         if HAS_Z:
             du = dgate * sg * (1.0 + u * (1.0 - sg))
             dz += du * mz

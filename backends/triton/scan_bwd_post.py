@@ -11,6 +11,7 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     rotation: dq' += Rot(-theta) dqh, dk' += Rot(-theta) dkh,
               dtheta_j = sum over q and k, ranks of d0 (-x0 s - x1 c) + d1 (x0 c - x1 s)
     dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
+The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored).
 Writes dq', dk' per value head (B, L, R, H, N) in the pointer's dtype (the final dQ/dK when
 G = H, else fp32 for the GQA sum), dV, per-token dtheta (B, L, H, A), dgamma and dscale
 (B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import PI, _cast, _pair_cols, _seq_bounds, _sigmoid, _tanh
+from .scan_bwd_prep import PI, _cast, _cos_sin, _pair_cols, _seq_bounds, _sigmoid, _tanh
 
 
 @triton.jit
@@ -39,9 +40,9 @@ def post_kernel(
     dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, pd_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
     BL, L, H, G,
-    R: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, HAS_MV: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
+    R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
+    PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
+    HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -61,8 +62,7 @@ def post_kernel(
     if A > 0:
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
-        cs = tl.cos(th)
-        sn = tl.sin(th)
+        cs, sn = _cos_sin(th, INTERP)
     else:
         cs = tl.full([BT, NHP], 1.0, tl.float32)
         sn = tl.zeros([BT, NHP], dtype=tl.float32)
@@ -93,12 +93,13 @@ def post_kernel(
         x1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
             tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
         hrow = ((m64 * R + r) * H + h)[:, None] * N
-        d0 = tl.load(dqh_ptr + hrow + c0[None, :], mask=xm, other=0.0)
-        d1 = tl.load(dqh_ptr + hrow + c1[None, :], mask=xm, other=0.0)
+        crow = ((m64 * RC + r) * H + h)[:, None] * N
+        d0 = tl.load(dqh_ptr + crow + c0[None, :], mask=xm, other=0.0)
+        d1 = tl.load(dqh_ptr + crow + c1[None, :], mask=xm, other=0.0)
         dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
         e0 = d0 * cs + d1 * sn
         e1 = d1 * cs - d0 * sn
-        dyr = tl.load(dy_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+        dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                       other=0.0).to(tl.float32)
         for r2 in range(R):
             if HAS_MV:
@@ -129,8 +130,9 @@ def post_kernel(
         kh0 = x0 * cs - x1 * sn
         kh1 = x0 * sn + x1 * cs
         hrow = ((m64 * R + r2) * H + h)[:, None] * N
-        f0 = tl.load(dks_ptr + hrow + c0[None, :], mask=xm, other=0.0)
-        f1 = tl.load(dks_ptr + hrow + c1[None, :], mask=xm, other=0.0)
+        crow = ((m64 * RC + r2) * H + h)[:, None] * N
+        f0 = tl.load(dks_ptr + crow + c0[None, :], mask=xm, other=0.0)
+        f1 = tl.load(dks_ptr + crow + c1[None, :], mask=xm, other=0.0)
         dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
         d0 = f0 * scale[:, None]
         d1 = f1 * scale[:, None]
@@ -142,7 +144,7 @@ def post_kernel(
         dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
         e0 = d0 * cs + d1 * sn
         e1 = d1 * cs - d0 * sn
-        vrow = ((m64 * R + r2) * H + h)[:, None] * P + p[None, :]
+        vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
         dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
         dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
         if HAS_MV:
@@ -159,7 +161,7 @@ def post_kernel(
                 tl.load(qb_ptr + brq + c0, mask=jm, other=0.0)[None, :]
             y1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
                 tl.load(qb_ptr + brq + c1, mask=jm, other=0.0)[None, :]
-            dyr = tl.load(dy_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+            dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                           other=0.0).to(tl.float32)
             mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
             w = tl.sum(dyr * vt2, axis=1)

@@ -13,6 +13,7 @@
                      qh[t,r] = Rot(theta_t)(Q[t,r,g(h)] + Q_bias[h,r])                 (B,L,R,H,N)
                      ks[t,r] = Rot(theta_t)(K[t,r,g(h)] + K_bias[h,r]) * scale_t        (B,L,R,H,N)
                      vt[t,r] = V[t,h] * MIMO_V[h,r]                                       (B,L,R,H,P)
+                   (laid out with RC = pow2(R) ranks, the core's layout; padded ranks stay zero)
 
 Pairs: a row of N columns is handled as two tiles of the pairs' members, x0[j] = x[c0(j)],
 x1[j] = x[c1(j)], j < N/2, with (c0, c1) = (2j, 2j+1) (interleaved) or (j, j + N/2) (half);
@@ -56,6 +57,25 @@ def _cast(x, ty: tl.constexpr, INTERP: tl.constexpr):
     else:
         r = x.to(ty)
     return r
+
+
+@triton.jit
+def _cos_sin(x, INTERP: tl.constexpr):
+    """cos, sin of an angle in [0, 2 pi): on the GPU, reduce into [-pi, pi] and uses the MUFU
+    approximations (|error| < 1e-6 there; the libdevice functions keep a local-memory frame for
+    their huge-argument path, which ptxas reports as spills); the interpreter: the library."""
+    if not INTERP:
+        two_pi: tl.constexpr = 6.283185307179586
+        inv: tl.constexpr = 0.15915494309189535
+        r = x - two_pi * tl.floor(x * inv + 0.5)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(x)
+        s = tl.sin(x)
+    return c, s
 
 
 @triton.jit
@@ -146,9 +166,9 @@ def prep_kernel(
     qh_ptr, ks_ptr, vt_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
     BL, L, H, G,
-    R: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-    A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, HAS_MV: tl.constexpr,
-    INTERP: tl.constexpr,
+    R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
+    PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
+    HAS_MV: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -165,8 +185,7 @@ def prep_kernel(
     if A > 0:
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
-        cs = tl.cos(th)
-        sn = tl.sin(th)
+        cs, sn = _cos_sin(th, INTERP)
     scale = tl.load(scale_ptr + (b * H + h) * L + t, mask=mm, other=0.0)
     p = tl.arange(0, PP)
     pm = p < P
@@ -196,7 +215,7 @@ def prep_kernel(
             qh1 = q1
             kh0 = k0
             kh1 = k1
-        orow = ((m64 * R + r) * H + h)[:, None] * N
+        orow = ((m64 * RC + r) * H + h)[:, None] * N
         tl.store(qh_ptr + orow + c0[None, :], _cast(qh0, ODT, INTERP), mask=xm)
         tl.store(qh_ptr + orow + c1[None, :], _cast(qh1, ODT, INTERP), mask=xm)
         tl.store(ks_ptr + orow + c0[None, :], _cast(kh0 * scale[:, None], ODT, INTERP), mask=xm)
@@ -206,5 +225,5 @@ def prep_kernel(
             vt = v * mv[None, :]
         else:
             vt = v
-        tl.store(vt_ptr + ((m64 * R + r) * H + h)[:, None] * P + p[None, :], _cast(vt, ODT, INTERP),
+        tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], _cast(vt, ODT, INTERP),
                  mask=vm)
