@@ -2,12 +2,34 @@
 
 Reference: reference/core_adjoint.py's quadratic form vs its token recurrence, and its
 gradients vs central finite differences (dense and varlen, with and without s0 / ds_final).
+
+Kernels (backends/triton/scan_bwd_core*.py) on CPU through the Triton interpreter, against the
+reference run in float64 on the exact (bf16-rounded) operands the kernels saw: fresh random
+inputs, decays adt = -U[0.01, 1], outputs and scratch poisoned with NaN before the run, every
+output compared (rel_l2 <= 2e-2 for bf16 operands, 2e-3 for fp32). Shapes: a pairwise cover of
+R {1, 2, 4}, N {16, 32}, P {16, 48}, L {1, 5, 16, 37}, dtype, s0 / ds_final, segment length and
+N / P blocking; varlen lengths [3, 0, 17, 1]; R = 8; determinism (two runs bitwise equal);
+want_ds0=False; argument errors. TRITON_INTERPRET must be set before triton is imported (see
+test_triton_scan_fwd.py): if an earlier module imported triton without it, the kernel tests
+rerun this module in a fresh process.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "") in ("", "0")
+if not _LATE:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest
 from mamba3_kernels.reference import core_adjoint as ca
+from mamba3_kernels.reference.compare import rel_l2
+
+here = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET; see test_fresh_process")
 
 
 def _inputs(rng, B, L, R, H, N, P, S=None, s0=True, dsf=True):
@@ -58,3 +80,138 @@ def test_reference_gradients_finite_differences(R, s0, dsf, varlen):
         np.testing.assert_allclose(g[gname], num, rtol=1e-6, atol=1e-6, err_msg=gname)
     if not s0:
         assert g["ds0"].shape == (4 if varlen else B, H, 2, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Triton kernels (interpreter)
+
+def _core():
+    pytest.importorskip("triton")
+    from mamba3_kernels.backends.triton import scan_bwd_core
+    return scan_bwd_core
+
+
+def _run_case(rng, B, L, R, H, N, P, dtype="bfloat16", s0=True, dsf=True, lengths=None, cfg=None,
+              want_ds0=True):
+    """Run the kernels (poisoned outputs) and the reference on the rounded operands; return
+    (kernel outputs, reference outputs)."""
+    import torch
+    core = _core()
+    tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    cu = None if lengths is None else np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    if cu is not None:
+        B, L = 1, int(cu[-1])
+    x = _inputs(rng, B, L, R, H, N, P, S=None if cu is None else len(lengths), s0=s0, dsf=dsf)
+    t = {k: None if v is None else torch.as_tensor(v, dtype=torch.float32) for k, v in x.items()}
+    for k in ("qh", "ks", "vt", "dy"):
+        t[k] = t[k].to(tdt)
+    out = core.core_backward(t["qh"], t["ks"], t["vt"], t["adt"], t["dy"], t["s0"], t["ds_final"],
+                             None if cu is None else torch.as_tensor(cu), config=cfg, want_ds0=want_ds0,
+                             poison=True)
+    f = lambda v: None if v is None else v.double().numpy()
+    ref = ca.core_backward(f(t["qh"]), f(t["ks"]), f(t["vt"]), f(t["adt"]), f(t["dy"]), f(t["s0"]),
+                           f(t["ds_final"]), cu)
+    return out, ref
+
+
+def _check(out, ref, dtype, what):
+    tol = 2e-2 if dtype == "bfloat16" else 2e-3
+    errs = {k: rel_l2(out[k].double().numpy(), ref[k]) for k in ref if out.get(k) is not None}
+    assert set(errs) >= {"dqh", "dks", "dvt", "dadt"}, errs
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{what}: rel_l2 over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+def _cover():
+    """A deterministic pairwise-style cover of the small-shape grid (16 cases)."""
+    Rs, Ns, Ps, Ls = (1, 2, 4), (16, 32), (16, 48), (1, 5, 16, 37)
+    dts, sts, segs = ("bfloat16", "float32"), ((True, True), (False, True), (True, False), (False, False)), (0, 1, 2)
+    out = []
+    for i in range(16):
+        s0, dsf = sts[(i // 2) % 4]
+        out.append({"R": Rs[i % 3], "N": Ns[(i // 3) % 2], "P": Ps[(i // 2) % 2], "L": Ls[i % 4], "dtype": dts[(i // 4) % 2],
+                        "s0": s0, "dsf": dsf, "seg": segs[(i // 5) % 3], "block": (i % 5 == 3)})
+    return out
+
+
+@here
+@pytest.mark.parametrize("case", _cover(), ids=lambda c: "R{R}-N{N}-P{P}-L{L}-{dtype}-s0{s0}-dsf{dsf}-seg{seg}-blk{block}".format(**c))
+def test_core_vs_reference(case):
+    core = _core()
+    rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))
+    cfg = dict(core.default_config(case["R"], case["N"], case["P"], case["dtype"]), SEG=case["seg"])
+    if case["block"]:  # several N blocks (dq, dk) and P blocks (dv, local states, state passing)
+        cfg.update(BLOCK_N=16, BLOCK_P=16, PASS_BLOCK_P=16)
+    out, ref = _run_case(rng, 2, case["L"], case["R"], 2, case["N"], case["P"], case["dtype"], case["s0"],
+                         case["dsf"], cfg=cfg)
+    errs = _check(out, ref, case["dtype"], case)
+    print(case, {k: f"{e:.1e}" for k, e in errs.items()})
+
+
+@here
+@pytest.mark.parametrize("R,dtype,s0,dsf,seg", [(1, "bfloat16", True, True, 1), (2, "float32", False, True, 2),
+                                                (4, "bfloat16", True, False, 0), (1, "float32", False, False, 2)])
+def test_core_varlen(R, dtype, s0, dsf, seg):
+    core = _core()
+    rng = np.random.default_rng(R * 7 + seg)
+    cfg = dict(core.default_config(R, 32, 48, dtype), SEG=seg, BLOCK_P=16, PASS_BLOCK_P=16)
+    out, ref = _run_case(rng, 1, 0, R, 2, 32, 48, dtype, s0, dsf, lengths=[3, 0, 17, 1], cfg=cfg)
+    _check(out, ref, dtype, "varlen")
+    assert out["ds0"].shape == (4, 2, 48, 32)
+
+
+@here
+def test_core_rank8_and_odd_sizes():
+    rng = np.random.default_rng(8)
+    out, ref = _run_case(rng, 1, 11, 8, 1, 24, 40, "float32")
+    _check(out, ref, "float32", "R8")
+
+
+@here
+def test_core_deterministic_and_want_ds0():
+    import torch
+    core = _core()
+    rng = np.random.default_rng(3)
+    x = _inputs(rng, 1, 37, 2, 2, 32, 48)
+    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in x.items()}
+    for k in ("qh", "ks", "vt", "dy"):
+        t[k] = t[k].to(torch.bfloat16)
+    cfg = dict(core.default_config(2, 32, 48, "bfloat16"), SEG=2, BLOCK_N=16, BLOCK_P=16)
+    args = (t["qh"], t["ks"], t["vt"], t["adt"], t["dy"], t["s0"], t["ds_final"])
+    a = core.core_backward(*args, config=cfg, poison=True)
+    b = core.core_backward(*args, config=cfg, poison=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c = core.core_backward(*args, config=cfg, want_ds0=False, poison=True)
+    assert c["ds0"] is None
+    for k in ("dqh", "dks", "dvt", "dadt"):
+        assert torch.equal(a[k], c[k]), k
+
+
+@here
+def test_core_argument_errors():
+    import torch
+    core = _core()
+    q = torch.zeros(1, 4, 1, 2, 16, dtype=torch.bfloat16)
+    v = torch.zeros(1, 4, 1, 2, 16, dtype=torch.bfloat16)
+    adt = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="adt: expected shape"):
+        core.core_backward(q, q, v, adt[:, :1], v)
+    with pytest.raises(ValueError, match="ks: expected dtype"):
+        core.core_backward(q, q.float(), v, adt, v)
+    with pytest.raises(ValueError, match="R: expected 1, 2, 4 or 8"):
+        core.core_backward(q.expand(1, 4, 3, 2, 16), q.expand(1, 4, 3, 2, 16), v.expand(1, 4, 3, 2, 16), adt,
+                           v.expand(1, 4, 3, 2, 16))
+    with pytest.raises(ValueError, match="config.CHUNK"):
+        core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), CHUNK=8))
+
+
+def test_fresh_process():
+    """Rerun this module in a clean process when triton was imported too early here."""
+    if not _LATE:
+        pytest.skip("ran in place")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

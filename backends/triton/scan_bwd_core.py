@@ -1,0 +1,309 @@
+"""Triton backward core of the scan (issue 5): configs, launch, AOT build. SPEC §8, §9.
+
+The generic, chunk-parallel middle of the scan backward: per sequence and value head, from the
+materialised qh, ks (N), vt, dy (P) of rows (t, r) and the log-decays adt, the gradients of
+
+    loss = sum <dy, y> + <dS_final, S_final>,
+    y[t,r]  = e^{cs_t} S0 qh[t,r] + sum_{s<t} sum_r' e^{cs_t - cs_s} (qh[t,r] . ks[s,r']) vt[s,r']
+    S_final = e^{cs_{L-1}} S0 + sum_{s,r'} e^{cs_{L-1} - cs_s} vt[s,r'] ks[s,r']^T
+
+(strictly causal by token) with respect to qh, ks, vt, adt and S0 (reference/core_adjoint.py,
+which also states the gradient formulas). The prep (rotation, biases, gamma, scale), the
+output-mode backward (-> dy) and the post (diagonal terms, D, inverse rotation, angles, dt /
+trap, GQA, input states) are other stages (scan_bwd*.py).
+
+Phases (a split-sequence scan over segments of SEG chunks of C tokens, as the forward's):
+  1 local       (scan_bwd_core_states.py) grid (H * P-blocks, slots, 2): each segment's local
+                state Lf and local adjoint Lb, and its decay total
+  2 pass        (scan_bwd_core_states.py) grid (H * P-blocks, sequences, 2): entry state of
+                every segment (from S0) and adjoint at every segment's exit (from dS_final);
+                dS0; the P-block partials of <dS_final, S_final>
+  3 dq, dk, dv  (scan_bwd_core_chunk.py)  grid (H * N- or P-blocks, slots): each program walks
+                its segment with the state (dq: forwards) or adjoint (dk, dv: backwards) in
+                registers: dqh, dks, dvt and the per-token partials of d loss / d cs
+  4 dadt        (scan_bwd_core_chunk.py)  grid (H, sequences): reverse cumsum of d cs
+Every (batch, head, segment) is a program, so B * H small still fills the GPU; the P x N
+scratch states move once per segment, not per chunk. Deterministic: no atomics; the partial
+sums over P / N blocks are added in a fixed order.
+
+Config keys (`default_config`, `space`):
+  CHUNK    tokens per chunk C (C * pow2(R) >= 16 rows)
+  SEG      chunks per segment; 0 = chosen per call from B, H, L (about four programs per SM)
+  BLOCK_N  columns of N per dq / dk program (their state tile is P x BLOCK_N)
+  BLOCK_P  rows of P per dv / local-state program (tile BLOCK_P x N)
+  PASS_BLOCK_P rows of P per state-passing program
+  num_warps (dq, dk, dv), local_num_warps, pass_num_warps, num_stages
+  SCRATCH  dtype of the per-segment scratch states ("bfloat16" or "float32"; GEMM operands in
+           the input dtype anyway; fp32 inputs keep fp32)
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+
+from . import _interpret, _pow2, _resource_usage
+from . import scan_bwd_core_chunk as _chunk
+from . import scan_bwd_core_states as _st
+
+N_SM_H100 = 132
+DTYPES = ("bfloat16", "float32")
+_TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_NAME = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TILE = 8192  # fp32 elements of a carried state tile per program (64 x 128)
+
+
+def _np(x: int) -> int:
+    return max(16, _pow2(x))
+
+
+def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
+    """Defaults for rank R, state size N, head dim P and operand dtype ('bfloat16' / 'float32'
+    or the torch dtype). SEG = 0: chosen per call from the problem size."""
+    dtype = _NAME.get(dtype, dtype)
+    rp = _pow2(R)
+    NP, PP = _np(N), _np(P)
+    return {"CHUNK": max(1, 16 // rp), "SEG": 0,
+                "BLOCK_N": min(NP, max(16, TILE // PP)), "BLOCK_P": min(PP, max(16, TILE // NP)),
+                "PASS_BLOCK_P": min(32, PP), "num_warps": 4, "local_num_warps": 4, "pass_num_warps": 4,
+                "num_stages": 1, "SCRATCH": "float32" if dtype == "float32" else "bfloat16"}
+
+
+def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
+    """Tuning candidates: SEG (auto, x1/2, x2 of auto via SEG_SCALE) x chunk x warps."""
+    d = default_config(R, N, P, dtype)
+    out = [d]
+    rp = _pow2(R)
+    for c in sorted({max(1, 16 // rp), max(1, 32 // rp)}):
+        for nw in (4, 8):
+            for sc in (0.5, 1, 2):
+                cfg = dict(d, CHUNK=c, num_warps=nw, SEG_SCALE=sc)
+                if sc == 1:
+                    cfg.pop("SEG_SCALE")
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def _seg(config, B, L, H, progs_per_seg):
+    if config["SEG"]:
+        return int(config["SEG"])
+    C = config["CHUNK"]
+    nchunks = triton.cdiv(max(L, 1), C)
+    nseg = triton.cdiv(4 * N_SM_H100, max(1, B * progs_per_seg))
+    seg = _pow2(triton.cdiv(nchunks, nseg))
+    seg = int(seg * config.get("SEG_SCALE", 1))
+    return max(1, min(64, seg))
+
+
+def check_config(R: int, config: dict) -> None:
+    for key in ("CHUNK", "BLOCK_N", "BLOCK_P", "PASS_BLOCK_P", "num_warps"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"config.{key}: expected a power of two >= 1, got {v!r}")
+    if config["CHUNK"] * _pow2(R) < 16:
+        raise ValueError(f"config.CHUNK: expected >= {16 // _pow2(R)} (C * pow2(R) >= 16 rows), "
+                         f"got {config['CHUNK']}")
+    for key in ("BLOCK_N", "BLOCK_P", "PASS_BLOCK_P"):
+        if config[key] < 16:
+            raise ValueError(f"config.{key}: expected >= 16, got {config[key]}")
+    seg = config.get("SEG", 0)
+    if not isinstance(seg, int) or seg < 0:
+        raise ValueError(f"config.SEG: expected an int >= 0 (0 = auto), got {seg!r}")
+    if config.get("SCRATCH", "bfloat16") not in DTYPES:
+        raise ValueError(f"config.SCRATCH: expected one of {DTYPES}, got {config.get('SCRATCH')!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# validation and the launch plan (one list of kernel calls, to run and to AOT-compile)
+
+def _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens):
+    if qh.dim() != 5:
+        raise ValueError(f"qh: expected (B, L, R, H, N), got shape {tuple(qh.shape)}")
+    B, L, R, H, N = qh.shape
+    P = vt.shape[-1]
+    want = {"qh": (qh, (B, L, R, H, N)), "ks": (ks, (B, L, R, H, N)), "vt": (vt, (B, L, R, H, P)),
+            "dy": (dy, (B, L, R, H, P)), "adt": (adt, (B, H, L))}
+    for name, (x, shape) in want.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+    if qh.dtype not in _NAME:
+        raise ValueError(f"qh: expected dtype bfloat16 or float32, got {qh.dtype}")
+    for name, x in (("ks", ks), ("vt", vt), ("dy", dy)):
+        if x.dtype != qh.dtype:
+            raise ValueError(f"{name}: expected dtype {qh.dtype} (qh's), got {x.dtype}")
+    if adt.dtype != torch.float32:
+        raise ValueError(f"adt: expected float32, got {adt.dtype}")
+    if R not in (1, 2, 4, 8):
+        raise ValueError(f"R: expected 1, 2, 4 or 8, got {R}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"qh: expected B == 1 with cu_seqlens, got B={B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens: expected (S+1,) int32, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    for name, x in (("s0", s0), ("ds_final", ds_final)):
+        if x is not None and (tuple(x.shape) != (S, H, P, N) or x.dtype != torch.float32):
+            raise ValueError(f"{name}: expected ({S}, {H}, {P}, {N}) float32, got {tuple(x.shape)} {x.dtype}")
+    return B, L, R, H, N, P, S
+
+
+def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
+         device=None, poison=False):
+    """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
+    num_stages, run) and the output dict. Tensors must be contiguous (meta tensors for AOT).
+    poison: fill the outputs and every scratch tensor with NaN first (tests)."""
+    B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
+    dtype = _NAME[qh.dtype]
+    config = dict(default_config(R, N, P, dtype) if config is None else config)
+    check_config(R, config)
+    dev = device if device is not None else qh.device
+    RP, NP, PP = _pow2(R), _np(N), _np(P)
+    C = config["CHUNK"]
+    BN, BP, PBP = min(config["BLOCK_N"], NP), min(config["BLOCK_P"], PP), min(config["PASS_BLOCK_P"], PP)
+    NNB, NPB = NP // BN, triton.cdiv(P, BP)
+    SEG = _seg(config, B, L, H, H * max(NNB, NPB))
+    SEGLEN = SEG * C
+    varlen = cu_seqlens is not None
+    nseg = triton.cdiv(L, SEGLEN)
+    nslots = (L // SEGLEN + S) if varlen else B * nseg
+    f32 = torch.float32
+    sdt = _TORCH[config.get("SCRATCH", "bfloat16")]
+    if poison:
+        e = lambda *s, dt=f32: torch.full(s, float("nan"), dtype=dt, device=dev)
+    else:
+        e = lambda *s, dt=f32: torch.empty(s, dtype=dt, device=dev)
+    lf, lb, ent, dx = (e(nslots, H, P, N, dt=sdt) for _ in range(4))
+    tot = e(2, nslots, H)
+    npart = NNB + NPB
+    nch = nslots * SEG
+    sch = e(nch, H, P, N, dt=sdt)
+    dcs = e(npart, B, H, L)
+    dtc = e(NNB, nch, H)
+    out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dvt": e(B, L, R, H, P), "dadt": e(B, H, L),
+           "ds0": e(S, H, P, N) if want_ds0 else None}
+    dummy = e(1)
+    cu = cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
+    opt = lambda x: dummy if x is None else x
+    dot = {"DOT_F32": dtype == "float32", "INTERP": _interpret()}
+    shape = {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "C": C, "SEG": SEG, "VARLEN": varlen}
+    run = L > 0
+    stages = config.get("num_stages", 1)
+    tok = [("qh_ptr", qh), ("ks_ptr", ks), ("vt_ptr", vt), ("dy_ptr", dy), ("adt_ptr", adt), ("cu_ptr", cu)]
+    calls = [
+        {"name": "scan_bwd_core_local", "kernel": _st.scan_bwd_core_local_kernel, "run": run,
+         "grid": _st.local_grid(H, P, BP, nslots),
+         "args": [*tok, ("lf_ptr", lf), ("lb_ptr", lb), ("tot_ptr", tot),
+                  ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NSLOT", nslots)],
+         "constexprs": dict(shape, BP=BP, NEED_FIRST=want_ds0, **dot),
+         "num_warps": config.get("local_num_warps", 4), "num_stages": stages},
+        {"name": "scan_bwd_core_pass", "kernel": _st.scan_bwd_core_pass_kernel, "run": True,
+         "grid": _st.pass_grid(H, P, PBP, S),
+         "args": [("lf_ptr", lf), ("lb_ptr", lb), ("tot_ptr", tot), ("cu_ptr", cu), ("s0_ptr", opt(s0)),
+                  ("dsf_ptr", opt(ds_final)), ("ent_ptr", ent), ("dx_ptr", dx), ("ds0_ptr", opt(out["ds0"])),
+                  ("L", L), ("H", H), ("NSEG", nseg), ("NSLOT", nslots)],
+         "constexprs": {"N": N, "NP": NP, "P": P, "BP": PBP, "SEGLEN": SEGLEN, "VARLEN": varlen,
+                        "HAS_S0": s0 is not None, "HAS_DSF": ds_final is not None, "WANT_DS0": want_ds0,
+                        "INTERP": _interpret()},
+         "num_warps": config.get("pass_num_warps", 4), "num_stages": 1},
+        {"name": "scan_bwd_core_dq", "kernel": _chunk.scan_bwd_core_dq_kernel, "run": run,
+         "grid": _chunk.grid(H, NP, BN, nslots),
+         "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
+         "constexprs": dict(shape, BN=BN, PP=PP, **dot),
+         "num_warps": config["num_warps"], "num_stages": stages},
+        {"name": "scan_bwd_core_dk", "kernel": _chunk.scan_bwd_core_dk_kernel, "run": run,
+         "grid": _chunk.grid(H, NP, BN, nslots),
+         "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dtc_ptr", dtc),
+                  ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch)],
+         "constexprs": dict(shape, BN=BN, PP=PP, **dot),
+         "num_warps": config["num_warps"], "num_stages": stages},
+        {"name": "scan_bwd_core_dv", "kernel": _chunk.scan_bwd_core_dv_kernel, "run": run,
+         "grid": _chunk.grid(H, P, BP, nslots),
+         "args": [*tok, ("dx_ptr", dx), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("PART0", NNB)],
+         "constexprs": dict(shape, BP=BP, STATE_T=bool(config.get("DV_STATE_T", True)), **dot),
+         "num_warps": config["num_warps"], "num_stages": stages},
+        {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
+         "grid": _chunk.dadt_grid(H, nslots),
+         "args": [("dcs_ptr", dcs), ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NPART", npart),
+                  ("NNB", NNB)],
+         "constexprs": {"C": C, "SEG": SEG, "VARLEN": varlen},
+         "num_warps": 1, "num_stages": 1},
+    ]
+    return calls, out
+
+
+def launch(c: dict) -> None:
+    c["kernel"][c["grid"]](*[v for _, v in c["args"]], **c["constexprs"], num_warps=c["num_warps"],
+                           num_stages=c["num_stages"])
+
+
+def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
+                  want_ds0=True, poison=False):
+    """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
+    (B, L, R, H, P); adt (B, H, L) fp32; s0, ds_final (B, H, P, N) fp32 or None. Varlen: B == 1,
+    cu_seqlens (S+1,) int32 (empty sequences allowed), s0 / ds_final (S, H, P, N). qh/ks/vt/dy
+    all bf16 or all fp32 (the GEMM operand dtype). Returns dict(dqh, dks (B, L, R, H, N) fp32,
+    dvt (B, L, R, H, P) fp32, dadt (B, H, L) fp32, ds0 (B|S, H, P, N) fp32 or None).
+    config: default_config(R, N, P, dtype) when None. poison: NaN-fill outputs and scratch
+    before the run (tests: every output element must be written, no scratch read unwritten)."""
+    qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
+    s0 = None if s0 is None else s0.contiguous()
+    ds_final = None if ds_final is None else ds_final.contiguous()
+    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison)
+    for c in calls:
+        if c["run"]:
+            launch(c)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# AOT build (no GPU): registers, spills, shared memory per kernel
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+
+
+def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,
+            s0=True, ds_final=True, want_ds0=True, arch="sm_90a") -> list:
+    """AOT-compile every kernel of the core for `arch` without a GPU (run without
+    TRITON_INTERPRET). One dict per kernel: name, registers, spills (local + stack bytes per
+    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors."""
+    if _interpret():
+        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
+                           "interpreter do not mix), got TRITON_INTERPRET set")
+    from triton.backends.compiler import GPUTarget
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    dt = _TORCH[_NAME.get(dtype, dtype)]
+    S = 3 if varlen else B
+    if varlen:
+        B = 1
+    e = lambda *s, d=torch.float32: torch.empty(s, dtype=d, device="meta")
+    calls, _ = plan(e(B, L, R, H, N, d=dt), e(B, L, R, H, N, d=dt), e(B, L, R, H, P, d=dt), e(B, H, L),
+                    e(B, L, R, H, P, d=dt), e(S, H, P, N) if s0 else None, e(S, H, P, N) if ds_final else None,
+                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta")
+    res = []
+    for c in calls:
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(c["args"]):
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + _TT[v.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[name] = "i32"
+        for name in c["constexprs"]:
+            sig[name] = "constexpr"
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
+                                        attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
+                           options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+        use = _resource_usage(k.asm["cubin"])
+        res.append({"name": c["name"], "registers": use["registers"],
+                        "spills": (use["local"] or 0) + (use["stack"] or 0),
+                        "shared": int(getattr(k.metadata, "shared", 0) or 0), "num_warps": c["num_warps"],
+                        "cubin_bytes": len(k.asm["cubin"])})
+    return res

@@ -1,0 +1,268 @@
+"""Backward core, phases 3 and 4 (issue 5; SPEC §8, §9; reference/core_adjoint.py): the
+chunk-local gradients, walking each segment's chunks with a state in registers, and dadt.
+
+Per chunk c of a segment (rows i = (t_i, r_i), cs the in-chunk inclusive decay cumsum, T its
+total, S_c the state entering the chunk, D_c the adjoint of the state leaving it):
+
+    Gm_ij = e^{cs_i - cs_j} (dy_i . vt_j)   for t_i > t_j, else 0     (strictly causal)
+    A_ij  = e^{cs_i - cs_j} (qh_i . ks_j)   for t_i > t_j, else 0
+    dqh_i = sum_j Gm_ij ks_j + e^{cs_i} S_c^T dy_i                       (kernel dq)
+    dks_j = sum_i Gm_ij qh_i + e^{T - cs_j} D_c^T vt_j                   (kernel dk)
+    dvt_j = sum_i A_ij dy_i  + e^{T - cs_j} D_c ks_j                     (kernel dv)
+
+dadt, chunk-locally (S_c and D_c held fixed, the loss depends on the chunk's adt through cs,
+and on T = cs_last also through S_{c+1} = e^T S_c + sum_j e^{T - cs_j} vt_j ks_j^T):
+
+    d cs_i = qh_i . dqh_i - vt_i . dvt_i          (= row sum - column sum of the in-chunk
+                                                     W = A o (dy vt^T), plus the two state terms)
+    d T    = e^T <D_c, S_c> + sum_j ks_j . (e^{T - cs_j} D_c^T vt_j)
+    dadt_u = sum_{t >= u in the chunk} d cs_t + d T
+
+Only in-chunk sums: the sequence-long reverse cumsum of d cs (mathematically the same) cancels
+catastrophically (its partial sums are O(1) differences of O(L) terms, and bf16 GEMM errors do
+not cancel), so d T is computed from the states themselves.
+
+The dq kernel walks the segment forwards from its entry state (phase 2's ent; S_c <- e^T S_c +
+(vt e^{T - cs})^T ks) and writes every chunk's entry state S_c (scratch sch); the dk and dv
+kernels walk it backwards from its exit adjoint (phase 2's dx; D_{c-1} = e^T D_c +
+(dy e^{cs})^T qh); dk reads S_c for d T.
+
+Tiles: dq and dk hold the whole P and a block of BN columns of N (state tile P x BN; their
+outputs reduce over P); dv holds a block of BP rows of P and the whole N (tile N x BP, kept
+transposed; dvt reduces over N). The per-row d cs partials of the N blocks (dq) and P blocks
+(dv), and the per-chunk d T partials of the N blocks (dk), go to fp32 scratch that dadt adds
+in a fixed order (no atomics).
+
+Grids: dq, dk (H * cdiv(N, BN), segment slots); dv (H * cdiv(P, BP), segment slots);
+dadt (H, segment slots).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .scan_bwd_core_states import _chunk_decay, _mma
+from .scan_common import _cast, _locate, _mm
+
+
+def grid(H: int, D: int, BD: int, nslots: int):
+    return (H * triton.cdiv(D, BD), nslots)
+
+
+def dadt_grid(H: int, nslots: int):
+    return (H, nslots)
+
+
+@triton.jit
+def _tile(ptr, row, rmask, cols, W: tl.constexpr):
+    """Rows `row` (int64 row indices of a (.., W) tensor) at columns `cols`, zero-padded."""
+    return tl.load(ptr + row[:, None] * W + cols[None, :], mask=rmask[:, None] & (cols < W)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, row, rmask, cols, x, W: tl.constexpr):
+    tl.store(ptr + row[:, None] * W + cols[None, :], x, mask=rmask[:, None] & (cols < W)[None, :])
+
+
+@triton.jit
+def _store_dcs(dcs_ptr, part, B, H, L, b, h, tc, eos, x, C: tl.constexpr, RP: tl.constexpr):
+    """Per-row dcs [C * RP] summed over ranks into tokens [C] of scratch row (part, b, h)."""
+    if RP == 1:
+        xt = x
+    else:
+        xt = tl.sum(tl.reshape(x, [C, RP]), axis=1)
+    tok = tc + tl.arange(0, C)
+    base = ((part * B + b) * H + h).to(tl.int64) * L
+    tl.store(dcs_ptr + base + tok, xt, mask=tok < eos)
+
+
+@triton.jit
+def scan_bwd_core_dq_kernel(
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
+    B, L, H, S, NSEG,
+    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+    P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+):
+    NNB: tl.constexpr = NP // BN
+    SEGLEN: tl.constexpr = SEG * C
+    ROWS: tl.constexpr = C * RP
+    DT = qh_ptr.dtype.element_ty
+    pid0 = tl.program_id(0)
+    slot = tl.program_id(1)
+    h = pid0 // NNB
+    nb = pid0 % NNB
+    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
+    if t0 < eos:
+        nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
+        rows = tl.arange(0, ROWS)
+        rt = rows // RP
+        rr = rows % RP
+        causal = rt[:, None] > rt[None, :]
+        n = nb * BN + tl.arange(0, BN)
+        p = tl.arange(0, PP)
+        bh = (b * H + h).to(tl.int64) * L
+        tile = p[:, None] * N + n[None, :]
+        tmask = (p < P)[:, None] & (n < N)[None, :]
+        st = tl.load(ent_ptr + (slot * H + h).to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
+        for ci in range(nck):
+            tl.store(sch_ptr + ((slot * SEG + ci) * H + h).to(tl.int64) * P * N + tile,
+                     _cast(st, sch_ptr.dtype.element_ty, INTERP), mask=tmask)
+            tc = t0 + ci * C
+            tok = tc + rt
+            rmask = (tok < eos) & (rr < R)
+            row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
+            v = _tile(vt_ptr, row, rmask, p, P)
+            d = _tile(dy_ptr, row, rmask, p, P)
+            kb = _tile(ks_ptr, row, rmask, n, N)
+            qb = _tile(qh_ptr, row, rmask, n, N)
+            cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
+            dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+            gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
+            dq = _mm(gm, kb, DT, DOT_F32, INTERP) + tl.exp(cs)[:, None] * _mm(d, st, DT, DOT_F32, INTERP)
+            _store_tile(dqh_ptr, row, rmask, n, dq, N)
+            _store_dcs(dcs_ptr, nb, B, H, L, b, h, tc, eos, tl.sum(qb.to(tl.float32) * dq, axis=1), C, RP)
+            vw = v.to(tl.float32) * tl.exp(T - cs)[:, None]
+            st = _mma(tl.trans(vw), kb, st * tl.exp(T), DT, DOT_F32, INTERP)
+
+
+@triton.jit
+def scan_bwd_core_dk_kernel(
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dtc_ptr,
+    L, H, S, NSEG, NCH,
+    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+    P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+):
+    NNB: tl.constexpr = NP // BN
+    SEGLEN: tl.constexpr = SEG * C
+    ROWS: tl.constexpr = C * RP
+    DT = qh_ptr.dtype.element_ty
+    pid0 = tl.program_id(0)
+    slot = tl.program_id(1)
+    h = pid0 // NNB
+    nb = pid0 % NNB
+    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
+    if t0 < eos:
+        nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
+        rows = tl.arange(0, ROWS)
+        rt = rows // RP
+        rr = rows % RP
+        causal = rt[:, None] > rt[None, :]
+        n = nb * BN + tl.arange(0, BN)
+        p = tl.arange(0, PP)
+        bh = (b * H + h).to(tl.int64) * L
+        tile = p[:, None] * N + n[None, :]
+        tmask = (p < P)[:, None] & (n < N)[None, :]
+        st = tl.load(dx_ptr + (slot * H + h).to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
+        for k in range(nck):
+            ci = nck - 1 - k
+            tc = t0 + ci * C
+            tok = tc + rt
+            rmask = (tok < eos) & (rr < R)
+            row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
+            v = _tile(vt_ptr, row, rmask, p, P)
+            d = _tile(dy_ptr, row, rmask, p, P)
+            qb = _tile(qh_ptr, row, rmask, n, N)
+            kb = _tile(ks_ptr, row, rmask, n, N)
+            cidx = (slot * SEG + ci) * H + h
+            sc = tl.load(sch_ptr + cidx.to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
+            cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
+            dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+            gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
+            inter = tl.exp(T - cs)[:, None] * _mm(v, st, DT, DOT_F32, INTERP)
+            _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
+            # d loss / d T of the chunk, this N block's share
+            dtc = tl.exp(T) * tl.sum(tl.sum(st * sc, axis=1), axis=0) \
+                + tl.sum(tl.sum(kb.to(tl.float32) * inter, axis=1), axis=0)
+            tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
+            dw = d.to(tl.float32) * tl.exp(cs)[:, None]
+            st = _mma(tl.trans(dw), qb, st * tl.exp(T), DT, DOT_F32, INTERP)
+
+
+@triton.jit
+def scan_bwd_core_dv_kernel(
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dvt_ptr, dcs_ptr,
+    B, L, H, S, NSEG, PART0,
+    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr,
+    BP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    STATE_T: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+):
+    NPB: tl.constexpr = (P + BP - 1) // BP
+    SEGLEN: tl.constexpr = SEG * C
+    ROWS: tl.constexpr = C * RP
+    DT = qh_ptr.dtype.element_ty
+    pid0 = tl.program_id(0)
+    slot = tl.program_id(1)
+    h = pid0 // NPB
+    pb = pid0 % NPB
+    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
+    if t0 < eos:
+        nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
+        rows = tl.arange(0, ROWS)
+        rt = rows // RP
+        rr = rows % RP
+        causal = rt[:, None] > rt[None, :]
+        n = tl.arange(0, NP)
+        p = pb * BP + tl.arange(0, BP)
+        bh = (b * H + h).to(tl.int64) * L
+        base = (slot * H + h).to(tl.int64) * P * N
+        # the exit adjoint: BP x N, or transposed (N x BP, STATE_T)
+        if STATE_T:
+            st = tl.load(dx_ptr + base + p[None, :] * N + n[:, None],
+                         mask=(p < P)[None, :] & (n < N)[:, None], other=0.0).to(tl.float32)
+        else:
+            st = tl.load(dx_ptr + base + p[:, None] * N + n[None, :],
+                         mask=(p < P)[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
+        for k in range(nck):
+            tc = t0 + (nck - 1 - k) * C
+            tok = tc + rt
+            rmask = (tok < eos) & (rr < R)
+            row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
+            q = _tile(qh_ptr, row, rmask, n, N)
+            kk = _tile(ks_ptr, row, rmask, n, N)
+            v = _tile(vt_ptr, row, rmask, p, P)
+            d = _tile(dy_ptr, row, rmask, p, P)
+            cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
+            dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
+            a = _mm(q, tl.trans(kk), DT, DOT_F32, INTERP) * dec
+            if STATE_T:
+                inter = tl.exp(T - cs)[:, None] * _mm(kk, st, DT, DOT_F32, INTERP)
+            else:
+                inter = tl.exp(T - cs)[:, None] * _mm(kk, tl.trans(st), DT, DOT_F32, INTERP)
+            dv = _mm(tl.trans(a), d, DT, DOT_F32, INTERP) + inter
+            _store_tile(dvt_ptr, row, rmask, p, dv, P)
+            part = -tl.sum(v.to(tl.float32) * dv, axis=1)
+            _store_dcs(dcs_ptr, PART0 + pb, B, H, L, b, h, tc, eos, part, C, RP)
+            dw = d.to(tl.float32) * tl.exp(cs)[:, None]
+            if STATE_T:
+                st = _mma(tl.trans(q), dw, st * tl.exp(T), DT, DOT_F32, INTERP)
+            else:
+                st = _mma(tl.trans(dw), q, st * tl.exp(T), DT, DOT_F32, INTERP)
+
+
+@triton.jit
+def scan_bwd_core_dadt_kernel(
+    dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
+    B, L, H, S, NSEG, NCH, NPART, NNB,
+    C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
+    SEGLEN: tl.constexpr = SEG * C
+    h = tl.program_id(0)
+    slot = tl.program_id(1)
+    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
+    if t0 < eos:
+        nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
+        for ci in range(nck):
+            tok = t0 + ci * C + tl.arange(0, C)
+            m = tok < eos
+            x = tl.zeros([C], dtype=tl.float32)
+            for part in range(NPART):
+                x += tl.load(dcs_ptr + ((part * B + b) * H + h).to(tl.int64) * L + tok, mask=m, other=0.0)
+            dtc = 0.0
+            for i in range(NNB):
+                dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
+            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tok, tl.cumsum(x, axis=0, reverse=True) + dtc,
+                     mask=m)

@@ -1,0 +1,112 @@
+"""Backward core of the scan (issue 5): every kernel builds for sm_90a (AOT, no GPU) in its
+default config, and no default config spills.
+
+Compiled in two worker subprocesses without TRITON_INTERPRET (AOT and the interpreter must not
+share a process). Per kernel the registers, spill bytes (local memory / stack per thread) and
+shared memory are recorded (printed with -s, and written to .cache/scan_bwd_core_compile.json).
+Grid: R {1, 4} x N {64, 128} x P 64 x {bf16, fp32}, plus corners: varlen without states,
+R 8, N 256, P 128, N 16 / P 48 (padded tiles).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KERNELS = {"scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dq", "scan_bwd_core_dk",
+           "scan_bwd_core_dv", "scan_bwd_core_dadt"}
+
+
+def cases():
+    out = []
+    for R in (1, 4):
+        for N in (64, 128):
+            for dt in ("bfloat16", "float32"):
+                out.append({"name": f"R{R}-N{N}-P64-{dt}", "R": R, "N": N, "P": 64, "dtype": dt, "kw": {}})
+    out += [
+        {"name": "R2-N128-P64-bf16-varlen-nostates", "R": 2, "N": 128, "P": 64, "dtype": "bfloat16",
+         "kw": {"varlen": True, "s0": False, "ds_final": False, "want_ds0": False}},
+        {"name": "R8-N128-P64-bf16", "R": 8, "N": 128, "P": 64, "dtype": "bfloat16", "kw": {}},
+        {"name": "R1-N256-P64-bf16", "R": 1, "N": 256, "P": 64, "dtype": "bfloat16", "kw": {}},
+        {"name": "R1-N128-P128-bf16", "R": 1, "N": 128, "P": 128, "dtype": "bfloat16", "kw": {}},
+        {"name": "R4-N16-P48-fp32", "R": 4, "N": 16, "P": 48, "dtype": "float32", "kw": {}},
+    ]
+    return out
+
+
+def _worker(idx, n, out_path):
+    """Compile cases idx, idx+n, ... (run in a subprocess, no TRITON_INTERPRET)."""
+    from mamba3_kernels.backends.triton import scan_bwd_core as core
+    res = []
+    for k, c in enumerate(cases()):
+        if k % n != idx:
+            continue
+        cfg = core.default_config(c["R"], c["N"], c["P"], c["dtype"])
+        try:
+            ks = core.compile(c["R"], c["N"], c["P"], c["dtype"], cfg, arch="sm_90a", **c["kw"])
+            res.append({"name": c["name"], "config": cfg, "kernels": ks})
+        except Exception as e:  # noqa: BLE001 (reported by the test)
+            res.append({"name": c["name"], "config": cfg, "error": f"{type(e).__name__}: {e}"[:2000]})
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    pytest.importorskip("triton")
+    d = tmp_path_factory.mktemp("bwd_core_aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton"))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    n = 2
+    procs, paths = [], []
+    for i in range(n):
+        p = str(d / f"w{i}.json")
+        paths.append(p)
+        procs.append(subprocess.Popen([sys.executable, __file__, str(i), str(n), p], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [pr.communicate(timeout=1500)[0] for pr in procs]
+    res = []
+    for pr, p, log in zip(procs, paths, logs):
+        assert pr.returncode == 0, log[-4000:]
+        with open(p) as f:
+            res.extend(json.load(f))
+    os.makedirs(os.path.join(ROOT, ".cache"), exist_ok=True)
+    with open(os.path.join(ROOT, ".cache", "scan_bwd_core_compile.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n{:<34} {:<20} {:>5} {:>7} {:>7}  config".format("case", "kernel", "regs", "spills", "shared"))
+    for r in res:
+        for k in r.get("kernels", []):
+            c = r["config"]
+            print(f"{r['name'][:34]:<34} {k['name'][14:]:<20} {k['registers']:>5} {k['spills']:>7} {k['shared']:>7}  "
+                  f"C{c['CHUNK']} BN{c['BLOCK_N']} BP{c['BLOCK_P']} w{k['num_warps']}")
+    return res
+
+
+def test_every_kernel_builds(results):
+    errors = [f"{r['name']}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "\n".join(errors)
+    assert len(results) == len(cases())
+    for r in results:
+        assert {k["name"] for k in r["kernels"]} == KERNELS
+
+
+def test_no_default_config_spills(results):
+    bad = [f"{r['name']} {k['name']}: {k['spills']} spill bytes, {k['registers']} registers, config {r['config']}"
+           for r in results for k in r.get("kernels", []) if k["spills"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_memory_fits_an_sm(results):
+    bad = [f"{r['name']} {k['name']}: {k['shared']} bytes" for r in results for k in r.get("kernels", [])
+           if k["shared"] > 227 * 1024]
+    assert not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
