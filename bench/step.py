@@ -196,6 +196,9 @@ def main():
     ap.add_argument("--upstream", default="upstream-cute,upstream-cute+rotary,upstream-triton")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="B in {1, 64, 256}, R in {1, 4}, fp32 state only")
+    ap.add_argument("--Bs", default=None, help="comma-separated batch sizes (default 1,16,64,256,1024)")
+    ap.add_argument("--Rs", default="1,4", help="comma-separated MIMO ranks")
+    ap.add_argument("--states", default=None, help="comma-separated state dtypes (float32,bfloat16)")
     args = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -217,9 +220,13 @@ def main():
     ups = [u for u in args.upstream.split(",") if u]
     Bs = (1, 64, 256) if args.quick else (1, 16, 64, 256, 1024)
     sdts = ("float32",) if args.quick else ("float32", "bfloat16")
+    if args.Bs:
+        Bs = tuple(int(x) for x in args.Bs.split(",") if x)
+    if args.states:
+        sdts = tuple(x for x in args.states.split(",") if x)
     rows = []
     for sdt in sdts:
-        for R in (1, 4):
+        for R in (int(x) for x in args.Rs.split(",") if x):
             spec = make_spec(R, sdt)
             for B in Bs:
                 nbytes = step_bytes(B, R, 4 if sdt == "float32" else 2)

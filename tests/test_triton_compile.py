@@ -1,4 +1,5 @@
-"""AOT-compile the Triton decode step for sm_90a without a GPU; the default config must not spill.
+"""AOT-compile the Triton decode step for sm_90a without a GPU; the default config must not spill
+(unless it caps its registers on purpose, see test_default_configs_do_not_spill).
 
 The compile runs in a subprocess WITHOUT TRITON_INTERPRET (AOT and the interpreter do not mix
 in one process, see CPU-TOOLCHAINS.md). Registers / local memory come from the cubin through
@@ -74,7 +75,8 @@ def resources(tmp_path_factory):
     for x in rows:
         c = x["config"]
         cs = (f"ROWS={c.get('ROWS', '-')} BLOCK_P={c['BLOCK_P']} w={c['num_warps']}{' VEC' if c.get('VEC') else ''}"
-              f"{' PREFETCH' if c.get('PREFETCH') else ''}{' idx' if c.get('_has_idx') else ''}")
+              f"{' PREFETCH' if c.get('PREFETCH') else ''}{' idx' if c.get('_has_idx') else ''}"
+              f"{' DOT' if c.get('DOT') else ''}{' maxnreg=%d' % c['maxnreg'] if c.get('maxnreg') else ''}")
         print(f"{x['name']:30s} {cs:40s} {x['registers']:5d} {x['spills']:6d} "
               f"{x['shared']:6d}{'  (default)' if x['default'] else ''}")
     return rows
@@ -89,5 +91,8 @@ def test_every_config_compiles_for_sm90a(resources, record_property):
 
 
 def test_default_configs_do_not_spill(resources):
-    bad = [x for x in resources if x["default"] and x["spills"] > 0]
+    """No default spills, except a default that caps its registers on purpose (maxnreg: the
+    MIMO DOT path, measured faster with the cap and a few spilled bytes than without it,
+    bench/notes/step.md); that one may spill at most 128 bytes per thread."""
+    bad = [x for x in resources if x["default"] and x["spills"] > (128 if x["config"].get("maxnreg") else 0)]
     assert not bad, "default config spills:\n" + "\n".join(json.dumps(x) for x in bad)

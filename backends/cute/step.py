@@ -127,13 +127,20 @@ def default_config(spec: ScanSpec) -> dict:
     rpt = _cdiv(P, RP)
     if rpt * f > 64:
         rpt = max(1, 32 // f)
-    return {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
+    cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
+    if spec.rank > 1 and spec.state_dtype != "float32":
+        # MIMO with a 2-byte state: cap the registers for 4 CTAs per SM (147 -> 128, a few
+        # spilled bytes): H100 R=4 bf16 state B=256 135.0 -> 126.4 us, B=1024 511 -> 471 us
+        # (results/step_variants_h100_call1.json); with an fp32 state the cap loses 1-5 %.
+        cfg["min_ctas"] = 4
+    return cfg
 
 
 def config_space(spec: ScanSpec) -> list:
     """The tuning knobs: warps {2,4,8} x lanes per row {4,8,16,32} x rows per chunk (the whole
     P when that is <= 64 fp32 state values per thread, and half of that as a double-buffered
-    chunk), 16-byte vectors; deduplicated by the derived geometry, the default first."""
+    chunk), 16-byte vectors; deduplicated by the derived geometry (and register cap), the
+    default first (with its min_ctas, then the same geometry without it)."""
     out, seen = [], set()
     vec = max_vec(spec)
     P = spec.head_dim
@@ -146,13 +153,19 @@ def config_space(spec: ScanSpec) -> list:
             for rpt in (full, full // 2):
                 if rpt >= 1 and rpt * f * (1 if rpt == full else 2) <= 64:
                     cands.append({"num_warps": nw, "lanes_per_row": g["L"], "vec": vec, "tile_p": rpt * g["RP"]})
+    d = cands[0]
+    if d.get("min_ctas"):   # the default's geometry without the register cap, as a candidate too
+        cands.insert(1, {k: v for k, v in d.items() if k != "min_ctas"})
     for cfg in cands:
         g = geometry(spec, cfg)
-        key = (g["T"], g["L"], g["vec"], g["tile_p"])
+        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0))
         if key in seen:
             continue
         seen.add(key)
-        out.append({"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"]})
+        c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"]}
+        if cfg.get("min_ctas"):
+            c["min_ctas"] = cfg["min_ctas"]
+        out.append(c)
     return out
 
 

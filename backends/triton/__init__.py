@@ -113,6 +113,8 @@ def space(spec, problem=None, op="step"):
         c = _cfg(spec, PV // bdiv, elems, vec, pre, rows=PV // rdiv)
         if c not in out:
             out.append(c)
+    if spec.rank > 1 and _dot_ok(spec):   # DOT (whole head): with and without the register cap
+        out = [c for c in (_dot_cfg(spec, True), _dot_cfg(spec, False)) if c not in out] + out
     d = default_config(spec, problem, op)
     if d not in out:
         out = [d] + out
@@ -124,9 +126,10 @@ def default_config(spec, problem=None, op="step"):
     - few heads (B * H <= 64, e.g. B = 1): P split over 8 programs per head (ROWS = BLOCK_P =
       P/8; MIMO: VEC, 8 warps; SISO: no VEC, 4 warps): 20-28 % faster than the whole head at
       B = 1 (MIMO 8.0 vs 10.9 us, SISO bf16 5.3 vs 7.3 us); not for norm_reduce;
-    - otherwise the whole head per program (the split loses 15-300 % at B >= 16): SISO with a
-      bf16 state at B >= 32: quarter-head tiles, 2 warps, no VEC; else one tile, VEC, about 32
-      state elements per thread.
+    - otherwise the whole head per program (the split loses 15-300 % at B >= 16): MIMO (R > 1):
+      the DOT path, 4 warps with a register cap (`_dot_cfg`; results/step_variants_h100_call1.json:
+      R=4 B=64 fp32 141.6 -> 70.6 us, bf16 127.3 -> 54.0 us); SISO with a bf16 state at B >= 32:
+      quarter-head tiles, 2 warps, no VEC; else one tile, VEC, about 32 state elements per thread.
     op "forward": scan_fwd.default_config."""
     if op == "forward":
         from . import scan_fwd
@@ -141,7 +144,28 @@ def default_config(spec, problem=None, op="step"):
     big = problem is not None and problem.batch >= 32
     if spec.rank == 1 and spec.state_dtype == "bfloat16" and big and not norm:
         return _cfg(spec, max(1, PV // 4), 32, False)
+    if spec.rank > 1 and _dot_ok(spec):
+        return _dot_cfg(spec, cap=True)
     return _cfg(spec, PV, 32, True)
+
+
+def _dot_ok(spec) -> bool:
+    """The DOT path (step.py) needs the whole head in one tile of >= 16 x 16 (tl.dot)."""
+    return _pow2(spec.head_dim) >= 16 and _pow2(spec.d_state) >= 16
+
+
+def _dot_cfg(spec, cap=True):
+    """MIMO whole head as two tensor-core products (step.py, DOT): one warpgroup (4 warps) for
+    up to 64 state elements per thread, more warps for larger heads; register cap (maxnreg) so
+    3 (fp32 state: 168) or 4 (bf16 state: 128) CTAs fit on an SM. Measured on H100, R=4 H=32
+    N=128 P=64 (bench/notes/step.md): B=64 fp32 141.6 -> 70.6 us, bf16 127.3 -> 54.0 us; with
+    8 warps the DOT path is slower than the broadcast path (174 us)."""
+    PV, NB = _pow2(spec.head_dim), _pow2(spec.d_state)
+    nw = max(4, min(16, PV * NB // (32 * 64)))
+    cfg = dict(BLOCK_P=PV, ROWS=PV, num_warps=nw, num_stages=1, VEC=True, PREFETCH=False, DOT=True)
+    if cap:
+        cfg["maxnreg"] = 168 if spec.state_dtype == "float32" else 128
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,7 +275,8 @@ def compile(spec, config, op="step", arch="sm_90a"):
     src = triton.compiler.ASTSource(fn=_k.mamba3_step_kernel, signature=sig, constexprs=ce, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
                        options={"num_warps": int(config.get("num_warps", 4)),
-                                "num_stages": int(config.get("num_stages", 1))})
+                                "num_stages": int(config.get("num_stages", 1)),
+                                **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {})})
     cubin = k.asm["cubin"]
     use = _resource_usage(cubin)
     spills = (use["local"] or 0) + (use["stack"] or 0)
