@@ -52,6 +52,7 @@ def cute_variants(sdt: str) -> dict:
         "L16": dict(num_warps=4, lanes_per_row=16, vec=vec, tile_p=64),
         "w8": dict(num_warps=8, lanes_per_row=8, vec=vec, tile_p=64),
         "w8mc3": dict(num_warps=8, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=3),
+        "v4mc4": dict(num_warps=4, lanes_per_row=8, vec=4, tile_p=64, min_ctas=4),   # 8-byte vectors
     }
 
 
@@ -90,7 +91,7 @@ def run_checks(variants, rng):
             if cfg is not None and spec.d_state * spec.head_dim > 128 * 64:
                 continue  # the big case runs the defaults only
             if not label.startswith("R4 N128 P64") or "f32in" in label or "per_rank" in label:
-                if name not in ("default", "dot4", "mc4", "L16"):
+                if name not in ("default", "dot4", "mc4", "L16", "v4mc4"):
                     continue  # other shapes: the defaults and the likely new defaults
             if be == "triton" and cfg is not None:
                 pv = 1 << (spec.head_dim - 1).bit_length()
@@ -148,6 +149,7 @@ def main():
     ap.add_argument("--triton", default=",".join(TRITON))
     ap.add_argument("--cute", default="default,mc4,L16,w8,w8mc3")
     ap.add_argument("--no-memcheck", action="store_true")
+    ap.add_argument("--states", default="float32,bfloat16")
     a = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -170,11 +172,12 @@ def main():
     cv = [v for v in a.cute.split(",") if v] if cute_ok else []
 
     # 1. oracle checks of every variant
-    variants = [("triton", "default", None, ("float32", "bfloat16"))]
-    variants += [("triton", n, TRITON[n], ("float32", "bfloat16")) for n in tv]
+    sdts = tuple(x for x in a.states.split(",") if x)
+    variants = [("triton", "default", None, sdts)] if tv else []
+    variants += [("triton", n, TRITON[n], sdts) for n in tv]
     if cv:
-        variants.append(("cute", "default", None, ("float32", "bfloat16")))
-    for sdt in ("float32", "bfloat16"):
+        variants.append(("cute", "default", None, sdts))
+    for sdt in sdts:
         for n in cv:
             if n != "default":
                 variants.append(("cute", n, cute_variants(sdt)[n], (sdt,)))
@@ -186,7 +189,7 @@ def main():
     # 2. timing
     rows = []
     Bs = [int(x) for x in a.Bs.split(",") if x]
-    for sdt in ("float32", "bfloat16"):
+    for sdt in sdts:
         spec = sb.make_spec(4, sdt)
         for B in Bs:
             nbytes = sb.step_bytes(B, 4, 4 if sdt == "float32" else 2)
@@ -236,7 +239,7 @@ def main():
     # short table last
     print("\nstate    B     " + " ".join(f"{be[:5]}:{n:9s}" for be, n, _ in
                                        [("triton", n, 0) for n in tv] + [("cute", n, 0) for n in cv] + [("up", "cute", 0)]))
-    for sdt in ("float32", "bfloat16"):
+    for sdt in sdts:
         for B in Bs:
             cells = []
             for be, n in [("triton", n) for n in tv] + [("cute", n) for n in cv] + [("upstream-cute", "kernel")]:
