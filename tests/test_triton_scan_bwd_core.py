@@ -15,6 +15,7 @@ rerun this module in a fresh process.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -117,22 +118,41 @@ def _run_case(rng, B, L, R, H, N, P, dtype="bfloat16", s0=True, dsf=True, length
 def _check(out, ref, dtype, what):
     tol = 2e-2 if dtype == "bfloat16" else 2e-3
     errs = {k: rel_l2(out[k].double().numpy(), ref[k]) for k in ref if out.get(k) is not None}
+    scale = max(np.linalg.norm(v) for v in ref.values())
+    for k in errs:  # a gradient that is exactly 0 (L = 1: dks, dvt without ds_final, dadt without
+        # s0): its error relative to the largest gradient of the problem
+        if np.linalg.norm(ref[k]) <= 1e-12 * scale:
+            errs[k] = float(np.linalg.norm(out[k].double().numpy() - ref[k]) / scale)
     assert set(errs) >= {"dqh", "dks", "dvt", "dadt"}, errs
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"{what}: rel_l2 over {tol}: {bad} (all: {errs})"
     return errs
 
 
-def _cover():
-    """A deterministic pairwise-style cover of the small-shape grid (16 cases)."""
-    Rs, Ns, Ps, Ls = (1, 2, 4), (16, 32), (16, 48), (1, 5, 16, 37)
-    dts, sts, segs = ("bfloat16", "float32"), ((True, True), (False, True), (True, False), (False, False)), (0, 1, 2)
-    out = []
-    for i in range(16):
-        s0, dsf = sts[(i // 2) % 4]
-        out.append({"R": Rs[i % 3], "N": Ns[(i // 3) % 2], "P": Ps[(i // 2) % 2], "L": Ls[i % 4], "dtype": dts[(i // 4) % 2],
-                        "s0": s0, "dsf": dsf, "seg": segs[(i // 5) % 3], "block": (i % 5 == 3)})
-    return out
+FACTORS = {"R": (1, 2, 4), "N": (16, 32), "P": (16, 48), "L": (1, 5, 16, 37), "dtype": ("bfloat16", "float32"),
+           "s0": (True, False), "dsf": (True, False), "seg": (0, 1, 2), "block": (False, True)}
+
+
+def _cover(seed=5, tries=100):
+    """A deterministic greedy pairwise covering array over FACTORS (every pair of factor values
+    in some case)."""
+    keys = sorted(FACTORS)
+    pairs = lambda row: {(a, row[a], b, row[b]) for a, b in itertools.combinations(keys, 2)}
+    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a] for vb in FACTORS[b]}
+    rng = np.random.default_rng(seed)
+    rows = []
+    while need:
+        best, best_cov = None, -1
+        for _ in range(tries):
+            row = {k: FACTORS[k][rng.integers(len(FACTORS[k]))] for k in keys}
+            a, va, b, vb = sorted(need, key=repr)[rng.integers(len(need))]
+            row[a], row[b] = va, vb
+            cov = len(pairs(row) & need)
+            if cov > best_cov:
+                best, best_cov = row, cov
+        rows.append(best)
+        need -= pairs(best)
+    return rows
 
 
 @here
@@ -141,7 +161,7 @@ def test_core_vs_reference(case):
     core = _core()
     rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))
     cfg = dict(core.default_config(case["R"], case["N"], case["P"], case["dtype"]), SEG=case["seg"])
-    if case["block"]:  # several N blocks (dq, dk) and P blocks (dv, local states, state passing)
+    if case["block"]:  # several N blocks (dq, dkv: dvt partials) and P blocks (local states, passing)
         cfg.update(BLOCK_N=16, BLOCK_P=16, PASS_BLOCK_P=16)
     out, ref = _run_case(rng, 2, case["L"], case["R"], 2, case["N"], case["P"], case["dtype"], case["s0"],
                          case["dsf"], cfg=cfg)

@@ -18,8 +18,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-KERNELS = {"scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dq", "scan_bwd_core_dk",
-           "scan_bwd_core_dv", "scan_bwd_core_dadt"}
+KERNELS = {"scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dq", "scan_bwd_core_dkv",
+           "scan_bwd_core_dadt"}
 
 
 def cases():

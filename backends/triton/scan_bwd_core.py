@@ -18,10 +18,12 @@ Phases (a split-sequence scan over segments of SEG chunks of C tokens, as the fo
   2 pass        (scan_bwd_core_states.py) grid (H * P-blocks, sequences, 2): entry state of
                 every segment (from S0) and adjoint at every segment's exit (from dS_final);
                 dS0; the P-block partials of <dS_final, S_final>
-  3 dq, dk, dv  (scan_bwd_core_chunk.py)  grid (H * N- or P-blocks, slots): each program walks
-                its segment with the state (dq: forwards) or adjoint (dk, dv: backwards) in
-                registers: dqh, dks, dvt and the per-token partials of d loss / d cs
-  4 dadt        (scan_bwd_core_chunk.py)  grid (H, sequences): reverse cumsum of d cs
+  3 dq, dkv     (scan_bwd_core_chunk.py)  grid (H * N-blocks, slots): each program walks its
+                segment with the state (dq: forwards) or adjoint (dkv: backwards) in
+                registers: dqh, dks, dvt (or its N-block partials), the per-token partials of
+                d loss / d cs and the per-chunk d loss / d T
+  4 dadt        (scan_bwd_core_chunk.py)  grid (H, slots): dvt from its partials, and per
+                chunk dadt = in-chunk reverse cumsum of d cs + d T
 Every (batch, head, segment) is a program, so B * H small still fills the GPU; the P x N
 scratch states move once per segment, not per chunk. Deterministic: no atomics; the partial
 sums over P / N blocks are added in a fixed order.
@@ -29,10 +31,10 @@ sums over P / N blocks are added in a fixed order.
 Config keys (`default_config`, `space`):
   CHUNK    tokens per chunk C (C * pow2(R) >= 16 rows)
   SEG      chunks per segment; 0 = chosen per call from B, H, L (about four programs per SM)
-  BLOCK_N  columns of N per dq / dk program (their state tile is P x BLOCK_N)
-  BLOCK_P  rows of P per dv / local-state program (tile BLOCK_P x N)
+  BLOCK_N  columns of N per dq / dkv program (their state tile is P x BLOCK_N)
+  BLOCK_P  rows of P per local-state program (tile BLOCK_P x N)
   PASS_BLOCK_P rows of P per state-passing program
-  num_warps (dq, dk, dv), local_num_warps, pass_num_warps, num_stages
+  num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages
   SCRATCH  dtype of the per-segment scratch states ("bfloat16" or "float32"; GEMM operands in
            the input dtype anyway; fp32 inputs keep fp32)
 """
@@ -60,14 +62,18 @@ def _np(x: int) -> int:
 
 def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     """Defaults for rank R, state size N, head dim P and operand dtype ('bfloat16' / 'float32'
-    or the torch dtype). SEG = 0: chosen per call from the problem size."""
+    or the torch dtype). SEG = 0: chosen per call from the problem size. The dq / dkv state tile
+    P x BLOCK_N is at most 64 x 128 fp32 for bf16 operands (8 warps at that size: 4 spill
+    dkv, AOT-measured), 2048 elements (8 warps) for fp32 operands (3xTF32 operand splits)."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
-    return {"CHUNK": max(1, 16 // rp), "SEG": 0,
-                "BLOCK_N": min(NP, max(16, TILE // PP)), "BLOCK_P": min(PP, max(16, TILE // NP)),
-                "PASS_BLOCK_P": min(32, PP), "num_warps": 4, "local_num_warps": 4, "pass_num_warps": 4,
-                "num_stages": 1, "SCRATCH": "float32" if dtype == "float32" else "bfloat16"}
+    f32 = dtype == "float32"
+    bn = min(NP, max(16, (2048 if f32 else TILE) // PP))
+    return {"CHUNK": max(1, 16 // rp), "SEG": 0, "BLOCK_N": bn, "BLOCK_P": min(PP, max(16, TILE // NP)),
+            "PASS_BLOCK_P": min(32, PP), "num_warps": 8 if f32 or PP * bn >= TILE else 4,
+            "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
+            "SCRATCH": "float32" if f32 else "bfloat16"}
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
@@ -162,8 +168,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     RP, NP, PP = _pow2(R), _np(N), _np(P)
     C = config["CHUNK"]
     BN, BP, PBP = min(config["BLOCK_N"], NP), min(config["BLOCK_P"], PP), min(config["PASS_BLOCK_P"], PP)
-    NNB, NPB = NP // BN, triton.cdiv(P, BP)
-    SEG = _seg(config, B, L, H, H * max(NNB, NPB))
+    NNB = NP // BN
+    SEG = _seg(config, B, L, H, H * NNB)
     SEGLEN = SEG * C
     varlen = cu_seqlens is not None
     nseg = triton.cdiv(L, SEGLEN)
@@ -176,13 +182,14 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         e = lambda *s, dt=f32: torch.empty(s, dtype=dt, device=dev)
     lf, lb, ent, dx = (e(nslots, H, P, N, dt=sdt) for _ in range(4))
     tot = e(2, nslots, H)
-    npart = NNB + NPB
     nch = nslots * SEG
     sch = e(nch, H, P, N, dt=sdt)
-    dcs = e(npart, B, H, L)
+    dcs = e(NNB, B, H, L)
+    nrow = B * L * R * H
     dtc = e(NNB, nch, H)
     out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dvt": e(B, L, R, H, P), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
+    dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials
     dummy = e(1)
     cu = cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
     opt = lambda x: dummy if x is None else x
@@ -213,25 +220,20 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
          "constexprs": dict(shape, BN=BN, PP=PP, **dot),
          "num_warps": config["num_warps"], "num_stages": stages},
-        {"name": "scan_bwd_core_dk", "kernel": _chunk.scan_bwd_core_dk_kernel, "run": run,
+        {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
-         "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dtc_ptr", dtc),
-                  ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch)],
+         "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
+                  ("dtc_ptr", dtc), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
+                  ("NROW", nrow)],
          "constexprs": dict(shape, BN=BN, PP=PP, **dot),
-         "num_warps": config["num_warps"], "num_stages": stages},
-        {"name": "scan_bwd_core_dv", "kernel": _chunk.scan_bwd_core_dv_kernel, "run": run,
-         "grid": _chunk.grid(H, P, BP, nslots),
-         "args": [*tok, ("dx_ptr", dx), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
-                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("PART0", NNB)],
-         "constexprs": dict(shape, BP=BP, STATE_T=bool(config.get("DV_STATE_T", True)), **dot),
          "num_warps": config["num_warps"], "num_stages": stages},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
-         "args": [("dcs_ptr", dcs), ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
-                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NPART", npart),
-                  ("NNB", NNB)],
-         "constexprs": {"C": C, "SEG": SEG, "VARLEN": varlen},
-         "num_warps": 1, "num_stages": 1},
+         "args": [("vt_ptr", vt), ("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
+                  ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
+         "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen},
+         "num_warps": 4, "num_stages": 1},
     ]
     return calls, out
 

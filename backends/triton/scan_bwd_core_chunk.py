@@ -7,8 +7,8 @@ total, S_c the state entering the chunk, D_c the adjoint of the state leaving it
     Gm_ij = e^{cs_i - cs_j} (dy_i . vt_j)   for t_i > t_j, else 0     (strictly causal)
     A_ij  = e^{cs_i - cs_j} (qh_i . ks_j)   for t_i > t_j, else 0
     dqh_i = sum_j Gm_ij ks_j + e^{cs_i} S_c^T dy_i                       (kernel dq)
-    dks_j = sum_i Gm_ij qh_i + e^{T - cs_j} D_c^T vt_j                   (kernel dk)
-    dvt_j = sum_i A_ij dy_i  + e^{T - cs_j} D_c ks_j                     (kernel dv)
+    dks_j = sum_i Gm_ij qh_i + e^{T - cs_j} D_c^T vt_j                   (kernel dkv)
+    dvt_j = sum_i A_ij dy_i  + e^{T - cs_j} D_c ks_j                     (kernel dkv)
 
 dadt, chunk-locally (S_c and D_c held fixed, the loss depends on the chunk's adt through cs,
 and on T = cs_last also through S_{c+1} = e^T S_c + sum_j e^{T - cs_j} vt_j ks_j^T):
@@ -16,25 +16,24 @@ and on T = cs_last also through S_{c+1} = e^T S_c + sum_j e^{T - cs_j} vt_j ks_j
     d cs_i = qh_i . dqh_i - vt_i . dvt_i          (= row sum - column sum of the in-chunk
                                                      W = A o (dy vt^T), plus the two state terms)
     d T    = e^T <D_c, S_c> + sum_j ks_j . (e^{T - cs_j} D_c^T vt_j)
-    dadt_u = sum_{t >= u in the chunk} d cs_t + d T
+    dadt_u = sum_{t >= u in the chunk} d cs_t + d T                      (kernel dadt)
 
 Only in-chunk sums: the sequence-long reverse cumsum of d cs (mathematically the same) cancels
 catastrophically (its partial sums are O(1) differences of O(L) terms, and bf16 GEMM errors do
 not cancel), so d T is computed from the states themselves.
 
 The dq kernel walks the segment forwards from its entry state (phase 2's ent; S_c <- e^T S_c +
-(vt e^{T - cs})^T ks) and writes every chunk's entry state S_c (scratch sch); the dk and dv
-kernels walk it backwards from its exit adjoint (phase 2's dx; D_{c-1} = e^T D_c +
-(dy e^{cs})^T qh); dk reads S_c for d T.
+(vt e^{T - cs})^T ks) and writes every chunk's entry state S_c (scratch sch); the dkv kernel
+walks it backwards from its exit adjoint (phase 2's dx; D_{c-1} = e^T D_c + (dy e^{cs})^T qh)
+and reads S_c for d T.
 
-Tiles: dq and dk hold the whole P and a block of BN columns of N (state tile P x BN; their
-outputs reduce over P); dv holds a block of BP rows of P and the whole N (tile N x BP, kept
-transposed; dvt reduces over N). The per-row d cs partials of the N blocks (dq) and P blocks
-(dv), and the per-chunk d T partials of the N blocks (dk), go to fp32 scratch that dadt adds
-in a fixed order (no atomics).
+Tiles: dq and dkv hold the whole P and a block of BN columns of N (state tile P x BN). Their
+N-reducing outputs (dqh, dks) are per block; dvt and the d cs / d T partials reduce over N:
+with one block (BN >= N, the default up to P x N = 64 x 128 for bf16) dkv writes dvt itself,
+else per-block partials (scratch dvp) that the dadt kernel adds in a fixed order (no atomics),
+as it adds the d cs partials of dq's blocks and the d T partials of dkv's.
 
-Grids: dq, dk (H * cdiv(N, BN), segment slots); dv (H * cdiv(P, BP), segment slots);
-dadt (H, segment slots).
+Grids: dq, dkv (H * cdiv(N, BN), segment slots); dadt (H, segment slots).
 """
 from __future__ import annotations
 
@@ -128,9 +127,9 @@ def scan_bwd_core_dq_kernel(
 
 
 @triton.jit
-def scan_bwd_core_dk_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dtc_ptr,
-    L, H, S, NSEG, NCH,
+def scan_bwd_core_dkv_kernel(
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr, dtc_ptr,
+    L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr,
@@ -173,6 +172,11 @@ def scan_bwd_core_dk_kernel(
             gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
             inter = tl.exp(T - cs)[:, None] * _mm(v, st, DT, DOT_F32, INTERP)
             _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
+            # dvt (this N block's share: the whole dvt when one block holds N)
+            a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
+            dvp = _mm(tl.trans(a), d, DT, DOT_F32, INTERP) \
+                + tl.exp(T - cs)[:, None] * _mm(kb, tl.trans(st), DT, DOT_F32, INTERP)
+            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, dvp, P)
             # d loss / d T of the chunk, this N block's share
             dtc = tl.exp(T) * tl.sum(tl.sum(st * sc, axis=1), axis=0) \
                 + tl.sum(tl.sum(kb.to(tl.float32) * inter, axis=1), axis=0)
@@ -182,87 +186,46 @@ def scan_bwd_core_dk_kernel(
 
 
 @triton.jit
-def scan_bwd_core_dv_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dvt_ptr, dcs_ptr,
-    B, L, H, S, NSEG, PART0,
-    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr,
-    BP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
-    STATE_T: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+def scan_bwd_core_dadt_kernel(
+    vt_ptr, dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
+    B, L, H, S, NSEG, NCH, NROW,
+    R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr,
+    SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    NPB: tl.constexpr = (P + BP - 1) // BP
+    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks), then
+    dadt_u = sum_{t >= u in u's chunk} (sum_nb dcs[nb, t] - sum_r vt_t . dvt_t) + sum_nb dtc[nb, chunk]."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
-    DT = qh_ptr.dtype.element_ty
-    pid0 = tl.program_id(0)
+    h = tl.program_id(0)
     slot = tl.program_id(1)
-    h = pid0 // NPB
-    pb = pid0 % NPB
     b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
     if t0 < eos:
         nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
         rows = tl.arange(0, ROWS)
         rt = rows // RP
         rr = rows % RP
-        causal = rt[:, None] > rt[None, :]
-        n = tl.arange(0, NP)
-        p = pb * BP + tl.arange(0, BP)
-        bh = (b * H + h).to(tl.int64) * L
-        base = (slot * H + h).to(tl.int64) * P * N
-        # the exit adjoint: BP x N, or transposed (N x BP, STATE_T)
-        if STATE_T:
-            st = tl.load(dx_ptr + base + p[None, :] * N + n[:, None],
-                         mask=(p < P)[None, :] & (n < N)[:, None], other=0.0).to(tl.float32)
-        else:
-            st = tl.load(dx_ptr + base + p[:, None] * N + n[None, :],
-                         mask=(p < P)[:, None] & (n < N)[None, :], other=0.0).to(tl.float32)
-        for k in range(nck):
-            tc = t0 + (nck - 1 - k) * C
+        p = tl.arange(0, PP)
+        for ci in range(nck):
+            tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
             row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
-            q = _tile(qh_ptr, row, rmask, n, N)
-            kk = _tile(ks_ptr, row, rmask, n, N)
-            v = _tile(vt_ptr, row, rmask, p, P)
-            d = _tile(dy_ptr, row, rmask, p, P)
-            cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
-            dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            a = _mm(q, tl.trans(kk), DT, DOT_F32, INTERP) * dec
-            if STATE_T:
-                inter = tl.exp(T - cs)[:, None] * _mm(kk, st, DT, DOT_F32, INTERP)
+            if NNB == 1:
+                dv = _tile(dvt_ptr, row, rmask, p, P)
             else:
-                inter = tl.exp(T - cs)[:, None] * _mm(kk, tl.trans(st), DT, DOT_F32, INTERP)
-            dv = _mm(tl.trans(a), d, DT, DOT_F32, INTERP) + inter
-            _store_tile(dvt_ptr, row, rmask, p, dv, P)
-            part = -tl.sum(v.to(tl.float32) * dv, axis=1)
-            _store_dcs(dcs_ptr, PART0 + pb, B, H, L, b, h, tc, eos, part, C, RP)
-            dw = d.to(tl.float32) * tl.exp(cs)[:, None]
-            if STATE_T:
-                st = _mma(tl.trans(q), dw, st * tl.exp(T), DT, DOT_F32, INTERP)
-            else:
-                st = _mma(tl.trans(dw), q, st * tl.exp(T), DT, DOT_F32, INTERP)
-
-
-@triton.jit
-def scan_bwd_core_dadt_kernel(
-    dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
-    B, L, H, S, NSEG, NCH, NPART, NNB,
-    C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
-    SEGLEN: tl.constexpr = SEG * C
-    h = tl.program_id(0)
-    slot = tl.program_id(1)
-    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
-    if t0 < eos:
-        nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
-        for ci in range(nck):
-            tok = t0 + ci * C + tl.arange(0, C)
-            m = tok < eos
-            x = tl.zeros([C], dtype=tl.float32)
-            for part in range(NPART):
-                x += tl.load(dcs_ptr + ((part * B + b) * H + h).to(tl.int64) * L + tok, mask=m, other=0.0)
+                dv = tl.zeros([ROWS, PP], dtype=tl.float32)
+                for i in range(NNB):
+                    dv += _tile(dvp_ptr, i * NROW + row, rmask, p, P)
+                _store_tile(dvt_ptr, row, rmask, p, dv, P)
+            x = -tl.sum(_tile(vt_ptr, row, rmask, p, P).to(tl.float32) * dv, axis=1)
+            if RP > 1:
+                x = tl.sum(tl.reshape(x, [C, RP]), axis=1)
+            tt = tc + tl.arange(0, C)
+            m = tt < eos
+            for i in range(NNB):
+                x += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
             dtc = 0.0
             for i in range(NNB):
                 dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
-            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tok, tl.cumsum(x, axis=0, reverse=True) + dtc,
+            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(x, axis=0, reverse=True) + dtc,
                      mask=m)
