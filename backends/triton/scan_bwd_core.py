@@ -64,12 +64,12 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     """Defaults for rank R, state size N, head dim P and operand dtype ('bfloat16' / 'float32'
     or the torch dtype). SEG = 0: chosen per call from the problem size. The dq / dkv state tile
     P x BLOCK_N is at most 64 x 128 fp32 for bf16 operands (8 warps at that size: 4 spill
-    dkv, AOT-measured), 2048 elements (8 warps) for fp32 operands (3xTF32 operand splits)."""
+    dkv, AOT-measured), 1024 elements (8 warps) for fp32 operands (3xTF32 operand splits)."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
     f32 = dtype == "float32"
-    bn = min(NP, max(16, (2048 if f32 else TILE) // PP))
+    bn = min(NP, max(16, (1024 if f32 else TILE) // PP))
     return {"CHUNK": max(1, 16 // rp), "SEG": 0, "BLOCK_N": bn, "BLOCK_P": min(PP, max(16, TILE // NP)),
             "PASS_BLOCK_P": min(32, PP), "num_warps": 8 if f32 or PP * bn >= TILE else 4,
             "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
@@ -77,19 +77,20 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
-    """Tuning candidates: SEG (auto, x1/2, x2 of auto via SEG_SCALE) x chunk x warps."""
+    """Tuning candidates (at most 12): the default, chunk rows {16, 32} x BLOCK_N {default,
+    half} x warps {4, 8}, and the default with half / double the automatic segment length
+    (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
     d = default_config(R, N, P, dtype)
     out = [d]
     rp = _pow2(R)
     for c in sorted({max(1, 16 // rp), max(1, 32 // rp)}):
-        for nw in (4, 8):
-            for sc in (0.5, 1, 2):
-                cfg = dict(d, CHUNK=c, num_warps=nw, SEG_SCALE=sc)
-                if sc == 1:
-                    cfg.pop("SEG_SCALE")
+        for bn in sorted({d["BLOCK_N"], max(16, d["BLOCK_N"] // 2)}):
+            for nw in (4, 8):
+                cfg = dict(d, CHUNK=c, BLOCK_N=bn, num_warps=nw)
                 if cfg not in out:
                     out.append(cfg)
-    return out
+    out += [dict(d, SEG_SCALE=0.5), dict(d, SEG_SCALE=2)]
+    return out[:12]
 
 
 def _seg(config, B, L, H, progs_per_seg):
@@ -184,7 +185,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     tot = e(2, nslots, H)
     nch = nslots * SEG
     sch = e(nch, H, P, N, dt=sdt)
-    dcs = e(NNB, B, H, L)
+    dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)
     out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dvt": e(B, L, R, H, P), "dadt": e(B, H, L),
@@ -223,13 +224,13 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
-                  ("dtc_ptr", dtc), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
+                  ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
                   ("NROW", nrow)],
          "constexprs": dict(shape, BN=BN, PP=PP, **dot),
          "num_warps": config["num_warps"], "num_stages": stages},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
-         "args": [("vt_ptr", vt), ("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
+         "args": [("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
                   ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
          "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen},

@@ -119,17 +119,18 @@ def scan_bwd_core_dq_kernel(
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
-            dq = _mm(gm, kb, DT, DOT_F32, INTERP) + tl.exp(cs)[:, None] * _mm(d, st, DT, DOT_F32, INTERP)
-            _store_tile(dqh_ptr, row, rmask, n, dq, N)
-            _store_dcs(dcs_ptr, nb, B, H, L, b, h, tc, eos, tl.sum(qb.to(tl.float32) * dq, axis=1), C, RP)
+            inter = tl.exp(cs)[:, None] * _mm(d, st, DT, DOT_F32, INTERP)
+            _store_tile(dqh_ptr, row, rmask, n, _mm(gm, kb, DT, DOT_F32, INTERP) + inter, N)
+            # d cs: the state term qh_i . (e^{cs_i} S_c^T dy_i), this N block's share
+            _store_dcs(dcs_ptr, nb, B, H, L, b, h, tc, eos, tl.sum(qb.to(tl.float32) * inter, axis=1), C, RP)
             vw = v.to(tl.float32) * tl.exp(T - cs)[:, None]
             st = _mma(tl.trans(vw), kb, st * tl.exp(T), DT, DOT_F32, INTERP)
 
 
 @triton.jit
 def scan_bwd_core_dkv_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr, dtc_ptr,
-    L, H, S, NSEG, NCH, NROW,
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr, dcs_ptr, dtc_ptr,
+    B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr,
@@ -169,17 +170,21 @@ def scan_bwd_core_dkv_kernel(
             sc = tl.load(sch_ptr + cidx.to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
+            sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
+            gm = sdv * dec
             inter = tl.exp(T - cs)[:, None] * _mm(v, st, DT, DOT_F32, INTERP)
             _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
             # dvt (this N block's share: the whole dvt when one block holds N)
             a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
-            dvp = _mm(tl.trans(a), d, DT, DOT_F32, INTERP) \
-                + tl.exp(T - cs)[:, None] * _mm(kb, tl.trans(st), DT, DOT_F32, INTERP)
-            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, dvp, P)
-            # d loss / d T of the chunk, this N block's share
-            dtc = tl.exp(T) * tl.sum(tl.sum(st * sc, axis=1), axis=0) \
-                + tl.sum(tl.sum(kb.to(tl.float32) * inter, axis=1), axis=0)
+            interv = tl.exp(T - cs)[:, None] * _mm(kb, tl.trans(st), DT, DOT_F32, INTERP)
+            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mm(tl.trans(a), d, DT, DOT_F32, INTERP) + interv, P)
+            # d cs (this N block's share): row sum - column sum of the in-chunk W = A o (dy vt^T) in
+            # fp32 (the in-chunk reverse cumsum then telescopes exactly), minus the state term
+            # x_j = vt_j . (e^{T - cs_j} D_c ks_j), whose chunk sum goes to d T
+            w = a * sdv
+            x = tl.sum(v.to(tl.float32) * interv, axis=1)
+            _store_dcs(dcs_ptr, NNB + nb, B, H, L, b, h, tc, eos, tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
+            dtc = tl.exp(T) * tl.sum(tl.sum(st * sc, axis=1), axis=0) + tl.sum(x, axis=0)
             tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
             st = _mma(tl.trans(dw), qb, st * tl.exp(T), DT, DOT_F32, INTERP)
@@ -187,13 +192,13 @@ def scan_bwd_core_dkv_kernel(
 
 @triton.jit
 def scan_bwd_core_dadt_kernel(
-    vt_ptr, dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
+    dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr,
     SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks), then
-    dadt_u = sum_{t >= u in u's chunk} (sum_nb dcs[nb, t] - sum_r vt_t . dvt_t) + sum_nb dtc[nb, chunk]."""
+    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks), and
+    dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
     h = tl.program_id(0)
@@ -207,22 +212,18 @@ def scan_bwd_core_dadt_kernel(
         p = tl.arange(0, PP)
         for ci in range(nck):
             tc = t0 + ci * C
-            tok = tc + rt
-            rmask = (tok < eos) & (rr < R)
-            row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
-            if NNB == 1:
-                dv = _tile(dvt_ptr, row, rmask, p, P)
-            else:
+            if NNB > 1:
+                tok = tc + rt
+                rmask = (tok < eos) & (rr < R)
+                row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
                 dv = tl.zeros([ROWS, PP], dtype=tl.float32)
                 for i in range(NNB):
                     dv += _tile(dvp_ptr, i * NROW + row, rmask, p, P)
                 _store_tile(dvt_ptr, row, rmask, p, dv, P)
-            x = -tl.sum(_tile(vt_ptr, row, rmask, p, P).to(tl.float32) * dv, axis=1)
-            if RP > 1:
-                x = tl.sum(tl.reshape(x, [C, RP]), axis=1)
+            x = tl.zeros([C], dtype=tl.float32)
             tt = tc + tl.arange(0, C)
             m = tt < eos
-            for i in range(NNB):
+            for i in range(2 * NNB):
                 x += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
             dtc = 0.0
             for i in range(NNB):
