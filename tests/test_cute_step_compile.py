@@ -57,6 +57,8 @@ CASES = [
        pairing="half", has_d=True, has_z=True, input_dtype="float16", state_dtype="bfloat16"),
     _c("R4-N128-P64-realistic", H=32, rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
        has_d=True, has_z=True, **MIMO),
+    _c("R4-N128-P64-realistic-bf16state", H=32, rank=4, d_state=128, head_dim=64, n_angles=32,
+       pairing="half", has_d=True, has_z=True, **MIMO, state_dtype="bfloat16"),
     _c("siso-N128-P64-realistic-idx", H=32, idx=True, d_state=128, head_dim=64, n_angles=32,
        has_d=True, has_z=True),
     # non-default configs: P chunks with prefetch, 32 lanes per row, 2 and 8 warps, narrow vectors
@@ -131,6 +133,9 @@ def test_compiles_for_sm90a(compiled, case, record_property):
         record_property(k, r.get(k))
     if r.get("spills") is not None and case["cfg"] is None:
         assert r["spills"] == 0, f"default config spills {r['spills']} bytes"
+    if case["name"] == "R4-N128-P64-realistic-bf16state" and r.get("registers") is not None:
+        # the default's register cap (min_ctas 4): 4 CTAs of 128 threads per SM
+        assert r["registers"] <= 128, r["registers"]
 
 
 def test_protocol_without_gpu():

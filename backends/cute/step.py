@@ -115,9 +115,13 @@ def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
 def default_config(spec: ScanSpec) -> dict:
     """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
     (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
-    values per thread, else chunks of <= 32 (double-buffered)."""
+    values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
+    8-byte vectors and a register cap for 4 CTAs per SM (min_ctas)."""
     P = spec.head_dim
     vec = max_vec(spec)
+    capped = spec.rank > 1 and spec.state_dtype != "float32"
+    if capped:
+        vec = min(vec, 4)   # 8-byte vectors: the fp32 geometry, 126 registers, no spill under the cap
     nv = spec.d_state // vec
     L = 16 if nv >= 64 else min(8, _pow2_floor(nv))
     cv = _cdiv(nv, L)
@@ -128,10 +132,12 @@ def default_config(spec: ScanSpec) -> dict:
     if rpt * f > 64:
         rpt = max(1, 32 // f)
     cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
-    if spec.rank > 1 and spec.state_dtype != "float32":
-        # MIMO with a 2-byte state: cap the registers for 4 CTAs per SM (147 -> 128, a few
-        # spilled bytes): H100 R=4 bf16 state B=256 135.0 -> 126.4 us, B=1024 511 -> 471 us
-        # (results/step_variants_h100_call1.json); with an fp32 state the cap loses 1-5 %.
+    if capped:
+        # MIMO with a 2-byte state: 4 CTAs per SM (registers capped at 128; with 8-byte vectors
+        # the kernel fits in 126, no spill). H100, R=4 H=32 N=128 P=64, bf16 state
+        # (results/step_variants_h100_call{1,2}.json): B=64 41.3 -> 35.5 us, B=256 135.0 ->
+        # 118.9, B=1024 511 -> 451 (16-byte vectors + cap: 126-130 / 471-483). With an fp32
+        # state the cap loses 1-5 %, so fp32 keeps 147 registers and 3 CTAs per SM.
         cfg["min_ctas"] = 4
     return cfg
 
