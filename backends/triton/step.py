@@ -28,8 +28,20 @@ multiplies and `tl.sum`.
 
 Config knobs (backends/triton/__init__.py `space`): ROWS (rows per program: a whole head, or
 a split of P over several programs, for parallelism and fewer registers), BLOCK_P (rows per
-tile), num_warps, VEC (16-byte state accesses, see "Address columns" in the kernel) and
-PREFETCH (the next tile is loaded while this one is computed). num_stages is unused.
+tile), num_warps, VEC (16-byte state accesses, see "Address columns" in the kernel),
+PREFETCH (the next tile is loaded while this one is computed), DOT (below), PREC (DOT's
+tl.dot input precision) and maxnreg (a register cap, passed to the launch). num_stages is unused.
+
+DOT (the MIMO default when one program holds the whole head in one tile of >= 16 x 16): the
+rank-2R update and the R row sums as two small tensor-core products per head,
+    S' = alpha S + Cf @ Km   (Cf: P x 2R coefficients, Km: 2R x N rows kh_r, kprev_r)
+    Y  = S' @ Qt             (Qt: N x R columns qh_r),
+each padded to 16 (`_dot_head`). The broadcast path recomputes the rotated q/k rows of every
+rank in every warp (H100, R=4: 3744 instructions per thread for 32 state elements, 172
+registers, one CTA per SM); DOT builds them once per element of the small tiles (1824
+instructions per thread for 64 elements, 168 registers, 3 CTAs per SM): R=4 B=64 fp32
+141.6 -> 70.6 us (bench/notes/step.md). PREC: "tf32x3" (fp32 accuracy) when inputs and
+state are fp32, else "tf32" (its ~5e-4 relative error is under the bf16 bounds).
 
 Rotation without register shuffles: every state column n has a partner column (n ^ 1, or
 n +- N/2) and an angle j(n); q and k are gathered twice (at n and at its partner) and
