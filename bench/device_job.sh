@@ -4,6 +4,7 @@
 #   bash bench/device_job.sh cute      # carry .carry/cute and .upstream: triton + cute + upstream
 #   bash bench/device_job.sh tilelang  # carry .carry/tilelang: triton + tilelang
 # Writes under $OUT: env.txt, tests.log, bench.log, step_<bundle>.json, tune_<bundle>.json, tune.log
+# Variants of one backend's knobs, each checked against the oracle first: bench/step_variants.py.
 # Afterwards, here: python bench/summarize_step.py <both step_*.json> (one table), and
 #   mamba3-kernels tune --merge <both tune_*.json> --cache bench/results/tune_cache_h100_merged.json
 set -uo pipefail
@@ -23,7 +24,8 @@ timeout ${TEST_TIMEOUT:-240} python -m pytest -q -m gpu tests/test_step_gpu.py -
 timeout ${BENCH_TIMEOUT:-200} python bench/step.py --backends $ours ${BENCH_EXTRA:-} --out $OUT/step_$bundle.json \
   2>&1 | tee $OUT/bench.log
 for spec in "--B 1 --R 1" "--B 64 --R 1" "--B 256 --R 1" "--B 1 --R 4 --pairing half --mimo-v --mimo-z --mimo-out" \
-            "--B 64 --R 4 --pairing half --mimo-v --mimo-z --mimo-out" "--B 64 --R 1 --state-dtype bfloat16"; do
+            "--B 64 --R 4 --pairing half --mimo-v --mimo-z --mimo-out" "--B 64 --R 1 --state-dtype bfloat16" \
+            "--B 256 --R 4 --pairing half --mimo-v --mimo-z --mimo-out --state-dtype bfloat16"; do
   timeout ${TUNE_TIMEOUT:-60} python -m mamba3_kernels tune --op step $spec --H 32 --N 128 --P 64 --A 32 --has-d --has-z \
     --backends $ours --cache $OUT/tune_$bundle.json --no-progress 2>&1 | tail -25
 done | tee $OUT/tune.log

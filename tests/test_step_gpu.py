@@ -123,6 +123,24 @@ def test_256_steps_match_forward(backend, R, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype,input_dtype", [("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_mimo_defaults_realistic(backend, state_dtype, input_dtype, rng):
+    """The issue's MIMO shape (R=4, H=32, N=128, P=64) at B=64 with each backend's default:
+    Triton's DOT path (tf32x3 when inputs and state are fp32, so the fp32 bounds apply) and
+    CuTe's register-capped bf16-state default; a pool with padding, in place and not."""
+    from mamba3_kernels.spec import Problem, ScanSpec
+    from mamba3_kernels.testing import run_step_backend, step_case
+    mod = _backend(backend)
+    spec = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", has_d=True, has_z=True,
+                    has_mimo_v=True, has_mimo_z=True, has_mimo_out=True, chunk_size=1, initial_states=True,
+                    final_states=True, input_dtype=input_dtype, state_dtype=state_dtype)
+    case = step_case(spec, Problem(64, 1, 32, 1, 70), rng, device="cuda", pool=70)
+    for inplace in (True, False):
+        rep = run_step_backend(mod, case, inplace=inplace)
+        assert rep.ok, rep.table()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_memcheck_p48(backend):
     """compute-sanitizer memcheck on one P = 48 (not a multiple of any tile) case."""
     _backend(backend)
