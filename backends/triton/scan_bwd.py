@@ -68,10 +68,17 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     """Tile sizes that keep every kernel spill-free on the AOT grid
     (tests/test_triton_scan_bwd_compile.py): token-parallel programs of BT tokens (prep, output:
     BT x max(N/2, P) <= 2048 fp32 per tile; post, which holds about twenty such tiles: POST_BT
-    x max(N/2, P) <= 1024), 4 warps; the per-sequence loops step SEQ_BT tokens
+    x max(N/2, P) <= 1024; for R in 2..4 POST_BT = pow2(1024 / (N/2 + P)): ptxas-measured, the
+    register use of the rank loops is not monotonic in the block size), 4 warps;
+    the per-sequence loops step SEQ_BT tokens
     (SEQ_BT x pow2(A) <= 1024), 4 warps."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
-    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, 1024 // w)),
+    if spec.rank in (2, 3, 4):
+        pbt = _pow2(triton.cdiv(1024, _nhp(spec) + max(2, _pow2(spec.head_dim))))
+    else:
+        pbt = 1024 // w
+    pbt = max(4, min(32, pbt))
+    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=pbt,
                 SEQ_BT=max(8, min(64, 1024 // _ap(spec))), num_warps=4, post_num_warps=4,
                 seq_num_warps=4, CORE=None, CORE_IMPL="triton")
 
@@ -88,9 +95,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
                       type(config["CORE"]).__name__)
 
 
-def op_dtype(spec: ScanSpec):
-    """GEMM operand dtype of the core: bf16 for 16-bit inputs, fp32 for fp32 inputs."""
-    return F32 if spec.input_dtype == "float32" else torch.bfloat16
+def op_dtype(spec: ScanSpec, config=None):
+    """GEMM operand dtype of the core: bf16 for 16-bit inputs (config OPERANDS="float32" forces
+    fp32, 3xTF32 in the core), fp32 for fp32 inputs."""
+    if spec.input_dtype == "float32" or (config or {}).get("OPERANDS") == "float32":
+        return F32
+    return torch.bfloat16
 
 
 def needs_y(spec: ScanSpec) -> bool:
@@ -232,7 +242,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
-                   ("dqh_ptr", b["dqh"]), ("dks_ptr", b["dks"]), ("dvt_ptr", b["dvt"]), ("dy_ptr", b["dy"]),
+                   ("qh_ptr", b["qh"]), ("ks_ptr", b["ks"]), ("dqh_ptr", b["dqh"]), ("dks_ptr", b["dks"]), ("dvt_ptr", b["dvt"]), ("dy_ptr", b["dy"]),
                    ("last_ptr", b["last"]), ("dkf_ptr", opt(b["dkf"])), ("dvf_ptr", opt(b["dvf"])),
                    ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
@@ -272,7 +282,7 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
         (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device))
     e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
     idt = t.v.dtype
-    odt = op_dtype(spec)
+    odt = op_dtype(spec, grads["_config"])
     b = dict(dummy=e(1), zero_i32=torch.zeros(1, dtype=torch.int32, device=device))
     b["theta"] = e(B, L, H, max(A, 1))
     b["gamma"], b["scale"] = e(B, H, L), e(B, H, L)
@@ -317,7 +327,30 @@ def _f32(x):
     return None if x is None else x.to(F32).contiguous()
 
 
-def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> dict:
+class _Timer:
+    """CUDA-event stage timings for backward(..., timings={}) (bench/scan_bwd.py); no-op else."""
+
+    def __init__(self, out):
+        self.out = out
+        self.marks = []
+        if out is not None:
+            self.mark("start")
+
+    def mark(self, name):
+        if self.out is not None:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((name, e))
+
+    def done(self):
+        if self.out is None:
+            return
+        self.marks[-1][1].synchronize()
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            self.out[name] = self.out.get(name, 0.0) + a.elapsed_time(b)
+
+
+def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:
     """Every input gradient. `saved`: the forward's ScanTensors (out/state_out unused);
     `grads`: out (the upstream gradient of out, any strides) and, for final states, angle, ssm,
     k, v (each None = 0); optional `_y`: the saved fp32 per-rank y. Returns a dict keyed like
@@ -337,17 +370,22 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> 
         g[key] = _f32(grads.get(key))
     if g["k"] is not None:
         g["k"] = g["k"].view(S, R, H, N)
+    tm = _Timer(timings)
     y = grads.get("_y")
     if y is None and needs_y(spec):
         y = compute_y(spec, t, problem)
     g["_y"] = y
+    tm.mark("1 recompute y")
     b = buffers(spec, t, g, dev)
     b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
     calls = {c["name"]: c for c in plan(spec, config, t, b)}
     launch(calls["bwd_seq_fwd"])
+    tm.mark("0 seq_fwd")
     if L:
         launch(calls["bwd_output"])
+        tm.mark("2 output")
         launch(calls["bwd_prep"])
+        tm.mark("3 prep")
     # stage 4: the core, on the corrected initial state S0 = S_init + pend0 sum_r vt_init k_init^T
     st = t.state_in
     s0 = None
@@ -357,6 +395,7 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> 
         s0 = st.ssm + b["pend"][:, :, None, None] * torch.einsum("shp,hrp,srhn->shpn", vinit, mv, st.k)
     core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens)
     b["dqh"], b["dks"], b["dvt"] = core["dqh"].contiguous(), core["dks"].contiguous(), core["dvt"].contiguous()
+    tm.mark("4 core")
     ds0 = core["ds0"]
     if st is not None:
         # d/dpend0 of <ds0, pend0 sum_r vt_init,r k_init,r^T>, consumed by seq_bwd at token 0
@@ -365,7 +404,9 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> 
     calls = {c["name"]: c for c in plan(spec, config, t, b)}
     if L:
         launch(calls["bwd_post"])
+        tm.mark("5 post")
     launch(calls["bwd_seq_bwd"])
+    tm.mark("6 seq_bwd")
     # stage 7: fixed-order reductions
     out = {}
     if G == H:
@@ -413,6 +454,8 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None) -> 
     else:
         out["initial_states"] = None
     out["mimo_v"] = dmv
+    tm.mark("7 reductions")
+    tm.done()
     return out
 
 
@@ -479,7 +522,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
                         cubin_bytes=len(k.asm["cubin"])))
     if core and L:
         from . import scan_bwd_core as _core
-        odt = op_dtype(spec)
+        odt = op_dtype(spec, config)
         RC = _pow2(R)
         ccfg = None
         if config.get("CORE"):

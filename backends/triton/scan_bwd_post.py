@@ -9,7 +9,14 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     ks = kh * scale:  dkh = dks * scale (+ dK_final at a sequence's last token),
                       dscale_t = sum_r dks_r . kh_r
     rotation: dq' += Rot(-theta) dqh, dk' += Rot(-theta) dkh,
-              dtheta_j = sum over q and k, ranks of d0 (-x0 s - x1 c) + d1 (x0 c - x1 s)
+              dtheta_j = sum over ranks of dqh . (G_j qh) + dks . (G_j ks) (+ dK_final . (G_j kh)),
+              G_j the generator of pair j: (G x)_c0 = -x_c1, (G x)_c1 = x_c0
+    The dtheta terms read the qh and ks the core multiplied (the bf16 operands for 16-bit
+    inputs), not the fp32 recomputation: the scores depend on angle differences only, so each
+    (query t, key s) pair adds equal and opposite terms to dtheta_t and dtheta_s, which cancel
+    in the reverse cumsum Gacc exactly only when both sides use the same operand values
+    (with the fp32 values the rounding of the operands does not cancel and the angle gradient's
+    error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
     dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
 The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored).
 Writes dq', dk' per value head (B, L, R, H, N) in the pointer's dtype (the final dQ/dK when
@@ -36,7 +43,7 @@ from .scan_bwd_prep import PI, _cast, _cos_sin, _pair_cols, _seq_bounds, _sigmoi
 @triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
-    dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
+    qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, pd_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
     BL, L, H, G,
@@ -96,7 +103,10 @@ def post_kernel(
         crow = ((m64 * RC + r) * H + h)[:, None] * N
         d0 = tl.load(dqh_ptr + crow + c0[None, :], mask=xm, other=0.0)
         d1 = tl.load(dqh_ptr + crow + c1[None, :], mask=xm, other=0.0)
-        dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
+        # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+        u0 = tl.load(qh_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
+        u1 = tl.load(qh_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+        dtheta += d1 * u0 - d0 * u1
         e0 = d0 * cs + d1 * sn
         e1 = d1 * cs - d0 * sn
         dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
@@ -134,14 +144,19 @@ def post_kernel(
         f0 = tl.load(dks_ptr + crow + c0[None, :], mask=xm, other=0.0)
         f1 = tl.load(dks_ptr + crow + c1[None, :], mask=xm, other=0.0)
         dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+        u0 = tl.load(ks_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
+        u1 = tl.load(ks_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+        dtheta += f1 * u0 - f0 * u1
         d0 = f0 * scale[:, None]
         d1 = f1 * scale[:, None]
         if HAS_KF:
             frow = ((sl * R + r2) * H + h)[:, None] * N
             fm = xm & is_last[:, None]
-            d0 += tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
-            d1 += tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
-        dtheta += d0 * (-x0 * sn - x1 * cs) + d1 * (x0 * cs - x1 * sn)
+            g0 = tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
+            g1 = tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
+            dtheta += g1 * kh0 - g0 * kh1
+            d0 += g0
+            d1 += g1
         e0 = d0 * cs + d1 * sn
         e1 = d1 * cs - d0 * sn
         vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]

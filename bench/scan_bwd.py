@@ -1,0 +1,253 @@
+"""Scan forward + backward benchmark: ours (mamba3_kernels.scan, autograd) vs upstream's SISO
+Triton `mamba3_siso_combined` (.upstream/ on PYTHONPATH, as bench/scan.py), plus activation
+memory and gradient accuracy.
+
+    PYTHONPATH=$PWD:$PWD/.upstream MAMBA3_COMMIT=$(git rev-parse HEAD) \\
+        python bench/scan_bwd.py [--out bench/results/scan_bwd.json] [--shapes siso,mimo]
+                                 [--quick] [--only LABEL,...] [--no-upstream] [--no-acc]
+
+Shapes (bf16, N=128, P=64, A=32 shared angles, D and Z; module-like inputs from bench/scan.py's
+make_inputs): B4-L4096-H32, B8-L2048-H32, B1-L16384-H32, B4-L4096-H32-G8-N64 (SISO; MIMO R=4
+B4-L2048-H32 ours only: upstream's MIMO backward is TileLang).
+
+Per shape and implementation (median ms, triton.testing.do_bench):
+  fwd_ms        forward alone, under torch.no_grad (ours: the forward-only path)
+  fwd_bwd_ms    forward with grad + backward of <dO, out> (every float input a leaf)
+  bwd_ms        fwd_bwd_ms - forward with grad
+  held_mb       memory the autograd graph holds between forward and backward, beyond the
+                inputs and the output (torch.cuda.memory_allocated after forward - before)
+  peak_bwd_mb   peak allocation during the backward above the level before it
+ours also: stage breakdown of the backward (CUDA events, scan_bwd.backward(..., timings=)).
+Accuracy (--acc, on by default): B=1, L=1024, H=4 (the float64 oracle adjoint is a token loop):
+rel_l2 of every gradient of ours and upstream's vs reference/adjoint.py on the same inputs
+(upstream gets per-head angles and a bf16 Trap, as its module passes them).
+
+Writes JSON: meta (GPU name, torch, triton, commit from MAMBA3_COMMIT) and rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import use_checkout
+
+use_checkout()
+
+from mamba3_kernels.backends.triton import scan_bwd, scan_fwd
+from scan import make_inputs
+
+import mamba3_kernels as m3
+from mamba3_kernels.scan_tensors import prepare_scan
+from mamba3_kernels.spec import resolve_scan
+
+SHAPES = [  # (label, B, L, H, G, N, P)
+    ("B4-L4096-H32", 4, 4096, 32, 1, 128, 64),
+    ("B8-L2048-H32", 8, 2048, 32, 1, 128, 64),
+    ("B1-L16384-H32", 1, 16384, 32, 1, 128, 64),
+    ("B4-L4096-H32-G8-N64", 4, 4096, 32, 8, 64, 64),
+]
+MIMO_SHAPES = [("B4-L2048-H32", 4, 2048, 32, 1, 128, 64)]
+LEAVES = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v",
+          "mimo_z", "mimo_out")
+
+
+def _median_ms(fn):
+    from triton.testing import do_bench
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=5, rep=50, return_mode="median")
+
+
+def _leaves(a):
+    return {n: (x.detach().clone().requires_grad_(True) if n in LEAVES and x is not None else x)
+            for n, x in a.items()}
+
+
+def _measure(run_fwd, a, dout):
+    """fwd_ms (no grad), fwd_grad_ms, fwd_bwd_ms, held_mb, peak_bwd_mb for run_fwd(args) -> out."""
+    res = {}
+    with torch.no_grad():
+        res["fwd_ms"] = _median_ms(lambda: run_fwd(a))
+    la = _leaves(a)
+
+    def fwd_grad():
+        return run_fwd(la)
+
+    def fwd_bwd():
+        for x in la.values():
+            if isinstance(x, torch.Tensor) and x.grad is not None:
+                x.grad = None
+        out = run_fwd(la)
+        out.backward(dout)
+    res["fwd_grad_ms"] = _median_ms(fwd_grad)
+    res["fwd_bwd_ms"] = _median_ms(fwd_bwd)
+    res["bwd_ms"] = res["fwd_bwd_ms"] - res["fwd_grad_ms"]
+    for x in la.values():
+        if isinstance(x, torch.Tensor):
+            x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    out = run_fwd(la)
+    torch.cuda.synchronize()
+    res["held_mb"] = (torch.cuda.memory_allocated() - before - out.numel() * out.element_size()) / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    res["peak_bwd_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del out
+    return res
+
+
+def ours_fwd(kind):
+    pairing = "half" if kind == "mimo" else "interleaved"
+    return lambda a: m3.scan(**a, pairing=pairing)
+
+
+def upstream_fwd(a):
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+    B, L = a["q"].shape[:2]
+    H = a["v"].shape[2]
+    ang = a["angles"]
+    if ang.dim() == 3:   # shared (B, L, A): upstream takes them per head (its module expands them)
+        ang = ang[:, :, None, :].expand(B, L, H, ang.shape[-1])
+    return mamba3_siso_combined(Q=a["q"][:, :, 0].contiguous(), K=a["k"][:, :, 0].contiguous(), V=a["v"],
+                                ADT=a["adt"], DT=a["dt"], Trap=a["trap"].to(torch.bfloat16),
+                                Q_bias=a["q_bias"][:, 0].contiguous(), K_bias=a["k_bias"][:, 0].contiguous(),
+                                Angles=ang.contiguous(), D=a["d"], Z=a["z"], chunk_size=64)
+
+
+def stage_breakdown(kind, a, dout):
+    """Median over 10 runs of each backward stage's CUDA-event time (ms)."""
+    pairing = "half" if kind == "mimo" else "interleaved"
+    spec, prob = resolve_scan(**a, pairing=pairing)
+    t = prepare_scan(spec, prob, **a)
+    scan_fwd.forward(spec, scan_fwd.default_config(spec, prob), t)
+    cfg = scan_bwd.default_config(spec, prob)
+    runs = []
+    for _ in range(11):
+        tm = {}
+        scan_bwd.backward(spec, cfg, t, {"out": dout}, prob, timings=tm)
+        runs.append(tm)
+    runs = runs[1:]
+    return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}, cfg
+
+
+def accuracy(kind, with_upstream, L=1024, H=4, N=128, P=64, device="cuda"):
+    """rel_l2 of every gradient (and of out) vs the oracle adjoint on B=1, L, H heads (seeded)."""
+    import numpy as np
+    from mamba3_kernels.reference import adjoint
+    from mamba3_kernels.reference import forward as ref_forward
+    from mamba3_kernels.reference.compare import rel_l2
+    R = 4 if kind == "mimo" else 1
+    a = make_inputs(kind, 1, L, H, 1, N, P, R, seed=1)
+    a["trap"] = a["trap"].to(torch.bfloat16).float()        # what upstream sees
+    A = a["angles"].shape[-1]
+    a["angles"] = a["angles"][:, :, None, :].expand(1, L, H, A).contiguous()  # per head for both
+    dout = torch.randn(a["v"].shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(device)
+    f = lambda x: x.detach().double().cpu().numpy()
+    pairing = "half" if kind == "mimo" else "interleaved"
+    seen = {n: (None if x is None else f(x)) for n, x in a.items()}
+    ref = adjoint.backward(f(dout), None, **seen, pairing=pairing)
+    ref_out = ref_forward(**seen, pairing=pairing, return_final_states=False)
+    res = {}
+    impls = [("ours", ours_fwd(kind))] + ([("upstream", upstream_fwd)] if with_upstream else [])
+    for name, fn in impls:
+        la = _leaves(a)
+        out = fn(la)
+        out.backward(dout)
+        row = {"out": rel_l2(f(out), ref_out)}
+        for n in LEAVES:
+            x = la.get(n)
+            if isinstance(x, torch.Tensor) and x.grad is not None and ref.get(n) is not None:
+                row[n] = rel_l2(np.asarray(f(x.grad)).reshape(ref[n].shape), ref[n])
+        res[name] = row
+    return res
+
+
+def run_shape(kind, label, B, L, H, G, N, P, args, rows):
+    R = 4 if kind == "mimo" else 1
+    a = make_inputs(kind, B, L, H, G, N, P, R)
+    dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
+    res = dict(kind=kind, shape=label, B=B, L=L, H=H, G=G, N=N, P=P, R=R)
+    res["ours"] = _measure(ours_fwd(kind), a, dout)
+    try:
+        res["ours_stages_ms"], res["ours_config"] = stage_breakdown(kind, a, dout)
+    except Exception as e:  # noqa: BLE001
+        res["ours_stages_ms"] = f"{type(e).__name__}: {e}"[:300]
+    if kind == "siso" and not args.no_upstream:
+        try:
+            res["upstream"] = _measure(upstream_fwd, a, dout)
+            res["speedup_fwd_bwd"] = res["upstream"]["fwd_bwd_ms"] / res["ours"]["fwd_bwd_ms"]
+            res["speedup_bwd"] = res["upstream"]["bwd_ms"] / res["ours"]["bwd_ms"]
+        except Exception as e:  # noqa: BLE001
+            res["upstream_error"] = f"{type(e).__name__}: {e}"[:500]
+    rows.append(res)
+    print(json.dumps(res, default=str), flush=True)
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "scan_bwd.json"))
+    ap.add_argument("--shapes", default="siso,mimo")
+    ap.add_argument("--quick", action="store_true", help="first shape of each kind only")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--no-upstream", action="store_true")
+    ap.add_argument("--no-acc", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                torch=torch.__version__, triton=__import__("triton").__version__,
+                commit=os.environ.get("MAMBA3_COMMIT", "unknown"))
+    print(json.dumps(meta), flush=True)
+    rows, acc = [], {}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows, accuracy=acc), f, indent=1, default=str)
+    for kind in args.shapes.split(","):
+        shapes = SHAPES if kind == "siso" else MIMO_SHAPES
+        if args.quick:
+            shapes = shapes[:1]
+        if args.only:
+            shapes = [s for s in shapes if s[0] in args.only.split(",")]
+        for label, B, L, H, G, N, P in shapes:
+            try:
+                run_shape(kind, label, B, L, H, G, N, P, args, rows)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                rows.append(dict(kind=kind, shape=label, error=f"{type(e).__name__}: {e}"[:500]))
+            save()
+        if not args.no_acc:
+            try:
+                acc[kind] = accuracy(kind, kind == "siso" and not args.no_upstream)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                acc[kind] = f"{type(e).__name__}: {e}"[:500]
+            print(json.dumps({"accuracy": {kind: acc[kind]}}, default=str), flush=True)
+            save()
+    print(f"{'kind':<5} {'shape':<22} {'fwd':>7} {'fwd+bwd':>8} {'bwd':>7} {'held MB':>8} {'peak MB':>8} "
+          f"{'up fwd+bwd':>10} {'up bwd':>7} {'up held':>8} {'x':>5}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kind']:<5} {r['shape']:<22} ERROR {r['error'][:80]}")
+            continue
+        o, u = r["ours"], r.get("upstream", {})
+        nan = float("nan")
+        print(f"{r['kind']:<5} {r['shape']:<22} {o['fwd_ms']:7.3f} {o['fwd_bwd_ms']:8.3f} {o['bwd_ms']:7.3f} "
+              f"{o['held_mb']:8.1f} {o['peak_bwd_mb']:8.1f} {u.get('fwd_bwd_ms', nan):10.3f} "
+              f"{u.get('bwd_ms', nan):7.3f} {u.get('held_mb', nan):8.1f} {r.get('speedup_fwd_bwd', nan):5.2f}")
+
+
+if __name__ == "__main__":
+    main()
