@@ -153,10 +153,14 @@ def _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y):
     if not ok:
         raise ValueError(f"spec: expected one the Triton backward supports, got one it does not ({why})")
     # dtype / device / stride checks before anything runs (nothing is written on an error)
-    prepare_scan(spec, problem, **args, out=None)
-    fwd_cfg = dict(config) if config is not None else scan_fwd.default_config(spec, problem)
+    t = prepare_scan(spec, problem, **args, out=None)
+    if config is not None:
+        fwd_cfg = dict(config)
+    else:   # the forward-only path's choice (tuning cache or default) when it is Triton's
+        mod, cfg, _ = dispatch.select("forward", spec, problem, args["v"].device, None, None)
+        fwd_cfg = dict(cfg) if getattr(mod, "NAME", None) == "triton" else scan_fwd.default_config(spec, problem)
     bcfg = scan_bwd.default_config(spec, problem)
     if bwd_config is not None:
         bcfg.update(bwd_config)
     scan_bwd.check_config(spec, bcfg)
-    return scan_with_grad(spec, problem, args, fwd_cfg, bcfg, bool(save_y))
+    return scan_with_grad(spec, problem, args, fwd_cfg, bcfg, bool(save_y), bundle=t)

@@ -44,13 +44,14 @@ class ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *flat):
-        spec, problem, fwd_cfg, bwd_cfg, save_y = meta
+        spec, problem, fwd_cfg, bwd_cfg, save_y, t = meta
         from .backends.triton import scan_bwd, scan_fwd
-        a = dict(zip(NAMES, flat))
-        st = None if a["state_angle"] is None else States(a["state_angle"], a["state_ssm"], a["state_k"],
-                                                          a["state_v"])
-        args = {n: a[n] for n in NAMES[:15]}
-        t = prepare_scan(spec, problem, **args, initial_states=st, cu_seqlens=a["cu_seqlens"])
+        if t is None:   # the bundle of `flat` (api.scan passes the one it validated)
+            a = dict(zip(NAMES, flat))
+            st = None if a["state_angle"] is None else States(a["state_angle"], a["state_ssm"],
+                                                              a["state_k"], a["state_v"])
+            t = prepare_scan(spec, problem, **{n: a[n] for n in NAMES[:15]}, initial_states=st,
+                             cu_seqlens=a["cu_seqlens"])
         scan_fwd.forward(spec, fwd_cfg, t)
         y = scan_bwd.compute_y(spec, t, problem) if (save_y and scan_bwd.needs_y(spec)) else None
         tensors = [getattr(t, n) for n in _BUNDLE]
@@ -95,9 +96,10 @@ def _zeros_out(spec, problem, t):
     return torch.zeros(output_shape(spec, problem), dtype=t.v.dtype, device=t.v.device)
 
 
-def scan_with_grad(spec, problem, args: dict, fwd_cfg: dict, bwd_cfg: dict, save_y: bool):
-    """Run the differentiable scan; returns out, or (out, States) with final states."""
-    outs = ScanFunction.apply((spec, problem, fwd_cfg, bwd_cfg, save_y), *_flat(args))
+def scan_with_grad(spec, problem, args: dict, fwd_cfg: dict, bwd_cfg: dict, save_y: bool, bundle=None):
+    """Run the differentiable scan; returns out, or (out, States) with final states. `bundle`:
+    the ScanTensors of `args` when the caller already built (validated) it."""
+    outs = ScanFunction.apply((spec, problem, fwd_cfg, bwd_cfg, save_y, bundle), *_flat(args))
     if spec.final_states:
         return outs[0], States(*outs[1:])
     return outs
