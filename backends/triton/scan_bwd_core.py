@@ -62,29 +62,36 @@ def _np(x: int) -> int:
 
 def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     """Defaults for rank R, state size N, head dim P and operand dtype ('bfloat16' / 'float32'
-    or the torch dtype). SEG = 0: chosen per call from the problem size. The dq / dkv state tile
-    P x BLOCK_N is at most 64 x 128 fp32 for bf16 operands (8 warps at that size: 4 spill
-    dkv, AOT-measured), 1024 elements (8 warps) for fp32 operands (3xTF32 operand splits)."""
+    or the torch dtype). SEG = 0: chosen per call from the problem size.
+
+    bf16: 32-row chunks, a P x BLOCK_N state tile of at most 4096 fp32 (64 x 64), 4 warps: the
+    fastest spill-free point measured on the H100 (B4-L4096-H32 N128 P64: 1.88 ms vs 2.78 ms
+    with 16-row chunks and a 64 x 128 tile at 8 warps; 8 warps were always slower; 64 x 128
+    at 4 warps ran 1.39 ms but spills, AOT-measured; bench/notes/scan_bwd_core.md).
+    P >= 128: 16-row chunks. fp32 (3xTF32 operand splits): 16-row chunks, 1024-element tile,
+    8 warps (spill-free; not timed)."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
     f32 = dtype == "float32"
-    bn = min(NP, max(16, (1024 if f32 else TILE) // PP))
-    return {"CHUNK": max(1, 16 // rp), "SEG": 0, "BLOCK_N": bn, "BLOCK_P": min(PP, max(16, TILE // NP)),
-            "PASS_BLOCK_P": min(32, PP), "num_warps": 8 if f32 or PP * bn >= TILE else 4,
-            "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
+    bn = min(NP, max(16, (1024 if f32 else TILE // 2) // PP))
+    rows = 16 if f32 or PP > 64 else 32   # P >= 128 at 32 rows spills dq (AOT)
+    return {"CHUNK": max(1, rows // rp), "SEG": 0, "BLOCK_N": bn,
+            "BLOCK_P": min(PP, max(16, TILE // NP)), "PASS_BLOCK_P": min(32, PP),
+            "num_warps": 8 if f32 else 4, "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
             "SCRATCH": "float32" if f32 else "bfloat16"}
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
     """Tuning candidates (at most 12): the default, chunk rows {16, 32} x BLOCK_N {default,
-    half} x warps {4, 8}, and the default with half / double the automatic segment length
+    double} x warps {4, 8}, and the default with half / double the automatic segment length
     (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
     d = default_config(R, N, P, dtype)
     out = [d]
     rp = _pow2(R)
-    for c in sorted({max(1, 16 // rp), max(1, 32 // rp)}):
-        for bn in sorted({d["BLOCK_N"], max(16, d["BLOCK_N"] // 2)}):
+    NP = _np(N)
+    for c in sorted({max(1, 32 // rp), max(1, 16 // rp)}, reverse=True):
+        for bn in sorted({d["BLOCK_N"], min(NP, 2 * d["BLOCK_N"])}):
             for nw in (4, 8):
                 cfg = dict(d, CHUNK=c, BLOCK_N=bn, num_warps=nw)
                 if cfg not in out:
