@@ -158,6 +158,10 @@ def scan_bwd_core_dkv_kernel(
         st = tl.load(dx_ptr + (slot * H + h).to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
         for k in range(nck):
             ci = nck - 1 - k
+            # <D_c, S_c> first, before the chunk's other tiles are live (registers)
+            cidx = (slot * SEG + ci) * H + h
+            sc = tl.load(sch_ptr + cidx.to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
+            xds = tl.sum(tl.sum(st * sc, axis=1), axis=0)
             tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
@@ -166,8 +170,6 @@ def scan_bwd_core_dkv_kernel(
             d = _tile(dy_ptr, row, rmask, p, P)
             qb = _tile(qh_ptr, row, rmask, n, N)
             kb = _tile(ks_ptr, row, rmask, n, N)
-            cidx = (slot * SEG + ci) * H + h
-            sc = tl.load(sch_ptr + cidx.to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
@@ -184,7 +186,7 @@ def scan_bwd_core_dkv_kernel(
             w = a * sdv
             x = tl.sum(v.to(tl.float32) * interv, axis=1)
             _store_dcs(dcs_ptr, NNB + nb, B, H, L, b, h, tc, eos, tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
-            dtc = tl.exp(T) * tl.sum(tl.sum(st * sc, axis=1), axis=0) + tl.sum(x, axis=0)
+            dtc = tl.exp(T) * xds + tl.sum(x, axis=0)
             tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
             st = _mma(tl.trans(dw), qb, st * tl.exp(T), DT, DOT_F32, INTERP)
