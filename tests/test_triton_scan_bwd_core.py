@@ -7,8 +7,8 @@ Kernels (backends/triton/scan_bwd_core*.py) on CPU through the Triton interprete
 reference run in float64 on the exact (bf16-rounded) operands the kernels saw: fresh random
 inputs, decays adt = -U[0.01, 1], outputs and scratch poisoned with NaN before the run, every
 output compared (rel_l2 <= 2e-2 for bf16 operands, 2e-3 for fp32). Shapes: a pairwise cover of
-R {1, 2, 4}, N {16, 32}, P {16, 48}, L {1, 5, 16, 37}, dtype, s0 / ds_final, segment length and
-N / P blocking; varlen lengths [3, 0, 17, 1]; R = 8; determinism (two runs bitwise equal);
+R {1, 2, 4}, N {16, 32}, P {16, 48}, L {1, 5, 16, 37}, dtype, s0 / ds_final, segment length,
+N / P blocking and rows per chunk {16, 32}; varlen lengths [3, 0, 17, 1]; R = 8; determinism (two runs bitwise equal);
 want_ds0=False; argument errors. TRITON_INTERPRET must be set before triton is imported (see
 test_triton_scan_fwd.py): if an earlier module imported triton without it, the kernel tests
 rerun this module in a fresh process.
@@ -130,7 +130,8 @@ def _check(out, ref, dtype, what):
 
 
 FACTORS = {"R": (1, 2, 4), "N": (16, 32), "P": (16, 48), "L": (1, 5, 16, 37), "dtype": ("bfloat16", "float32"),
-           "s0": (True, False), "dsf": (True, False), "seg": (0, 1, 2), "block": (False, True)}
+           "s0": (True, False), "dsf": (True, False), "seg": (0, 1, 2), "block": (False, True),
+           "rows": (16, 32)}
 
 
 def _cover(seed=5, tries=100):
@@ -156,11 +157,12 @@ def _cover(seed=5, tries=100):
 
 
 @here
-@pytest.mark.parametrize("case", _cover(), ids=lambda c: "R{R}-N{N}-P{P}-L{L}-{dtype}-s0{s0}-dsf{dsf}-seg{seg}-blk{block}".format(**c))
+@pytest.mark.parametrize("case", _cover(), ids=lambda c: "R{R}-N{N}-P{P}-L{L}-{dtype}-s0{s0}-dsf{dsf}-seg{seg}-blk{block}-rows{rows}".format(**c))
 def test_core_vs_reference(case):
     core = _core()
     rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))
     cfg = dict(core.default_config(case["R"], case["N"], case["P"], case["dtype"]), SEG=case["seg"])
+    cfg["CHUNK"] = max(1, case["rows"] // {1: 1, 2: 2, 4: 4}[case["R"]])   # rows per chunk
     if case["block"]:  # several N blocks (dq, dkv: dvt partials) and P blocks (local states, passing)
         cfg.update(BLOCK_N=16, BLOCK_P=16, PASS_BLOCK_P=16)
     out, ref = _run_case(rng, 2, case["L"], case["R"], 2, case["N"], case["P"], case["dtype"], case["s0"],
@@ -175,7 +177,7 @@ def test_core_vs_reference(case):
 def test_core_varlen(R, dtype, s0, dsf, seg):
     core = _core()
     rng = np.random.default_rng(R * 7 + seg)
-    cfg = dict(core.default_config(R, 32, 48, dtype), SEG=seg, BLOCK_P=16, PASS_BLOCK_P=16)
+    cfg = dict(core.default_config(R, 32, 48, dtype), SEG=seg, BLOCK_P=16, PASS_BLOCK_P=16, CHUNK=16 // R)
     out, ref = _run_case(rng, 1, 0, R, 2, 32, 48, dtype, s0, dsf, lengths=[3, 0, 17, 1], cfg=cfg)
     _check(out, ref, dtype, "varlen")
     assert out["ds0"].shape == (4, 2, 48, 32)
