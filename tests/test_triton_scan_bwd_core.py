@@ -212,6 +212,21 @@ def test_core_deterministic_and_want_ds0():
 
 
 @here
+def test_core_empty():
+    """L = 0 (dense) and varlen with only empty sequences: no tokens, dS0 = dS_final (or 0)."""
+    import torch
+    core = _core()
+    q = torch.zeros(2, 0, 1, 3, 16, dtype=torch.bfloat16)
+    adt = torch.zeros(2, 3, 0)
+    dsf = torch.randn(2, 3, 16, 16)
+    o = core.core_backward(q, q, q, adt, q, None, dsf, poison=True)
+    assert o["dadt"].shape == (2, 3, 0) and torch.equal(o["ds0"], dsf)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    o = core.core_backward(q[:1], q[:1], q[:1], adt[:1], q[:1], None, None, cu, poison=True)
+    assert o["ds0"].shape == (2, 3, 16, 16) and not o["ds0"].abs().max() > 0
+
+
+@here
 def test_core_argument_errors():
     import torch
     core = _core()
