@@ -17,7 +17,7 @@ Phases (a split-sequence scan over segments of SEG chunks of C tokens, as the fo
                 state Lf and local adjoint Lb, and its decay total
   2 pass        (scan_bwd_core_states.py) grid (H * P-blocks, sequences, 2): entry state of
                 every segment (from S0) and adjoint at every segment's exit (from dS_final);
-                dS0; the P-block partials of <dS_final, S_final>
+                dS0
   3 dq, dkv     (scan_bwd_core_chunk.py)  grid (H * N-blocks, slots): each program walks its
                 segment with the state (dq: forwards) or adjoint (dkv: backwards) in
                 registers: dqh, dks, dvt (or its N-block partials), the per-token partials of
@@ -25,8 +25,13 @@ Phases (a split-sequence scan over segments of SEG chunks of C tokens, as the fo
   4 dadt        (scan_bwd_core_chunk.py)  grid (H, slots): dvt from its partials, and per
                 chunk dadt = in-chunk reverse cumsum of d cs + d T
 Every (batch, head, segment) is a program, so B * H small still fills the GPU; the P x N
-scratch states move once per segment, not per chunk. Deterministic: no atomics; the partial
-sums over P / N blocks are added in a fixed order.
+scratch states move once per segment, except each chunk's entry state S_c, which dq writes and
+dkv reads once for dadt's state term (scan_bwd_core_chunk.py says why). Deterministic: no
+atomics; the partial sums over P / N blocks are added in a fixed order.
+
+Scratch (bf16 for bf16 operands): 4 P x N states per segment, one per chunk, fp32 partials of
+d cs (2 per N block and token), d T (per N block and chunk), and with N split in NNB > 1 blocks
+the NNB partials of dvt.
 
 Config keys (`default_config`, `space`):
   CHUNK    tokens per chunk C (C * pow2(R) >= 16 rows)
@@ -35,8 +40,9 @@ Config keys (`default_config`, `space`):
   BLOCK_P  rows of P per local-state program (tile BLOCK_P x N)
   PASS_BLOCK_P rows of P per state-passing program
   num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages
-  SCRATCH  dtype of the per-segment scratch states ("bfloat16" or "float32"; GEMM operands in
-           the input dtype anyway; fp32 inputs keep fp32)
+  SCRATCH  dtype of the scratch states ("bfloat16" or "float32"; GEMM operands in the input
+           dtype anyway; fp32 inputs keep fp32)
+  SEG_SCALE optional factor on the automatic SEG (tuning)
 """
 from __future__ import annotations
 
