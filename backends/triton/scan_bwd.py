@@ -15,12 +15,12 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
   3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
   4  core      (scan_bwd_core.py) the strictly causal decayed attention's backward:
                dqh, dks, dvt, dADT, dS0 (S0 = S_init + pend0 sum_r vt_init,r k_init,r^T)
-  5  post      (scan_bwd_post.py, token-parallel) diagonal and D terms, inverse rotation,
-               dK_final / dV_final at each sequence's last token -> dq', dk' per value head,
-               dV, dtheta, dgamma, dscale, bias / MIMO_V / D partials
+  5  post      (scan_bwd_post.py, token-parallel, one program per token block and Q/K group)
+               diagonal and D terms, inverse rotation, dK_final / dV_final at each sequence's
+               last token -> dQ, dK (the group's heads accumulated in place), dV, dtheta,
+               dgamma, dscale, bias / MIMO_V / D partials
   6  seq_bwd   (scan_bwd_post.py, grid (S, H)) dDT, dTrap, reverse angle cumsum -> dAngles, dTheta_init
-  7  torch     GQA sum of dq'/dk' into G groups (fp32 per-head buffers, only when G < H),
-               block partial sums, shared-angle head sum, the initial states' K/V/MIMO_V parts.
+  7  torch     block partial sums, the fp32 -> input dtype cast of dQ / dK when G < H, shared-angle head sum, the initial states' K/V/MIMO_V parts.
 Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
@@ -68,19 +68,16 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     """Tile sizes that keep every kernel spill-free on the AOT grid
     (tests/test_triton_scan_bwd_compile.py): token-parallel programs of BT tokens (prep, output:
     BT x max(N/2, P) <= 2048 fp32 per tile; post, which holds about twenty such tiles: POST_BT
-    x max(N/2, P) <= 1024; for R in 2..4 POST_BT = pow2(1024 / (N/2 + P)): ptxas-measured, the
-    register use of the rank loops is not monotonic in the block size), 4 warps;
+    x max(N/2, P) <= 1024 with 8 warps for N >= 128, else <= 512 with 4 warps: ptxas-measured,
+    the register use of its head and rank loops is not monotonic in the block size), 4 warps
+    elsewhere;
     the per-sequence loops step SEQ_BT tokens
     (SEQ_BT x pow2(A) <= 1024), 4 warps."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
-    if spec.rank in (2, 3, 4):
-        pbt = _pow2(triton.cdiv(1024, _nhp(spec) + max(2, _pow2(spec.head_dim))))
-    else:
-        pbt = 1024 // w
-    pbt = max(4, min(32, pbt))
-    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=pbt,
-                SEQ_BT=max(8, min(64, 1024 // _ap(spec))), num_warps=4, post_num_warps=4,
-                seq_num_warps=4, CORE=None, CORE_IMPL="triton")
+    big = _nhp(spec) >= 64
+    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, (1024 if big else 512) // w)),
+                SEQ_BT=max(8, min(64, 1024 // _ap(spec))), num_warps=4,
+                post_num_warps=8 if big else 4, seq_num_warps=4, CORE=None, CORE_IMPL="triton")
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
@@ -238,7 +235,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common), num_warps=nw),
-        dict(name="bwd_post", stage=5, kernel=_post.post_kernel, grid=_post.token_grid(B * L, H, PBT),
+        dict(name="bwd_post", stage=5, kernel=_post.post_kernel, grid=_post.token_grid(B * L, G, PBT),
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -301,8 +298,8 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dkf"] = grads.get("k")
     b["dvf"] = grads.get("v")
     b["dthf"] = grads.get("angle") if A else None
-    gdt = idt if G == H else F32
-    b["dq"], b["dk"] = e(B, L, R, H, N, dt=gdt), e(B, L, R, H, N, dt=gdt)
+    gdt = idt if G == H else F32     # post accumulates a group's heads in place (fp32 when G < H)
+    b["dq"], b["dk"] = e(B, L, R, G, N, dt=gdt), e(B, L, R, G, N, dt=gdt)
     b["dv"] = e(B, L, H, P, dt=idt)
     b["dtheta"] = e(B, L, H, max(A, 1))
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
@@ -360,7 +357,6 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     t = saved
     dev = t.v.device
     B, L, H, P = t.v.shape
-    G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     g = dict(grads)
@@ -409,11 +405,7 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     tm.mark("6 seq_bwd")
     # stage 7: fixed-order reductions
     out = {}
-    if G == H:
-        out["q"], out["k"] = b["dq"].view(B, L, R, G, N), b["dk"].view(B, L, R, G, N)
-    else:
-        out["q"] = b["dq"].view(B, L, R, G, H // G, N).sum(4).to(t.v.dtype)
-        out["k"] = b["dk"].view(B, L, R, G, H // G, N).sum(4).to(t.v.dtype)
+    out["q"], out["k"] = b["dq"].to(t.v.dtype), b["dk"].to(t.v.dtype)
     out["v"] = b["dv"]
     out["adt"] = core["dadt"].to(F32).contiguous()
     out["dt"] = b["ddt"]

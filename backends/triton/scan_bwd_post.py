@@ -19,8 +19,10 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
     dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
 The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored).
-Writes dq', dk' per value head (B, L, R, H, N) in the pointer's dtype (the final dQ/dK when
-G = H, else fp32 for the GQA sum), dV, per-token dtheta (B, L, H, A), dgamma and dscale
+One program per (token block, Q/K group g) walks the group's H/G value heads in order and
+accumulates dQ, dK of the group in place in its own rows (B, L, R, G, N): the final dQ/dK in the
+input dtype when G = H, else an fp32 buffer cast by the orchestrator (deterministic: fixed head
+order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and dscale
 (B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .)
 and dD (nblk, H).
 
@@ -52,8 +54,8 @@ def post_kernel(
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
-    g = h // (H // G)
+    g = tl.program_id(1)
+    HG = H // G
     m = pid * BT + tl.arange(0, BT)
     mm = m < BL
     m64 = m.to(tl.int64)
@@ -66,146 +68,155 @@ def post_kernel(
     p = tl.arange(0, PP)
     pm = p < P
     vm = mm[:, None] & pm[None, :]
-    if A > 0:
-        th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
-                     mask=mm[:, None] & (j[None, :] < A), other=0.0)
-        cs, sn = _cos_sin(th, INTERP)
-    else:
-        cs = tl.full([BT, NHP], 1.0, tl.float32)
-        sn = tl.zeros([BT, NHP], dtype=tl.float32)
-    sidx = (b * H + h) * L + t
-    gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
-    scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
-    v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
-                other=0.0).to(tl.float32)
-    if HAS_D:
-        dd = tl.load(d_ptr + h)
-    else:
-        dd = 0.0
+    DQT = dq_ptr.dtype.element_ty
     if HAS_KF or HAS_VF:
         seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
         is_last = seq_last >= 0
         sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
-    dscale = tl.zeros([BT], dtype=tl.float32)
-    dgamma = tl.zeros([BT], dtype=tl.float32)
-    dv = tl.zeros([BT, PP], dtype=tl.float32)
-    dD = tl.zeros([BT], dtype=tl.float32)
-    DQT = dq_ptr.dtype.element_ty
-    for r in range(R):
-        qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
-        brow = (h * R + r) * N
-        x0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-        x1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
-        hrow = ((m64 * R + r) * H + h)[:, None] * N
-        crow = ((m64 * RC + r) * H + h)[:, None] * N
-        d0 = tl.load(dqh_ptr + crow + c0[None, :], mask=xm, other=0.0)
-        d1 = tl.load(dqh_ptr + crow + c1[None, :], mask=xm, other=0.0)
-        # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-        u0 = tl.load(qh_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
-        u1 = tl.load(qh_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
-        dtheta += d1 * u0 - d0 * u1
-        e0 = d0 * cs + d1 * sn
-        e1 = d1 * cs - d0 * sn
-        dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                      other=0.0).to(tl.float32)
-        for r2 in range(R):
-            if HAS_MV:
-                mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
-            else:
-                w = tl.sum(dyr * v, axis=1) * gamma
-            krow2 = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
-            brow2 = (h * R + r2) * N
-            y0 = tl.load(k_ptr + krow2 + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(kb_ptr + brow2 + c0, mask=jm, other=0.0)[None, :]
-            y1 = tl.load(k_ptr + krow2 + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(kb_ptr + brow2 + c1, mask=jm, other=0.0)[None, :]
-            e0 += w[:, None] * y0
-            e1 += w[:, None] * y1
-        tl.store(dq_ptr + hrow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
-        tl.store(dq_ptr + hrow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
-        prow = ((pid * H + h) * R + r) * N
-        tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-        tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-    for r2 in range(R):
-        krow = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
-        brow = (h * R + r2) * N
-        x0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-        x1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
-        kh0 = x0 * cs - x1 * sn
-        kh1 = x0 * sn + x1 * cs
-        hrow = ((m64 * R + r2) * H + h)[:, None] * N
-        crow = ((m64 * RC + r2) * H + h)[:, None] * N
-        f0 = tl.load(dks_ptr + crow + c0[None, :], mask=xm, other=0.0)
-        f1 = tl.load(dks_ptr + crow + c1[None, :], mask=xm, other=0.0)
-        dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-        u0 = tl.load(ks_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
-        u1 = tl.load(ks_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
-        dtheta += f1 * u0 - f0 * u1
-        d0 = f0 * scale[:, None]
-        d1 = f1 * scale[:, None]
-        if HAS_KF:
-            frow = ((sl * R + r2) * H + h)[:, None] * N
-            fm = xm & is_last[:, None]
-            g0 = tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
-            g1 = tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
-            dtheta += g1 * kh0 - g0 * kh1
-            d0 += g0
-            d1 += g1
-        e0 = d0 * cs + d1 * sn
-        e1 = d1 * cs - d0 * sn
-        vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-        dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-        dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
-        if HAS_MV:
-            mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-            vt2 = v * mv2[None, :]
+    # the heads of group g one after the other: dQ / dK of the group accumulate in place in
+    # this program's own rows (fixed head order: deterministic, no atomics)
+    for hh in range(HG):
+        h = g * HG + hh
+        acc = hh > 0
+        if A > 0:
+            th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
+                         mask=mm[:, None] & (j[None, :] < A), other=0.0)
+            cs, sn = _cos_sin(th, INTERP)
         else:
-            vt2 = v
-        dD += tl.sum(dy2 * vt2, axis=1)
-        dvt += dd * dy2
+            cs = tl.full([BT, NHP], 1.0, tl.float32)
+            sn = tl.zeros([BT, NHP], dtype=tl.float32)
+        sidx = (b * H + h) * L + t
+        gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
+        scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
+        v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
+                    other=0.0).to(tl.float32)
+        if HAS_D:
+            dd = tl.load(d_ptr + h)
+        else:
+            dd = 0.0
+        dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
+        dscale = tl.zeros([BT], dtype=tl.float32)
+        dgamma = tl.zeros([BT], dtype=tl.float32)
+        dv = tl.zeros([BT, PP], dtype=tl.float32)
+        dD = tl.zeros([BT], dtype=tl.float32)
         for r in range(R):
             qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
-            brq = (h * R + r) * N
-            y0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(qb_ptr + brq + c0, mask=jm, other=0.0)[None, :]
-            y1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(qb_ptr + brq + c1, mask=jm, other=0.0)[None, :]
+            brow = (h * R + r) * N
+            x0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+            x1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+            grow = ((m64 * R + r) * G + g)[:, None] * N
+            crow = ((m64 * RC + r) * H + h)[:, None] * N
+            d0 = tl.load(dqh_ptr + crow + c0[None, :], mask=xm, other=0.0)
+            d1 = tl.load(dqh_ptr + crow + c1[None, :], mask=xm, other=0.0)
+            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+            u0 = tl.load(qh_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
+            u1 = tl.load(qh_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+            dtheta += d1 * u0 - d0 * u1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
             dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                           other=0.0).to(tl.float32)
-            mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
-            w = tl.sum(dyr * vt2, axis=1)
-            dgamma += mqk * w
-            e0 += (gamma * w)[:, None] * y0
-            e1 += (gamma * w)[:, None] * y1
-            dvt += (gamma * mqk)[:, None] * dyr
-        tl.store(dk_ptr + hrow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
-        tl.store(dk_ptr + hrow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
-        prow = ((pid * H + h) * R + r2) * N
-        tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-        tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-        if HAS_MV:
-            dv += dvt * mv2[None, :]
-            tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
-        else:
-            dv += dvt
-    if HAS_VF:
-        dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
-                      other=0.0)
-    tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
-             mask=vm)
-    if A > 0:
-        tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
-                 mask=mm[:, None] & (j[None, :] < A))
-    tl.store(dgam_ptr + sidx, dgamma, mask=mm)
-    tl.store(dsc_ptr + sidx, dscale, mask=mm)
-    if HAS_D:
-        tl.store(pd_ptr + pid * H + h, tl.sum(dD, axis=0))
+            for r2 in range(R):
+                if HAS_MV:
+                    mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+                    w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
+                else:
+                    w = tl.sum(dyr * v, axis=1) * gamma
+                krow2 = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
+                brow2 = (h * R + r2) * N
+                y0 = tl.load(k_ptr + krow2 + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                    tl.load(kb_ptr + brow2 + c0, mask=jm, other=0.0)[None, :]
+                y1 = tl.load(k_ptr + krow2 + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                    tl.load(kb_ptr + brow2 + c1, mask=jm, other=0.0)[None, :]
+                e0 += w[:, None] * y0
+                e1 += w[:, None] * y1
+            prow = ((pid * H + h) * R + r) * N
+            tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            e0 += tl.load(dq_ptr + grow + c0[None, :], mask=xm & acc, other=0.0).to(tl.float32)
+            e1 += tl.load(dq_ptr + grow + c1[None, :], mask=xm & acc, other=0.0).to(tl.float32)
+            tl.store(dq_ptr + grow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
+            tl.store(dq_ptr + grow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+        for r2 in range(R):
+            krow = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
+            brow = (h * R + r2) * N
+            x0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
+            x1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+            kh0 = x0 * cs - x1 * sn
+            kh1 = x0 * sn + x1 * cs
+            grow = ((m64 * R + r2) * G + g)[:, None] * N
+            crow = ((m64 * RC + r2) * H + h)[:, None] * N
+            f0 = tl.load(dks_ptr + crow + c0[None, :], mask=xm, other=0.0)
+            f1 = tl.load(dks_ptr + crow + c1[None, :], mask=xm, other=0.0)
+            dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+            u0 = tl.load(ks_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
+            u1 = tl.load(ks_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+            dtheta += f1 * u0 - f0 * u1
+            d0 = f0 * scale[:, None]
+            d1 = f1 * scale[:, None]
+            if HAS_KF:
+                frow = ((sl * R + r2) * H + h)[:, None] * N
+                fm = xm & is_last[:, None]
+                g0 = tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
+                g1 = tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
+                dtheta += g1 * kh0 - g0 * kh1
+                d0 += g0
+                d1 += g1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
+            vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+            dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
+            if HAS_MV:
+                mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+                vt2 = v * mv2[None, :]
+            else:
+                vt2 = v
+            dD += tl.sum(dy2 * vt2, axis=1)
+            dvt += dd * dy2
+            for r in range(R):
+                qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
+                brq = (h * R + r) * N
+                y0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                    tl.load(qb_ptr + brq + c0, mask=jm, other=0.0)[None, :]
+                y1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
+                    tl.load(qb_ptr + brq + c1, mask=jm, other=0.0)[None, :]
+                dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                              other=0.0).to(tl.float32)
+                mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
+                w = tl.sum(dyr * vt2, axis=1)
+                dgamma += mqk * w
+                e0 += (gamma * w)[:, None] * y0
+                e1 += (gamma * w)[:, None] * y1
+                dvt += (gamma * mqk)[:, None] * dyr
+            prow = ((pid * H + h) * R + r2) * N
+            tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            e0 += tl.load(dk_ptr + grow + c0[None, :], mask=xm & acc, other=0.0).to(tl.float32)
+            e1 += tl.load(dk_ptr + grow + c1[None, :], mask=xm & acc, other=0.0).to(tl.float32)
+            tl.store(dk_ptr + grow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
+            tl.store(dk_ptr + grow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+            if HAS_MV:
+                dv += dvt * mv2[None, :]
+                tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
+            else:
+                dv += dvt
+        if HAS_VF:
+            dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
+                          other=0.0)
+        tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
+                 mask=vm)
+        if A > 0:
+            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                     mask=mm[:, None] & (j[None, :] < A))
+        tl.store(dgam_ptr + sidx, dgamma, mask=mm)
+        tl.store(dsc_ptr + sidx, dscale, mask=mm)
+        if HAS_D:
+            tl.store(pd_ptr + pid * H + h, tl.sum(dD, axis=0))
 
 
 @triton.jit
