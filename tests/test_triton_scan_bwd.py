@@ -110,6 +110,8 @@ CASES = {
                                        varlen=True, input_dtype="float16", pairing="half"),
                                  (1, 17, 2, 1, 4), [0, 12, 0, 5]),
     "siso-fp32-norm": (_spec(output_mode="norm_reduce", initial_states=True), (1, 18, 2, 1, 1), None),
+    "mimo2-varlen-all-empty": (_spec(rank=2, varlen=True, initial_states=True, final_states=True, **MIMO),
+                               (1, 0, 2, 1, 2), [0, 0]),
 }
 
 

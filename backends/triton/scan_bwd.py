@@ -272,8 +272,8 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     BT, PBT = grads["_config"]["BT"], grads["_config"]["POST_BT"]
-    nblk = triton.cdiv(max(B * L, 1), BT)
-    npblk = triton.cdiv(max(B * L, 1), PBT)
+    nblk = triton.cdiv(B * L, BT)       # 0 without tokens: the partial sums are then empty (= 0)
+    npblk = triton.cdiv(B * L, PBT)
     RC = _pow2(R)   # the core's rank layout: padded ranks must be zero
     z = (lambda *s, dt=F32: torch.zeros(s, dtype=dt, device=device)) if RC != R else \
         (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device))
