@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import traceback
 
@@ -34,6 +35,9 @@ import torch
 from common import copy_bandwidth, use_checkout  # noqa: E402  (bench/common.py)
 
 use_checkout()
+_UP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".upstream")
+if os.path.isdir(_UP) and _UP not in sys.path:  # upstream state-spaces/mamba (carried, ignored)
+    sys.path.append(_UP)
 
 from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
 from mamba3_kernels.reference import forward_chunked  # noqa: E402
@@ -265,7 +269,8 @@ def sweep_configs(spec, prob, d):
     def rows(r, **kw):
         C = max(1, r // rp)
         return dict(d, CHUNK=C, SEG=max(1, min(256, sf._pow2(max(1, seglen // C)))), **kw)
-    return [d, dict(d, STATE_PREFETCH=True), dict(d, STATE_PREFETCH=True, PREFETCH=True),
+    return [d, dict(d, PREFETCH=1), dict(d, PREFETCH=0, STATE_PREFETCH=False, STATE_CHUNK=None),
+            dict(d, STATE_PREFETCH=True), dict(d, STATE_PREFETCH=True, PREFETCH=True),
             dict(d, STATE_PREFETCH=True, PREFETCH=True, num_warps=8),
             rows(32, num_warps=4, state_num_warps=4), rows(32, num_warps=4, state_num_warps=4, STATE_PREFETCH=True),
             rows(32, num_warps=4, state_num_warps=4, STATE_PREFETCH=True, PREFETCH=True),

@@ -112,7 +112,11 @@ def row_case(row, rng):
 @pytest.mark.parametrize("i", range(len(ROWS)))
 def test_pairwise_grid(i, rng):
     case, cfg = row_case(ROWS[i], rng)
-    cfg.update(PREFETCH=bool(i % 2), STATE_PREFETCH=bool(i % 3 == 1))  # both load orders
+    cfg.update(PREFETCH=(0, 1, 2)[i % 3], STATE_PREFETCH=bool(i % 2),  # every load order
+               ELL=i % 4 in (0, 3),  # stored angles (phase 2 -> phase 4) and recomputed ones
+               GATES=(i // 2) % 2 == 0,  # gamma / beta precomputed (scan_gates) or in the loops
+               BIAS_RELOAD=i % 4 in (1, 2),  # biases re-read per chunk in phase 4 or held
+               STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4])  # phase 2 in longer chunks
     rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
     assert rep.ok, f"row {ROWS[i]} config {cfg}\n{rep.table()}"
     if i % 3 == 0:  # per-phase scratch (phase 2 local states and totals, phase 3 entry states)
@@ -136,14 +140,37 @@ MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
 
 
 @here
-@pytest.mark.parametrize("seg,chunk,prefetch", [(1, 16, False), (4, 16, True), (2, 32, False), (2, 32, True)])
-def test_segment_and_chunk_lengths(seg, chunk, prefetch, rng):
+@pytest.mark.parametrize("seg,chunk,prefetch,ell", [(1, 16, False, False), (4, 16, True, True), (2, 32, False, True),
+                                                   (2, 32, True, False)])
+def test_segment_and_chunk_lengths(seg, chunk, prefetch, ell, rng):
     """The same problem with SSD-like (SEG=1), longer segments and a longer chunk."""
     spec = ScanSpec(d_state=32, head_dim=16, n_angles=8, pairing="half", has_d=True, has_z=True,
                     initial_states=True, final_states=True, input_dtype="bfloat16")
     case = scan_case(spec, Problem(1, 150, 2, 1, 1), rng)
     cfg = dict(sf.default_config(spec, None), CHUNK=chunk, SEG=seg, BLOCK_P=16, num_warps=4,
-               PREFETCH=prefetch, STATE_PREFETCH=prefetch)
+               PREFETCH=2 if ell else prefetch, STATE_PREFETCH=prefetch, ELL=ell, GATES=not ell,
+               BIAS_RELOAD=prefetch, STATE_CHUNK=2 * chunk if seg > 1 else None)
+    rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
+    assert rep.ok, rep.table()
+    seg_rep = compare_segments(case, scratch)
+    assert seg_rep.ok, seg_rep.table()
+
+
+@here
+@pytest.mark.parametrize("N,A,pairing,R,prefetch", [(64, 16, "interleaved", 1, 2), (64, 16, "half", 2, 0),
+                                                     (48, 12, "interleaved", 1, 1), (48, 5, "half", 3, 2),
+                                                     (128, 32, "half", 1, 0)])
+def test_wider_states_and_load_orders(N, A, pairing, R, prefetch, rng):
+    """N up to 128 with A < N/2 (the widened angle tiles), non-pow2 N/2, MIMO rows, the three
+    phase-4 load orders with GATES / BIAS_RELOAD / ELL / STATE_CHUNK; the per-phase scratch too."""
+    kw = dict(MIMO) if R > 1 else {}
+    spec = ScanSpec(d_state=N, head_dim=16, rank=R, n_angles=A, pairing=pairing, has_d=True, has_z=True,
+                    initial_states=True, final_states=True, input_dtype="bfloat16", **kw)
+    case = scan_case(spec, Problem(2, 70, 2, 1, 2), rng)
+    C = max(1, 16 // sf._rp(spec))
+    cfg = dict(sf.default_config(spec, None), CHUNK=C, SEG=2, BLOCK_P=16, num_warps=4, STATE_CHUNK=2 * C,
+               PREFETCH=prefetch, STATE_PREFETCH=bool(prefetch), GATES=True, BIAS_RELOAD=prefetch == 2,
+               ELL=prefetch == 1)
     rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
     assert rep.ok, rep.table()
     seg_rep = compare_segments(case, scratch)
@@ -321,16 +348,3 @@ def test_fresh_process():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
-def test_scan_refuses_inputs_that_need_grad():
-    """Forward-only: an input requiring grad is an error naming it, not a gradient-free output."""
-    import mamba3_kernels as m3
-    from mamba3_kernels.reference.inputs import random_scan_inputs
-    spec = ScanSpec(d_state=8, head_dim=4, input_dtype="float32")
-    a = random_scan_inputs(spec, Problem(1, 5, 2, 1, 1), np.random.default_rng(0))
-    t = {n: (None if x is None else torch.as_tensor(x, dtype=torch.float32)) for n, x in a.items()
-         if n not in ("initial_states", "cu_seqlens")}
-    t["v"].requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="scan: v: expected no tensor requiring grad"):
-        m3.scan(**t)

@@ -29,8 +29,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _load_state, _locate, _mm,
-                          _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _sigmoid)
+from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _load_state,
+                          _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw,
+                          _sigmoid)
 
 MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
@@ -40,11 +41,12 @@ def grid(H: int, P: int, BP: int, nslots: int):
 
 
 @triton.jit
-def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, q_base, k_base, v_base,
+def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base, v_base,
            z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, tc, eos, rt, rr, j, p,
            R: tl.constexpr, N: tl.constexpr, NH: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
            AP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, PAIR_HALF: tl.constexpr,
-           TRAP: tl.constexpr, HAS_Z: tl.constexpr):
+           TRAP: tl.constexpr, HAS_Z: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr,
+           SCAL: tl.constexpr):
     """Every global load of one chunk [tc, tc + C) (all masked past the sequence's end)."""
     tok = tc + rt
     rmask = (tok < eos) & (rr < R)
@@ -57,18 +59,29 @@ def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, q_bas
         zr = tl.load(z_ptr + z_base + tok64[:, None] * s_zt + p[None, :], mask=vmask, other=0.0)
     else:
         zr = vr
-    sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP)
-    if A > 0:
-        araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
-    else:
-        araw = sa
+    if SCAL:
+        sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP, GATES)
+        if A > 0:
+            if ELL:
+                araw = _ell_raw(ell_ptr, bh, tc, eos, A, C, RP, j.shape[0])
+            else:
+                araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+        else:
+            araw = sa
+    else:  # placeholders (PREFETCH == 2 loads these in the chunk's own turn)
+        sa = tc
+        sdt = tc
+        sdtn = tc
+        str_ = tc
+        strn = tc
+        araw = tc
     return q0r, q1r, k0r, k1r, vr, zr, sa, sdt, sdtn, str_, strn, araw
 
 
 @triton.jit
 def scan_chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, qb_ptr, kb_ptr, d_ptr,
-    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr,
+    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_zb, s_zt, s_zh,
     s_ab, s_at, s_ah,
     L, H, G, S, NSEG, eps,
@@ -77,7 +90,8 @@ def scan_chunk_output_kernel(
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
+    GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -125,42 +139,64 @@ def scan_chunk_output_kernel(
             s0 = tl.zeros([NHP, BP], dtype=tl.float32)
             s1 = tl.zeros([NHP, BP], dtype=tl.float32)
         carry = tl.zeros([AP], dtype=tl.float32)
-        qb0, qb1 = _bias_pairs(qb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
-        kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
+        if not BIAS_RELOAD:
+            qb0, qb1 = _bias_pairs(qb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
+            kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
         ti = rt[:, None]
         tj = rt[None, :]
         # software pipelining by hand (see scan_chunk_state.py): with PREFETCH the loads of
         # chunk ci + 1 are issued before the math of chunk ci
         if PREFETCH:
             q0r, q1r, k0r, k1r, vr, zr, sa, sdt, sdtn, str_, strn, araw = _loads(
-                q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, q_base, k_base, v_base,
-                z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, t0, eos, rt, rr, j, p,
-                R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z)
+                q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
+                v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, t0, eos, rt, rr, j,
+                p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z, ELL, GATES, PREFETCH != 2)
         for ci in range(0, nck):
             tc = t0 + ci * C
             tok = tc + rt
             tok64 = tok.to(tl.int64)
             rmask = (tok < eos) & (rr < R)
+            if BIAS_RELOAD:  # re-read per chunk (L1 hits): held across the loop they cost registers
+                qb0, qb1 = _bias_pairs(qb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
+                kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
             if PREFETCH:
                 nq0, nq1, nk0, nk1, nv, nz, na, ndt, ndtn, ntr, ntrn, nang = _loads(
-                    q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, q_base, k_base,
+                    q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
                     v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, tc + C, eos,
-                    rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z)
-                dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP)
+                    rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z, ELL, GATES,
+                    PREFETCH != 2)
+                if PREFETCH == 2:  # tiles only: the scalars and angles are loaded in their turn
+                    xa, xdt, xdtn, xtr, xtrn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP,
+                                                            TRAP, GATES)
+                    if A > 0:
+                        if ELL:
+                            xang = _ell_raw(ell_ptr, bh, tc, eos, A, C, RP, NHP)
+                        else:
+                            xang = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                else:
+                    xa, xdt, xdtn, xtr, xtrn, xang = sa, sdt, sdtn, str_, strn, araw
+                dt, gamma, scale, cs, T, lead = _scalars_math(xa, xdt, xdtn, xtr, xtrn, C, RP, TRAP, GATES)
                 q0, q1 = _pairs_math(q0r, q1r, rmask, qb0, qb1, j, NH)
                 k0, k1 = _pairs_math(k0r, k1r, rmask, kb0, kb1, j, NH)
                 if A > 0:
-                    c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
+                    if ELL:
+                        c, s = _cos_sin(xang, FAST_TRIG)
+                    else:
+                        c, s, carry = _angles_math(xang, dt, carry, C, RP, NHP, FAST_TRIG)
             else:  # loads next to their uses (fewer live registers)
-                sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP)
-                dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP)
+                sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP,
+                                                         GATES)
+                dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP, GATES)
                 q0r, q1r = _pairs_raw(q_ptr, q_base + tok64 * s_qt + rr * s_qr, rmask, j, N, NH, PAIR_HALF)
                 q0, q1 = _pairs_math(q0r, q1r, rmask, qb0, qb1, j, NH)
                 k0r, k1r = _pairs_raw(k_ptr, k_base + tok64 * s_kt + rr * s_kr, rmask, j, N, NH, PAIR_HALF)
                 k0, k1 = _pairs_math(k0r, k1r, rmask, kb0, kb1, j, NH)
                 if A > 0:
-                    araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
-                    c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
+                    if ELL:
+                        c, s = _cos_sin(_ell_raw(ell_ptr, bh, tc, eos, A, C, RP, NHP), FAST_TRIG)
+                    else:
+                        araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                        c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 vr = tl.load(v_ptr + v_base + tok64[:, None] * s_vt + p[None, :],
                              mask=rmask[:, None] & pm[None, :], other=0.0)
             if A > 0:

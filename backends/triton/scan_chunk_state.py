@@ -26,8 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _locate, _mm, _pairs_math,
-                          _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_state)
+from .scan_common import (_angles_ell, _angles_math, _angles_raw, _bias_pairs, _cast, _locate, _mm,
+                          _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
+                          _store_state, _widen)
 
 
 def grid(H: int, P: int, BP: int, nslots: int):
@@ -38,7 +39,7 @@ def grid(H: int, P: int, BP: int, nslots: int):
 def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt, s_kr,
            s_vt, s_at, tc, eos, rt, rr, j, p, R: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
            P: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr,
-           PAIR_HALF: tl.constexpr, TRAP: tl.constexpr):
+           PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, GATES: tl.constexpr):
     """Every global load of one chunk [tc, tc + C) (all masked past the sequence's end)."""
     tok = tc + rt
     rmask = (tok < eos) & (rr < R)
@@ -46,7 +47,7 @@ def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh,
     k0r, k1r = _pairs_raw(k_ptr, k_base + tok64 * s_kt + rr * s_kr, rmask, j, N, NH, PAIR_HALF)
     vr = tl.load(v_ptr + v_base + tok64[:, None] * s_vt + p[None, :],
                  mask=rmask[:, None] & (p < P)[None, :], other=0.0)
-    sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP)
+    sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP, GATES)
     if A > 0:
         araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
     else:
@@ -57,14 +58,14 @@ def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh,
 @triton.jit
 def scan_chunk_state_kernel(
     k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, kb_ptr, mv_ptr, cu_ptr,
-    lrel_ptr, tot_ptr, phi_ptr,
+    lrel_ptr, tot_ptr, phi_ptr, ell_ptr,
     s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_ab, s_at, s_ah,
     L, H, G, S, NSEG,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     BP: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -77,11 +78,17 @@ def scan_chunk_state_kernel(
     pb = pid0 % NPB
     b, seq, seg, bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
     keep = t0 < eos
+    need_state = t0 < eos
     if not FINAL:
-        keep = keep & (t0 + SEGLEN < eos)
+        need_state = t0 + SEGLEN < eos
+        if not ELL:
+            keep = need_state
     if keep:
         g = h // (H // G)
         nck = tl.minimum(tl.cdiv(eos - t0, C), SEG)
+        # with ELL every segment stores its angles for phase 4; a segment whose local state
+        # feeds nothing (the last one without final states) walks the angles alone
+        n_full = tl.where(need_state, nck, 0)
         rows = tl.arange(0, ROWS)
         rt = rows // RP
         rr = rows % RP
@@ -102,27 +109,34 @@ def scan_chunk_state_kernel(
         if PREFETCH:
             k0r, k1r, vr, sa, sdt, sdtn, str_, strn, araw = _loads(
                 k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt,
-                s_kr, s_vt, s_at, t0, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP)
-        for ci in range(0, nck):
+                s_kr, s_vt, s_at, t0, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, GATES)
+        for ci in range(0, n_full):
             tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
             if PREFETCH:
                 nk0, nk1, nv, na, ndt, ndtn, ntr, ntrn, nang = _loads(
                     k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt,
-                    s_kr, s_vt, s_at, tc + C, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP)
+                    s_kr, s_vt, s_at, tc + C, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP,
+                    GATES)
             else:  # loads next to their uses (fewer live registers)
-                sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP)
+                sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP,
+                                                         GATES)
                 k0r, k1r = _pairs_raw(k_ptr, k_base + tok.to(tl.int64) * s_kt + rr * s_kr, rmask, j, N, NH,
                                       PAIR_HALF)
                 if A > 0:
                     araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
                 vr = tl.load(v_ptr + v_base + tok.to(tl.int64)[:, None] * s_vt + p[None, :],
                              mask=rmask[:, None] & pm[None, :], other=0.0)
-            dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP)
+            dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP, GATES)
             k0, k1 = _pairs_math(k0r, k1r, rmask, kb0, kb1, j, NH)
             if A > 0:
-                c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
+                if ELL:
+                    ell, carry = _angles_ell(araw, dt, carry)
+                    _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
+                    c, s = _widen(ell, C, RP, NHP, FAST_TRIG)
+                else:
+                    c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 k0, k1 = _rotate(k0, k1, c, s)
             if not DOT_F32:
                 k0 = _cast(k0, DT, INTERP)
@@ -139,8 +153,18 @@ def scan_chunk_state_kernel(
             ttot += T
             if PREFETCH:
                 k0r, k1r, vr, sa, sdt, sdtn, str_, strn, araw = nk0, nk1, nv, na, ndt, ndtn, ntr, ntrn, nang
+        if ELL:
+            if A > 0:
+                for ci in range(n_full, nck):  # angles only
+                    tc = t0 + ci * C
+                    offs = tc + rt
+                    dta = tl.load(dt_ptr + bh + offs, mask=offs < eos, other=0.0)
+                    araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                    ell, carry = _angles_ell(araw, dta, carry)
+                    _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
         _store_state(lrel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, s0, s1, P, N, NH, PAIR_HALF,
                      INTERP)
+
         if pb == 0:
             tl.store(tot_ptr + slot * H + h, ttot)
             if A > 0:

@@ -1,9 +1,10 @@
 """Phase 1 of the chunked scan (SPEC §8, reference/chunked.py `preprocess`), as @triton.jit
 helpers that the three forward kernels call on the fly for one chunk, plus the segment map.
 
-Nothing of phase 1 is written to global memory in the forward: every kernel that needs a
-chunk's rotated q/k, decays and weights recomputes them from the inputs (cheaper than a round
-trip through HBM). `scan_preprocess.py`'s debug kernel calls the same helpers and writes them
+Almost nothing of phase 1 is written to global memory in the forward: every kernel that needs
+a chunk's rotated q/k, decays and angles recomputes them from the inputs (cheaper than a round
+trip through HBM). The exception (config GATES, the default) is scan_gates_kernel: gamma and
+beta per (b, h, t), 8 bytes per token and head, so the chunk loops spend no sigmoid on them. `scan_preprocess.py`'s debug kernel calls the same helpers and writes them
 out, so phase 1 can be checked alone against reference.chunked.preprocess.
 
 Per token t of a chunk (masked tokens t >= end of sequence read as dt = adt = 0, so they add
@@ -36,14 +37,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import _interpret
+
 PI = tl.constexpr(3.141592653589793)
+# MUFU approximations (rcp.approx) on the GPU; the interpreter has no inline asm. Like
+# TRITON_INTERPRET itself this is fixed when the module is imported.
+FAST_MATH = tl.constexpr(not _interpret())
 TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
-def _sigmoid(x):
-    d = 1.0 + tl.exp(-x)
-    return tl.fdiv(d * 0.0 + 1.0, d)  # approximate (2 ulp) division: no IEEE slow path
+def _rcp(x, FAST: tl.constexpr = FAST_MATH):
+    """1 / x: rcp.approx.ftz.f32 on the GPU (one MUFU op, < 1 ulp), exact in the interpreter."""
+    if FAST:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = 1.0 / x
+    return r
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr = FAST_MATH):
+    # 1 / (1 + e^-x): ex2 + rcp (two MUFU ops); e^-x = inf for x << 0 gives rcp(inf) = 0
+    return _rcp(1.0 + tl.exp(-x), FAST)
 
 
 @triton.jit
@@ -156,27 +173,36 @@ def _locate(slot, cu_ptr, S, L, NSEG, SEGLEN: tl.constexpr, VARLEN: tl.constexpr
 
 @triton.jit
 def _scalars_raw(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C: tl.constexpr, RP: tl.constexpr,
-                 TRAP: tl.constexpr):
+                 TRAP: tl.constexpr, GATES: tl.constexpr = False):
     """The loads of _chunk_scalars (issued a chunk ahead by the software-pipelined loops):
-    per row, adt, dt, dt of the next token, raw trap and raw trap of the next token."""
+    per row, adt, dt, dt of the next token, raw trap and raw trap of the next token. With
+    GATES (trapezoidal only) trap_ptr is the (B, H, L, 2) output of scan_gates_kernel: tr is
+    gamma = dt lam of the row's token and trn beta = dt (1 - lam) of the next token (no dtn)."""
     rows = tl.arange(0, C * RP)
     offs = tc + rows // RP
     m = offs < eos
     mn = (offs + 1) < eos
     adt = tl.load(adt_ptr + base + offs, mask=m, other=0.0)
     dt = tl.load(dt_ptr + base + offs, mask=m, other=0.0)
-    dtn = tl.load(dt_ptr + base + offs + 1, mask=mn, other=0.0)
     if TRAP:
-        tr = tl.load(trap_ptr + base + offs, mask=m, other=0.0)
-        trn = tl.load(trap_ptr + base + offs + 1, mask=mn, other=0.0)
+        if GATES:
+            dtn = dt
+            tr = tl.load(trap_ptr + 2 * (base + offs), mask=m, other=0.0)
+            trn = tl.load(trap_ptr + 2 * (base + offs) + 3, mask=mn, other=0.0)
+        else:
+            dtn = tl.load(dt_ptr + base + offs + 1, mask=mn, other=0.0)
+            tr = tl.load(trap_ptr + base + offs, mask=m, other=0.0)
+            trn = tl.load(trap_ptr + base + offs + 1, mask=mn, other=0.0)
     else:
+        dtn = tl.load(dt_ptr + base + offs + 1, mask=mn, other=0.0)
         tr = dt
         trn = dtn
     return adt, dt, dtn, tr, trn
 
 
 @triton.jit
-def _scalars_math(adt, dt, dtn, tr, trn, C: tl.constexpr, RP: tl.constexpr, TRAP: tl.constexpr):
+def _scalars_math(adt, dt, dtn, tr, trn, C: tl.constexpr, RP: tl.constexpr, TRAP: tl.constexpr,
+                  GATES: tl.constexpr = False):
     """Per row i = (token t_i, rank r_i): (dt, gamma, scale, cs, T, lead) [C * RP],
     lead = (r_i == 0); cs is the inclusive decay cumsum of the row's token and T the chunk's
     decay total. Every rank row reads its token's values itself (L1 hits): no per-token ->
@@ -184,10 +210,14 @@ def _scalars_math(adt, dt, dtn, tr, trn, C: tl.constexpr, RP: tl.constexpr, TRAP
     rows = tl.arange(0, C * RP)
     lead = (rows % RP) == 0
     if TRAP:
-        lam = _sigmoid(tr)
-        lamn = _sigmoid(trn)
-        gamma = dt * lam
-        scale = gamma + dtn * (1.0 - lamn)
+        if GATES:
+            gamma = tr
+            scale = tr + trn
+        else:
+            lam = _sigmoid(tr)
+            lamn = _sigmoid(trn)
+            gamma = dt * lam
+            scale = gamma + dtn * (1.0 - lamn)
     else:
         gamma = dt
         scale = dt
@@ -195,6 +225,21 @@ def _scalars_math(adt, dt, dtn, tr, trn, C: tl.constexpr, RP: tl.constexpr, TRAP
     cs = tl.cumsum(adt_lead, axis=0)
     T = tl.sum(adt_lead, axis=0)
     return dt, gamma, scale, cs, T, lead
+
+
+@triton.jit
+def scan_gates_kernel(dt_ptr, trap_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Phase 1 prologue (config GATES): per (b, h, t) of the (B, H, L) inputs,
+    out[..., 0] = gamma = dt lam and out[..., 1] = beta = dt (1 - lam), lam = sigmoid(trap),
+    so the chunk loops load two weights instead of dt, trap and their next-token values and
+    spend no sigmoid (their per-row vectors live in several register layouts there)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    dt = tl.load(dt_ptr + i, mask=m, other=0.0)
+    lam = _sigmoid(tl.load(trap_ptr + i, mask=m, other=0.0))
+    g = dt * lam
+    tl.store(out_ptr + 2 * i, g, mask=m)
+    tl.store(out_ptr + 2 * i + 1, dt - g, mask=m)
 
 
 @triton.jit
@@ -219,23 +264,62 @@ def _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A: tl.constexpr, C: tl.constex
 
 
 @triton.jit
+def _angles_ell(raw, dt, carry):
+    """The segment-relative angles ell [C * RP, AP] of each row's token (carry + inclusive
+    cumsum of phi inside the chunk) and the new carry (wrapped ell after the chunk's last
+    token). dt per row (_scalars_math); raw is 0 on rows of ranks > 0 (counted once)."""
+    phi = PI * _tanh(raw) * dt[:, None]
+    ell = tl.cumsum(phi, axis=0) + carry[None, :]
+    new_carry = _wrap(carry + tl.sum(phi, axis=0))
+    return ell, new_carry
+
+
+@triton.jit
+def _ell_raw(ell_ptr, bh, tc, eos, A: tl.constexpr, C: tl.constexpr, RP: tl.constexpr,
+             NHP: tl.constexpr):
+    """The stored angles ell (phase 2, config ELL) of the rows' tokens, loaded straight at the
+    pair-half width NHP: pairs j >= A read 0 (cos 1, sin 0), so no widening is needed."""
+    rows = tl.arange(0, C * RP)
+    offs = tc + rows // RP
+    j = tl.arange(0, NHP)
+    m = (offs < eos)[:, None] & (j < A)[None, :]
+    return tl.load(ell_ptr + (bh + offs)[:, None] * A + j[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _store_ell(ell_ptr, bh, tc, eos, ell, A: tl.constexpr, C: tl.constexpr, RP: tl.constexpr):
+    """Store the chunk's angles ell [C * RP, AP] (rank-0 rows) at (bh + t) * A + j."""
+    AP: tl.constexpr = ell.shape[1]
+    rows = tl.arange(0, C * RP)
+    offs = tc + rows // RP
+    j = tl.arange(0, AP)
+    m = ((offs < eos) & ((rows % RP) == 0))[:, None] & (j < A)[None, :]
+    tl.store(ell_ptr + (bh + offs)[:, None] * A + j[None, :], ell, mask=m)
+
+
+@triton.jit
 def _angles_math(raw, dt, carry, C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr,
                  FAST: tl.constexpr):
     """cos, sin [C * RP, NHP] of the segment-relative angles ell of each row's token, and the
     new carry (wrapped ell after the chunk's last token). dt per row (_scalars_math). carry
     [AP]: the AP = carry.shape[0] first pairs (AP >= A, a power of two >= 16) are computed, the
     other pairs get cos 1, sin 0 (the trig work scales with A, not N)."""
-    AP: tl.constexpr = carry.shape[0]
-    phi = PI * _tanh(raw) * dt[:, None]           # 0 on rows of ranks > 0: counted once
-    ell = tl.cumsum(phi, axis=0) + carry[None, :]
+    ell, new_carry = _angles_ell(raw, dt, carry)
+    c, s = _widen(ell, C, RP, NHP, FAST)
+    return c, s, new_carry
+
+
+@triton.jit
+def _widen(ell, C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr, FAST: tl.constexpr):
+    """cos, sin [C * RP, NHP] of ell [C * RP, AP], pairs j >= AP padded with cos 1, sin 0."""
+    AP: tl.constexpr = ell.shape[1]
     c, s = _cos_sin(ell, FAST)
-    new_carry = _wrap(carry + tl.sum(phi, axis=0))
     if AP < NHP:
         K: tl.constexpr = NHP // AP
         first = (tl.arange(0, K) == 0)[None, :, None]
         c = tl.reshape(tl.where(first, c[:, None, :], 1.0), [C * RP, NHP])
         s = tl.reshape(tl.where(first, s[:, None, :], 0.0), [C * RP, NHP])
-    return c, s, new_carry
+    return c, s
 
 
 @triton.jit
@@ -289,9 +373,11 @@ def _pairs_raw(ptr, row_off, rmask, j, N: tl.constexpr, NH: tl.constexpr, PAIR_H
 
 @triton.jit
 def _pairs_math(x0, x1, rmask, b0, b1, j, NH: tl.constexpr):
-    """Biased fp32 pair halves (x + bias); masked rows and padded pairs are 0."""
-    m = rmask[:, None] & (j < NH)[None, :]
-    return tl.where(m, x0.to(tl.float32) + b0, 0.0), tl.where(m, x1.to(tl.float32) + b1, 0.0)
+    """Biased fp32 pair halves (x + bias). Padded pairs and padded ranks are 0 (x and the bias
+    load 0 there); rows past the sequence's end hold the bias alone: they are never stored, and
+    every product that could carry them into a stored value has a factor that is 0 on them
+    (v, dt, gamma and scale load 0 past the end), so no select is spent on them."""
+    return x0.to(tl.float32) + b0, x1.to(tl.float32) + b1
 
 
 @triton.jit
@@ -313,20 +399,32 @@ def _load_state(ptr, base, p, j, P: tl.constexpr, N: tl.constexpr, NH: tl.conste
                 PAIR_HALF: tl.constexpr):
     """A (BP x N) block of a P x N state at ptr + base (row-major, natural column order) as
     pair halves (S0, S1) [BP, NHP] fp32."""
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    m = (p < P)[:, None] & (j < NH)[None, :]
     off = base + p[:, None].to(tl.int64) * N
-    s0 = tl.load(ptr + off + c0[None, :], mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(ptr + off + c1[None, :], mask=m, other=0.0).to(tl.float32)
+    if PAIR_HALF:
+        m = (p < P)[:, None] & (j < NH)[None, :]
+        s0 = tl.load(ptr + off + j[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(ptr + off + (j + NH)[None, :], mask=m, other=0.0).to(tl.float32)
+    else:  # one contiguous row tile, split into even / odd columns in registers
+        NHP: tl.constexpr = j.shape[0]
+        cols = tl.arange(0, 2 * NHP)
+        m = (p < P)[:, None] & (cols < N)[None, :]
+        x = tl.load(ptr + off + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        s0, s1 = tl.split(tl.reshape(x, [x.shape[0], NHP, 2]))
     return s0, s1
 
 
 @triton.jit
 def _store_state(ptr, base, p, j, s0, s1, P: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
                  PAIR_HALF: tl.constexpr, INTERP: tl.constexpr):
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    m = (p < P)[:, None] & (j < NH)[None, :]
     off = base + p[:, None].to(tl.int64) * N
     ty: tl.constexpr = ptr.dtype.element_ty
-    tl.store(ptr + off + c0[None, :], _cast(s0, ty, INTERP), mask=m)
-    tl.store(ptr + off + c1[None, :], _cast(s1, ty, INTERP), mask=m)
+    if PAIR_HALF:
+        m = (p < P)[:, None] & (j < NH)[None, :]
+        tl.store(ptr + off + j[None, :], _cast(s0, ty, INTERP), mask=m)
+        tl.store(ptr + off + (j + NH)[None, :], _cast(s1, ty, INTERP), mask=m)
+    else:  # even / odd columns joined into one contiguous row tile
+        NHP: tl.constexpr = j.shape[0]
+        cols = tl.arange(0, 2 * NHP)
+        m = (p < P)[:, None] & (cols < N)[None, :]
+        x = tl.reshape(tl.join(_cast(s0, ty, INTERP), _cast(s1, ty, INTERP)), [s0.shape[0], 2 * NHP])
+        tl.store(ptr + off + cols[None, :], x, mask=m)

@@ -28,8 +28,19 @@ Config keys (`default_config`, `space`):
   num_warps (phase 4), state_num_warps (phase 2), pass_num_warps (phase 3), num_stages,
   maxnreg      optional register cap of phase 4 (tuning only: it trades spills for occupancy)
   AP_FULL      trig over all N/2 pairs instead of pow2(A) widened (tuning experiment)
-  PREFETCH, STATE_PREFETCH  issue each chunk's loads one chunk ahead in phase 4 / phase 2
-               (software pipelining by hand; the chunk loops are latency-bound)
+  PREFETCH     phase 4: 0 loads each chunk's inputs in their turn, 1 issues them all one chunk
+               ahead, 2 only the q / k / v / z tiles (software pipelining by hand; the chunk loops
+               are latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
+  STATE_PREFETCH  the same (all loads) in phase 2
+  STATE_CHUNK  tokens per chunk of phase 2 (its outputs do not depend on it; default 2 C: 32 rows)
+  GATES        a prologue kernel (scan_common.scan_gates_kernel) writes gamma = dt lam and
+               beta = dt (1 - lam) per (b, h, t); phases 2 and 4 read them instead of dt / trap of
+               the token and the next one and compute no sigmoid
+  BIAS_RELOAD  phase 4 re-reads the q / k biases per chunk (L1 hits) instead of holding them in
+               registers across the loop (what makes PREFETCH=2 spill-free)
+  ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
+               phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
+               more than phase 4 saves), kept for tuning
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
                GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
 
@@ -53,6 +64,7 @@ from mamba3_kernels.spec import ScanSpec, bad_arg
 
 from . import scan_chunk_output as _out
 from . import scan_chunk_state as _cst
+from . import scan_common as _com
 from . import scan_state_passing as _pass
 
 from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2, _resource_usage  # the package's
@@ -161,11 +173,24 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     npb = triton.cdiv(spec.head_dim, bp)
     # one spill-prone corner (R >= 8 with 16-column state halves) schedules better pipelined
     stages = 2 if _rp(spec) >= 8 and bp == 16 else 1
+    lean = _lean(spec, bp, nw, stages)
     return dict(CHUNK=C, SEG=_seg(problem, H * npb, C), BLOCK_P=bp,
                 PASS_BLOCK_P=min(32, max(16, _pow2(spec.head_dim))), num_warps=nw, num_stages=stages,
                 state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
                 NORM_SPLIT=_norm_split(spec),
-                SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16")
+                SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
+                GATES=True, BIAS_RELOAD=True, PREFETCH=2 if lean else 0, STATE_PREFETCH=lean,
+                STATE_CHUNK=2 * C if lean else None)
+
+
+def _lean(spec, bp: int, nw: int, stages: int) -> bool:
+    """Where the software-pipelined loads (PREFETCH=2 in phase 4, STATE_PREFETCH and 32-row
+    chunks in phase 2) fit in registers without spilling (AOT grid of
+    tests/test_triton_scan_compile.py): 16-bit inputs, 4 warps, N <= 128, BP <= 64, single stage.
+    H100 (bench/results/scan_fwd_h100_sweep3.json): 0.77 -> 0.53 ms at SISO B4 L4096 with the
+    scan_gates prologue; phase 4 -15 to -20%, phase 2 -20 to -35%."""
+    return (spec.input_dtype != "float32" and nw == 4 and stages == 1 and _pow2(spec.d_state) <= 128
+            and bp <= 64)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
@@ -182,6 +207,12 @@ def space(spec: ScanSpec, problem=None) -> list:
     half = dict(d, CHUNK=max(d["CHUNK"] // 2, max(1, 16 // _rp(spec))))
     if half not in out:
         out.append(half)
+    # phase-4 load orders: all loads one chunk ahead (faster on the H100 where it spills a
+    # little: tuning only), or each in its turn
+    for pf in (1, 0):
+        c = dict(d, PREFETCH=pf)
+        if c not in out:
+            out.insert(1, c)
     return out[:16]
 
 
@@ -198,6 +229,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if spec.output_mode == "norm_reduce" and not config.get("NORM_SPLIT") and config["BLOCK_P"] < spec.head_dim:
         raise bad_arg("config.BLOCK_P", f">= P={spec.head_dim} with output_mode 'norm_reduce' "
                       "(or NORM_SPLIT=True)", config["BLOCK_P"])
+    sc = config.get("STATE_CHUNK")
+    if sc is not None and (not isinstance(sc, int) or sc < 1 or sc & (sc - 1) or sc * _rp(spec) < 16):
+        raise bad_arg("config.STATE_CHUNK", f"a power of two >= {max(1, 16 // _rp(spec))} (or None)", sc)
+    if config.get("PREFETCH", 0) not in (0, 1, 2, False, True):
+        raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads) or 2 (tiles only)",
+                      config.get("PREFETCH"))
     if config.get("SCRATCH", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.SCRATCH", "'bfloat16' or 'float32'", config.get("SCRATCH"))
 
@@ -220,6 +257,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     C, SEG = config["CHUNK"], config["SEG"]
     SEGLEN = C * SEG
+    # phase 2 may walk its segments in chunks of its own length (its outputs do not depend on it)
+    C2 = min(config.get("STATE_CHUNK") or C, SEGLEN)
     varlen = t.cu_seqlens is not None
     nseg_dense = triton.cdiv(L, SEGLEN)
     nslots = (L // SEGLEN + S) if varlen else B * nseg_dense
@@ -234,6 +273,10 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     tot = torch.empty((nslots, H), dtype=f32, device=dev) if run_a else dummy
     phi = torch.empty((nslots, H, max(A, 1)), dtype=f32, device=dev) if run_a else dummy
     erel = torch.empty((nslots, H, P, N), dtype=sdt, device=dev) if run_b else dummy.to(sdt)
+    # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
+    # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
+    ell_on = bool(config.get("ELL")) and run_a and A > 0
+    ell = torch.empty((B, H, L, A), dtype=f32, device=dev) if ell_on else dummy
     opt = lambda x: dummy if x is None else x  # noqa: E731
     sq, sk, sv = t.q.stride(), t.k.stride(), t.v.stride()
     sz = t.z.stride() if t.z is not None else (0, 0, 0, 0)
@@ -251,19 +294,33 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     st_out = t.state_out
     calls = []
     bp = config["BLOCK_P"]
+    # GATES: gamma = dt lam and beta = dt (1 - lam) per (b, h, t) once, read by phases 2 and 4
+    # in place of trap (phase 3 still reads the raw trap for the initial states' pending term)
+    gates_on = bool(config.get("GATES")) and common["TRAP"] and L > 0
+    if gates_on:
+        gates = torch.empty((B, H, L, 2), dtype=f32, device=dev)
+        nel = B * H * L
+        calls.append(dict(
+            name="scan_gates", kernel=_com.scan_gates_kernel, run=True, grid=(triton.cdiv(nel, 1024),),
+            args=[("dt_ptr", t.dt), ("trap_ptr", t.trap), ("out_ptr", gates), ("n", nel)],
+            constexprs=dict(BLOCK=1024), num_warps=4, num_stages=1))
+        trap_k = gates
+    else:
+        trap_k = opt(t.trap)
     calls.append(dict(
         name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
         grid=_cst.grid(H, P, bp, nslots),
         args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
-              ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
+              ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
               ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
-              ("phi_ptr", phi),
+              ("phi_ptr", phi), ("ell_ptr", ell),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
               ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense)],
-        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, FINAL=spec.final_states,
-                        PREFETCH=bool(config.get("STATE_PREFETCH", False)), **dotc),
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN // C2, FINAL=spec.final_states,
+                        PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
+                        **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
     pbp = config["PASS_BLOCK_P"]
     calls.append(dict(
@@ -300,10 +357,11 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         name="scan_chunk_output", kernel=_out.scan_chunk_output_kernel, run=L > 0,
         grid=_out.grid(H, P, bp, nslots),
         args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("z_ptr", opt(z4)), ("adt_ptr", t.adt),
-              ("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
+              ("dt_ptr", t.dt), ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)),
               ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
               ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
               ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
+              ("ell_ptr", ell),
               ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -313,7 +371,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, HAS_D=t.d is not None,
                         HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
                         HAS_MO=mo4 is not None, MODE=mode4,
-                        HAS_ENTRY=run_b, PREFETCH=bool(config.get("PREFETCH", False)), **dotc),
+                        HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
+                        GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)), **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
     if split:
@@ -331,7 +390,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
             num_warps=4, num_stages=1))
     scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
                    phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN,
-                   nslots=nslots, nseg_dense=nseg_dense)
+                   nslots=nslots, nseg_dense=nseg_dense, ell=ell if ell_on else None)
     return calls, scratch
 
 
@@ -392,8 +451,9 @@ def meta_tensors(spec: ScanSpec, problem, lengths=None):
 def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") -> list:
     """AOT-compile the forward's kernels for `arch` without a GPU (run without
     TRITON_INTERPRET). One dict per kernel: name, registers, spills (local bytes per thread),
-    shared (bytes), cubin size. `problem` only sizes the stand-in tensors (the code does not
-    depend on it); default: a small one."""
+    shared (bytes), cubin size. `problem` sizes the stand-in tensors; integer arguments that are
+    multiples of 16 (strides, lengths) get the divisibility hint the JIT gives them at launch, so
+    the build is the one that runs for that problem; default: a small one."""
     if problem is None:
         from mamba3_kernels.spec import Problem
         problem = Problem(1 if spec.varlen else 2, 1024, 4, 1, 2)
@@ -417,6 +477,8 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") ->
                 sig[name] = "fp32"
             else:
                 sig[name] = "i32"
+                if v % 16 == 0 and v != 0:  # what the JIT specialises at launch (strides, lengths)
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         for name in c["constexprs"]:
             sig[name] = "constexpr"
         src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),

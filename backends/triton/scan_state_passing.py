@@ -102,9 +102,25 @@ def scan_state_passing_kernel(
         e0 = tl.zeros([BP, NHP], dtype=tl.float32)
         e1 = tl.zeros([BP, NHP], dtype=tl.float32)
         theta = tl.zeros([NHP], dtype=tl.float32)
+    # the next segment's local state, totals and angle totals are loaded one segment ahead
+    # (the loop is a chain of small dependent steps: load latency would dominate it)
+    if HAS_LOCAL:
+        nl0, nl1 = _load_state(lrel_ptr, (start * H + h).to(tl.int64) * P * N, p + tl.where(nseg > 0, 0, P),
+                               j, P, N, NH, PAIR_HALF)
+        ntot = tl.load(tot_ptr + start * H + h, mask=nseg > 0, other=0.0)
+        nph = tl.load(phi_ptr + (start * H + h) * A + j, mask=am & (j < tl.where(nseg > 0, 1 << 20, 0)),
+                      other=0.0)
     for s in range(0, nseg):
         slot = start + s
         base = (slot * H + h).to(tl.int64) * P * N
+        if HAS_LOCAL:
+            l0, l1, stot, sph = nl0, nl1, ntot, nph
+            nxt = s + 1 < nseg
+            nl0, nl1 = _load_state(lrel_ptr, base + H * P * N, p + tl.where(nxt, 0, P), j, P, N, NH,
+                                   PAIR_HALF)
+            ntot = tl.load(tot_ptr + (slot + 1) * H + h, mask=nxt, other=0.0)
+            nph = tl.load(phi_ptr + ((slot + 1) * H + h) * A + j, mask=am & (j < tl.where(nxt, 1 << 20, 0)),
+                          other=0.0)
         c, sn = _cos_sin(theta, FAST_TRIG)
         # E Rot(theta0): row pairs (x0, x1) -> (x0 c + x1 s, -x0 s + x1 c)
         _store_state(erel_ptr, base, p, j, e0 * c + e1 * sn, e1 * c - e0 * sn, P, N, NH, PAIR_HALF,
@@ -114,13 +130,12 @@ def scan_state_passing_kernel(
             if FINAL:
                 use = s < nseg
             if use:
-                l0, l1 = _load_state(lrel_ptr, base, p, j, P, N, NH, PAIR_HALF)
                 l0, l1 = _rotate(l0, l1, c, sn)
-                decay = tl.exp(tl.load(tot_ptr + slot * H + h))
+                decay = tl.exp(stot)
                 e0 = e0 * decay + l0
                 e1 = e1 * decay + l1
                 if A > 0:
-                    theta = _wrap(theta + tl.load(phi_ptr + (slot * H + h) * A + j, mask=am, other=0.0))
+                    theta = _wrap(theta + sph)
     if FINAL:
         _store_state(ssm_out_ptr, sh.to(tl.int64) * P * N, p, j, e0, e1, P, N, NH, PAIR_HALF, INTERP)
         if pb == 0:
