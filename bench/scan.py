@@ -56,6 +56,8 @@ MIMO_EXTRA = [("B4-L2048-H32", 4, 2048, 32, 1, 128, 64)]
 UPSTREAM_NOTED = {  # measured by the issue author on this H100 (ms)
     ("siso", "B4-L4096-H32"): 0.759, ("siso", "B8-L2048-H32"): 0.736, ("siso", "B1-L16384-H32"): 2.54,
     ("siso", "B4-L4096-H32-G8-N64"): 0.549, ("mimo", "B4-L2048-H32"): 0.890,
+    # bench/results/scan_fwd_h100_call2.json, scan_fwd_h100_mimo_upstream.json
+    ("siso", "B1-L65536-H32"): 10.03, ("mimo", "B4-L4096-H32"): 1.798,
 }
 
 

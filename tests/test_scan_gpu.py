@@ -136,7 +136,10 @@ def test_split_sequence_equivalence(rng):
 
 
 @pytest.mark.parametrize("extra", [dict(SEG=1), dict(num_warps=4, state_num_warps=4), dict(num_stages=2),
-                                   dict(SCRATCH="float32")])
+                                   dict(SCRATCH="float32"),
+                                   # phase-4 load orders and the other knobs of bench/notes/scan_fwd.md
+                                   dict(PREFETCH=1), dict(PREFETCH=0, STATE_PREFETCH=False, STATE_CHUNK=None),
+                                   dict(GATES=False, BIAS_RELOAD=False), dict(ELL=True)])
 def test_tuning_configs_long_sequence(extra, rng):
     """Configs of the tuning space on L = 4096 (a long-sequence check per config, SPEC §14)."""
     sf = _sf()

@@ -3,7 +3,9 @@
 The forward is a split-sequence scan over segments of SEG chunks of C tokens (SEGLEN tokens):
 
   phase 1  preprocess       (scan_common.py)  bias, rotary angles, gamma / scale, decays:
-                                              recomputed on the fly per chunk, never stored
+                                              recomputed on the fly per chunk; only gamma and
+                                              beta are stored, by the scan_gates prologue
+                                              (config GATES, default)
   phase 2  chunk states     (scan_chunk_state.py)    grid (H * P-blocks, segment slots)
            every segment's local state from zero, in the segment's own rotary frame
   phase 3  state passing    (scan_state_passing.py)  grid (H * P-blocks, sequences)
