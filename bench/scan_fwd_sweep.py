@@ -1,6 +1,6 @@
 """Chunked-scan forward: check and time config variants on the H100 in one call.
 
-    PYTHONPATH=$PWD python bench/scan_fwd_sweep.py --out $OUT/sweep.json [--plan call1] [--budget 380]
+    PYTHONPATH=$PWD python bench/scan_fwd_sweep.py --out $OUT/sweep.json [--plan verify] [--budget 380]
 
 Plans: call1 / call2 / call3 are the three H100 calls of bench/notes/scan_fwd.md (results in
 bench/results/scan_fwd_h100_sweep{1,2,3}.json); the SPLIT / STATE_SPLIT / JOIN / STATE_JOIN keys
@@ -197,6 +197,14 @@ PLANS["call3"] = {
 }
 
 
+# the next device call: the committed defaults and upstream (re-timed) on every listed shape,
+# PREFETCH=1 (faster where it spills a little) next to them
+PLANS["verify"] = {
+    (kind, s[0]): [("default", 0, {}), ("p1", 0, dict(PREFETCH=1)), ("upstream", 0, {})]
+    for kind in ("siso", "mimo") for s in sb.SHAPES + (sb.MIMO_EXTRA if kind == "mimo" else [])
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -238,7 +246,8 @@ def main():
             over = dict(over)
             seg_x2 = over.pop("seg_x2", False)
             seg_half = over.pop("seg_half", False)
-            cfg = with_rows(spec, d, nrows, **over) if nrows != d["CHUNK"] * sf._rp(spec) else dict(d, **over)
+            cfg = (with_rows(spec, d, nrows, **over) if nrows and nrows != d["CHUNK"] * sf._rp(spec)
+                   else dict(d, **over))
             if seg_x2:  # half the programs, twice the segment
                 cfg["SEG"] = min(256, cfg["SEG"] * 2)
             if seg_half:  # twice the programs
