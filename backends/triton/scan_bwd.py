@@ -71,13 +71,13 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     x max(N/2, P) <= 1024 with 8 warps for N >= 128, else <= 512 with 4 warps: ptxas-measured,
     the register use of its head and rank loops is not monotonic in the block size), 4 warps
     elsewhere;
-    the per-sequence loops step SEQ_BT tokens
-    (SEQ_BT x pow2(A) <= 1024), 4 warps."""
+    the per-sequence loops (latency-bound: S x H programs walk their sequence) step 64 tokens
+    with 8 warps (4 warps spill at A = 32)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     big = _nhp(spec) >= 64
     return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, (1024 if big else 512) // w)),
-                SEQ_BT=max(8, min(64, 1024 // _ap(spec))), num_warps=4,
-                post_num_warps=8 if big else 4, seq_num_warps=4, CORE=None, CORE_IMPL="triton")
+                SEQ_BT=64, num_warps=4, post_num_warps=8 if big else 4, seq_num_warps=8, CORE=None,
+                CORE_IMPL="triton")
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
