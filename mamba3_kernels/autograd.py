@@ -13,7 +13,7 @@ differentiable: their upstream gradients (None = 0) enter the backward at each s
 token (K, V, angle) or as the final-state adjoint (SSM); an empty sequence passes them straight
 to its initial-state gradients.
 
-Backward: backends/triton/scan_bwd.py. Deterministic (fixed-order reductions, no atomics): two
+Backward: backends/triton/scan_bwd.py (first order only: a double backward raises). Deterministic (fixed-order reductions, no atomics): two
 backward runs on the same inputs are bitwise equal. Gradients come in the inputs' shapes and
 dtypes (a shared (B, L, A) angle tensor gets the head sum; (H, N) biases and SISO short-form
 Q/K get their short forms back).
@@ -58,12 +58,14 @@ class ScanFunction(torch.autograd.Function):
         tensors += list(t.state_in) if t.state_in is not None else [None] * 4
         tensors.append(y)
         ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)   # unused outputs' grads stay None (no zero tensors)
         ctx.meta = (spec, problem, bwd_cfg, t.state_in is not None)
         ctx.shapes = [None if x is None else (tuple(x.shape), x.dtype) for x in flat]
         outs = (t.out,) + (tuple(t.state_out) if t.state_out is not None else ())
         return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *gouts):
         from .backends.triton import scan_bwd
         from .scan_tensors import ScanTensors

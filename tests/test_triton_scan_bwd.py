@@ -259,3 +259,12 @@ def test_angle_gradient_cancellation(bwd_config, bound, rng):
     assert err <= bound, err
     for n in ("q", "k", "v", "dt", "adt"):
         assert rel_l2(to_numpy(args[n].grad), ref[n]) <= 2e-2, n
+
+
+def test_double_backward_raises(rng):
+    """The backward is first order: asking for a graph of it is an error, not silent zeros."""
+    t = _simple_args(rng)
+    out = m3.scan(**t)
+    (g,) = torch.autograd.grad(out.sum(), t["v"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|doesn't"):
+        g.sum().backward()
