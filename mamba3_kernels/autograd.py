@@ -5,8 +5,9 @@ Saved for the backward (the default, `save_y=False`): the inputs themselves, as 
 them (mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
 stride had to be fixed) -- no activation of its own. The per-rank y the output mode's adjoint
 needs (only with Z, MIMO_Out or the norm) is recomputed in the backward by one extra forward.
-`save_y=True` trades memory for that recompute: the forward also writes y (fp32, 4 R H P bytes
-per token) and the backward reads it. See bench/notes/scan_bwd.md for the bytes per token.
+`save_y=True` trades memory for that recompute: the forward computes y once (the per-rank pass,
+fp32, kept: 4 R H P bytes per token) and out from it by the output mode alone, and the backward
+reads it (one forward pass less in total). See bench/notes/scan_bwd.md for the bytes per token.
 
 Outputs: out, and with final_states=True the four final states (angle, ssm, k, v), all
 differentiable: their upstream gradients (None = 0) enter the backward at each sequence's last
@@ -52,8 +53,11 @@ class ScanFunction(torch.autograd.Function):
                                                               a["state_k"], a["state_v"])
             t = prepare_scan(spec, problem, **{n: a[n] for n in NAMES[:15]}, initial_states=st,
                              cu_seqlens=a["cu_seqlens"])
-        scan_fwd.forward(spec, fwd_cfg, t)
-        y = scan_bwd.compute_y(spec, t, problem) if (save_y and scan_bwd.needs_y(spec)) else None
+        if save_y and scan_bwd.needs_y(spec):   # y once (kept), out from it: no extra pass
+            y = scan_bwd.forward_saving_y(spec, t, problem, bwd_cfg)
+        else:
+            scan_fwd.forward(spec, fwd_cfg, t)
+            y = None
         tensors = [getattr(t, n) for n in _BUNDLE]
         tensors += list(t.state_in) if t.state_in is not None else [None] * 4
         tensors.append(y)

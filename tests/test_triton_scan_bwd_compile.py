@@ -20,7 +20,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
-OWN = {"bwd_seq_fwd", "bwd_output", "bwd_prep", "bwd_post", "bwd_seq_bwd"}
+OWN = {"bwd_seq_fwd", "bwd_output", "bwd_prep", "bwd_post", "bwd_seq_bwd"}  # + save_y_output_fwd with Z/MIMO_Out/norm
 
 
 def _c(name, B=2, L=2048, H=16, G=1, **spec):

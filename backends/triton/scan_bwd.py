@@ -9,8 +9,8 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
   0  seq_fwd   (scan_bwd_prep.py, grid (S, H))   theta, gamma, scale, pend0 = DT_0 (1 - lam_0)
   1  y         the per-rank y (before the output mode) in fp32: recomputed by the forward
                (`scan_fwd.forward` with a per-rank, no-Z, no-MIMO_Out spec), or the copy the
-               forward saved (scan(..., save_y=True)); only when the output mode
-               needs it (Z, MIMO_Out or the norm)
+               forward kept (scan(..., save_y=True): `forward_saving_y` computes y once and
+               out from it); only when the output mode needs it (Z, MIMO_Out or the norm)
   2  output    (scan_bwd_output.py, token-parallel) dy (B,L,R,H,P), dZ, dMIMO_Z/Out, dNormW partials
   3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
   4  core      (scan_bwd_core.py) the strictly causal decayed attention's backward:
@@ -111,21 +111,43 @@ def y_spec(spec: ScanSpec) -> ScanSpec:
                         final_states=False)
 
 
-def compute_y(spec: ScanSpec, t, problem=None, fwd_config=None) -> torch.Tensor:
-    """Stage 1: the per-rank y (B, L, R, H, P) in fp32, by the Triton forward."""
+def compute_y(spec: ScanSpec, t, problem=None, fwd_config=None, state_out=None) -> torch.Tensor:
+    """Stage 1: the per-rank y (B, L, R, H, P) in fp32, by the Triton forward (with `state_out`
+    given, that pass also writes the final states there)."""
     from mamba3_kernels.scan_tensors import ScanTensors
 
     from . import scan_fwd
-    ys = y_spec(spec)
+    ys = y_spec(spec).replace(final_states=state_out is not None)
     B, L, H, P = t.v.shape
     y = torch.empty((B, L, spec.rank, H, P), dtype=F32, device=t.v.device)
     ty = ScanTensors(q=t.q, k=t.k, v=t.v, z=None, adt=t.adt, dt=t.dt, trap=t.trap, angles=t.angles,
                      q_bias=t.q_bias, k_bias=t.k_bias, d=t.d, mimo_v=t.mimo_v, mimo_z=None,
                      mimo_out=None, norm_weight=None, cu_seqlens=t.cu_seqlens, state_in=t.state_in,
-                     out=y, state_out=None)
-    if L:
+                     out=y, state_out=state_out)
+    if L or state_out is not None:
         cfg = fwd_config or scan_fwd.default_config(ys, problem)
         scan_fwd.forward(ys, cfg, ty)
+    return y
+
+
+def forward_saving_y(spec: ScanSpec, t, problem=None, config=None) -> torch.Tensor:
+    """The forward of scan(..., save_y=True): the per-rank y (fp32, returned: the backward's
+    stage 1 input) and the final states by one per-rank pass, then t.out from y by the output
+    mode alone (output_fwd_kernel: token-parallel, cheap). Same cost as the plain forward."""
+    y = compute_y(spec, t, problem, state_out=t.state_out)
+    B, L, H, P = t.v.shape
+    if L:
+        cfg = config or default_config(spec, problem)
+        BT = cfg["BT"]
+        zs = t.z.stride() if t.z is not None else (0, 0, 0)
+        dummy = torch.empty(1, dtype=F32, device=t.v.device)
+        opt = lambda x: dummy if x is None else x
+        _outk.output_fwd_kernel[_outk.grid(B * L, H, BT)](
+            y, opt(t.z), opt(t.mimo_z), opt(t.mimo_out), opt(t.norm_weight), t.out,
+            zs[0], zs[1], zs[2], B * L, L, H, float(spec.norm_eps),
+            R=spec.rank, P=P, PP=max(2, _pow2(P)), BT=BT, MODE=_outk.MODES[spec.output_mode],
+            HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
+            INTERP=_interpret(), num_warps=cfg["num_warps"])
     return y
 
 
@@ -491,7 +513,23 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     b["dvt"] = e(B, L, RC, H, P)
     b["dpend"] = e(S, H) if spec.initial_states else None
     res = []
-    for c in plan(spec, config, t, b, device="meta"):
+    calls = plan(spec, config, t, b, device="meta")
+    if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward
+        zs = t.z.stride() if t.z is not None else (0, 0, 0)
+        d = b["dummy"]
+        calls.append(dict(
+            name="save_y_output_fwd", kernel=_outk.output_fwd_kernel, grid=None,
+            args=[("y_ptr", grads["_y"]), ("z_ptr", t.z if t.z is not None else d),
+                  ("mz_ptr", t.mimo_z if t.mimo_z is not None else d),
+                  ("mo_ptr", t.mimo_out if t.mimo_out is not None else d),
+                  ("w_ptr", t.norm_weight if t.norm_weight is not None else d), ("out_ptr", t.out),
+                  ("s_zb", zs[0]), ("s_zt", zs[1]), ("s_zh", zs[2]), ("BL", B * L), ("L", L), ("H", H),
+                  ("eps", float(spec.norm_eps))],
+            constexprs=dict(R=R, P=P, PP=max(2, _pow2(P)), BT=config["BT"], MODE=_outk.MODES[spec.output_mode],
+                            HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
+                            HAS_MO=t.mimo_out is not None, INTERP=False),
+            num_warps=config["num_warps"]))
+    for c in calls:
         sig, attrs = {}, {}
         for i, (name, v) in enumerate(c["args"]):
             if isinstance(v, torch.Tensor):
