@@ -17,7 +17,8 @@ Per shape and implementation (median ms, triton.testing.do_bench):
   held_mb       memory the autograd graph holds between forward and backward, beyond the
                 inputs and the output (torch.cuda.memory_allocated after forward - before)
   peak_bwd_mb   peak allocation during the backward above the level before it
-ours also: stage breakdown of the backward (CUDA events, scan_bwd.backward(..., timings=)).
+ours also: the same with save_y=True (`ours_save_y`), and the stage breakdown of the backward
+(CUDA events, scan_bwd.backward(..., timings=)).
 Accuracy (--acc, on by default): B=1, L=1024, H=4 (the float64 oracle adjoint is a token loop):
 rel_l2 of every gradient of ours and upstream's vs reference/adjoint.py on the same inputs
 (upstream gets per-head angles and a bf16 Trap, as its module passes them).
@@ -106,9 +107,9 @@ def _measure(run_fwd, a, dout):
     return res
 
 
-def ours_fwd(kind):
+def ours_fwd(kind, **kw):
     pairing = "half" if kind == "mimo" else "interleaved"
-    return lambda a: m3.scan(**a, pairing=pairing)
+    return lambda a: m3.scan(**a, pairing=pairing, **kw)
 
 
 def upstream_fwd(a):
@@ -178,6 +179,10 @@ def run_shape(kind, label, B, L, H, G, N, P, args, rows):
     dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
     res = dict(kind=kind, shape=label, B=B, L=L, H=H, G=G, N=N, P=P, R=R)
     res["ours"] = _measure(ours_fwd(kind), a, dout)
+    try:   # the memory-for-recompute option: y kept by the forward
+        res["ours_save_y"] = _measure(ours_fwd(kind, save_y=True), a, dout)
+    except Exception as e:  # noqa: BLE001
+        res["ours_save_y"] = f"{type(e).__name__}: {e}"[:300]
     try:
         res["ours_stages_ms"], res["ours_config"] = stage_breakdown(kind, a, dout)
     except Exception as e:  # noqa: BLE001
