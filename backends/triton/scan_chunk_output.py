@@ -36,6 +36,18 @@ from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _cos_si
 MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
 
+@triton.jit
+def _mm3(a, b, DT: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b^T of fp32 tiles to about fp32 accuracy on 16-bit tensor cores: a = ah + al,
+    b = bh + bl (16-bit splits), a b^T ~ ah bh^T + ah bl^T + al bh^T."""
+    ah = _cast(a, DT, INTERP)
+    al = _cast(a - ah.to(tl.float32), DT, INTERP)
+    bh = _cast(b, DT, INTERP)
+    bl = _cast(b - bh.to(tl.float32), DT, INTERP)
+    return (_mm(ah, tl.trans(bh), DT, False, INTERP) + _mm(ah, tl.trans(bl), DT, False, INTERP)
+            + _mm(al, tl.trans(bh), DT, False, INTERP))
+
+
 def grid(H: int, P: int, BP: int, nslots: int):
     return (H * triton.cdiv(P, BP), nslots)
 
@@ -91,7 +103,7 @@ def scan_chunk_output_kernel(
     HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, MODE: tl.constexpr,
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
-    GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr,
+    GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -199,6 +211,15 @@ def scan_chunk_output_kernel(
                         c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 vr = tl.load(v_ptr + v_base + tok64[:, None] * s_vt + p[None, :],
                              mask=rmask[:, None] & pm[None, :], other=0.0)
+            if EXACT_DIAG and not DOT_F32:
+                # the same-step terms q'.k' in fp32 from the unrotated biased pairs: the bf16
+                # rotated operands would lose them to cancellation where q'.k' << |q'||k'|, which
+                # the pre-gate norm (scale-invariant) turns into O(1) output errors
+                if RP == 1:
+                    dsc = tl.sum(q0 * k0, axis=1) + tl.sum(q1 * k1, axis=1)
+                    dsc = dsc[:, None]
+                else:  # every rank pair of a step: three tensor-core products of bf16 hi/lo splits
+                    dsc = _mm3(q0, k0, DT, INTERP) + _mm3(q1, k1, DT, INTERP)
             if A > 0:
                 q0, q1 = _rotate(q0, q1, c, s)
                 k0, k1 = _rotate(k0, k1, c, s)
@@ -214,6 +235,8 @@ def scan_chunk_output_kernel(
                 vt = _cast(vt.to(tl.float32) * mv, DT, INTERP)
             # intra-chunk: strictly causal decayed scores + the same-step diagonal
             sc = _mm(q0, tl.trans(k0), DT, DOT_F32, INTERP) + _mm(q1, tl.trans(k1), DT, DOT_F32, INTERP)
+            if EXACT_DIAG and not DOT_F32:
+                sc = tl.where(ti == tj, dsc, sc)
             diff = tl.minimum(cs[:, None] - cs[None, :], 0.0)
             wgt = tl.where(ti > tj, tl.exp(diff) * scale[None, :],
                            tl.where(ti == tj, gamma[:, None], 0.0))

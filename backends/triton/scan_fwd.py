@@ -40,6 +40,15 @@ Config keys (`default_config`, `space`):
                the token and the next one and compute no sigmoid
   BIAS_RELOAD  phase 4 re-reads the q / k biases per chunk (L1 hits) instead of holding them in
                registers across the loop (what makes PREFETCH=2 spill-free)
+  EXACT_DIAG   phase 4 takes the same-step terms q'.k' (the trapezoid's diagonal) in fp32 from the
+               unrotated biased pairs instead of from the bf16 rotated operands: where q'.k' is
+               small against |q'||k'| the bf16 rounding cancels it away, and the pre-gate norm
+               (scale-invariant) turns that into O(1) output errors (token 0 of a sequence
+               without initial states holds nothing else). fp32 inputs need no help. Default for
+               SISO (one fp32 row dot per token, spill-free); MIMO needs every rank pair of a step
+               (three bf16 hi/lo tensor-core products) and spills at 255 registers on the AOT
+               grid, so there it is a tuning knob and MIMO keeps upstream's precision (bf16
+               operands of the same-step q'.k').
   ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
                phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
                more than phase 4 saves), kept for tuning
@@ -182,7 +191,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 NORM_SPLIT=_norm_split(spec),
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
                 GATES=True, BIAS_RELOAD=True, PREFETCH=2 if lean else 0, STATE_PREFETCH=lean,
-                STATE_CHUNK=2 * C if lean else None)
+                STATE_CHUNK=2 * C if lean else None, EXACT_DIAG=_rp(spec) == 1)
 
 
 def _lean(spec, bp: int, nw: int, stages: int) -> bool:
@@ -374,7 +383,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
                         HAS_MO=mo4 is not None, MODE=mode4,
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
-                        GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)), **dotc),
+                        GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
+                        EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
     if split:
