@@ -215,6 +215,8 @@ def test_errors_name_the_argument(rng):
         m3.scan(**t, bwd_config=dict(BT=3))
     with pytest.raises(ValueError, match="^config.CORE_IMPL"):
         m3.scan(**t, bwd_config=dict(CORE_IMPL="cuda"))
+    with pytest.raises(ValueError, match=r"^config: expected keys .*\['CHUNK'\]"):
+        m3.scan(**t, bwd_config=dict(CHUNK=16))
     t["q"] = t["q"].to(torch.float16).requires_grad_(True)
     with pytest.raises(ValueError, match="^q: expected"):
         m3.scan(**t)

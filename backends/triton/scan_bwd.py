@@ -20,14 +20,16 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
                last token -> dQ, dK (the group's heads accumulated in place), dV, dtheta,
                dgamma, dscale, bias / MIMO_V / D partials
   6  seq_bwd   (scan_bwd_post.py, grid (S, H)) dDT, dTrap, reverse angle cumsum -> dAngles, dTheta_init
-  7  torch     block partial sums, the fp32 -> input dtype cast of dQ / dK when G < H, shared-angle head sum, the initial states' K/V/MIMO_V parts.
+  7  torch     block partial sums, the fp32 -> input dtype cast of dQ / dK when G < H,
+               shared-angle head sum, the initial states' K/V/MIMO_V parts.
 Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
 the core's own default config, or None), CORE_IMPL ("triton", or "reference": the float64 NumPy
-core_adjoint, for tests only). The core's operands carry pow2(R) ranks (zero-padded for R = 3,
-5, 6, 7).
+core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
+accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16). The core's
+operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
@@ -87,6 +89,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
     if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
+    if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
+        raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
+    unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
+                                    "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS"})
+    if unknown:
+        raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
         raise bad_arg("config.CORE", "None or a dict (overrides of the core's default config)",
                       type(config["CORE"]).__name__)
