@@ -115,6 +115,12 @@ CASES = {
                                        varlen=True, input_dtype="float16", pairing="half"),
                                  (1, 17, 2, 1, 4), [0, 12, 0, 5]),
     "siso-fp32-norm": (_spec(output_mode="norm_reduce", initial_states=True), (1, 18, 2, 1, 1), None),
+    # the benchmark's head sizes (N=128, P=64, A=32): the default tile sizes of those shapes
+    "bench-siso-N128-P64": (_spec(d_state=128, head_dim=64, n_angles=32, shared_angles=True, initial_states=True,
+                                  final_states=True, input_dtype="bfloat16"), (1, 21, 4, 1, 1), None),
+    "bench-mimo4-N128-P64-norm": (_spec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half",
+                                        output_mode="norm_reduce", final_states=True, input_dtype="bfloat16",
+                                        **MIMO), (1, 13, 2, 1, 1), None),
     "mimo2-varlen-all-empty": (_spec(rank=2, varlen=True, initial_states=True, final_states=True, **MIMO),
                                (1, 0, 2, 1, 2), [0, 0]),
 }
