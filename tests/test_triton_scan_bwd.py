@@ -286,3 +286,30 @@ def test_double_backward_raises(rng):
     (g,) = torch.autograd.grad(out.sum(), t["v"], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|doesn't"):
         g.sum().backward()
+
+
+def test_strided_views_of_one_projection(rng):
+    """q, k, v, z as column slices of one fused projection output (how the module calls it):
+    read in place (strided), gradients land in the right columns of the projection's grad."""
+    spec = _spec(d_state=16, head_dim=8, n_angles=4, input_dtype="float32")
+    case = scan_case(spec, Problem(2, 11, 2, 1, 2), rng, short_forms=True)
+    a = case.args
+    B, L, H, P = a["v"].shape
+    G, N = a["q"].shape[2], a["q"].shape[3]
+    parts = [a["z"].reshape(B, L, H * P), a["v"].reshape(B, L, H * P), a["k"].reshape(B, L, G * N),
+             a["q"].reshape(B, L, G * N)]
+    X = torch.cat(parts, dim=-1).detach().requires_grad_(True)
+    o = [0]
+    for x in parts:
+        o.append(o[-1] + x.shape[-1])
+    z, v, k, q = (X[..., o[i]:o[i + 1]] for i in range(4))
+    args = dict(a, q=q.view(B, L, G, N), k=k.view(B, L, G, N), v=v.view(B, L, H, P), z=z.view(B, L, H, P))
+    assert args["v"].stride(-1) == 1 and not args["v"].is_contiguous()
+    out = m3.scan(**args, **spec_options(spec))
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref = adjoint.backward(to_numpy(dout), None, **case.seen, **spec_options(spec))
+    g = X.grad
+    for i, n in enumerate(("z", "v", "k", "q")):
+        got = to_numpy(g[..., o[i]:o[i + 1]]).reshape(ref[n].shape)
+        assert rel_l2(got, ref[n]) <= 2e-3, n
