@@ -37,7 +37,10 @@ def grid():
     Ls = (1, 63, 64, 65, 1000, 4096)
     rows = []
     for i, (N, P) in enumerate(itertools.product(Ns, Ps)):
-        rows.append(dict(N=N, P=P, R=Rs[i % 4], G=Gs[(i // 2) % 3], L=Ls[i % 6], i=i))
+        R, L = Rs[i % 4], Ls[i % 6]
+        if R * N * P > 4 * 128 * 64:   # the oracle's tape and token loop: shorter L for big states
+            L = min(L, 1000)
+        rows.append(dict(N=N, P=P, R=R, G=Gs[(i // 2) % 3], L=L, i=i))
     rows += [dict(N=128, P=64, R=1, G=1, L=4096, i=101), dict(N=128, P=64, R=4, G=1, L=1000, i=103),
              dict(N=64, P=64, R=4, G=8, L=1000, i=102), dict(N=64, P=32, R=3, G=1, L=200, i=104)]
     return rows
