@@ -41,6 +41,7 @@ from .timing import default_timer, median, summarize
 
 MIN_REPS = 20
 BUILD_SHARE = 0.6    # with a time budget: no build starts after this fraction of it
+CHECK_SHARE = 0.9    # ... and no check (the timing of what passed takes the rest)
 
 
 class TuneAborted(RuntimeError):
@@ -422,10 +423,17 @@ def _health(harness, what: str):
                           "process and leave that candidate out (e.g. --backends) or fix it.")
 
 
-def _check_all(rows: list, harness, prog: _Progress):
+def _check_all(rows: list, harness, prog: _Progress, deadline: Optional[float] = None, note: str = ""):
+    """Check `rows` in their order (most promising first); none starts after `deadline`: those
+    are recorded as pruned by the time budget."""
     ph = prog.phase("check", len(rows))
     try:
         for r in rows:
+            if deadline is not None and time.monotonic() > deadline:
+                r.status, r.stage, r.reason = "pruned", "budget", note
+                r._release()
+                ph.advance(r.label)
+                continue
             try:
                 ok, reason = harness.check(r.candidate)
             except Exception as e:  # noqa: BLE001
@@ -477,8 +485,8 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
     re-timed; env: the cache environment (default from the device); remeasure: re-time every
     passing candidate afterwards and report the chosen one's regret; budget_s: wall-clock
     budget for the whole run: builds run most promising first (strategy.priority) and none
-    starts after BUILD_SHARE of the budget (the rest are recorded as pruned by the budget), so
-    checking and timing what was built fit in the remainder. None = no budget.
+    starts after BUILD_SHARE of the budget, no check after CHECK_SHARE (the rest are recorded as
+    pruned by the budget), so timing what passed fits in the remainder. None = no budget.
     """
     _validate_args(op, spec, problem, reps, confirm_top, confirm_reps, compile_timeout, max_candidates)
     if budget_s is not None and not (isinstance(budget_s, (int, float)) and budget_s > 0):
@@ -527,7 +535,10 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
             strat = strategies.choose(len(built), name=strategy)
             result.strategy = strat.name
         with _device_ctx(harness):
-            _check_all(built, harness, prog)
+            _check_all(built, harness, prog,
+                       None if budget_s is None else t_start + CHECK_SHARE * float(budget_s),
+                       "" if budget_s is None else
+                       f"built, not checked: checks stop at {CHECK_SHARE:.0%} of the {budget_s:g} s tuning budget")
             t2 = time.monotonic()
             _time_and_confirm(result, rows, built, harness, timer, strat, reps, confirm_top, confirm_reps,
                               remeasure, prog)

@@ -67,10 +67,11 @@ class FakeHarness:
     """plan: {(backend, tile): behaviour}; behaviours: compile_error, oor, hang, mismatch,
     nonrep, time_error. bench(c) returns c itself."""
 
-    def __init__(self, plan=None, compile_sleep=0.0):
+    def __init__(self, plan=None, compile_sleep=0.0, check_sleep=0.0):
         self.plan = plan or {}
         self.release = threading.Event()
         self.compile_sleep = compile_sleep
+        self.check_sleep = check_sleep
         self.compiled, self.checked = [], []
         self.lock = threading.Lock()
         self.seed = 1234
@@ -93,6 +94,8 @@ class FakeHarness:
 
     def check(self, c):
         self.checked.append(c.label)
+        if self.check_sleep:
+            time.sleep(self.check_sleep)
         b = self._b(c)
         if b == "mismatch":
             return False, "mismatch: out rel_l2=3.0e-01"
@@ -290,6 +293,20 @@ def test_budget_stops_builds_and_keeps_the_defaults():
     assert "not built in it" in res.summary()
     with pytest.raises(ValueError, match="budget_s"):
         run_tune([a], times, write=False, budget_s=0)
+
+
+def test_budget_also_bounds_the_checks():
+    """Slow checks (big batches: the sampled oracle + reference comparisons) stop at 90 % of the
+    budget; the rest are pruned by the budget, the best checked one is chosen."""
+    a = fake_backend("triton", list(range(12)), default=0)
+    times = {("triton", t): 5.0 + t for t in range(12)}
+    h = FakeHarness(check_sleep=0.2)
+    t0 = time.monotonic()
+    res, _, _ = run_tune([a], times, harness=h, write=False, budget_s=1.0)
+    assert time.monotonic() - t0 < 1.0 + 0.5
+    unchecked = [r for r in res.rows if r.stage == "budget"]
+    assert unchecked and all("not checked" in r.reason and r.status == "pruned" for r in unchecked)
+    assert res.best is not None and res.best.config == {"tile": 0} and not res.failures
 
 
 def test_written_result_names_its_cache_even_when_it_was_empty(tmp_path):
