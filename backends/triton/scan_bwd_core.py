@@ -70,7 +70,7 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     """Defaults for rank R, state size N, head dim P and operand dtype ('bfloat16' / 'float32'
     or the torch dtype). SEG = 0: chosen per call from the problem size.
 
-    bf16: 32-row chunks, a P x BLOCK_N state tile of at most 4096 fp32 (64 x 64), 4 warps: the
+    bf16: 32-row chunks, a P x BLOCK_N state tile of at most 4096 fp32 and BLOCK_N <= 64, 4 warps: the
     fastest spill-free point measured on the H100 (B4-L4096-H32 N128 P64: 1.88 ms vs 2.78 ms
     with 16-row chunks and a 64 x 128 tile at 8 warps; 8 warps were always slower; 64 x 128
     at 4 warps ran 1.39 ms but spills, AOT-measured; bench/notes/scan_bwd_core.md).
@@ -80,7 +80,9 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
     f32 = dtype == "float32"
-    bn = min(NP, max(16, (1024 if f32 else TILE // 2) // PP))
+    # bf16: at most 64 columns per program (P = 32 at BLOCK_N = 128 spills dkv at every R: the
+    # ROWS x BLOCK_N operand tiles grow with BLOCK_N, not only the state tile; AOT-measured)
+    bn = min(NP, max(16, (1024 if f32 else TILE // 2) // PP), 1024 if f32 else 64)
     rows = 16 if f32 or PP > 64 else 32   # P >= 128 at 32 rows spills dq (AOT)
     return {"CHUNK": max(1, rows // rp), "SEG": 0, "BLOCK_N": bn,
             "BLOCK_P": min(PP, max(16, TILE // NP)), "PASS_BLOCK_P": min(32, PP),
