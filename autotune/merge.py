@@ -5,10 +5,10 @@ over a 64 MiB limit), so the three-backend choice is tuned as two processes on t
 (Triton + CuTe, Triton + TileLang). Their cache entries differ only in the versions of the DSL
 each process lacked ("none"). `merge_entries` combines such entries into one keyed for the
 environment that has every DSL, choosing the fastest candidate measured by either process.
-A backend measured in both processes (Triton) is the yardstick: the spread of its best times
-across the processes is recorded, and an entry whose spread exceeds `tolerance` (or that has
-no yardstick) is marked `"merge_reliable": false` (dispatch still uses it; `tune --list`
-shows it). Versions that disagree (two different tilelang versions) are never merged.
+A (backend, config) timed in both processes (a Triton config: every process builds each
+backend's default first) is the yardstick: the spread of its times across the processes is
+recorded, and an entry whose spread exceeds `tolerance` (or that has no yardstick) is marked
+`"merge_reliable": false` (dispatch still uses it; `tune --list` shows it). Versions that disagree (two different tilelang versions) are never merged.
 """
 from __future__ import annotations
 
@@ -46,13 +46,16 @@ def merge_entries(entries: list, tolerance: float = 0.05) -> list:
             cands.append((float(e["time_us"]), e["backend"], e["config"], i))
             cands += [(float(r["time_us"]), r["backend"], r["config"], i) for r in e.get("runners_up", [])]
             cands += [(float(r["time_us"]), b, r["config"], i) for b, r in e.get("best_by_backend", {}).items()]
+            cands += [(float(r["time_us"]), b, r["config"], i) for b, r in e.get("default_by_backend", {}).items()]
         cands.sort(key=lambda c: c[0])
         best = cands[0]
-        per_backend: dict = {}
-        for t, b, _, i in cands:
-            d = per_backend.setdefault(b, {})
+        # the yardstick: one (backend, config) timed by several processes (budgeted tunes time
+        # different subsets, so a backend's best alone is no common measure)
+        same: dict = {}
+        for t, b, c, i in cands:
+            d = same.setdefault((b, json.dumps(c, sort_keys=True)), {})
             d[i] = min(d.get(i, float("inf")), t)
-        yard = {b: sorted(d.values()) for b, d in per_backend.items() if len(d) > 1}
+        yard = {f"{b} {c}": sorted(d.values()) for (b, c), d in same.items() if len(d) > 1}
         spread = max((v[-1] / v[0] - 1 for v in yard.values()), default=None)
         merged = dict(es[best[3]])
         merged.update(

@@ -161,9 +161,11 @@ class TuneResult:
         by_backend = {}
         for r in self.ranked():
             by_backend.setdefault(r.backend, {"config": dict(r.config), "time_us": _r(r.best_us)})
+        defaults = {r.backend: {"config": dict(r.config), "time_us": _r(r.best_us)}
+                    for r in self.ok if r.candidate.is_default and r.best_us is not None}
         return {"key": self.key, "backend": b.backend, "config": dict(b.config),
                 "time_us": _r(b.best_us), "runners_up": runners, "failures": fails,
-                "best_by_backend": by_backend,
+                "best_by_backend": by_backend, "default_by_backend": defaults,
                 "problem": {"B": p.batch, "L": p.seqlen, "H": p.nheads, "G": p.ngroups, "S": p.nseqs},
                 "n_candidates": len(self.rows), "n_ok": len(self.ok), "n_failed": len(self.failures),
                 "skipped_backends": [list(s) for s in self.skipped],
@@ -217,8 +219,10 @@ class TuneResult:
         if self.stage_seconds:
             s += " (" + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + ")"
         if self.budget_s is not None:
-            n = sum(r.stage == "budget" for r in self.rows)
-            s += f"; budget {self.budget_s:g} s" + (f", {n} not built in it" if n else "")
+            nb = sum(r.stage == "budget" and r.reason.startswith("not built") for r in self.rows)
+            nc = sum(r.stage == "budget" and not r.reason.startswith("not built") for r in self.rows)
+            s += f"; budget {self.budget_s:g} s" + (f", {nb} not built in it" if nb else "") + \
+                (f", {nc} built but not checked in it" if nc else "")
         if self.best is not None:
             s += f"\nchosen: {self.best.backend} {self.best.config} at {self.best.best_us:.3f} us"
         else:

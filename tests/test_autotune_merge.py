@@ -27,7 +27,7 @@ def test_fastest_of_both_processes_wins_with_full_versions():
     (m,) = merge_entries([a, b])
     assert m["backend"] == "tilelang" and m["time_us"] == 49.0
     assert m["key"]["tilelang"] == "0.1.15" and m["key"]["cutlass_dsl"] == "4.8.1"
-    assert m["merge_yardstick"]["triton"] == [58.0, 58.5] and m["merge_reliable"] is True
+    assert m["merge_yardstick"]['triton {"BLOCK_P": 64}'] == [58.0, 58.5] and m["merge_reliable"] is True
     assert [r["backend"] for r in m["runners_up"]][:2] == ["cute", "cute"]
     assert len(m["merged_from"]) == 2
 
@@ -37,6 +37,20 @@ def test_unreliable_when_the_yardstick_moves():
     b = _entry("0.1.15", "none", "tilelang", 49.0, 70.0)
     (m,) = merge_entries([a, b], tolerance=0.05)
     assert m["merge_reliable"] is False
+
+
+def test_yardstick_needs_the_same_config_in_both():
+    """Budgeted tunes time different subsets: two different Triton configs are no common measure;
+    the default (built first by every process) is."""
+    a = _entry("none", "4.8.1", "cute", 50.0, 58.0)
+    b = _entry("0.1.15", "none", "tilelang", 49.0, 61.0)
+    b["best_by_backend"]["triton"]["config"] = {"BLOCK_P": 32}
+    (m,) = merge_entries([a, b])
+    assert m["merge_yardstick"] == {} and m["merge_reliable"] is False
+    for e, t in ((a, 70.0), (b, 71.0)):
+        e["default_by_backend"] = {"triton": {"config": {"BLOCK_P": 16}, "time_us": t}}
+    (m,) = merge_entries([a, b])
+    assert m["merge_yardstick"] == {'triton {"BLOCK_P": 16}': [70.0, 71.0]} and m["merge_reliable"] is True
 
 
 def test_conflicting_versions_and_singletons():
