@@ -184,6 +184,22 @@ def test_core_varlen(R, dtype, s0, dsf, seg):
 
 
 @here
+@pytest.mark.parametrize("inter,update,scratch", [("bfloat16", "bfloat16", "bfloat16"),
+                                                  ("float32", "bfloat16", "bfloat16"),
+                                                  ("bfloat16", "float32", "float32")])
+def test_core_bf16_precision_modes(inter, update, scratch):
+    """The non-default precision keys (the default, all fp32, runs in the cover above): the
+    inter-chunk products with the state (INTER), the state updates (UPDATE) and the segment
+    scratch (SCRATCH) with bf16 rounding, over several segments and N / P blocks."""
+    core = _core()
+    rng = np.random.default_rng(11)
+    cfg = dict(core.default_config(2, 32, 48, "bfloat16"), SEG=2, BLOCK_N=16, BLOCK_P=16, CHUNK=8,
+               INTER=inter, UPDATE=update, SCRATCH=scratch, CHUNK_SCRATCH=scratch)
+    out, ref = _run_case(rng, 1, 53, 2, 2, 32, 48, "bfloat16", True, True, cfg=cfg)
+    _check(out, ref, "bfloat16", (inter, update, scratch))
+
+
+@here
 def test_core_rank8_and_odd_sizes():
     rng = np.random.default_rng(8)
     out, ref = _run_case(rng, 1, 11, 8, 1, 24, 40, "float32")
@@ -242,6 +258,9 @@ def test_core_argument_errors():
                            v.expand(1, 4, 3, 2, 16))
     with pytest.raises(ValueError, match="config.CHUNK"):
         core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), CHUNK=8))
+    for key in ("INTER", "UPDATE", "SCRATCH", "CHUNK_SCRATCH"):
+        with pytest.raises(ValueError, match=f"config.{key}"):
+            core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: "tf32"}))
 
 
 def test_fresh_process():

@@ -40,8 +40,15 @@ Config keys (`default_config`, `space`):
   BLOCK_P  rows of P per local-state program (tile BLOCK_P x N)
   PASS_BLOCK_P rows of P per state-passing program
   num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages
-  SCRATCH  dtype of the scratch states ("bfloat16" or "float32"; GEMM operands in the input
-           dtype anyway; fp32 inputs keep fp32)
+  SCRATCH  dtype of the per-segment scratch states lf, lb, ent, dx ("bfloat16" or "float32";
+           GEMM operands in the input dtype anyway; fp32 inputs keep fp32)
+  CHUNK_SCRATCH dtype of the per-chunk entry states S_c (read only for dadt's <D_c, S_c>)
+  INTER    "float32": the three inter-chunk products with the carried state / adjoint (dq:
+           dy S_c; dkv: vt D_c, ks D_c^T) on its bf16 hi + lo halves (two bf16 MMAs, fp32-accurate
+           as the other operand is exact bf16); "bfloat16": the state rounded to bf16, one MMA
+  UPDATE   "float32": the state / adjoint updates (local, dq, dkv: (vt e^{T-cs})^T ks,
+           (dy e^{cs})^T qh) with the decay-scaled rows split likewise; "bfloat16": rounded once
+           (INTER and UPDATE only act on bf16 operands; missing precision keys take the defaults)
   SEG_SCALE optional factor on the automatic SEG (tuning)
 """
 from __future__ import annotations
@@ -75,7 +82,13 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     with 16-row chunks and a 64 x 128 tile at 8 warps; 8 warps were always slower; 64 x 128
     at 4 warps ran 1.39 ms but spills, AOT-measured; bench/notes/scan_bwd_core.md).
     P >= 128: 16-row chunks. fp32 (3xTF32 operand splits): 16-row chunks, 1024-element tile,
-    8 warps (spill-free; not timed)."""
+    8 warps (spill-free; not timed).
+
+    Precision (bf16): INTER, UPDATE and the segment SCRATCH in fp32 (split bf16 MMAs: the
+    angle gradient's pair cancellation needs the q side and the k side of every inter-chunk
+    pair to agree; bf16 rounding there made dAngles grow ~sqrt(L): module-like L = 1024
+    1.4e-2 -> 3.4e-3, bench/notes/scan_bwd_core.md); CHUNK_SCRATCH stays bf16 (dadt only).
+    Spill-free on the AOT grids at the same tiles (dq 176-229, dkv 216-252 registers)."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
@@ -87,7 +100,8 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     return {"CHUNK": max(1, rows // rp), "SEG": 0, "BLOCK_N": bn,
             "BLOCK_P": min(PP, max(16, TILE // NP)), "PASS_BLOCK_P": min(32, PP),
             "num_warps": 8 if f32 else 4, "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
-            "SCRATCH": "float32" if f32 else "bfloat16"}
+            "SCRATCH": "float32", "CHUNK_SCRATCH": "float32" if f32 else "bfloat16",
+            "INTER": "float32", "UPDATE": "float32"}
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
@@ -133,8 +147,12 @@ def check_config(R: int, config: dict) -> None:
     seg = config.get("SEG", 0)
     if not isinstance(seg, int) or seg < 0:
         raise ValueError(f"config.SEG: expected an int >= 0 (0 = auto), got {seg!r}")
-    if config.get("SCRATCH", "bfloat16") not in DTYPES:
-        raise ValueError(f"config.SCRATCH: expected one of {DTYPES}, got {config.get('SCRATCH')!r}")
+    for key in ("INTER", "UPDATE"):
+        if config.get(key, "bfloat16") not in DTYPES:
+            raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
+    for key in ("SCRATCH", "CHUNK_SCRATCH"):
+        if config.get(key, "bfloat16") not in DTYPES:
+            raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,7 +196,10 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     poison: fill the outputs and every scratch tensor with NaN first (tests)."""
     B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
     dtype = _NAME[qh.dtype]
-    config = dict(default_config(R, N, P, dtype) if config is None else config)
+    dflt = default_config(R, N, P, dtype)
+    config = dict(dflt if config is None else config)
+    for key in ("SCRATCH", "CHUNK_SCRATCH", "INTER", "UPDATE"):   # precision keys: default if missing
+        config.setdefault(key, dflt[key])
     check_config(R, config)
     dev = device if device is not None else qh.device
     RP, NP, PP = _pow2(R), _np(N), _np(P)
@@ -191,7 +212,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     nseg = triton.cdiv(L, SEGLEN)
     nslots = (L // SEGLEN + S) if varlen else B * nseg
     f32 = torch.float32
-    sdt = _TORCH[config.get("SCRATCH", "bfloat16")]
+    sdt = _TORCH[config["SCRATCH"]]
     if poison:
         e = lambda *s, dt=f32: torch.full(s, float("nan"), dtype=dt, device=dev)
     else:
@@ -199,7 +220,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     lf, lb, ent, dx = (e(nslots, H, P, N, dt=sdt) for _ in range(4))
     tot = e(2, nslots, H)
     nch = nslots * SEG
-    sch = e(nch, H, P, N, dt=sdt)
+    sch = e(nch, H, P, N, dt=_TORCH[config["CHUNK_SCRATCH"]])
     dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)
@@ -210,6 +231,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     cu = cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
     opt = lambda x: dummy if x is None else x
     dot = {"DOT_F32": dtype == "float32", "INTERP": _interpret()}
+    split = dtype != "float32" and config["INTER"] == "float32"
+    usplit = dtype != "float32" and config["UPDATE"] == "float32"
     shape = {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "C": C, "SEG": SEG, "VARLEN": varlen}
     run = L > 0
     stages = config.get("num_stages", 1)
@@ -219,7 +242,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "grid": _st.local_grid(H, P, BP, nslots),
          "args": [*tok, ("lf_ptr", lf), ("lb_ptr", lb), ("tot_ptr", tot),
                   ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NSLOT", nslots)],
-         "constexprs": dict(shape, BP=BP, NEED_FIRST=want_ds0, **dot),
+         "constexprs": dict(shape, BP=BP, NEED_FIRST=want_ds0, USPLIT=usplit, **dot),
          "num_warps": config.get("local_num_warps", 4), "num_stages": stages},
         {"name": "scan_bwd_core_pass", "kernel": _st.scan_bwd_core_pass_kernel, "run": True,
          "grid": _st.pass_grid(H, P, PBP, S),
@@ -234,14 +257,14 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
-         "constexprs": dict(shape, BN=BN, PP=PP, **dot),
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": stages},
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
                   ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
                   ("NROW", nrow)],
-         "constexprs": dict(shape, BN=BN, PP=PP, **dot),
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": stages},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),

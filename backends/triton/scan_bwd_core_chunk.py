@@ -40,7 +40,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_core_states import _chunk_decay, _mma
+from .scan_bwd_core_states import _chunk_decay, _mma, _update
 from .scan_common import _cast, _locate, _mm
 
 
@@ -65,6 +65,24 @@ def _store_tile(ptr, row, rmask, cols, x, W: tl.constexpr):
 
 
 @triton.jit
+def _split(st, DT: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 tile -> (hi, lo) in DT with hi + lo = st to about 2^-16 relative (bf16 hi / lo halves)."""
+    hi = _cast(st, DT, INTERP)
+    return hi, _cast(st - hi.to(tl.float32), DT, INTERP)
+
+
+@triton.jit
+def _mm_state(a, sh, sl, DT: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ state for an operand a that is exact in DT (loaded qh / ks / vt / dy) and the fp32
+    carried state or adjoint: with SPLIT, two DT products on its (hi, lo) halves (fp32-accurate to
+    ~2^-16, as a is exact); else one on the state rounded to DT (sh is the state itself then)."""
+    r = _mm(a, sh, DT, DOT_F32, INTERP)
+    if SPLIT:
+        r = _mma(a, sl, r, DT, DOT_F32, INTERP)
+    return r
+
+
+@triton.jit
 def _store_dcs(dcs_ptr, part, B, H, L, b, h, tc, eos, x, C: tl.constexpr, RP: tl.constexpr):
     """Per-row dcs [C * RP] summed over ranks into tokens [C] of scratch row (part, b, h)."""
     if RP == 1:
@@ -82,7 +100,7 @@ def scan_bwd_core_dq_kernel(
     B, L, H, S, NSEG,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
 ):
     NNB: tl.constexpr = NP // BN
     SEGLEN: tl.constexpr = SEG * C
@@ -119,12 +137,17 @@ def scan_bwd_core_dq_kernel(
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
-            inter = tl.exp(cs)[:, None] * _mm(d, st, DT, DOT_F32, INTERP)
+            if SPLIT:
+                sh, sl = _split(st, DT, INTERP)
+            else:
+                sh = st
+                sl = st
+            inter = tl.exp(cs)[:, None] * _mm_state(d, sh, sl, DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dqh_ptr, row, rmask, n, _mm(gm, kb, DT, DOT_F32, INTERP) + inter, N)
             # d cs: the state term qh_i . (e^{cs_i} S_c^T dy_i), this N block's share
             _store_dcs(dcs_ptr, nb, B, H, L, b, h, tc, eos, tl.sum(qb.to(tl.float32) * inter, axis=1), C, RP)
             vw = v.to(tl.float32) * tl.exp(T - cs)[:, None]
-            st = _mma(tl.trans(vw), kb, st * tl.exp(T), DT, DOT_F32, INTERP)
+            st = _update(vw, kb, st * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
 
 
 @triton.jit
@@ -133,7 +156,7 @@ def scan_bwd_core_dkv_kernel(
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
 ):
     NNB: tl.constexpr = NP // BN
     SEGLEN: tl.constexpr = SEG * C
@@ -174,11 +197,16 @@ def scan_bwd_core_dkv_kernel(
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
             gm = sdv * dec
-            inter = tl.exp(T - cs)[:, None] * _mm(v, st, DT, DOT_F32, INTERP)
+            if SPLIT:
+                sh, sl = _split(st, DT, INTERP)
+            else:
+                sh = st
+                sl = st
+            inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
             # dvt (this N block's share: the whole dvt when one block holds N)
             a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
-            interv = tl.exp(T - cs)[:, None] * _mm(kb, tl.trans(st), DT, DOT_F32, INTERP)
+            interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mm(tl.trans(a), d, DT, DOT_F32, INTERP) + interv, P)
             # d cs (this N block's share): row sum - column sum of the in-chunk W = A o (dy vt^T) in
             # fp32 (the in-chunk reverse cumsum then telescopes exactly), minus the state term
@@ -189,7 +217,7 @@ def scan_bwd_core_dkv_kernel(
             dtc = tl.exp(T) * xds + tl.sum(x, axis=0)
             tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
-            st = _mma(tl.trans(dw), qb, st * tl.exp(T), DT, DOT_F32, INTERP)
+            st = _update(dw, qb, st * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
 
 
 @triton.jit

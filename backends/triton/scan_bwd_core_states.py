@@ -59,6 +59,20 @@ def _mma(a, b, acc, DT: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexp
 
 
 @triton.jit
+def _update(xw, y, acc, DT: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr, USPLIT: tl.constexpr):
+    """acc + xw^T @ y, the state update with the decay-scaled fp32 rows xw (y exact in DT): with
+    USPLIT xw is split into DT halves hi + lo (two products, fp32-accurate to ~2^-16), else
+    rounded to DT once."""
+    if USPLIT and not DOT_F32:
+        hi = _cast(xw, DT, INTERP)
+        acc = _mma(tl.trans(_cast(xw - hi.to(tl.float32), DT, INTERP)), y, acc, DT, DOT_F32, INTERP)
+        r = _mma(tl.trans(hi), y, acc, DT, DOT_F32, INTERP)
+    else:
+        r = _mma(tl.trans(xw), y, acc, DT, DOT_F32, INTERP)
+    return r
+
+
+@triton.jit
 def _chunk_decay(adt_ptr, bh, tc, eos, C: tl.constexpr, RP: tl.constexpr):
     """Per row (t, r) of the chunk [tc, tc + C): the inclusive in-chunk decay cumsum cs of its
     token, and the chunk's total T (rows past the sequence's end read adt = 0)."""
@@ -74,7 +88,7 @@ def scan_bwd_core_local_kernel(
     L, H, S, NSEG, NSLOT,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr,
     BP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
-    NEED_FIRST: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    NEED_FIRST: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr, USPLIT: tl.constexpr,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -120,7 +134,7 @@ def scan_bwd_core_local_kernel(
                         other=0.0)
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             w = tl.where(role == 0, tl.exp(T - cs), tl.exp(cs))
-            acc = _mma(tl.trans(x * w[:, None]), y, acc * tl.exp(T), DT, DOT_F32, INTERP)
+            acc = _update(x * w[:, None], y, acc * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
             ttot += T
         off = (slot * H + h).to(tl.int64) * P * N + p[:, None] * N + n[None, :]
         tl.store(o_ptr + off, _cast(acc, o_ptr.dtype.element_ty, INTERP),
