@@ -51,3 +51,17 @@ def test_cli_rejects_unknown_command():
     p = subprocess.run([sys.executable, "-m", "mamba3_kernels", "frobnicate"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_validate_scan_section_reports_every_gradient(capsys):
+    """`validate`'s scan section: out, the four final states and every gradient of the Triton
+    scan (interpreter here) against the oracle, one row each, all within bounds."""
+    from mamba3_kernels.cli import _scan_section, scan_grid
+    rows = []
+    assert _scan_section(rows, on_gpu=False)
+    out = capsys.readouterr().out
+    assert out.count("gradients worst/bound") == len(scan_grid(False))
+    names = {r["name"] for r in rows if r["case"].startswith("scan/triton siso gqa")}
+    assert {"out", "state.angle", "state.ssm", "grad.q", "grad.angles", "grad.initial_states.ssm",
+            "grad.initial_states.angle", "grad.d", "grad.z"} <= names
+    assert all(r["ok"] for r in rows)
