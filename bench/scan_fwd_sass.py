@@ -55,6 +55,7 @@ def profile(spec, cfg, prob):
     import triton
     from triton.backends.compiler import GPUTarget
     from mamba3_kernels.backends.triton import _resource_usage
+    from mamba3_kernels.backends.triton import aot as _aot
     from mamba3_kernels.backends.triton import scan_fwd as sf
     t = sf.meta_tensors(spec, prob)
     calls, _ = sf.plan(spec, cfg, t, device="meta")
@@ -63,7 +64,7 @@ def profile(spec, cfg, prob):
         sig, attrs = {}, {}
         for i, (name, v) in enumerate(c["args"]):
             if isinstance(v, torch.Tensor):
-                sig[name] = "*" + sf._TT[v.dtype]
+                sig[name] = "*" + _aot._TT[v.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(v, float):
                 sig[name] = "fp32"

@@ -33,14 +33,13 @@ operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
-import re
 
 import torch
 import triton
 
 from mamba3_kernels.spec import ScanSpec, States, bad_arg
 
-from . import _interpret, _pow2, _resource_usage
+from . import _interpret, _pow2
 from . import scan_bwd_output as _outk
 from . import scan_bwd_post as _post
 from . import scan_bwd_prep as _prep
@@ -74,11 +73,14 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     the register use of its head and rank loops is not monotonic in the block size), 4 warps
     elsewhere;
     the per-sequence loops (latency-bound: S x H programs walk their sequence) step 64 tokens
-    with 8 warps (4 warps spill at A = 32)."""
+    with 8 warps (4 warps spill at A = 32). Post also takes 8 warps at R = 2: with 4, ptxas spills
+    16 B at 128 registers there (N16-P64, N32-P128; the build the JIT makes, with its
+    divisible-by-16 integer hints)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     big = _nhp(spec) >= 64
+    post8 = big or _pow2(spec.rank) == 2
     return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, (1024 if big else 512) // w)),
-                SEQ_BT=64, num_warps=4, post_num_warps=8 if big else 4, seq_num_warps=8, CORE=None,
+                SEQ_BT=64, num_warps=4, post_num_warps=8 if post8 else 4, seq_num_warps=8, CORE=None,
                 CORE_IMPL="triton")
 
 
@@ -484,8 +486,6 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
 # ------------------------------------------------------------------------------------------
 # AOT build (no GPU)
 
-_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-       torch.int64: "i64"}
 
 
 def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", core: bool = True) -> list:
@@ -498,13 +498,8 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     from . import scan_fwd
     if problem is None:
         problem = Problem(1 if spec.varlen else 2, 1024, 4, 1, 2)
-    if _interpret():
-        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
-                           "interpreter do not mix), got TRITON_INTERPRET set")
-    from triton.backends.compiler import GPUTarget
-    m = re.fullmatch(r"sm_(\d+)a?", arch)
-    if not m:
-        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    from .aot import build, target
+    target(arch)
     t = scan_fwd.meta_tensors(spec, problem)
     B, L, H, P = t.v.shape
     S = problem.nseqs
@@ -520,7 +515,6 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
     b["dvt"] = e(B, L, RC, H, P)
     b["dpend"] = e(S, H) if spec.initial_states else None
-    res = []
     calls = plan(spec, config, t, b, device="meta")
     if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward
         zs = t.z.stride() if t.z is not None else (0, 0, 0)
@@ -537,27 +531,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
                             HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
                             HAS_MO=t.mimo_out is not None, INTERP=False),
             num_warps=config["num_warps"]))
-    for c in calls:
-        sig, attrs = {}, {}
-        for i, (name, v) in enumerate(c["args"]):
-            if isinstance(v, torch.Tensor):
-                sig[name] = "*" + _TT[v.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-        for name in c["constexprs"]:
-            sig[name] = "constexpr"
-        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
-                                        attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
-                           options={"num_warps": c["num_warps"], "num_stages": 1})
-        use = _resource_usage(k.asm["cubin"])
-        res.append(dict(name=c["name"], registers=use["registers"],
-                        spills=(use["local"] or 0) + (use["stack"] or 0),
-                        shared=int(getattr(k.metadata, "shared", 0) or 0), num_warps=c["num_warps"],
-                        cubin_bytes=len(k.asm["cubin"])))
+    res = build(calls, arch)
     if core and L:
         from . import scan_bwd_core as _core
         odt = op_dtype(spec, config)

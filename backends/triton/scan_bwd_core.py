@@ -53,12 +53,11 @@ Config keys (`default_config`, `space`):
 """
 from __future__ import annotations
 
-import re
 
 import torch
 import triton
 
-from . import _interpret, _pow2, _resource_usage
+from . import _interpret, _pow2
 from . import scan_bwd_core_chunk as _chunk
 from . import scan_bwd_core_states as _st
 
@@ -304,7 +303,6 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
 # ------------------------------------------------------------------------------------------
 # AOT build (no GPU): registers, spills, shared memory per kernel
 
-_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,
@@ -312,13 +310,8 @@ def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, 
     """AOT-compile every kernel of the core for `arch` without a GPU (run without
     TRITON_INTERPRET). One dict per kernel: name, registers, spills (local + stack bytes per
     thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors."""
-    if _interpret():
-        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
-                           "interpreter do not mix), got TRITON_INTERPRET set")
-    from triton.backends.compiler import GPUTarget
-    m = re.fullmatch(r"sm_(\d+)a?", arch)
-    if not m:
-        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    from .aot import build, target
+    target(arch)
     dt = _TORCH[_NAME.get(dtype, dtype)]
     S = 3 if varlen else B
     if varlen:
@@ -327,24 +320,4 @@ def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, 
     calls, _ = plan(e(B, L, R, H, N, d=dt), e(B, L, R, H, N, d=dt), e(B, L, R, H, P, d=dt), e(B, H, L),
                     e(B, L, R, H, P, d=dt), e(S, H, P, N) if s0 else None, e(S, H, P, N) if ds_final else None,
                     e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta")
-    res = []
-    for c in calls:
-        sig, attrs = {}, {}
-        for i, (name, v) in enumerate(c["args"]):
-            if isinstance(v, torch.Tensor):
-                sig[name] = "*" + _TT[v.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                sig[name] = "i32"
-        for name in c["constexprs"]:
-            sig[name] = "constexpr"
-        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
-                                        attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32),
-                           options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
-        use = _resource_usage(k.asm["cubin"])
-        res.append({"name": c["name"], "registers": use["registers"],
-                        "spills": (use["local"] or 0) + (use["stack"] or 0),
-                        "shared": int(getattr(k.metadata, "shared", 0) or 0), "num_warps": c["num_warps"],
-                        "cubin_bytes": len(k.asm["cubin"])})
-    return res
+    return build(calls, arch)

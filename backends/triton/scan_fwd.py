@@ -66,7 +66,6 @@ Nothing per token is saved: rotated q/k, gamma, scale and decays are cheap to re
 """
 from __future__ import annotations
 
-import re
 
 import torch
 import triton
@@ -78,7 +77,7 @@ from . import scan_chunk_state as _cst
 from . import scan_common as _com
 from . import scan_state_passing as _pass
 
-from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2, _resource_usage  # the package's
+from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2  # the package's
 
 N_SM_H100 = 132
 
@@ -429,8 +428,6 @@ def launch(c: dict) -> None:
 # ------------------------------------------------------------------------------------------
 # AOT build (no GPU): registers, spills, shared memory per kernel
 
-_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-       torch.int64: "i64"}
 
 
 def meta_tensors(spec: ScanSpec, problem, lengths=None):
@@ -469,39 +466,8 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a") ->
     if problem is None:
         from mamba3_kernels.spec import Problem
         problem = Problem(1 if spec.varlen else 2, 1024, 4, 1, 2)
-    if _interpret():
-        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
-                           "interpreter do not mix), got TRITON_INTERPRET set")
-    from triton.backends.compiler import GPUTarget
-    m = re.fullmatch(r"sm_(\d+)a?", arch)
-    if not m:
-        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    from .aot import build, target
+    target(arch)
     t = meta_tensors(spec, problem)
     calls, _ = plan(spec, config, t, device="meta")
-    res = []
-    for c in calls:
-        sig, attrs = {}, {}
-        for i, (name, v) in enumerate(c["args"]):
-            if isinstance(v, torch.Tensor):
-                sig[name] = "*" + _TT[v.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0 and v != 0:  # what the JIT specialises at launch (strides, lengths)
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        for name in c["constexprs"]:
-            sig[name] = "constexpr"
-        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
-                                        attrs=attrs)
-        opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
-        if c.get("maxnreg"):
-            opts["maxnreg"] = c["maxnreg"]
-        k = triton.compile(src, target=GPUTarget("cuda", int(m.group(1)), 32), options=opts)
-        use = _resource_usage(k.asm["cubin"])
-        res.append(dict(name=c["name"], run=c["run"], registers=use["registers"],
-                        spills=(use["local"] or 0) + (use["stack"] or 0),
-                        shared=int(getattr(k.metadata, "shared", 0) or 0),
-                        num_warps=c["num_warps"], cubin_bytes=len(k.asm["cubin"])))
-    return res
+    return build(calls, arch)

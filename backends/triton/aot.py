@@ -1,0 +1,68 @@
+"""Ahead-of-time builds of the scan's Triton kernels without a GPU (CI's sm_90a check).
+
+Every scan module (scan_fwd, scan_bwd, scan_bwd_core) describes its launches as a list of calls
+(name, kernel, args [(name, value)], constexprs, num_warps, num_stages[, maxnreg]); `build`
+compiles each for the target and reads registers, spills and shared memory from the cubin. The
+signature mirrors what the JIT specialises at launch: pointers 16-byte aligned, integer
+arguments that are nonzero multiples of 16 (strides, lengths) marked divisible by 16, so the
+build is the one that runs for the problem the stand-in tensors describe. Run in a process
+without TRITON_INTERPRET (the interpreter and AOT builds do not mix).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+
+from . import _interpret, _resource_usage
+
+_TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+       torch.int64: "i64"}
+
+
+def target(arch: str):
+    """The GPUTarget of 'sm_<cc>' / 'sm_<cc>a'; raises in an interpreter process."""
+    if _interpret():
+        raise RuntimeError("compile: expected a process without TRITON_INTERPRET (AOT and the "
+                           "interpreter do not mix), got TRITON_INTERPRET set")
+    from triton.backends.compiler import GPUTarget
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"arch: expected 'sm_<cc>' or 'sm_<cc>a', got {arch!r}")
+    return GPUTarget("cuda", int(m.group(1)), 32)
+
+
+def build(calls: list, arch: str = "sm_90a") -> list:
+    """One dict per call: name, run (if the call has it), registers, spills (local + stack bytes
+    per thread), shared (bytes), num_warps, cubin_bytes."""
+    tgt = target(arch)
+    res = []
+    for c in calls:
+        sig, attrs = {}, {}
+        for i, (name, v) in enumerate(c["args"]):
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + _TT[v.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0 and v != 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        for name in c["constexprs"]:
+            sig[name] = "constexpr"
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
+                                        attrs=attrs)
+        opts = {"num_warps": c["num_warps"], "num_stages": c.get("num_stages", 1)}
+        if c.get("maxnreg"):
+            opts["maxnreg"] = c["maxnreg"]
+        k = triton.compile(src, target=tgt, options=opts)
+        use = _resource_usage(k.asm["cubin"])
+        row = dict(name=c["name"], registers=use["registers"], spills=(use["local"] or 0) + (use["stack"] or 0),
+                   shared=int(getattr(k.metadata, "shared", 0) or 0), num_warps=c["num_warps"],
+                   cubin_bytes=len(k.asm["cubin"]))
+        if "run" in c:
+            row["run"] = c["run"]
+        res.append(row)
+    return res
