@@ -59,7 +59,10 @@ def _spec_of(row, dtype="bfloat16"):
         kw.pop("has_mimo_z", None)
     return ScanSpec(d_state=N, head_dim=P, rank=R, n_angles=(N // 4, N // 2, 3)[i % 3],
                     pairing=("interleaved", "half")[i % 2],
-                    discretization="euler" if i % 5 == 4 else "trapezoidal", has_d=i % 4 != 1,
+                    # no D with the fused norm at 16-bit inputs: dD is ill-conditioned there (see
+                    # test_triton_scan_bwd.py CASES); the fp32 dtype test keeps it
+                    discretization="euler" if i % 5 == 4 else "trapezoidal",
+                    has_d=i % 4 != 1 and (mode != "norm_reduce" or dtype == "float32"),
                     has_z=has_z, output_mode=mode, initial_states=i % 3 != 0, final_states=i % 2 == 0,
                     shared_angles=i % 2 == 1, input_dtype=dtype, **kw)
 
@@ -120,8 +123,8 @@ def test_save_y_and_core_configs(rng):
     """save_y=True and a multi-segment core config give gradients within bounds too."""
     _gpu()
     from mamba3_kernels.spec import Problem, ScanSpec
-    spec = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", has_d=True, has_z=True,
-                    output_mode="norm_reduce", final_states=True, **MIMO)
+    spec = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", has_d=False, has_z=True,
+                    output_mode="norm_reduce", final_states=True, **MIMO)   # no D: see _spec_of
     for kw in (dict(save_y=True), dict(bwd_config=dict(CORE=dict(SEG=1)))):
         rows, case = run_grad_case(spec, Problem(1, 1000, 4, 1, 1), rng, device="cuda", **kw)
         check(rows, case)

@@ -101,9 +101,13 @@ CASES = {
                                      (1, 19, 2, 2, 1), None),
     "mimo2-reduce-half-states": (_spec(rank=2, pairing="half", initial_states=True, final_states=True, **MIMO),
                                  (2, 13, 4, 2, 2), None),
+    # bf16 + the fused norm without D: the pre-gate norm is scale-invariant, so dy is orthogonal
+    # to y and dD = sum dy . vt nearly cancels where D vt dominates y; its bf16 error relative to
+    # that small value is unbounded (3.5e-2 on one seed). dD with the norm is checked in fp32.
     "mimo4-norm-bf16-varlen-empty": (_spec(rank=4, n_angles=3, output_mode="norm_reduce", varlen=True,
                                            initial_states=True, final_states=True, input_dtype="bfloat16",
-                                           **MIMO), (1, 23, 2, 1, 3), [9, 0, 14]),
+                                           has_d=False, **MIMO), (1, 23, 2, 1, 3), [9, 0, 14]),
+    "mimo2-norm-fp32-D": (_spec(rank=2, n_angles=4, output_mode="norm_reduce", **MIMO), (1, 12, 2, 1, 1), None),
     "mimo2-per_rank-euler-shared": (_spec(rank=2, output_mode="per_rank", discretization="euler",
                                           shared_angles=True, final_states=True, has_mimo_v=True,
                                           has_mimo_z=True), (1, 11, 2, 1, 1), None),
@@ -120,7 +124,7 @@ CASES = {
                                   final_states=True, input_dtype="bfloat16"), (1, 21, 4, 1, 1), None),
     "bench-mimo4-N128-P64-norm": (_spec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half",
                                         output_mode="norm_reduce", final_states=True, input_dtype="bfloat16",
-                                        **MIMO), (1, 13, 2, 1, 1), None),
+                                        has_d=False, **MIMO), (1, 13, 2, 1, 1), None),
     "mimo2-varlen-all-empty": (_spec(rank=2, varlen=True, initial_states=True, final_states=True, **MIMO),
                                (1, 0, 2, 1, 2), [0, 0]),
 }
