@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +20,9 @@ ROOT = os.path.dirname(HERE)
 KERNELS = {"scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dq", "scan_bwd_core_dkv",
            "scan_bwd_core_dadt"}
 
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aot_workers  # noqa: E402
 
 def cases():
     out = []
@@ -59,33 +61,7 @@ def _worker(idx, n, out_path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("triton")
-    d = tmp_path_factory.mktemp("bwd_core_aot")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton"))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    n = 2
-    procs, paths = [], []
-    for i in range(n):
-        p = str(d / f"w{i}.json")
-        paths.append(p)
-        procs.append(subprocess.Popen([sys.executable, __file__, str(i), str(n), p], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [pr.communicate(timeout=1500)[0] for pr in procs]
-    res = []
-    for pr, p, log in zip(procs, paths, logs):
-        assert pr.returncode == 0, log[-4000:]
-        with open(p) as f:
-            res.extend(json.load(f))
-    os.makedirs(os.path.join(ROOT, ".cache"), exist_ok=True)
-    with open(os.path.join(ROOT, ".cache", "scan_bwd_core_compile.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print("\n{:<34} {:<20} {:>5} {:>7} {:>7}  config".format("case", "kernel", "regs", "spills", "shared"))
-    for r in res:
-        for k in r.get("kernels", []):
-            c = r["config"]
-            print(f"{r['name'][:34]:<34} {k['name'][14:]:<20} {k['registers']:>5} {k['spills']:>7} {k['shared']:>7}  "
-                  f"C{c['CHUNK']} BN{c['BLOCK_N']} BP{c['BLOCK_P']} w{k['num_warps']}")
-    return res
+    return aot_workers.run(__file__, tmp_path_factory.mktemp("bwd_core_aot"), "scan_bwd_core_compile.json")
 
 
 def test_every_kernel_builds(results):
