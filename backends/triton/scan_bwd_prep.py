@@ -17,46 +17,29 @@
 
 Pairs: a row of N columns is handled as two tiles of the pairs' members, x0[j] = x[c0(j)],
 x1[j] = x[c1(j)], j < N/2, with (c0, c1) = (2j, 2j+1) (interleaved) or (j, j + N/2) (half);
-pairs j >= A have angle 0. The small jit helpers below are this module's own copies (the
-forward's scan_common.py is being tuned independently).
+pairs j >= A have angle 0. `_cast` (round-to-nearest bf16 in the interpreter too) and `_wrap`
+come from the forward's scan_common.py; the sigmoid here is the exact one (the forward's uses
+rcp.approx on the GPU).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .scan_common import _cast, _wrap  # noqa: F401  (post and output import _cast from here)
+
 PI = tl.constexpr(3.141592653589793)
 
 
 @triton.jit
 def _sigmoid(x):
+    """Exact 1 / (1 + e^-x) (scan_common's forward one uses rcp.approx on the GPU)."""
     return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
 def _tanh(x):
     return 2.0 * _sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _wrap(x):
-    two_pi: tl.constexpr = 6.283185307179586
-    inv: tl.constexpr = 0.15915494309189535
-    y = x - two_pi * tl.floor(x * inv)
-    y = tl.where(y < 0.0, y + two_pi, y)
-    return tl.where(y >= two_pi, y - two_pi, y)
-
-
-@triton.jit
-def _cast(x, ty: tl.constexpr, INTERP: tl.constexpr):
-    """x.to(ty) rounding to nearest even (the interpreter truncates fp32 -> bf16)."""
-    if INTERP and ty == tl.bfloat16:
-        i = x.to(tl.float32).to(tl.int32, bitcast=True)
-        i = (i + 0x7FFF + ((i >> 16) & 1)) & -65536
-        r = i.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        r = x.to(ty)
-    return r
 
 
 @triton.jit
