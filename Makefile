@@ -30,9 +30,11 @@ run: $(VENV)/.installed
 	@mkdir -p $(TMPDIR) bench/results
 	$(BIN)/mamba3-kernels validate --json .cache/validate.json
 	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  for b in 1 64 256; do for r in 1 4; do \
-	    $(BIN)/mamba3-kernels tune --op step --B $$b --R $$r --H 32 --N 128 --P 64 --A 32 --has-d --has-z \
-	      $$( [ $$r -gt 1 ] && echo --mimo-v --mimo-z --mimo-out --pairing half ) || exit 1; done; done; \
+	  $(BIN)/mamba3-kernels tune --op step --B 1,64,256 --R 1 --H 32 --N 128 --P 64 --A 32 --has-d --has-z || exit 1; \
+	  $(BIN)/mamba3-kernels tune --op step --B 1,64,256 --R 4 --H 32 --N 128 --P 64 --A 32 --has-d --has-z \
+	    --mimo-v --mimo-z --mimo-out --pairing half || exit 1; \
+	  $(BIN)/mamba3-kernels tune --op forward --B 4 --L 4096 --H 32 --N 128 --P 64 --A 32 --has-d --has-z \
+	    --shared-angles || exit 1; \
 	  $(BIN)/mamba3-kernels bench --op step --H 32 --out bench/results/bench_step_local.json; \
 	else echo "no GPU here: tuning and benchmarks skipped (they run on the GPU)"; fi
 
