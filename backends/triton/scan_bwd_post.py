@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import PI, _cast, _cos_sin, _pair_cols, _seq_bounds, _sigmoid, _tanh
+from .scan_bwd_prep import FAST_MATH, PI, _cast, _cos_sin, _pair_cols, _seq_bounds, _sigmoid, _tanh
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def post_kernel(
         if A > 0:
             th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                          mask=mm[:, None] & (j[None, :] < A), other=0.0)
-            cs, sn = _cos_sin(th, INTERP)
+            cs, sn = _cos_sin(th, FAST_MATH)
         else:
             cs = tl.full([BT, NHP], 1.0, tl.float32)
             sn = tl.zeros([BT, NHP], dtype=tl.float32)

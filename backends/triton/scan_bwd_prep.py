@@ -17,8 +17,9 @@
 
 Pairs: a row of N columns is handled as two tiles of the pairs' members, x0[j] = x[c0(j)],
 x1[j] = x[c1(j)], j < N/2, with (c0, c1) = (2j, 2j+1) (interleaved) or (j, j + N/2) (half);
-pairs j >= A have angle 0. `_cast` (round-to-nearest bf16 in the interpreter too) and `_wrap`
-come from the forward's scan_common.py; the sigmoid here is the exact one (the forward's uses
+pairs j >= A have angle 0. `_cast` (round-to-nearest bf16 in the interpreter too), `_wrap` and
+`_cos_sin` (MUFU approximations of the wrapped angle on the GPU) come from the forward's
+scan_common.py; the sigmoid here is the exact one (the forward's uses
 rcp.approx on the GPU).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import _cast, _wrap  # noqa: F401  (post and output import _cast from here)
+from .scan_common import FAST_MATH, _cast, _cos_sin, _wrap  # noqa: F401  (post and output import from here)
 
 PI = tl.constexpr(3.141592653589793)
 
@@ -40,25 +41,6 @@ def _sigmoid(x):
 @triton.jit
 def _tanh(x):
     return 2.0 * _sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _cos_sin(x, INTERP: tl.constexpr):
-    """cos, sin of an angle in [0, 2 pi): on the GPU, reduce into [-pi, pi] and uses the MUFU
-    approximations (|error| < 1e-6 there; the libdevice functions keep a local-memory frame for
-    their huge-argument path, which ptxas reports as spills); the interpreter: the library."""
-    if not INTERP:
-        two_pi: tl.constexpr = 6.283185307179586
-        inv: tl.constexpr = 0.15915494309189535
-        r = x - two_pi * tl.floor(x * inv + 0.5)
-        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    else:
-        c = tl.cos(x)
-        s = tl.sin(x)
-    return c, s
 
 
 @triton.jit
@@ -168,7 +150,7 @@ def prep_kernel(
     if A > 0:
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
-        cs, sn = _cos_sin(th, INTERP)
+        cs, sn = _cos_sin(th, FAST_MATH)
     scale = tl.load(scale_ptr + (b * H + h) * L + t, mask=mm, other=0.0)
     p = tl.arange(0, PP)
     pm = p < P
