@@ -73,7 +73,73 @@ def bitwise_equal(a, b) -> bool:
     return bool(torch.equal(_bits(a), _bits(b)))
 
 
-class StepHarness:
+class Harness:
+    """What every op's harness shares: the device, the backend entry point the op calls
+    (`ENTRY`: "step" or "forward"), runs with a sync, input sets rotated past L2 for the timer
+    (`_first_set()` gives the first; the rest are deep copies), health, release. Subclasses
+    set spec / problem / device / seed / reference and implement compile and check."""
+    ENTRY = ""
+
+    def _init_device(self, spec, problem, device, seed):
+        import torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.spec, self.problem, self.device = spec, problem, torch.device(device)
+        self.seed = secrets.randbits(32) if seed is None else int(seed)
+        self.reference = None            # (label, out, States) of the first passing candidate
+        self._sets = None
+        self.serial_builds = self.device.type != "cuda"   # the Triton interpreter is not thread-safe
+
+    def _sync(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _run(self, candidate, t):
+        getattr(_mod(candidate), self.ENTRY)(self.spec, dict(candidate.config), t)
+        self._sync()
+        return t
+
+    def device_context(self):
+        """Make self.device current (tune() wraps its work in it; worker threads enter it too)."""
+        import contextlib
+        import torch
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _first_set(self):
+        raise NotImplementedError
+
+    def _input_sets(self):
+        if self._sets is None:
+            import torch
+            t0 = self._first_set()
+            size = sum(x.numel() * x.element_size() for x in _tensors(t0))
+            n = 2
+            if self.device.type == "cuda":
+                n = rotation_count(size, l2_bytes(self.device), torch.cuda.mem_get_info(self.device)[0])
+            self._sets = [t0] + [_clone_bundle(t0) for _ in range(n - 1)]
+        return self._sets
+
+    def bench(self, candidate) -> Bench:
+        sets = self._input_sets()
+        fn, spec, cfg = getattr(_mod(candidate), self.ENTRY), self.spec, dict(candidate.config)
+        return Bench(lambda i: fn(spec, cfg, sets[i]), n_inputs=len(sets), device=self.device,
+                     label=candidate.label)
+
+    def healthy(self):
+        """(ok, reason): False once the CUDA context is broken (a sticky fault ends tuning)."""
+        try:
+            self._sync()
+            return True, ""
+        except Exception as e:  # noqa: BLE001
+            return False, classify(e)
+
+    def close(self):
+        self._sets = None
+        self.reference = None
+
+
+class StepHarness(Harness):
     """Candidates of the decode step on one fresh random case (see the module docstring).
 
     Two ways to check, by batch size:
@@ -88,14 +154,11 @@ class StepHarness:
       unchanged in either mode.
     """
     op = "step"
+    ENTRY = "step"
 
     def __init__(self, spec, problem, device=None, seed: Optional[int] = None, check_rows: int = 16):
         import numpy as np
-        import torch
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.spec, self.problem, self.device = spec, problem, torch.device(device)
-        self.seed = secrets.randbits(32) if seed is None else int(seed)
+        self._init_device(spec, problem, device, seed)
         if not isinstance(check_rows, int) or check_rows < 1:
             raise ValueError(f"check_rows: expected an int >= 1, got {check_rows!r}")
         pool = problem.nseqs if problem.nseqs > problem.batch else None
@@ -110,30 +173,14 @@ class StepHarness:
         if spec.state_dtype in ("bfloat16", "float16"):
             dt = "bfloat16"
         self.bound_dtype = dt            # as testing.compare_step chooses it
-        self.reference = None            # (label, out, States) of the first passing candidate (sampled mode)
-        self._sets = None
-        self.serial_builds = self.device.type != "cuda"   # the Triton interpreter is not thread-safe
 
     # -- helpers ---------------------------------------------------------------------------
-    def _sync(self):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _fresh(self, inplace=True):
         from mamba3_kernels.testing import poisoned_step_tensors
         return poisoned_step_tensors(self.case, inplace)
 
-    def _run(self, candidate, t):
-        _mod(candidate).step(self.spec, dict(candidate.config), t)
-        self._sync()
-        return t
-
-    def device_context(self):
-        """Make self.device current (tune() wraps its work in it; worker threads enter it too)."""
-        import contextlib
-        import torch
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+    def _first_set(self):
+        return self._fresh()
 
     def _oracle(self, t, label) -> Optional[str]:
         """None if t matches the oracle (whole case or sampled rows), else why not."""
@@ -212,38 +259,6 @@ class StepHarness:
         for x in t.state_in:
             n += int(2 * frac * x.numel() * x.element_size())
         return n
-
-    def _input_sets(self):
-        if self._sets is None:
-            import torch
-            t0 = self._fresh()
-            size = sum(x.numel() * x.element_size() for x in _tensors(t0))
-            free = None
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-                n = rotation_count(size, l2_bytes(self.device), free)
-            else:
-                n = 2
-            self._sets = [t0] + [_clone_bundle(t0) for _ in range(n - 1)]
-        return self._sets
-
-    def bench(self, candidate) -> Bench:
-        sets = self._input_sets()
-        mod, spec, cfg = _mod(candidate), self.spec, dict(candidate.config)
-        return Bench(lambda i: mod.step(spec, cfg, sets[i]), n_inputs=len(sets), device=self.device,
-                     label=candidate.label)
-
-    def healthy(self):
-        """(ok, reason): False once the CUDA context is broken (a sticky fault ends tuning)."""
-        try:
-            self._sync()
-            return True, ""
-        except Exception as e:
-            return False, classify(e)
-
-    def close(self):
-        self._sets = None
-        self.reference = None
 
 
 # ----------------------------------------------------------------------------------------

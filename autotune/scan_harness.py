@@ -19,30 +19,25 @@ one is already larger than the L2 cache, as the tuning shapes are).
 """
 from __future__ import annotations
 
-import secrets
 from typing import Optional
 
-from .check import _mod, _pairs, _tensors, _worst, bitwise_equal, register_harness
-from .timing import Bench, l2_bytes, rotation_count
+from .check import Harness, _compare_full, _pairs, _tensors, _worst, bitwise_equal, register_harness
 
 
-class ScanHarness:
+class ScanHarness(Harness):
     op = "forward"
+    ENTRY = "forward"
 
     def __init__(self, spec, problem, device=None, seed: Optional[int] = None, small_len: int = 160,
                  prefix_len: int = 192):
         import numpy as np
-        import torch
 
         from mamba3_kernels.scan_testing import scan_case, scan_inputs
         from mamba3_kernels.spec import Problem
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         for name, v in (("small_len", small_len), ("prefix_len", prefix_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        self.spec, self.problem, self.device = spec, problem, torch.device(device)
-        self.seed = secrets.randbits(32) if seed is None else int(seed)
+        self._init_device(spec, problem, device, seed)
         rng = np.random.default_rng(self.seed)
         if spec.varlen:
             lens = _split_lengths(problem.seqlen, problem.nseqs, rng)
@@ -59,10 +54,6 @@ class ScanHarness:
         if spec.state_dtype in ("bfloat16", "float16"):
             dt = "bfloat16"
         self.bound_dtype = dt
-        self.reference = None
-        self._sets = None
-        # the Triton interpreter (CPU) is not thread-safe: the tuner then builds one at a time
-        self.serial_builds = self.device.type != "cuda"
 
     # -- the oracle on a prefix of batch row 0 --------------------------------------------------
     def _prefix_oracle(self, n: int):
@@ -89,16 +80,6 @@ class ScanHarness:
         return n, out
 
     # -- helpers ------------------------------------------------------------------------------
-    def _sync(self):
-        import torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def device_context(self):
-        import contextlib
-        import torch
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
     def _bundle(self, args):
         from mamba3_kernels.scan_tensors import prepare_scan
         t = prepare_scan(self.spec, self.problem if args is self.args else self.small.problem, **args)
@@ -106,11 +87,6 @@ class ScanHarness:
         if t.state_out is not None:
             for x in t.state_out:
                 x.fill_(float("nan"))
-        return t
-
-    def _run(self, candidate, t):
-        _mod(candidate).forward(self.spec, dict(candidate.config), t)
-        self._sync()
         return t
 
     def _check_prefix(self, t) -> Optional[str]:
@@ -123,9 +99,8 @@ class ScanHarness:
         rep = Report(compare_outputs("prefix", {"out": got}, {"out": ref_out}, dtype=self.bound_dtype))
         return None if rep.ok else _worst(rep)
 
-    def _check_reference(self, t) -> Optional[str]:
-        from .check import _compare_full
-        return _compare_full(self.reference, t, self.bound_dtype)
+    def _first_set(self):
+        return self._bundle(self.args)
 
     # -- protocol -----------------------------------------------------------------------------
     def compile(self, candidate) -> None:
@@ -145,7 +120,7 @@ class ScanHarness:
         if why:
             return False, "mismatch (prefix of the full case vs the oracle): " + why
         if self.reference is not None:
-            why = self._check_reference(a)
+            why = _compare_full(self.reference, a, self.bound_dtype)
             if why:
                 return False, f"mismatch vs the reference output ({self.reference[0]}): {why}"
         b = self._run(candidate, self._bundle(self.args))
@@ -159,36 +134,6 @@ class ScanHarness:
     def bytes_per_set(self) -> int:
         t = self._bundle(self.args)
         return sum(x.numel() * x.element_size() for x in _tensors(t))
-
-    def _input_sets(self):
-        if self._sets is None:
-            import torch
-            t0 = self._bundle(self.args)
-            size = sum(x.numel() * x.element_size() for x in _tensors(t0))
-            n = 2
-            if self.device.type == "cuda":
-                n = rotation_count(size, l2_bytes(self.device), torch.cuda.mem_get_info(self.device)[0])
-            from .check import _clone_bundle
-            self._sets = [t0] + [_clone_bundle(t0) for _ in range(n - 1)]
-        return self._sets
-
-    def bench(self, candidate) -> Bench:
-        sets = self._input_sets()
-        mod, spec, cfg = _mod(candidate), self.spec, dict(candidate.config)
-        return Bench(lambda i: mod.forward(spec, cfg, sets[i]), n_inputs=len(sets), device=self.device,
-                     label=candidate.label)
-
-    def healthy(self):
-        try:
-            self._sync()
-            return True, ""
-        except Exception as e:  # noqa: BLE001
-            from .check import classify
-            return False, classify(e)
-
-    def close(self):
-        self._sets = None
-        self.reference = None
 
 
 def _split_lengths(total: int, n: int, rng) -> list:
