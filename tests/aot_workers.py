@@ -4,7 +4,8 @@ per-kernel registers / spills / shared memory, keep a copy under .cache/, print 
 
 A compile test module defines `_worker(idx, n, out_path)` (builds cases idx, idx + n, ... and
 writes a JSON list of {name, config, kernels | error}) and runs it when executed as a script;
-its `results` fixture calls `run(__file__, tmp_dir, cache_name)`.
+its `results` fixture calls `run(__file__, tmp_dir, cache_name)`; its tests assert on
+`build_errors`, `spills` and `oversized_shared` of those results.
 """
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def run(test_file: str, tmp_dir, cache_name: str, n: int = 2, timeout: float = 1
         for k in r.get("kernels", []):
             print(f"{r['name'][:34]:<34} {k['name'][:26]:<26} {k['registers']:>5} {k['spills']:>7} {k['shared']:>7}")
     return res
+
+
+SM_SHARED_BYTES = 227 * 1024   # H100: shared memory one block may use
+
+
+def build_errors(results) -> list:
+    return [f"{r['name']}: {r['error']}" for r in results if "error" in r]
+
+
+def spills(results) -> list:
+    """One line per kernel that spills (a default config must not)."""
+    return [f"{r['name']} {k['name']}: {k['spills']} spill bytes, {k['registers']} registers, config {r['config']}"
+            for r in results for k in r.get("kernels", []) if k["spills"]]
+
+
+def oversized_shared(results) -> list:
+    return [f"{r['name']} {k['name']}: {k['shared']} bytes" for r in results for k in r.get("kernels", [])
+            if k["shared"] > SM_SHARED_BYTES]

@@ -94,7 +94,7 @@ def results(tmp_path_factory):
 
 
 def test_every_kernel_builds(results):
-    errors = [f"{r['name']}: {r['error']}" for r in results if "error" in r]
+    errors = aot_workers.build_errors(results)
     assert not errors, "\n".join(errors)
     assert len(results) == len(cases())
     for r in results:
@@ -105,14 +105,12 @@ def test_every_kernel_builds(results):
 
 
 def test_no_default_config_spills(results):
-    bad = [f"{r['name']} {k['name']}: {k['spills']} spill bytes, {k['registers']} registers, config {r['config']}"
-           for r in results for k in r.get("kernels", []) if k["spills"]]
+    bad = aot_workers.spills(results)
     assert not bad, "\n".join(bad)
 
 
 def test_shared_memory_fits_an_sm(results):
-    bad = [f"{r['name']} {k['name']}: {k['shared']} bytes" for r in results for k in r.get("kernels", [])
-           if k["shared"] > 227 * 1024]
+    bad = aot_workers.oversized_shared(results)
     assert not bad, "\n".join(bad)
 
 
