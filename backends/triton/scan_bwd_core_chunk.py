@@ -65,10 +65,16 @@ def _store_tile(ptr, row, rmask, cols, x, W: tl.constexpr):
 
 
 @triton.jit
-def _split(st, DT: tl.constexpr, INTERP: tl.constexpr):
-    """fp32 tile -> (hi, lo) in DT with hi + lo = st to about 2^-16 relative (bf16 hi / lo halves)."""
-    hi = _cast(st, DT, INTERP)
-    return hi, _cast(st - hi.to(tl.float32), DT, INTERP)
+def _split(st, DT: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr):
+    """With SPLIT: fp32 tile -> (hi, lo) in DT with hi + lo = st to about 2^-16 relative (bf16
+    hi / lo halves); else (st, st), the state as it is (_mm_state rounds it once)."""
+    if SPLIT:
+        hi = _cast(st, DT, INTERP)
+        lo = _cast(st - hi.to(tl.float32), DT, INTERP)
+    else:
+        hi = st
+        lo = st
+    return hi, lo
 
 
 @triton.jit
@@ -137,11 +143,7 @@ def scan_bwd_core_dq_kernel(
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
-            if SPLIT:
-                sh, sl = _split(st, DT, INTERP)
-            else:
-                sh = st
-                sl = st
+            sh, sl = _split(st, DT, INTERP, SPLIT)
             inter = tl.exp(cs)[:, None] * _mm_state(d, sh, sl, DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dqh_ptr, row, rmask, n, _mm(gm, kb, DT, DOT_F32, INTERP) + inter, N)
             # d cs: the state term qh_i . (e^{cs_i} S_c^T dy_i), this N block's share
@@ -197,11 +199,7 @@ def scan_bwd_core_dkv_kernel(
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
             sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
             gm = sdv * dec
-            if SPLIT:
-                sh, sl = _split(st, DT, INTERP)
-            else:
-                sh = st
-                sl = st
+            sh, sl = _split(st, DT, INTERP, SPLIT)
             inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
             # dvt (this N block's share: the whole dvt when one block holds N)
