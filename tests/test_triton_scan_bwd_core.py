@@ -15,7 +15,6 @@ rerun this module in a fresh process.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -29,6 +28,9 @@ import numpy as np
 import pytest
 from mamba3_kernels.reference import core_adjoint as ca
 from mamba3_kernels.reference.compare import rel_l2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pairwise  # noqa: E402
+
 
 here = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET; see test_fresh_process")
 
@@ -134,30 +136,8 @@ FACTORS = {"R": (1, 2, 4), "N": (16, 32), "P": (16, 48), "L": (1, 5, 16, 37), "d
            "rows": (16, 32)}
 
 
-def _cover(seed=5, tries=100):
-    """A deterministic greedy pairwise covering array over FACTORS (every pair of factor values
-    in some case)."""
-    keys = sorted(FACTORS)
-    pairs = lambda row: {(a, row[a], b, row[b]) for a, b in itertools.combinations(keys, 2)}
-    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a] for vb in FACTORS[b]}
-    rng = np.random.default_rng(seed)
-    rows = []
-    while need:
-        best, best_cov = None, -1
-        for _ in range(tries):
-            row = {k: FACTORS[k][rng.integers(len(FACTORS[k]))] for k in keys}
-            a, va, b, vb = sorted(need, key=repr)[rng.integers(len(need))]
-            row[a], row[b] = va, vb
-            cov = len(pairs(row) & need)
-            if cov > best_cov:
-                best, best_cov = row, cov
-        rows.append(best)
-        need -= pairs(best)
-    return rows
-
-
 @here
-@pytest.mark.parametrize("case", _cover(), ids=lambda c: "R{R}-N{N}-P{P}-L{L}-{dtype}-s0{s0}-dsf{dsf}-seg{seg}-blk{block}-rows{rows}".format(**c))
+@pytest.mark.parametrize("case", pairwise.covering_rows(FACTORS, seed=5, tries=100), ids=lambda c: "R{R}-N{N}-P{P}-L{L}-{dtype}-s0{s0}-dsf{dsf}-seg{seg}-blk{block}-rows{rows}".format(**c))
 def test_core_vs_reference(case):
     core = _core()
     rng = np.random.default_rng(zlib.crc32(repr(sorted(case.items())).encode()))

@@ -13,7 +13,6 @@ with states == one call), configs of the tuning space, and the API's argument er
 """
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -22,9 +21,11 @@ _LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "") in ("
 if not _LATE:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pairwise  # noqa: E402
+
 
 pytest.importorskip("triton")
 
@@ -57,30 +58,7 @@ def _possible(d):
     return True
 
 
-def covering_rows(seed=7, tries=200):
-    """Greedy pairwise covering array (deterministic)."""
-    keys = sorted(FACTORS)
-    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a]
-            for vb in FACTORS[b] if _possible({a: va, b: vb})}
-    rng = np.random.default_rng(seed)
-    rows = []
-    while need:
-        best, best_cov = None, -1
-        for _ in range(tries):
-            row = {k: FACTORS[k][rng.integers(len(FACTORS[k]))] for k in keys}
-            a, va, b, vb = sorted(need)[rng.integers(len(need))]
-            row[a], row[b] = va, vb
-            if not _possible(row):
-                continue
-            cov = sum(1 for x, y in itertools.combinations(keys, 2) if (x, row[x], y, row[y]) in need)
-            if cov > best_cov:
-                best, best_cov = row, cov
-        rows.append(best)
-        need -= {(x, best[x], y, best[y]) for x, y in itertools.combinations(keys, 2)}
-    return rows
-
-
-ROWS = covering_rows()
+ROWS = pairwise.covering_rows(FACTORS, _possible, seed=7)
 
 
 def row_case(row, rng):
@@ -132,11 +110,7 @@ def test_pairwise_grid(i, rng):
 
 
 def test_covering_array_is_small_and_complete():
-    keys = sorted(FACTORS)
-    need = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in FACTORS[a]
-            for vb in FACTORS[b] if _possible({a: va, b: vb})}
-    got = {(a, r[a], b, r[b]) for r in ROWS for a, b in itertools.combinations(keys, 2)}
-    assert need <= got
+    assert pairwise.all_pairs(FACTORS, _possible) <= set().union(*(pairwise.pairs(r) for r in ROWS))
     assert len(ROWS) <= 24, len(ROWS)
 
 

@@ -10,7 +10,6 @@ pairwise by a small deterministic covering array, plus targeted cases.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -22,6 +21,9 @@ if not _LATE:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pairwise  # noqa: E402
+
 
 pytest.importorskip("triton")
 
@@ -52,48 +54,9 @@ FACTORS = dict(
 )
 
 
-def _fix(row):
-    """Apply the spec's constraints to a row (so the covered pairs are the real ones)."""
-    row = dict(row)
-    if row["A"] == "zero":
-        row["shared"] = False
-    return row
-
-
-def _pairs(row):
-    keys = sorted(row)
-    return {(a, row[a], b, row[b]) for a, b in itertools.combinations(keys, 2)}
-
-
-def _possible(a, va, b, vb):
-    d = {a: va, b: vb}
-    return not (d.get("A") == "zero" and d.get("shared") is True)
-
-
-def all_pairs():
-    return {(a, va, b, vb) for a, b in itertools.combinations(sorted(FACTORS), 2)
-            for va in FACTORS[a] for vb in FACTORS[b] if _possible(a, va, b, vb)}
-
-
-def covering_rows(seed=1234, tries=300):
-    """Greedy pairwise covering array (deterministic): every possible pair of factor values
-    appears in some row."""
-    rng = np.random.default_rng(seed)
-    names = list(FACTORS)
-    todo = all_pairs()
-    rows = []
-    while todo:
-        best, gain = None, 0
-        for _ in range(tries):
-            r = _fix({n: FACTORS[n][rng.integers(len(FACTORS[n]))] for n in names})
-            g = len(_pairs(r) & todo)
-            if g > gain:
-                best, gain = r, g
-        if best is None:
-            break
-        rows.append(best)
-        todo -= _pairs(best)
-    return rows
+def _possible(row):
+    """The spec's constraints (so the covered pairs are the real ones)."""
+    return not (row.get("A") == "zero" and row.get("shared") is True)
 
 
 def row_case(row, seed):
@@ -112,7 +75,8 @@ def row_case(row, seed):
     return step_case(spec, prob, np.random.default_rng(seed), pool=5 if row["pool"] else None)
 
 
-ROWS = covering_rows(seed=1234) + covering_rows(seed=4321)  # two independent arrays
+ROWS = (pairwise.covering_rows(FACTORS, _possible, seed=1234, tries=300)  # two independent arrays
+        + pairwise.covering_rows(FACTORS, _possible, seed=4321, tries=300))
 
 
 def _rid(row):
@@ -128,10 +92,10 @@ def test_pairwise_grid(i):
 
 
 def test_covering_array_is_small_and_complete():
-    for rows in (covering_rows(seed=1234), covering_rows(seed=4321)):
+    for seed in (1234, 4321):
+        rows = pairwise.covering_rows(FACTORS, _possible, seed=seed, tries=300)
         assert len(rows) <= 24, len(rows)
-        covered = set().union(*(_pairs(r) for r in rows))
-        assert all_pairs() <= covered
+        assert pairwise.all_pairs(FACTORS, _possible) <= set().union(*(pairwise.pairs(r) for r in rows))
 
 
 # ------------------------------------------------------------------------------------------
