@@ -35,7 +35,7 @@ def covering_rows(factors: dict, possible=_allowed, seed: int = 0, tries: int = 
         best, best_cov = None, -1
         for _ in range(tries):
             row = {k: factors[k][rng.integers(len(factors[k]))] for k in keys}
-            a, va, b, vb = sorted(need, key=repr)[rng.integers(len(need))]
+            a, va, b, vb = sorted(need)[rng.integers(len(need))]
             row[a], row[b] = va, vb
             if not possible(row):
                 continue
