@@ -5,6 +5,7 @@ memory and gradient accuracy.
     PYTHONPATH=$PWD:$PWD/.upstream MAMBA3_COMMIT=$(git rev-parse HEAD) \\
         python bench/scan_bwd.py [--out bench/results/scan_bwd.json] [--shapes siso,mimo]
                                  [--quick] [--only LABEL,...] [--no-upstream] [--no-acc]
+                                 [--prewarm-upstream WORKERS]
 
 Shapes (bf16, N=128, P=64, A=32 shared angles, D and Z; module-like inputs from bench/scan.py's
 make_inputs): B4-L4096-H32, B8-L2048-H32, B1-L16384-H32, B4-L4096-H32-G8-N64 (SISO; MIMO R=4
@@ -23,6 +24,15 @@ Accuracy (--acc, on by default): B=1, L=1024, H=4 (the float64 oracle adjoint is
 rel_l2 of every gradient of ours and upstream's vs reference/adjoint.py on the same inputs
 (upstream gets per-head angles and a bf16 Trap, as its module passes them).
 
+Upstream's backward autotunes four kernels over 27-54 configs each (~160 configs, compiled one
+after another on the first call: over 5 minutes on the device host). `--prewarm-upstream W`
+first runs W processes, each with every upstream autotuner restricted to its 1/W share of the
+configs, through the same shapes: they fill Triton's on-disk cache in parallel, and the full
+autotune in this process then only loads binaries and times them (upstream keeps its whole
+search space; nothing of it is pruned). The time of that step is reported (meta.prewarm_s).
+Ours: the first call of each shape (cold compile on a fresh host) is timed separately
+(`first_fwd_bwd_s`, the sum over all our kernels of that shape).
+
 Writes JSON: meta (GPU name, torch, triton, commit from MAMBA3_COMMIT) and rows.
 """
 from __future__ import annotations
@@ -30,7 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 import traceback
 
 import torch
@@ -56,6 +68,62 @@ SHAPES = [  # (label, B, L, H, G, N, P)
 MIMO_SHAPES = [("B4-L2048-H32", 4, 2048, 32, 1, 128, 64)]
 LEAVES = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v",
           "mimo_z", "mimo_out")
+
+
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+UPSTREAM_MODULES = ("mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd", "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd",
+                    "mamba_ssm.ops.triton.mamba3.angle_dt")
+
+
+def restrict_upstream_autotune(worker, workers):
+    """Every triton Autotuner in upstream's SISO modules keeps configs j with j % workers == worker
+    (at least one), so `workers` processes together compile the whole space once."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+    n = 0
+    for name in UPSTREAM_MODULES:
+        mod = importlib.import_module(name)
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner):
+                cfgs = obj.configs
+                mine = [c for j, c in enumerate(cfgs) if j % workers == worker] or [cfgs[worker % len(cfgs)]]
+                obj.configs = mine
+                n += 1
+    return n
+
+
+def prewarm_worker(worker, workers, shapes):
+    torch.cuda.init()
+    n = restrict_upstream_autotune(worker, workers)
+    for label, B, L, H, G, N, P in shapes:
+        a = make_inputs("siso", B, L, H, G, N, P, 1)
+        dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
+        la = _leaves(a)
+        upstream_fwd(la).backward(dout)
+        torch.cuda.synchronize()
+    print(f"worker {worker}: {n} autotuners, {len(shapes)} shapes", flush=True)
+
+
+def prewarm_upstream(workers, shapes):
+    """Run `workers` prewarm processes (this script, --prewarm-worker i/W) and wait for all."""
+    t = time.time()
+    labels = ",".join(s[0] for s in shapes)
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--prewarm-worker", f"{i}/{workers}",
+                               "--only", labels, "--shapes", "siso"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(workers)]
+    fails = []
+    for i, p in enumerate(procs):
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            fails.append(f"worker {i} rc {p.returncode}: {out[-400:]}")
+    return time.time() - t, fails
 
 
 def _median_ms(fn):
@@ -178,7 +246,15 @@ def run_shape(kind, label, B, L, H, G, N, P, args, rows):
     a = make_inputs(kind, B, L, H, G, N, P, R)
     dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
     res = dict(kind=kind, shape=label, B=B, L=L, H=H, G=G, N=N, P=P, R=R)
+    la = _leaves(a)
+    t = time.time()
+    ours_fwd(kind)(la).backward(dout)
+    torch.cuda.synchronize()
+    res["first_fwd_bwd_s"] = time.time() - t
+    log(f"{kind} {label}: ours first fwd+bwd {res['first_fwd_bwd_s']:.1f} s")
+    del la
     res["ours"] = _measure(ours_fwd(kind), a, dout)
+    log(f"{kind} {label}: ours {res['ours']}")
     try:   # the memory-for-recompute option: y kept by the forward
         res["ours_save_y"] = _measure(ours_fwd(kind, save_y=True), a, dout)
     except Exception as e:  # noqa: BLE001
@@ -189,7 +265,15 @@ def run_shape(kind, label, B, L, H, G, N, P, args, rows):
         res["ours_stages_ms"] = f"{type(e).__name__}: {e}"[:300]
     if kind == "siso" and not args.no_upstream:
         try:
+            t = time.time()
+            la = _leaves(a)
+            upstream_fwd(la).backward(dout)
+            torch.cuda.synchronize()
+            res["upstream_first_fwd_bwd_s"] = time.time() - t
+            del la
+            log(f"{kind} {label}: upstream first fwd+bwd (autotune) {res['upstream_first_fwd_bwd_s']:.1f} s")
             res["upstream"] = _measure(upstream_fwd, a, dout)
+            log(f"{kind} {label}: upstream {res['upstream']}")
             res["speedup_fwd_bwd"] = res["upstream"]["fwd_bwd_ms"] / res["ours"]["fwd_bwd_ms"]
             res["speedup_bwd"] = res["upstream"]["bwd_ms"] / res["ours"]["bwd_ms"]
         except Exception as e:  # noqa: BLE001
@@ -208,24 +292,38 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--no-upstream", action="store_true")
     ap.add_argument("--no-acc", action="store_true")
+    ap.add_argument("--prewarm-upstream", type=int, default=0, metavar="WORKERS")
+    ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    def selected(kind):
+        shapes = SHAPES if kind == "siso" else MIMO_SHAPES
+        if args.quick:
+            shapes = shapes[:1]
+        if args.only:
+            shapes = [s for s in shapes if s[0] in args.only.split(",")]
+        return shapes
+    if args.prewarm_worker:
+        i, w = map(int, args.prewarm_worker.split("/"))
+        prewarm_worker(i, w, selected("siso"))
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, triton=__import__("triton").__version__,
                 commit=os.environ.get("MAMBA3_COMMIT", "unknown"))
     print(json.dumps(meta), flush=True)
     rows, acc = [], {}
+    if args.prewarm_upstream and "siso" in args.shapes.split(",") and not args.no_upstream:
+        meta["prewarm_s"], meta["prewarm_failures"] = prewarm_upstream(args.prewarm_upstream, selected("siso"))
+        meta["prewarm_workers"] = args.prewarm_upstream
+        log(f"upstream prewarm: {meta['prewarm_s']:.1f} s, failures {meta['prewarm_failures']}")
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows, accuracy=acc), f, indent=1, default=str)
     for kind in args.shapes.split(","):
-        shapes = SHAPES if kind == "siso" else MIMO_SHAPES
-        if args.quick:
-            shapes = shapes[:1]
-        if args.only:
-            shapes = [s for s in shapes if s[0] in args.only.split(",")]
+        shapes = selected(kind)
         for label, B, L, H, G, N, P in shapes:
             try:
                 run_shape(kind, label, B, L, H, G, N, P, args, rows)
@@ -234,6 +332,7 @@ def main():
                 rows.append(dict(kind=kind, shape=label, error=f"{type(e).__name__}: {e}"[:500]))
             save()
         if not args.no_acc:
+            log(f"{kind}: accuracy")
             try:
                 acc[kind] = accuracy(kind, kind == "siso" and not args.no_upstream)
             except Exception as e:  # noqa: BLE001
