@@ -73,12 +73,13 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     the register use of its head and rank loops is not monotonic in the block size), 4 warps
     elsewhere;
     the per-sequence loops (latency-bound: S x H programs walk their sequence) step 64 tokens
-    with 8 warps (4 warps spill at A = 32). Post also takes 8 warps at R = 2: with 4, ptxas spills
-    16 B at 128 registers there (N16-P64, N32-P128; the build the JIT makes, with its
-    divisible-by-16 integer hints)."""
+    with 8 warps (4 warps spill at A = 32). Post also takes 8 warps at pow2(R) = 2 and 4: with 4,
+    ptxas spills 16 B at 128 registers at R = 2 (N16-P64, N32-P128; the build the JIT makes, with
+    its divisible-by-16 integer hints) and at R = 3 with the interleaved pairing's in-register
+    even / odd split (N16-P48: 168 registers)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     big = _nhp(spec) >= 64
-    post8 = big or _pow2(spec.rank) == 2
+    post8 = big or _pow2(spec.rank) in (2, 4)
     return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, (1024 if big else 512) // w)),
                 SEQ_BT=64, num_warps=4, post_num_warps=8 if post8 else 4, seq_num_warps=8, CORE=None,
                 CORE_IMPL="triton")

@@ -39,7 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import FAST_MATH, PI, _cast, _cos_sin, _pair_cols, _seq_bounds, _sigmoid, _tanh
+from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotate, _seq_bounds,
+                            _sigmoid, _store_pairs, _tanh)
 
 
 @triton.jit
@@ -64,11 +65,9 @@ def post_kernel(
     j = tl.arange(0, NHP)
     jm = j < (N // 2)
     c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    xm = mm[:, None] & jm[None, :]
     p = tl.arange(0, PP)
     pm = p < P
     vm = mm[:, None] & pm[None, :]
-    DQT = dq_ptr.dtype.element_ty
     if HAS_KF or HAS_VF:
         seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
         is_last = seq_last >= 0
@@ -78,6 +77,10 @@ def post_kernel(
     for hh in range(HG):
         h = g * HG + hh
         acc = hh > 0
+        # the previous head's dQ / dK stores, by whichever threads held them, visible to every
+        # thread of the program before it reads them back (the load and store tiles need not
+        # map elements to threads alike)
+        tl.debug_barrier()
         if A > 0:
             th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                          mask=mm[:, None] & (j[None, :] < A), other=0.0)
@@ -100,19 +103,11 @@ def post_kernel(
         dv = tl.zeros([BT, PP], dtype=tl.float32)
         dD = tl.zeros([BT], dtype=tl.float32)
         for r in range(R):
-            qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
-            brow = (h * R + r) * N
-            x0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-            x1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
-            grow = ((m64 * R + r) * G + g)[:, None] * N
-            crow = ((m64 * RC + r) * H + h)[:, None] * N
-            d0 = tl.load(dqh_ptr + crow + c0[None, :], mask=xm, other=0.0)
-            d1 = tl.load(dqh_ptr + crow + c1[None, :], mask=xm, other=0.0)
+            grow = ((m64 * R + r) * G + g) * N
+            crow = ((m64 * RC + r) * H + h) * N
+            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
             # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-            u0 = tl.load(qh_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
-            u1 = tl.load(qh_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+            u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += d1 * u0 - d0 * u1
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
@@ -124,45 +119,29 @@ def post_kernel(
                     w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
                 else:
                     w = tl.sum(dyr * v, axis=1) * gamma
-                krow2 = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
-                brow2 = (h * R + r2) * N
-                y0 = tl.load(k_ptr + krow2 + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                    tl.load(kb_ptr + brow2 + c0, mask=jm, other=0.0)[None, :]
-                y1 = tl.load(k_ptr + krow2 + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                    tl.load(kb_ptr + brow2 + c1, mask=jm, other=0.0)[None, :]
+                y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                    (h * R + r2) * N, j, c0, c1, jm, N, PAIR_HALF)
                 e0 += w[:, None] * y0
                 e1 += w[:, None] * y1
             prow = ((pid * H + h) * R + r) * N
             tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-            e0 += tl.load(dq_ptr + grow + c0[None, :], mask=xm & acc, other=0.0).to(tl.float32)
-            e1 += tl.load(dq_ptr + grow + c1[None, :], mask=xm & acc, other=0.0).to(tl.float32)
-            tl.store(dq_ptr + grow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
-            tl.store(dq_ptr + grow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+            a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
         for r2 in range(R):
-            krow = (b * s_kb + t * s_kt + r2 * s_kr + g * s_kg)[:, None]
-            brow = (h * R + r2) * N
-            x0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-            x1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
-            kh0 = x0 * cs - x1 * sn
-            kh1 = x0 * sn + x1 * cs
-            grow = ((m64 * R + r2) * G + g)[:, None] * N
-            crow = ((m64 * RC + r2) * H + h)[:, None] * N
-            f0 = tl.load(dks_ptr + crow + c0[None, :], mask=xm, other=0.0)
-            f1 = tl.load(dks_ptr + crow + c1[None, :], mask=xm, other=0.0)
+            x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                (h * R + r2) * N, j, c0, c1, jm, N, PAIR_HALF)
+            kh0, kh1 = _rotate(x0, x1, cs, sn)
+            grow = ((m64 * R + r2) * G + g) * N
+            crow = ((m64 * RC + r2) * H + h) * N
+            f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-            u0 = tl.load(ks_ptr + crow + c0[None, :], mask=xm, other=0.0).to(tl.float32)
-            u1 = tl.load(ks_ptr + crow + c1[None, :], mask=xm, other=0.0).to(tl.float32)
+            u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += f1 * u0 - f0 * u1
             d0 = f0 * scale[:, None]
             d1 = f1 * scale[:, None]
             if HAS_KF:
-                frow = ((sl * R + r2) * H + h)[:, None] * N
-                fm = xm & is_last[:, None]
-                g0 = tl.load(dkf_ptr + frow + c0[None, :], mask=fm, other=0.0)
-                g1 = tl.load(dkf_ptr + frow + c1[None, :], mask=fm, other=0.0)
+                g0, g1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
                 dtheta += g1 * kh0 - g0 * kh1
                 d0 += g0
                 d1 += g1
@@ -179,12 +158,8 @@ def post_kernel(
             dD += tl.sum(dy2 * vt2, axis=1)
             dvt += dd * dy2
             for r in range(R):
-                qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
-                brq = (h * R + r) * N
-                y0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                    tl.load(qb_ptr + brq + c0, mask=jm, other=0.0)[None, :]
-                y1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-                    tl.load(qb_ptr + brq + c1, mask=jm, other=0.0)[None, :]
+                y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
+                                    (h * R + r) * N, j, c0, c1, jm, N, PAIR_HALF)
                 dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                               other=0.0).to(tl.float32)
                 mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
@@ -196,10 +171,8 @@ def post_kernel(
             prow = ((pid * H + h) * R + r2) * N
             tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-            e0 += tl.load(dk_ptr + grow + c0[None, :], mask=xm & acc, other=0.0).to(tl.float32)
-            e1 += tl.load(dk_ptr + grow + c1[None, :], mask=xm & acc, other=0.0).to(tl.float32)
-            tl.store(dk_ptr + grow + c0[None, :], _cast(e0, DQT, INTERP), mask=xm)
-            tl.store(dk_ptr + grow + c1[None, :], _cast(e1, DQT, INTERP), mask=xm)
+            a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
             if HAS_MV:
                 dv += dvt * mv2[None, :]
                 tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import FAST_MATH, _cast, _cos_sin, _wrap  # noqa: F401  (post and output import from here)
+from .scan_common import (FAST_MATH, _cast, _cos_sin, _pairs_raw, _rotate, _store_pairs,  # noqa: F401  (post and
+                          _wrap)  # output import from here)
 
 PI = tl.constexpr(3.141592653589793)
 
@@ -52,6 +53,29 @@ def _pair_cols(j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
         c0 = 2 * j
         c1 = 2 * j + 1
     return c0, c1
+
+
+@triton.jit
+def _bias_halves(ptr, base, c0, c1, jm):
+    """The bias row at ptr + base as fp32 pair halves [1, NHP] (0 on padded pairs)."""
+    b0 = tl.load(ptr + base + c0, mask=jm, other=0.0).to(tl.float32)
+    b1 = tl.load(ptr + base + c1, mask=jm, other=0.0).to(tl.float32)
+    return b0[None, :], b1[None, :]
+
+
+@triton.jit
+def _ld(ptr, row, rmask, j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """Rows at row [BT] (int64 element offsets) as fp32 pair halves [BT, NHP]; 0 where masked."""
+    x0, x1 = _pairs_raw(ptr, row, rmask, j, N, N // 2, PAIR_HALF)
+    return x0.to(tl.float32), x1.to(tl.float32)
+
+
+@triton.jit
+def _ld_biased(ptr, row, rmask, bias_ptr, bias_base, j, c0, c1, jm, N: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """x + bias as fp32 pair halves (x: rows at row [BT], bias: the row at bias_ptr + bias_base)."""
+    x0, x1 = _ld(ptr, row, rmask, j, N, PAIR_HALF)
+    b0, b1 = _bias_halves(bias_ptr, bias_base, c0, c1, jm)
+    return x0 + b0, x1 + b1
 
 
 @triton.jit
@@ -146,7 +170,6 @@ def prep_kernel(
     j = tl.arange(0, NHP)
     jm = j < (N // 2)
     c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    xm = mm[:, None] & jm[None, :]
     if A > 0:
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
@@ -157,38 +180,21 @@ def prep_kernel(
     vm = mm[:, None] & pm[None, :]
     v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
                 other=0.0).to(tl.float32)
-    ODT = qh_ptr.dtype.element_ty
     for r in tl.static_range(R):
-        qrow = (b * s_qb + t * s_qt + r * s_qr + g * s_qg)[:, None]
-        krow = (b * s_kb + t * s_kt + r * s_kr + g * s_kg)[:, None]
-        brow = (h * R + r) * N
-        q0 = tl.load(q_ptr + qrow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(qb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-        q1 = tl.load(q_ptr + qrow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(qb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
-        k0 = tl.load(k_ptr + krow + c0[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(kb_ptr + brow + c0, mask=jm, other=0.0)[None, :]
-        k1 = tl.load(k_ptr + krow + c1[None, :], mask=xm, other=0.0).to(tl.float32) + \
-            tl.load(kb_ptr + brow + c1, mask=jm, other=0.0)[None, :]
+        q0, q1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, (h * R + r) * N,
+                            j, c0, c1, jm, N, PAIR_HALF)
+        k0, k1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r * s_kr + g * s_kg, mm, kb_ptr, (h * R + r) * N,
+                            j, c0, c1, jm, N, PAIR_HALF)
         if A > 0:
-            qh0 = q0 * cs - q1 * sn
-            qh1 = q0 * sn + q1 * cs
-            kh0 = k0 * cs - k1 * sn
-            kh1 = k0 * sn + k1 * cs
-        else:
-            qh0 = q0
-            qh1 = q1
-            kh0 = k0
-            kh1 = k1
-        orow = ((m64 * RC + r) * H + h)[:, None] * N
-        tl.store(qh_ptr + orow + c0[None, :], _cast(qh0, ODT, INTERP), mask=xm)
-        tl.store(qh_ptr + orow + c1[None, :], _cast(qh1, ODT, INTERP), mask=xm)
-        tl.store(ks_ptr + orow + c0[None, :], _cast(kh0 * scale[:, None], ODT, INTERP), mask=xm)
-        tl.store(ks_ptr + orow + c1[None, :], _cast(kh1 * scale[:, None], ODT, INTERP), mask=xm)
+            q0, q1 = _rotate(q0, q1, cs, sn)
+            k0, k1 = _rotate(k0, k1, cs, sn)
+        orow = ((m64 * RC + r) * H + h) * N
+        _store_pairs(qh_ptr, orow, mm, j, q0, q1, N, N // 2, PAIR_HALF, INTERP)
+        _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, PAIR_HALF, INTERP)
         if HAS_MV:
             mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
             vt = v * mv[None, :]
         else:
             vt = v
-        tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], _cast(vt, ODT, INTERP),
-                 mask=vm)
+        tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :],
+                 _cast(vt, vt_ptr.dtype.element_ty, INTERP), mask=vm)

@@ -395,36 +395,34 @@ def _rotate(x0, x1, c, s):
 
 
 @triton.jit
+def _store_pairs(ptr, row_off, rmask, j, x0, x1, N: tl.constexpr, NH: tl.constexpr, PAIR_HALF: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """Store fp32 pair halves (x0, x1) [ROWS, NHP] as rows at row_off [ROWS] (int64 element
+    offsets) in ptr's dtype; the mirror of _pairs_raw (contiguous, vectorised stores: the
+    interleaved pairing joins even / odd columns into one row tile in registers)."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    if PAIR_HALF:
+        m = rmask[:, None] & (j < NH)[None, :]
+        tl.store(ptr + row_off[:, None] + j[None, :], _cast(x0, ty, INTERP), mask=m)
+        tl.store(ptr + row_off[:, None] + (j + N // 2)[None, :], _cast(x1, ty, INTERP), mask=m)
+    else:
+        NHP: tl.constexpr = j.shape[0]
+        cols = tl.arange(0, 2 * NHP)
+        m = rmask[:, None] & (cols < N)[None, :]
+        x = tl.reshape(tl.join(_cast(x0, ty, INTERP), _cast(x1, ty, INTERP)), [x0.shape[0], 2 * NHP])
+        tl.store(ptr + row_off[:, None] + cols[None, :], x, mask=m)
+
+
+@triton.jit
 def _load_state(ptr, base, p, j, P: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
                 PAIR_HALF: tl.constexpr):
     """A (BP x N) block of a P x N state at ptr + base (row-major, natural column order) as
     pair halves (S0, S1) [BP, NHP] fp32."""
-    off = base + p[:, None].to(tl.int64) * N
-    if PAIR_HALF:
-        m = (p < P)[:, None] & (j < NH)[None, :]
-        s0 = tl.load(ptr + off + j[None, :], mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(ptr + off + (j + NH)[None, :], mask=m, other=0.0).to(tl.float32)
-    else:  # one contiguous row tile, split into even / odd columns in registers
-        NHP: tl.constexpr = j.shape[0]
-        cols = tl.arange(0, 2 * NHP)
-        m = (p < P)[:, None] & (cols < N)[None, :]
-        x = tl.load(ptr + off + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        s0, s1 = tl.split(tl.reshape(x, [x.shape[0], NHP, 2]))
-    return s0, s1
+    s0, s1 = _pairs_raw(ptr, base + p.to(tl.int64) * N, p < P, j, N, NH, PAIR_HALF)
+    return s0.to(tl.float32), s1.to(tl.float32)
 
 
 @triton.jit
 def _store_state(ptr, base, p, j, s0, s1, P: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
                  PAIR_HALF: tl.constexpr, INTERP: tl.constexpr):
-    off = base + p[:, None].to(tl.int64) * N
-    ty: tl.constexpr = ptr.dtype.element_ty
-    if PAIR_HALF:
-        m = (p < P)[:, None] & (j < NH)[None, :]
-        tl.store(ptr + off + j[None, :], _cast(s0, ty, INTERP), mask=m)
-        tl.store(ptr + off + (j + NH)[None, :], _cast(s1, ty, INTERP), mask=m)
-    else:  # even / odd columns joined into one contiguous row tile
-        NHP: tl.constexpr = j.shape[0]
-        cols = tl.arange(0, 2 * NHP)
-        m = (p < P)[:, None] & (cols < N)[None, :]
-        x = tl.reshape(tl.join(_cast(s0, ty, INTERP), _cast(s1, ty, INTERP)), [s0.shape[0], 2 * NHP])
-        tl.store(ptr + off + cols[None, :], x, mask=m)
+    _store_pairs(ptr, base + p.to(tl.int64) * N, p < P, j, s0, s1, N, NH, PAIR_HALF, INTERP)
