@@ -5,7 +5,7 @@ memory and gradient accuracy.
     PYTHONPATH=$PWD:$PWD/.upstream MAMBA3_COMMIT=$(git rev-parse HEAD) \\
         python bench/scan_bwd.py [--out bench/results/scan_bwd.json] [--shapes siso,mimo]
                                  [--quick] [--only LABEL,...] [--no-upstream] [--no-acc]
-                                 [--prewarm-upstream WORKERS]
+                                 [--prewarm-upstream WORKERS] [--profile]
 
 Shapes (bf16, N=128, P=64, A=32 shared angles, D and Z; module-like inputs from bench/scan.py's
 make_inputs): B4-L4096-H32, B8-L2048-H32, B1-L16384-H32, B4-L4096-H32-G8-N64 (SISO; MIMO R=4
@@ -18,8 +18,10 @@ Per shape and implementation (median ms, triton.testing.do_bench):
   held_mb       memory the autograd graph holds between forward and backward, beyond the
                 inputs and the output (torch.cuda.memory_allocated after forward - before)
   peak_bwd_mb   peak allocation during the backward above the level before it
-ours also: the same with save_y=True (`ours_save_y`), and the stage breakdown of the backward
-(CUDA events, scan_bwd.backward(..., timings=)).
+ours (default save_y=True: the forward keeps y) also: the same with save_y=False
+(`ours_recompute_y`), and the stage breakdown of the backward (CUDA events around each stage,
+scan_bwd.backward(..., timings=), with y recomputed: host gaps between launches count there;
+--profile gives the kernels' own GPU times).
 Accuracy (--acc, on by default): B=1, L=1024, H=4 (the float64 oracle adjoint is a token loop):
 rel_l2 of every gradient of ours and upstream's vs reference/adjoint.py on the same inputs
 (upstream gets per-head angles and a bf16 Trap, as its module passes them).
@@ -193,6 +195,32 @@ def upstream_fwd(a):
                                 Angles=ang.contiguous(), D=a["d"], Z=a["z"], chunk_size=64)
 
 
+def kernel_profile(run_fwd, a, dout, iters=3):
+    """GPU time per kernel of `iters` forward + backward runs (torch.profiler, device time only,
+    so host gaps between launches are excluded): [(kernel, launches per run, µs per run)], by
+    time, plus the total."""
+    from torch.profiler import ProfilerActivity, profile
+    la = _leaves(a)
+    run_fwd(la).backward(dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for x in la.values():
+                if isinstance(x, torch.Tensor):
+                    x.grad = None
+            run_fwd(la).backward(dout)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = e.self_cuda_time_total
+        if us > 0:
+            rows.append((e.key[:80], e.count / iters, us / iters))
+    rows.sort(key=lambda r: -r[2])
+    return {"kernels": rows[:25], "total_us": sum(r[2] for r in rows)}
+
+
 def stage_breakdown(kind, a, dout):
     """Median over 10 runs of each backward stage's CUDA-event time (ms)."""
     pairing = "half" if kind == "mimo" else "interleaved"
@@ -255,14 +283,21 @@ def run_shape(kind, label, B, L, H, G, N, P, args, rows):
     del la
     res["ours"] = _measure(ours_fwd(kind), a, dout)
     log(f"{kind} {label}: ours {res['ours']}")
-    try:   # the memory-for-recompute option: y kept by the forward
-        res["ours_save_y"] = _measure(ours_fwd(kind, save_y=True), a, dout)
+    try:   # the memory-saving option: y recomputed by the backward
+        res["ours_recompute_y"] = _measure(ours_fwd(kind, save_y=False), a, dout)
     except Exception as e:  # noqa: BLE001
-        res["ours_save_y"] = f"{type(e).__name__}: {e}"[:300]
+        res["ours_recompute_y"] = f"{type(e).__name__}: {e}"[:300]
     try:
         res["ours_stages_ms"], res["ours_config"] = stage_breakdown(kind, a, dout)
     except Exception as e:  # noqa: BLE001
         res["ours_stages_ms"] = f"{type(e).__name__}: {e}"[:300]
+    if args.profile:
+        try:
+            res["ours_profile"] = kernel_profile(ours_fwd(kind), a, dout)
+            res["ours_recompute_y_profile"] = kernel_profile(ours_fwd(kind, save_y=False), a, dout)
+            log(f"{kind} {label}: profile total {res['ours_profile']['total_us']:.0f} us/run")
+        except Exception as e:  # noqa: BLE001
+            res["ours_profile"] = f"{type(e).__name__}: {e}"[:300]
     if kind == "siso" and not args.no_upstream:
         try:
             t = time.time()
@@ -292,6 +327,7 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--no-upstream", action="store_true")
     ap.add_argument("--no-acc", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel (torch.profiler)")
     ap.add_argument("--prewarm-upstream", type=int, default=0, metavar="WORKERS")
     ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
