@@ -70,9 +70,9 @@ def matmul_rate() -> float:
     return 2 * n ** 3 / (ms * 1e-3)
 
 
-def make_inputs(kind, B, L, H, G, N, P, R, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev, bf = "cuda", torch.bfloat16
+def make_inputs(kind, B, L, H, G, N, P, R, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    dev, bf = device, torch.bfloat16
     A = N // 4
 
     def rn(*s):
