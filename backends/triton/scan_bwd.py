@@ -66,23 +66,27 @@ def _ap(spec) -> int:
 
 
 def default_config(spec: ScanSpec, problem=None) -> dict:
-    """Tile sizes that keep every kernel spill-free on the AOT grid
-    (tests/test_triton_scan_bwd_compile.py): token-parallel programs of BT tokens (prep, output:
-    BT x max(N/2, P) <= 2048 fp32 per tile; post, which holds about twenty such tiles: POST_BT
-    x max(N/2, P) <= 1024 with 8 warps for N >= 128, else <= 512 with 4 warps: ptxas-measured,
-    the register use of its head and rank loops is not monotonic in the block size), 4 warps
-    elsewhere;
-    the per-sequence loops (latency-bound: S x H programs walk their sequence) step 64 tokens
-    with 8 warps (4 warps spill at A = 32). Post also takes 8 warps at pow2(R) = 2 and 4: with 4,
-    ptxas spills 16 B at 128 registers at R = 2 (N16-P64, N32-P128; the build the JIT makes, with
-    its divisible-by-16 integer hints) and at R = 3 with the interleaved pairing's in-register
-    even / odd split (N16-P48: 168 registers)."""
+    """Launch configs measured on the H100 (bench/scan_bwd_stage_sweep.py, each stage alone,
+    bench/results/scan_bwd_stage_sweep_h100.json) among those spill-free on the AOT grid
+    (tests/test_triton_scan_bwd_compile.py):
+    prep, output: BT x max(N/2, P) <= 2048 fp32 per tile, 4 warps (flat: +-10 %).
+    post: small programs, BT x max(N/2, P) = 512, 4 warps. It walks a group's heads one after
+      the other, so it is latency-bound and wants many programs in flight: SISO N=128 1.16 ms
+      (16 tokens x 8 warps, the former default) -> 0.84 ms (8 x 4); MIMO R=4 3.84 -> 2.62.
+      (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) 8 warps
+      where 4 spill (ptxas stops at 128-168 registers there): pow2(R) = 2, pow2(R) >= 4 with
+      N < 128, R >= 5; at pow2(R) = 2 with N >= 128, 1024 instead of 512 (the former default:
+      8 tokens x 8 warps spill 8 B at N128-P32, 16 x 8 do not).
+    per-sequence loops (latency-bound: S x H programs walk their sequence): 128 tokens per step,
+      8 warps (0.18 -> 0.14 ms seq_fwd, 0.23 -> 0.18 seq_bwd at SISO B4 L4096; 64 with initial
+      states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
-    big = _nhp(spec) >= 64
-    post8 = big or _pow2(spec.rank) in (2, 4)
-    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, (1024 if big else 512) // w)),
-                SEQ_BT=64, num_warps=4, post_num_warps=8 if post8 else 4, seq_num_warps=8, CORE=None,
-                CORE_IMPL="triton")
+    rp = _pow2(spec.rank)
+    post8 = rp == 2 or (rp >= 4 and _nhp(spec) < 64) or rp >= 8
+    pw = 1024 if rp == 2 and _nhp(spec) >= 64 else 512   # (N128-P32-R2 spills 8 B at 8 x 8; not at 16 x 8)
+    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, pw // w)),
+                SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
+                seq_num_warps=8, CORE=None, CORE_IMPL="triton")
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
