@@ -5,7 +5,7 @@ memory and gradient accuracy.
     PYTHONPATH=$PWD:$PWD/.upstream MAMBA3_COMMIT=$(git rev-parse HEAD) \\
         python bench/scan_bwd.py [--out bench/results/scan_bwd.json] [--shapes siso,mimo]
                                  [--quick] [--only LABEL,...] [--no-upstream] [--no-acc]
-                                 [--prewarm-upstream WORKERS] [--profile]
+                                 [--prewarm-upstream WORKERS] [--profile] [--graph]
 
 Shapes (bf16, N=128, P=64, A=32 shared angles, D and Z; module-like inputs from bench/scan.py's
 make_inputs): B4-L4096-H32, B8-L2048-H32, B1-L16384-H32, B4-L4096-H32-G8-N64 (SISO; MIMO R=4
@@ -195,6 +195,33 @@ def upstream_fwd(a):
                                 Angles=ang.contiguous(), D=a["d"], Z=a["z"], chunk_size=64)
 
 
+def graph_ms(run_fwd, a, dout):
+    """Forward + backward captured in one CUDA graph and replayed (median ms, do_bench): the
+    device time of the whole step without the host's launch gaps (the device host is a slow VM:
+    Triton launches cost 50-100 µs each there, so the eager fwd_bwd_ms of ~25 launches is partly
+    host-bound). Gradients land in the graph's own buffers on every replay."""
+    from triton.testing import do_bench
+    la = _leaves(a)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            for x in la.values():
+                if isinstance(x, torch.Tensor):
+                    x.grad = None
+            run_fwd(la).backward(dout)
+    torch.cuda.current_stream().wait_stream(s)
+    for x in la.values():
+        if isinstance(x, torch.Tensor):
+            x.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run_fwd(la).backward(dout)
+    g.replay()
+    torch.cuda.synchronize()
+    return do_bench(g.replay, warmup=5, rep=50, return_mode="median")
+
+
 def kernel_profile(run_fwd, a, dout, iters=3):
     """GPU time per kernel of `iters` forward + backward runs (torch.profiler, device time only,
     so host gaps between launches are excluded): [(kernel, launches per run, µs per run)], by
@@ -313,9 +340,23 @@ def run_shape(kind, label, B, L, H, G, N, P, args, rows):
             res["speedup_bwd"] = res["upstream"]["bwd_ms"] / res["ours"]["bwd_ms"]
         except Exception as e:  # noqa: BLE001
             res["upstream_error"] = f"{type(e).__name__}: {e}"[:500]
+    if args.graph:
+        for name, fn in [("ours", ours_fwd(kind))] + ([("upstream", upstream_fwd)] if kind == "siso" and
+                                                       not args.no_upstream else []):
+            try:
+                res[f"{name}_graph_fwd_bwd_ms"] = graph_ms(fn, a, dout)
+            except Exception as e:  # noqa: BLE001
+                res[f"{name}_graph_fwd_bwd_ms"] = f"{type(e).__name__}: {e}"[:300]
+            log(f"{kind} {label}: {name} graph fwd+bwd {res[f'{name}_graph_fwd_bwd_ms']}")
+        if isinstance(res.get("upstream_graph_fwd_bwd_ms"), float) and isinstance(res.get("ours_graph_fwd_bwd_ms"), float):
+            res["speedup_graph_fwd_bwd"] = res["upstream_graph_fwd_bwd_ms"] / res["ours_graph_fwd_bwd_ms"]
     rows.append(res)
     print(json.dumps(res, default=str), flush=True)
     torch.cuda.empty_cache()
+
+
+def _num(x):
+    return x if isinstance(x, float) else float("nan")
 
 
 def main():
@@ -328,6 +369,7 @@ def main():
     ap.add_argument("--no-upstream", action="store_true")
     ap.add_argument("--no-acc", action="store_true")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel (torch.profiler)")
+    ap.add_argument("--graph", action="store_true", help="fwd+bwd replayed from a CUDA graph, ours and upstream")
     ap.add_argument("--prewarm-upstream", type=int, default=0, metavar="WORKERS")
     ap.add_argument("--prewarm-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -377,7 +419,7 @@ def main():
             print(json.dumps({"accuracy": {kind: acc[kind]}}, default=str), flush=True)
             save()
     print(f"{'kind':<5} {'shape':<22} {'fwd':>7} {'fwd+bwd':>8} {'bwd':>7} {'held MB':>8} {'peak MB':>8} "
-          f"{'up fwd+bwd':>10} {'up bwd':>7} {'up held':>8} {'x':>5}")
+          f"{'up fwd+bwd':>10} {'up bwd':>7} {'up held':>8} {'x':>5} {'graph':>7} {'up graph':>8} {'xg':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['kind']:<5} {r['shape']:<22} ERROR {r['error'][:80]}")
@@ -386,7 +428,9 @@ def main():
         nan = float("nan")
         print(f"{r['kind']:<5} {r['shape']:<22} {o['fwd_ms']:7.3f} {o['fwd_bwd_ms']:8.3f} {o['bwd_ms']:7.3f} "
               f"{o['held_mb']:8.1f} {o['peak_bwd_mb']:8.1f} {u.get('fwd_bwd_ms', nan):10.3f} "
-              f"{u.get('bwd_ms', nan):7.3f} {u.get('held_mb', nan):8.1f} {r.get('speedup_fwd_bwd', nan):5.2f}")
+              f"{u.get('bwd_ms', nan):7.3f} {u.get('held_mb', nan):8.1f} {r.get('speedup_fwd_bwd', nan):5.2f} "
+              f"{_num(r.get('ours_graph_fwd_bwd_ms')):7.3f} {_num(r.get('upstream_graph_fwd_bwd_ms')):8.3f} "
+              f"{_num(r.get('speedup_graph_fwd_bwd')):5.2f}")
 
 
 if __name__ == "__main__":
