@@ -74,17 +74,16 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       the other, so it is latency-bound and wants many programs in flight: SISO N=128 1.16 ms
       (16 tokens x 8 warps, the former default) -> 0.84 ms (8 x 4); MIMO R=4 3.84 -> 2.62.
       (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) 8 warps
-      where 4 spill (ptxas stops at 128-168 registers there): pow2(R) = 2, pow2(R) >= 4 with
-      N < 128, R >= 5; at pow2(R) = 2 with N >= 128, 1024 instead of 512 (the former default:
-      8 tokens x 8 warps spill 8 B at N128-P32, 16 x 8 do not).
+      where 4 spill (ptxas' register use is not monotonic in the tile here; at 8 warps it often
+      stops at 128 registers and spills): R >= 5 with N >= 128, R = 2..4 with N <= 16.
+    prep, output: at R >= 5 half the tile (output spilled 8 B at R8 N128 P128).
     per-sequence loops (latency-bound: S x H programs walk their sequence): 128 tokens per step,
       8 warps (0.18 -> 0.14 ms seq_fwd, 0.23 -> 0.18 seq_bwd at SISO B4 L4096; 64 with initial
       states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
-    post8 = rp == 2 or (rp >= 4 and _nhp(spec) < 64) or rp >= 8
-    pw = 1024 if rp == 2 and _nhp(spec) >= 64 else 512   # (N128-P32-R2 spills 8 B at 8 x 8; not at 16 x 8)
-    return dict(BT=max(4, min(32, 2048 // w)), POST_BT=max(4, min(32, pw // w)),
+    post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
+    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, 512 // w)),
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton")
 
@@ -253,15 +252,18 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
         dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
              args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
                    ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)), ("w_ptr", opt(t.norm_weight)),
+                   ("v_ptr", t.v), ("mv_ptr", opt(t.mimo_v)),
                    ("dy_ptr", b["dy"]), ("dz_ptr", opt(b["dz"])), ("pmz_ptr", opt(b["pmz"])),
-                   ("pmo_ptr", opt(b["pmo"])), ("pw_ptr", opt(b["pw"])),
+                   ("pmo_ptr", opt(b["pmo"])), ("pw_ptr", opt(b["pw"])), ("pd_ptr", opt(b["pd"])),
                    ("s_zb", t.z.stride(0) if t.z is not None else 0),
                    ("s_zt", t.z.stride(1) if t.z is not None else 0),
                    ("s_zh", t.z.stride(2) if t.z is not None else 0),
+                   ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
              constexprs=dict(R=R, RC=_pow2(R), P=P, PP=PP, BT=BT, MODE=_outk.MODES[spec.output_mode],
                              HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
-                             HAS_MO=t.mimo_out is not None, NEED_Y=needs_y(spec), INTERP=interp),
+                             HAS_MO=t.mimo_out is not None, NEED_Y=needs_y(spec),
+                             HAS_D=t.d is not None, HAS_MV=t.mimo_v is not None, INTERP=interp),
              num_warps=nw),
         dict(name="bwd_prep", stage=3, kernel=_prep.prep_kernel, grid=_post.token_grid(B * L, H, BT),
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
@@ -280,7 +282,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("last_ptr", b["last"]), ("dkf_ptr", opt(b["dkf"])), ("dvf_ptr", opt(b["dvf"])),
                    ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
-                   ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])), ("pd_ptr", opt(b["pd"])),
+                   ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])),
                    ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -342,7 +344,7 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
     b["pqb"], b["pkb"] = e(npblk, H, R, N), e(npblk, H, R, N)
     b["pmv"] = e(npblk, H, R, P) if t.mimo_v is not None else None
-    b["pd"] = e(npblk, H) if t.d is not None else None
+    b["pd"] = e(nblk, H) if t.d is not None else None    # from the output stage (BT blocks)
     b["ddt"] = e(B, H, L)
     b["dtrap"] = e(B, H, L) if t.trap is not None else None
     b["dang"] = e(B, L, H, max(A, 1))

@@ -10,7 +10,12 @@ the orchestrator), dO the upstream gradient, u = Z * MIMO_Z[r], gate = silu(u) (
                  dn = dO gate mo, dy = rstd (dn W - xhat mean_p(dn W xhat)), dgate = dO n mo
     dZ = sum_r dgate_r silu'(u_r) mz_r
 Parameter gradients leave as one fp32 partial sum per (token block, head) (deterministic;
-the orchestrator sums the blocks): dMIMO_Z, dMIMO_Out (nblk, H, R, P), dNormW (nblk, H, P).
+the orchestrator sums the blocks): dMIMO_Z, dMIMO_Out (nblk, H, R, P), dNormW (nblk, H, P),
+and dD (nblk, H) = sum over tokens, ranks, p of dy vt (vt = V MIMO_V_r): taken here from the
+fp32 dy, before dy is rounded to the core's operand dtype. dD is a sum of terms of both signs
+that can cancel to far below their size, so the bf16 rounding of dy (2^-9 per term) became
+errors of several % of dD on some draws (H100 grid, R8 N32 P32 L65: 2.8e-2 > 2e-2); from fp32
+dy the terms carry ~1e-7.
 dy is laid out with RC = pow2(R) ranks (the core's operand layout; padded ranks stay zero).
 y is read only when a term needs it (NEED_Y: Z, MIMO_Out or the norm).
 """
@@ -26,12 +31,12 @@ MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
 @triton.jit
 def output_bwd_kernel(
-    y_ptr, do_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr,
-    dy_ptr, dz_ptr, pmz_ptr, pmo_ptr, pw_ptr,
-    s_zb, s_zt, s_zh, BL, L, H, eps,
+    y_ptr, do_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr, v_ptr, mv_ptr,
+    dy_ptr, dz_ptr, pmz_ptr, pmo_ptr, pw_ptr, pd_ptr,
+    s_zb, s_zt, s_zh, s_vb, s_vt, s_vh, BL, L, H, eps,
     R: tl.constexpr, RC: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, NEED_Y: tl.constexpr,
-    INTERP: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_MV: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -43,9 +48,13 @@ def output_bwd_kernel(
     msk = mm[:, None] & pm[None, :]
     if MODE != 1:
         do = tl.load(do_ptr + (m64 * H + h)[:, None] * P + p[None, :], mask=msk, other=0.0).to(tl.float32)
+    b = m64 // L
+    t = m64 % L
+    if HAS_D:   # dD = sum dy . vt from the fp32 dy (see the module docstring)
+        v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=msk,
+                    other=0.0).to(tl.float32)
+        dd = tl.zeros([BT], dtype=tl.float32)
     if HAS_Z:
-        b = m64 // L
-        t = m64 % L
         zz = tl.load(z_ptr + (b * s_zb + t * s_zt + h * s_zh)[:, None] + p[None, :], mask=msk,
                      other=0.0).to(tl.float32)
         dz = tl.zeros([BT, PP], dtype=tl.float32)
@@ -98,6 +107,11 @@ def output_bwd_kernel(
             dw += tl.sum(dn * xhat, axis=0)
             dy = rstd[:, None] * (dnw - xhat * (tl.sum(dnw * xhat, axis=1) / P)[:, None])
         tl.store(dy_ptr + drow, _cast(dy, DYT, INTERP), mask=msk)
+        if HAS_D:
+            if HAS_MV:
+                dd += tl.sum(dy * v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :], axis=1)
+            else:
+                dd += tl.sum(dy * v, axis=1)
         if HAS_Z:
             du = dgate * sg * (1.0 + u * (1.0 - sg))
             dz += du * mz
@@ -108,6 +122,8 @@ def output_bwd_kernel(
         tl.store(dz_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dz, DZT, INTERP), mask=msk)
     if MODE == 2:
         tl.store(pw_ptr + (pid * H + h) * P + p, dw, mask=pm)
+    if HAS_D:
+        tl.store(pd_ptr + pid * H + h, tl.sum(dd, axis=0))
 
 
 def grid(BL: int, H: int, BT: int):

@@ -5,7 +5,8 @@ operands (dqh, dks, dvt) and the output stage's dy, per token t of head h (q' = 
 k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt_r'):
     diagonal term y_r += gamma sum_r' M[r,r'] vt_r' and skip term y_r += D vt_r:
         dq'_r += gamma sum_r' W[r,r'] k'_r';   dk'_r' += gamma sum_r W[r,r'] q'_r
-        dvt_r' += gamma sum_r M[r,r'] dy_r + D dy_r';  dgamma_t = sum M o W;  dD += sum dy_r . vt_r
+        dvt_r' += gamma sum_r M[r,r'] dy_r + D dy_r';  dgamma_t = sum M o W
+        (dD = sum dy_r . vt_r comes from the output stage, from the fp32 dy)
     ks = kh * scale:  dkh = dks * scale (+ dK_final at a sequence's last token),
                       dscale_t = sum_r dks_r . kh_r
     rotation: dq' += Rot(-theta) dqh, dk' += Rot(-theta) dkh,
@@ -23,8 +24,7 @@ One program per (token block, Q/K group g) walks the group's H/G value heads in 
 accumulates dQ, dK of the group in place in its own rows (B, L, R, G, N): the final dQ/dK in the
 input dtype when G = H, else an fp32 buffer cast by the orchestrator (deterministic: fixed head
 order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and dscale
-(B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .)
-and dD (nblk, H).
+(B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .).
 
 `seq_bwd_kernel` grid (sequences, H): walks one sequence backwards chunk by chunk:
     dDT_t   = (dgamma_t + dscale_t) lam_t + dscale_{t-1} (1 - lam_t)      (SPEC §9.2 stage 4)
@@ -47,7 +47,7 @@ from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pa
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, pd_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
@@ -101,7 +101,6 @@ def post_kernel(
         dscale = tl.zeros([BT], dtype=tl.float32)
         dgamma = tl.zeros([BT], dtype=tl.float32)
         dv = tl.zeros([BT, PP], dtype=tl.float32)
-        dD = tl.zeros([BT], dtype=tl.float32)
         for r in range(R):
             grow = ((m64 * R + r) * G + g) * N
             crow = ((m64 * RC + r) * H + h) * N
@@ -155,7 +154,6 @@ def post_kernel(
                 vt2 = v * mv2[None, :]
             else:
                 vt2 = v
-            dD += tl.sum(dy2 * vt2, axis=1)
             dvt += dd * dy2
             for r in range(R):
                 y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
@@ -188,8 +186,6 @@ def post_kernel(
                      mask=mm[:, None] & (j[None, :] < A))
         tl.store(dgam_ptr + sidx, dgamma, mask=mm)
         tl.store(dsc_ptr + sidx, dscale, mask=mm)
-        if HAS_D:
-            tl.store(pd_ptr + pid * H + h, tl.sum(dD, axis=0))
 
 
 @triton.jit
