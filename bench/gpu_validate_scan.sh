@@ -13,7 +13,7 @@ quick=${1:-}
   echo "commit ${MAMBA3_COMMIT:-unknown}"; python -m mamba3_kernels info; } > $OUT/env.txt 2>&1
 py="python -m pytest -v -m gpu -p no:cacheprovider"
 timeout ${BWD_TESTS_S:-200} $py tests/test_scan_bwd_gpu.py -k "not grid" 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|Error|assert|passed|failed" > $OUT/bwd_tests.log
-timeout ${BENCH_BWD_S:-120} python bench/scan_bwd.py ${quick:+--quick} --out $OUT/scan_bwd.json > $OUT/bench.log 2>&1
+timeout ${BENCH_BWD_S:-420} python bench/scan_bwd.py --prewarm-upstream 14 --graph ${quick:+--quick} --out $OUT/scan_bwd.json > $OUT/bench.log 2>&1
 timeout ${BENCH_FWD_S:-90} python bench/scan.py --quick --out $OUT/scan.json >> $OUT/bench.log 2>&1
 timeout ${FWD_TESTS_S:-90} $py tests/test_scan_gpu.py -k "varlen or split or grid" 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|Error|assert|passed|failed" > $OUT/fwd_tests.log
 timeout ${GRID_S:-60} $py tests/test_scan_bwd_gpu.py -k "grid" 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|Error|assert|passed|failed" >> $OUT/bwd_tests.log
