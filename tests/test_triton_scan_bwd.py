@@ -147,6 +147,26 @@ def test_short_forms_and_multi_segment_core(rng):
     check(rows, case)
 
 
+@pytest.mark.parametrize("name,spec,pr,lens", [
+    ("varlen-empty-states", _spec(d_state=16, head_dim=16, n_angles=8, initial_states=True, final_states=True,
+                                  varlen=True, shared_angles=True, input_dtype="bfloat16"), (1, 30, 4, 2, 3),
+     [13, 0, 17]),
+    ("dense-mimo2-euler", _spec(rank=2, discretization="euler", final_states=True, initial_states=True, **MIMO),
+     (2, 27, 2, 1, 2), None),
+])
+def test_per_sequence_stages_in_segments(name, spec, pr, lens, rng):
+    """seq_fwd / seq_bwd split into 8-token segments (SEQ_BT=8: several per sequence, some past a
+    varlen sequence's end, an empty sequence): the carried angle, Gacc, dTheta_init, pend0 and
+    dpend across segment boundaries."""
+    from mamba3_kernels.backends.triton import scan_bwd
+    cfg = dict(SEQ_BT=8)
+    S, H, L = pr[4], pr[2], pr[1]
+    nseg, segl = scan_bwd.seq_segments(dict(scan_bwd.default_config(spec), **cfg), S, H, L)
+    assert nseg >= 3 and segl == 8, (nseg, segl)
+    rows, case = run_grad_case(spec, Problem(*pr), rng, lengths=lens, bwd_config=cfg)
+    check(rows, case)
+
+
 @pytest.mark.parametrize("mode", ["norm_reduce", "per_rank", "reduce"])
 def test_save_y(mode, rng):
     """save_y=True: out and the final states from the per-rank pass + the output-mode kernel,

@@ -19,7 +19,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
-OWN = {"bwd_seq_fwd", "bwd_output", "bwd_prep", "bwd_post", "bwd_seq_bwd"}  # + save_y_output_fwd with Z/MIMO_Out/norm
+OWN = {"bwd_seq_fwd_sums", "bwd_seq_fwd", "bwd_output", "bwd_prep", "bwd_post", "bwd_seq_bwd_sums", "bwd_seq_bwd"}  # + save_y_output_fwd with Z/MIMO_Out/norm
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -33,6 +33,7 @@ operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import triton
@@ -217,6 +218,38 @@ def _last_index(B, L, S, cu, dev):
     return last[:B * L]
 
 
+SEQ_PROGRAMS = 4 * 132   # per-sequence stages: about four programs per H100 SM
+
+
+def seq_segments(config: dict, S: int, H: int, L: int):
+    """(NSEG, SEGL): the per-sequence stages (seq_fwd, seq_bwd) run one program per segment of
+    SEGL tokens (a multiple of SEQ_BT), NSEG segments per sequence (with varlen, of the packed
+    length L: an upper bound; segments past a sequence's end exit at once), enough for
+    S * NSEG * H >= SEQ_PROGRAMS where the sequences are long enough."""
+    sbt = config["SEQ_BT"]
+    nblk = max(1, triton.cdiv(L, sbt))
+    nseg = min(nblk, max(1, triton.cdiv(SEQ_PROGRAMS, max(1, S * H))))
+    segl = sbt * triton.cdiv(nblk, nseg)
+    return max(1, triton.cdiv(L, segl)), segl
+
+
+def _carries(tot, S: int, H: int, A: int, init=None, reverse=False, wrap=False):
+    """Each segment's carry-in from the per-segment sums tot (S * NSEG, H, A): the exclusive
+    (reverse=False) or reverse-exclusive sum over the sequence's segments, plus `init`
+    (S, H, A) or 0, in float64, wrapped into [0, 2 pi) for angles; (S * NSEG, H, A) fp32."""
+    x = tot.view(S, -1, H, A).double()
+    if reverse:
+        x = x.flip(1)
+    ex = torch.cumsum(x, dim=1) - x
+    if reverse:
+        ex = ex.flip(1)
+    if init is not None:
+        ex = ex + init.double()[:, None]
+    if wrap:
+        ex = torch.remainder(ex, 2 * math.pi)
+    return ex.to(F32).reshape(tot.shape)
+
+
 def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     """The kernel calls of stages 0, 2, 3 (before the core) and 5, 6 (after it) as dicts
     (name, kernel, grid, args, constexprs, num_warps, stage); `bufs` holds every tensor by name
@@ -239,15 +272,23 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     common = dict(R=R, RC=_pow2(R), N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
                   HAS_MV=t.mimo_v is not None, INTERP=interp)
     st = t.state_in
+    NSEG, SEGL = seq_segments(config, S, H, L)
+    sgrid = (S * NSEG, H)
+    segc = dict(A=A, AP=_ap(spec), BT=SBT, VARLEN=varlen)
+    sd = b["dtheta"].stride()
     calls = [
-        dict(name="bwd_seq_fwd", stage=0, kernel=_prep.seq_fwd_kernel, grid=(S, H),
+        dict(name="bwd_seq_fwd_sums", stage=0, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
+             args=[("x_ptr", opt(t.angles)), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["ftot"]),
+                   ("s_xb", sa[0]), ("s_xt", sa[1]), ("s_xh", sa[2]), ("L", L), ("H", H), ("NSEG", NSEG),
+                   ("SEGL", SEGL)],
+             constexprs=dict(segc, ANGLES=True), num_warps=snw),
+        dict(name="bwd_seq_fwd", stage=0, kernel=_prep.seq_fwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
-                   ("ang_in_ptr", st.angle if st is not None else d), ("cu_ptr", cu),
+                   ("ang_in_ptr", b["fcarry"]), ("cu_ptr", cu),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
                    ("pend_ptr", b["pend"]), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-                   ("L", L), ("H", H)],
-             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
-                             HAS_INIT=st is not None),
+                   ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
+             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen),
              num_warps=snw),
         dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
              args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
@@ -290,15 +331,20 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
              constexprs=dict(common, BT=PBT, HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
                              HAS_VF=b["dvf"] is not None),
              num_warps=pnw),
-        dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=(S, H),
+        dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
+             args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
+                   ("s_xb", sd[0]), ("s_xt", sd[1]), ("s_xh", sd[2]), ("L", L), ("H", H), ("NSEG", NSEG),
+                   ("SEGL", SEGL)],
+             constexprs=dict(segc, ANGLES=False), num_warps=snw),
+        dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("cu_ptr", cu),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("dth_ptr", b["dtheta"]),
-                   ("dthf_ptr", opt(b["dthf"])), ("dpend_ptr", opt(b["dpend"])),
+                   ("dthf_ptr", b["bcarry"]), ("dpend_ptr", opt(b["dpend"])),
                    ("ddt_ptr", b["ddt"]), ("dtrap_ptr", opt(b["dtrap"])), ("dang_ptr", b["dang"]),
                    ("dthi_ptr", opt(b["dthi"])), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-                   ("L", L), ("H", H)],
+                   ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
-                             HAS_INIT=st is not None, HAS_THF=b["dthf"] is not None),
+                             HAS_INIT=st is not None),
              num_warps=snw),
     ]
     return calls
@@ -350,6 +396,9 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dang"] = e(B, L, H, max(A, 1))
     b["dpend"] = e(S, H) if t.state_in is not None else None
     b["dthi"] = e(S, H, max(A, 1)) if t.state_in is not None else None
+    NSEG, _ = seq_segments(grads["_config"], S, H, L)
+    b["ftot"], b["fcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
+    b["btot"], b["bcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
     b["nblk"] = nblk
     return b
 
@@ -414,6 +463,10 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     b = buffers(spec, t, g, dev)
     b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
     calls = {c["name"]: c for c in plan(spec, config, t, b)}
+    if A:
+        launch(calls["bwd_seq_fwd_sums"])
+        init = t.state_in.angle if t.state_in is not None else None
+        b["fcarry"].copy_(_carries(b["ftot"], S, H, A, init, wrap=True))
     launch(calls["bwd_seq_fwd"])
     tm.mark("0 seq_fwd")
     if L:
@@ -440,6 +493,9 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     if L:
         launch(calls["bwd_post"])
         tm.mark("5 post")
+    if A:
+        launch(calls["bwd_seq_bwd_sums"])
+        b["bcarry"].copy_(_carries(b["btot"], S, H, A, b["dthf"], reverse=True))
     launch(calls["bwd_seq_bwd"])
     tm.mark("6 seq_bwd")
     # stage 7: fixed-order reductions

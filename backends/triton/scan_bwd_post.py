@@ -26,7 +26,9 @@ input dtype when G = H, else an fp32 buffer cast by the orchestrator (determinis
 order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and dscale
 (B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .).
 
-`seq_bwd_kernel` grid (sequences, H): walks one sequence backwards chunk by chunk:
+`seq_bwd_kernel` grid (sequences x segments, H): walks one segment of a sequence backwards
+chunk by chunk, from its carry-in Gacc (dTheta_final + the later segments' dtheta sums: the
+orchestrator's reverse scan of `seg_sum_kernel`'s sums):
     dDT_t   = (dgamma_t + dscale_t) lam_t + dscale_{t-1} (1 - lam_t)      (SPEC §9.2 stage 4)
     dTrap_t = (dgamma_t + dscale_t - dscale_{t-1}) DT_t lam_t (1 - lam_t)
     (dscale_{-1} = 0; the first token also gets the initial states' pending term
@@ -39,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotate, _seq_bounds,
+from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotate, _seg_bounds,
                             _sigmoid, _store_pairs, _tanh)
 
 
@@ -192,30 +194,28 @@ def post_kernel(
 def seq_bwd_kernel(
     dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, dthf_ptr, dpend_ptr,
     ddt_ptr, dtrap_ptr, dang_ptr, dthi_ptr,
-    s_ab, s_at, s_ah, L, H,
+    s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_THF: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    pid = tl.program_id(0)
     h = tl.program_id(1)
-    b, t0, t1 = _seq_bounds(seq, cu_ptr, L, VARLEN)
+    seq, k, b, t0, t1, s0, s1 = _seg_bounds(pid, NSEG, SEGL, cu_ptr, L, VARLEN)
     b64 = b.to(tl.int64)
     base = (b64 * H + h) * L
     j = tl.arange(0, AP)
     jm = j < A
-    if HAS_THF and A > 0:
-        carry = tl.load(dthf_ptr + (seq * H + h) * A + j, mask=jm, other=0.0)
-    else:
-        carry = tl.zeros([AP], dtype=tl.float32)
+    if A > 0:   # Gacc after the segment: dTheta_final + the later segments' dtheta sums
+        carry = tl.load(dthf_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
     if HAS_INIT:
         dpend = tl.load(dpend_ptr + seq * H + h)
     else:
         dpend = 0.0
     rows = tl.arange(0, BT)
-    nch = tl.cdiv(t1 - t0, BT)
+    nch = tl.cdiv(s1 - s0, BT)
     for i in range(nch):
-        t = t0 + (nch - 1 - i) * BT + rows
-        tm = t < t1
+        t = s0 + (nch - 1 - i) * BT + rows
+        tm = t < s1
         dg = tl.load(dgam_ptr + base + t, mask=tm, other=0.0)
         ds = tl.load(dsc_ptr + base + t, mask=tm, other=0.0)
         dt = tl.load(dt_ptr + base + t, mask=tm, other=0.0)
@@ -246,7 +246,8 @@ def seq_bwd_kernel(
             carry = carry + tot
         tl.store(ddt_ptr + base + t, ddt, mask=tm)
     if HAS_INIT and A > 0:
-        tl.store(dthi_ptr + (seq * H + h) * A + j, carry, mask=jm)
+        if k == 0:
+            tl.store(dthi_ptr + (seq * H + h) * A + j, carry, mask=jm)
 
 
 def token_grid(BL: int, H: int, BT: int):

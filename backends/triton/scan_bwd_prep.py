@@ -1,13 +1,16 @@
 """Backward stages 1 and 3 of the chunked scan (SPEC §9.1; orchestrated by scan_bwd.py).
 
-`seq_fwd_kernel`   grid (sequences, H): walks one sequence of one head chunk by chunk and
-                   writes the per-token scalars of the forward's phase 1 that the backward
-                   reuses (fp32):
+`seq_fwd_kernel`   grid (sequences x segments, H): walks one segment of one sequence of one
+                   head chunk by chunk (from its carry-in angle: `seg_sum_kernel` sums each
+                   segment, the orchestrator scans the sums) and writes the per-token scalars
+                   of the forward's phase 1 that the backward reuses (fp32):
                      theta[t]  = wrap(theta_init + sum_{u<=t} pi tanh(Angles_u) DT_u)  (B,L,H,A)
                      gamma[t]  = DT_t lam_t                                             (B,H,L)
                      scale[t]  = gamma_t + DT_{t+1} (1 - lam_{t+1}) (0 past the seq's end) (B,H,L)
                      pend0     = DT_0 (1 - lam_0) of the sequence's first token (0 if empty) (S,H)
-                   (the angle cumsum is the one sequential part; the loop carries it wrapped).
+                   (the angle cumsum is the one sequential part; the loop carries it wrapped;
+                   segments make it parallel: B=1 L=16384 ran 32 programs one token block at a
+                   time).
 `prep_kernel`      grid (token blocks, H): the GEMM operands of the core backward, token-parallel,
                    in the operand dtype (bf16 for 16-bit inputs, fp32 for fp32 inputs):
                      qh[t,r] = Rot(theta_t)(Q[t,r,g(h)] + Q_bias[h,r])                 (B,L,R,H,N)
@@ -93,28 +96,70 @@ def _seq_bounds(seq, cu_ptr, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _seg_bounds(pid, NSEG, SEGL, cu_ptr, L, VARLEN: tl.constexpr):
+    """Program pid = seq * NSEG + k of a per-sequence stage run in segments of SEGL tokens:
+    (seq, k, batch row, the sequence's [t0, t1), the segment's [s0, s1) (empty past the end))."""
+    seq = pid // NSEG
+    k = pid % NSEG
+    b, t0, t1 = _seq_bounds(seq, cu_ptr, L, VARLEN)
+    s0 = tl.minimum(t0 + k * SEGL, t1)
+    s1 = tl.minimum(s0 + SEGL, t1)
+    return seq, k, b, t0, t1, s0, s1
+
+
+@triton.jit
+def seg_sum_kernel(
+    x_ptr, dt_ptr, cu_ptr, tot_ptr, s_xb, s_xt, s_xh, L, H, NSEG, SEGL,
+    A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, VARLEN: tl.constexpr, ANGLES: tl.constexpr,
+):
+    """Per (sequence, segment, head): the sum over the segment's tokens of the per-token angle
+    increment pi tanh(Angles_t) DT_t (ANGLES) or of dtheta_t (B, L, H, A) -> tot (S*NSEG, H, A).
+    The orchestrator turns these into each segment's carry-in (an exclusive scan over segments),
+    so the per-sequence walks below run one program per segment instead of per sequence."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seq, k, b, t0, t1, s0, s1 = _seg_bounds(pid, NSEG, SEGL, cu_ptr, L, VARLEN)
+    b64 = b.to(tl.int64)
+    j = tl.arange(0, AP)
+    jm = j < A
+    acc = tl.zeros([AP], dtype=tl.float32)
+    rows = tl.arange(0, BT)
+    for c in range(s0, s1, BT):
+        t = c + rows
+        tm = t < s1
+        am = tm[:, None] & jm[None, :]
+        t64 = t.to(tl.int64)
+        x = tl.load(x_ptr + b64 * s_xb + t64[:, None] * s_xt + h * s_xh + j[None, :], mask=am,
+                    other=0.0).to(tl.float32)
+        if ANGLES:   # kept wrapped like the walk's carry (fp32 sums of radians stay small)
+            dt = tl.load(dt_ptr + (b64 * H + h) * L + t, mask=tm, other=0.0)
+            acc = _wrap(acc + tl.sum(_tanh(x) * dt[:, None] * PI, axis=0))
+        else:
+            acc += tl.sum(x, axis=0)
+    tl.store(tot_ptr + (pid * H + h) * A + j, acc, mask=jm)
+
+
+@triton.jit
 def seq_fwd_kernel(
     dt_ptr, trap_ptr, ang_ptr, ang_in_ptr, cu_ptr,
     theta_ptr, gamma_ptr, scale_ptr, pend_ptr,
-    s_ab, s_at, s_ah, L, H,
+    s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    pid = tl.program_id(0)
     h = tl.program_id(1)
-    b, t0, t1 = _seq_bounds(seq, cu_ptr, L, VARLEN)
+    seq, k, b, t0, t1, s0, s1 = _seg_bounds(pid, NSEG, SEGL, cu_ptr, L, VARLEN)
     b64 = b.to(tl.int64)
     base = (b64 * H + h) * L
     j = tl.arange(0, AP)
     jm = j < A
-    if HAS_INIT and A > 0:
-        carry = tl.load(ang_in_ptr + (seq * H + h) * A + j, mask=jm, other=0.0)
-    else:
-        carry = tl.zeros([AP], dtype=tl.float32)
+    if A > 0:   # the angle before the segment, wrapped (theta_init + the earlier segments' sums)
+        carry = tl.load(ang_in_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
     rows = tl.arange(0, BT)
-    for c in range(t0, t1, BT):
+    for c in range(s0, s1, BT):
         t = c + rows
-        tm = t < t1
+        tm = t < s1
         tn = tm & ((t + 1) < t1)
         dt = tl.load(dt_ptr + base + t, mask=tm, other=0.0)
         dtn = tl.load(dt_ptr + base + t + 1, mask=tn, other=0.0)
@@ -139,14 +184,15 @@ def seq_fwd_kernel(
             tl.store(theta_ptr + ((b64 * L + t64[:, None]) * H + h) * A + j[None, :], th, mask=am)
             carry = _wrap(carry + tl.sum(phi, axis=0))
     # the pending beta term of the initial states: DT_0 (1 - lam_0) of a non-empty sequence
-    nonempty = t1 > t0
-    dt0 = tl.load(dt_ptr + base + t0, mask=nonempty, other=0.0)
-    if TRAP:
-        lam0 = _sigmoid(tl.load(trap_ptr + base + t0, mask=nonempty, other=0.0))
-        pend = dt0 * (1.0 - lam0)
-    else:
-        pend = dt0 * 0.0
-    tl.store(pend_ptr + seq * H + h, pend)
+    if k == 0:
+        nonempty = t1 > t0
+        dt0 = tl.load(dt_ptr + base + t0, mask=nonempty, other=0.0)
+        if TRAP:
+            lam0 = _sigmoid(tl.load(trap_ptr + base + t0, mask=nonempty, other=0.0))
+            pend = dt0 * (1.0 - lam0)
+        else:
+            pend = dt0 * 0.0
+        tl.store(pend_ptr + seq * H + h, pend)
 
 
 @triton.jit
