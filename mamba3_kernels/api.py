@@ -150,9 +150,10 @@ def _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y):
     if backend not in (None, "triton"):
         raise bad_arg("backend", "None or 'triton' when an input requires grad (the backward is "
                       "Triton's)", repr(backend))
+    from . import backends
     from .autograd import scan_with_grad
     from .backends.triton import scan_bwd, scan_fwd
-    ok, why = scan_bwd.supports(spec)
+    ok, why = backends.get("triton").supports(spec, "backward")
     if not ok:
         raise ValueError(f"spec: expected one the Triton backward supports, got one it does not ({why})")
     # dtype / device / stride checks before anything runs (nothing is written on an error)

@@ -347,7 +347,9 @@ def test_protocol():
     spec = realistic_spec()
     assert tb.supports(spec, "step") == (True, "")
     assert tb.supports(spec, "forward")[0]  # the chunked forward (tests/test_triton_scan_fwd.py)
-    assert tb.supports(spec, "backward") == (False, "not implemented yet")
+    assert tb.supports(spec, "backward") == (True, "")   # the chunked scan's (test_triton_scan_bwd.py)
+    ok, why = tb.supports(spec.replace(rank=9, pairing="half", output_mode="reduce", has_mimo_v=True), "backward")
+    assert not ok and "R=9" in why, why
     prob = Problem(64, 1, 32, 1, 64)
     for s in (spec, spec.replace(output_mode="reduce"), ScanSpec(d_state=128, head_dim=64),
               ScanSpec(d_state=16, head_dim=16), ScanSpec(d_state=256, head_dim=128)):

@@ -47,6 +47,9 @@ def supports(spec, op="step"):
     if op == "forward":
         from . import scan_fwd
         return scan_fwd.supports(spec)
+    if op == "backward":   # the chunked scan's backward (scan_bwd.py, behind mamba3_kernels.scan's autograd)
+        from . import scan_bwd
+        return scan_bwd.supports(spec)
     ok, why = common_support(spec, op)
     if not ok:
         return ok, why
