@@ -53,7 +53,7 @@ def filled_buffers(spec, t, g, cfg, dev):
     b["theta"].uniform_(0, 6.28)
     b["dqh"] = torch.randn(B, L, RC, H, spec.d_state, device=dev)
     b["dks"] = torch.randn_like(b["dqh"])
-    b["dvt"] = torch.randn(B, L, RC, H, P, device=dev)
+    b["dvt"] = torch.randn(1, B, L, RC, H, P, device=dev)   # the core's N-block partials (one here)
     b["last"] = scan_bwd._last_index(B, L, B, None, dev)
     b["dpend"] = b.get("dpend")
     return b

@@ -205,6 +205,13 @@ def test_core_deterministic_and_want_ds0():
     assert c["ds0"] is None
     for k in ("dqh", "dks", "dvt", "dadt"):
         assert torch.equal(a[k], c[k]), k
+    # dvt_partials: dvt left as its N-block partials (2 blocks of 16 here), every element written,
+    # summing to the same dvt; the other outputs unchanged
+    d = core.core_backward(*args, config=cfg, poison=True, dvt_partials=True)
+    assert d["dvt"].shape == (2,) + tuple(a["dvt"].shape) and not d["dvt"].isnan().any()
+    assert torch.equal(d["dvt"][0] + d["dvt"][1], a["dvt"])
+    for k in ("dqh", "dks", "dadt", "ds0"):
+        assert torch.equal(a[k], d[k]), k
 
 
 @here

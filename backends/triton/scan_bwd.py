@@ -73,7 +73,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     prep, output: BT x max(N/2, P) <= 2048 fp32 per tile, 4 warps (flat: +-10 %).
     post: small programs, BT x max(N/2, P) = 512, 4 warps. It walks a group's heads one after
       the other, so it is latency-bound and wants many programs in flight: SISO N=128 1.16 ms
-      (16 tokens x 8 warps, the former default) -> 0.84 ms (8 x 4); MIMO R=4 3.84 -> 2.62.
+      (16 tokens x 8 warps, the former default) -> 0.84 ms (8 x 4); MIMO R=4 3.84 -> 2.51 (4 x 4:
+      half the tile at pow2(R) = 4 with N >= 128, where 8 tokens spill 16 B).
       (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) 8 warps
       where 4 spill (ptxas' register use is not monotonic in the tile here; at 8 warps it often
       stops at 128 registers and spills): R >= 5 with N >= 128, R = 2..4 with N <= 16.
@@ -84,7 +85,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
     post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
-    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, 512 // w)),
+    pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
+    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, pw // w)),
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton")
 
@@ -175,7 +177,9 @@ def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
     n = lambda x: None if x is None else x.detach().double().cpu().numpy()
     g = ca.core_backward(n(qh), n(ks), n(vt), n(adt), n(dy), n(s0), n(dsf),
                          None if cu is None else cu.cpu().numpy())
-    return {k: torch.as_tensor(v, dtype=F32, device=qh.device) for k, v in g.items()}
+    out = {k: torch.as_tensor(v, dtype=F32, device=qh.device) for k, v in g.items()}
+    out["dvt"] = out["dvt"][None]   # as the Triton core's dvt_partials (one part)
+    return out
 
 
 def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
@@ -186,8 +190,10 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     if config.get("CORE"):   # partial overrides on top of the core's default
         R, N, P = qh.shape[2], qh.shape[4], vt.shape[4]
         ccfg = dict(core.default_config(R, N, P, qh.dtype), **config["CORE"])
+    # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
+    # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
-                              config=ccfg, want_ds0=True)
+                              config=ccfg, want_ds0=True, dvt_partials=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -327,8 +333,10 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
+                   ("s_vpart", b["dvt"].stride(0) if b["dvt"] is not None else 0),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
-             constexprs=dict(common, BT=PBT, HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
+             constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
+                             HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
                              HAS_VF=b["dvf"] is not None),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
@@ -576,7 +584,9 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     b = buffers(spec, t, grads, "meta")
     RC = _pow2(R)
     b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
-    b["dvt"] = e(B, L, RC, H, P)
+    from . import scan_bwd_core as core   # dvt arrives as the core's N-block partials
+    ccfg = dict(core.default_config(R, N, P, op_dtype(spec, config)), **(config.get("CORE") or {}))
+    b["dvt"] = e(core._np(N) // min(ccfg["BLOCK_N"], core._np(N)), B, L, RC, H, P)
     b["dpend"] = e(S, H) if spec.initial_states else None
     calls = plan(spec, config, t, b, device="meta")
     if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward

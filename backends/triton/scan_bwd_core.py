@@ -189,10 +189,12 @@ def _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens):
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False):
+         device=None, poison=False, dvt_partials=False):
     """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
     num_stages, run) and the output dict. Tensors must be contiguous (meta tensors for AOT).
-    poison: fill the outputs and every scratch tensor with NaN first (tests)."""
+    poison: fill the outputs and every scratch tensor with NaN first (tests). dvt_partials:
+    out["dvt"] is dvt's N-block partials (NNB, B, L, R, H, P), left unsummed for a consumer
+    that reads dvt once anyway (the scan backward's post stage sums them as it loads)."""
     B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
     dtype = _NAME[qh.dtype]
     dflt = default_config(R, N, P, dtype)
@@ -223,9 +225,13 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)
-    out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dvt": e(B, L, R, H, P), "dadt": e(B, H, L),
+    out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
-    dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials
+    if dvt_partials:
+        out["dvt"] = dvp = e(NNB, B, L, R, H, P)
+    else:
+        out["dvt"] = e(B, L, R, H, P)
+        dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials
     dummy = e(1)
     cu = cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
     opt = lambda x: dummy if x is None else x
@@ -270,7 +276,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "args": [("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
                   ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
-         "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen},
+         "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen,
+                        "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]
     return calls, out
@@ -282,18 +289,20 @@ def launch(c: dict) -> None:
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
     (B, L, R, H, P); adt (B, H, L) fp32; s0, ds_final (B, H, P, N) fp32 or None. Varlen: B == 1,
     cu_seqlens (S+1,) int32 (empty sequences allowed), s0 / ds_final (S, H, P, N). qh/ks/vt/dy
     all bf16 or all fp32 (the GEMM operand dtype). Returns dict(dqh, dks (B, L, R, H, N) fp32,
     dvt (B, L, R, H, P) fp32, dadt (B, H, L) fp32, ds0 (B|S, H, P, N) fp32 or None).
     config: default_config(R, N, P, dtype) when None. poison: NaN-fill outputs and scratch
-    before the run (tests: every output element must be written, no scratch read unwritten)."""
+    before the run (tests: every output element must be written, no scratch read unwritten).
+    dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P) (see plan)."""
     qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
     s0 = None if s0 is None else s0.contiguous()
     ds_final = None if ds_final is None else ds_final.contiguous()
-    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison)
+    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)

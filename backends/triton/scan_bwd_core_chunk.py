@@ -223,9 +223,9 @@ def scan_bwd_core_dadt_kernel(
     dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr,
-    SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr,
+    SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
 ):
-    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks), and
+    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks and SUM_DV), and
     dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
@@ -240,7 +240,7 @@ def scan_bwd_core_dadt_kernel(
         p = tl.arange(0, PP)
         for ci in range(nck):
             tc = t0 + ci * C
-            if NNB > 1:
+            if NNB > 1 and SUM_DV:
                 tok = tc + rt
                 rmask = (tok < eos) & (rr < R)
                 row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h

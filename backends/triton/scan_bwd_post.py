@@ -19,7 +19,8 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     (with the fp32 values the rounding of the operands does not cancel and the angle gradient's
     error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
     dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
-The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored).
+The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored); dvt
+comes as the core's NVP N-block partials (NVP, B, L, RC, H, P), summed here as it is loaded.
 One program per (token block, Q/K group g) walks the group's H/G value heads in order and
 accumulates dQ, dK of the group in place in its own rows (B, L, R, G, N): the final dQ/dK in the
 input dtype when G = H, else an fp32 buffer cast by the orchestrator (deterministic: fixed head
@@ -50,10 +51,10 @@ def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
-    s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh,
+    s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
-    PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
+    PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -150,6 +151,8 @@ def post_kernel(
             e1 = d1 * cs - d0 * sn
             vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
             dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+            for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
+                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
             dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
             if HAS_MV:
                 mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
