@@ -55,7 +55,6 @@ def filled_buffers(spec, t, g, cfg, dev):
     b["dks"] = torch.randn_like(b["dqh"])
     b["dvt"] = torch.randn(1, B, L, RC, H, P, device=dev)   # the core's N-block partials (one here)
     b["last"] = scan_bwd._last_index(B, L, B, None, dev)
-    b["dpend"] = b.get("dpend")
     return b
 
 

@@ -290,7 +290,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
              constexprs=dict(segc, ANGLES=True), num_warps=snw),
         dict(name="bwd_seq_fwd", stage=0, kernel=_prep.seq_fwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
-                   ("ang_in_ptr", b["fcarry"]), ("cu_ptr", cu),
+                   ("carry_ptr", b["fcarry"]), ("cu_ptr", cu),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
                    ("pend_ptr", b["pend"]), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
@@ -347,7 +347,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
         dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("cu_ptr", cu),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("dth_ptr", b["dtheta"]),
-                   ("dthf_ptr", b["bcarry"]), ("dpend_ptr", opt(b["dpend"])),
+                   ("carry_ptr", b["bcarry"]), ("dpend_ptr", opt(b["dpend"])),
                    ("ddt_ptr", b["ddt"]), ("dtrap_ptr", opt(b["dtrap"])), ("dang_ptr", b["dang"]),
                    ("dthi_ptr", opt(b["dthi"])), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
@@ -581,12 +581,13 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
                  angle=e(S, H, A) if spec.final_states and A else None,
                  k=e(S, R, H, N) if spec.final_states else None,
                  v=e(S, H, P) if spec.final_states else None)
+    from . import scan_bwd_core as _core
     b = buffers(spec, t, grads, "meta")
     RC = _pow2(R)
+    odt = op_dtype(spec, config)
+    ccfg = dict(_core.default_config(RC, N, P, odt), **(config.get("CORE") or {}))   # as run_core's
     b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
-    from . import scan_bwd_core as core   # dvt arrives as the core's N-block partials
-    ccfg = dict(core.default_config(R, N, P, op_dtype(spec, config)), **(config.get("CORE") or {}))
-    b["dvt"] = e(core._np(N) // min(ccfg["BLOCK_N"], core._np(N)), B, L, RC, H, P)
+    b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
     b["dpend"] = e(S, H) if spec.initial_states else None
     calls = plan(spec, config, t, b, device="meta")
     if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward
@@ -606,12 +607,6 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
             num_warps=config["num_warps"]))
     res = build(calls, arch)
     if core and L:
-        from . import scan_bwd_core as _core
-        odt = op_dtype(spec, config)
-        RC = _pow2(R)
-        ccfg = None
-        if config.get("CORE"):
-            ccfg = dict(_core.default_config(RC, N, P, odt), **config["CORE"])
         for k in _core.compile(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
                                s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
                                arch=arch):

@@ -188,6 +188,11 @@ def _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens):
     return B, L, R, H, N, P, S
 
 
+def n_blocks(N: int, config: dict) -> int:
+    """How many BLOCK_N-column blocks the state's N columns are split into (dvt's partials)."""
+    return _np(N) // min(config["BLOCK_N"], _np(N))
+
+
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
          device=None, poison=False, dvt_partials=False):
     """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
@@ -206,7 +211,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     RP, NP, PP = _pow2(R), _np(N), _np(P)
     C = config["CHUNK"]
     BN, BP, PBP = min(config["BLOCK_N"], NP), min(config["BLOCK_P"], PP), min(config["PASS_BLOCK_P"], PP)
-    NNB = NP // BN
+    NNB = n_blocks(N, config)
     SEG = _seg(config, B, L, H, H * NNB)
     SEGLEN = SEG * C
     varlen = cu_seqlens is not None

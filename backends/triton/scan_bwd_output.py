@@ -30,6 +30,16 @@ MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
 
 @triton.jit
+def _token_block(pid, BT: tl.constexpr, BL, P: tl.constexpr, PP: tl.constexpr):
+    """Program pid's BT flat tokens (int64, mask) and the P columns (index, mask, 2-D mask)."""
+    m = pid * BT + tl.arange(0, BT)
+    mm = m < BL
+    p = tl.arange(0, PP)
+    pm = p < P
+    return m.to(tl.int64), mm, p, pm, mm[:, None] & pm[None, :]
+
+
+@triton.jit
 def output_bwd_kernel(
     y_ptr, do_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr, v_ptr, mv_ptr,
     dy_ptr, dz_ptr, pmz_ptr, pmo_ptr, pw_ptr, pd_ptr,
@@ -40,12 +50,7 @@ def output_bwd_kernel(
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    m = pid * BT + tl.arange(0, BT)
-    mm = m < BL
-    m64 = m.to(tl.int64)
-    p = tl.arange(0, PP)
-    pm = p < P
-    msk = mm[:, None] & pm[None, :]
+    m64, mm, p, pm, msk = _token_block(pid, BT, BL, P, PP)
     if MODE != 1:
         do = tl.load(do_ptr + (m64 * H + h)[:, None] * P + p[None, :], mask=msk, other=0.0).to(tl.float32)
     b = m64 // L
@@ -141,12 +146,7 @@ def output_fwd_kernel(
     then computes y once (per-rank pass, kept for the backward) and out from it here."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    m = pid * BT + tl.arange(0, BT)
-    mm = m < BL
-    m64 = m.to(tl.int64)
-    p = tl.arange(0, PP)
-    pm = p < P
-    msk = mm[:, None] & pm[None, :]
+    m64, mm, p, pm, msk = _token_block(pid, BT, BL, P, PP)
     if HAS_Z:
         b = m64 // L
         t = m64 % L

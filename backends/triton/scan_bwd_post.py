@@ -122,7 +122,7 @@ def post_kernel(
                 else:
                     w = tl.sum(dyr * v, axis=1) * gamma
                 y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                    (h * R + r2) * N, j, c0, c1, jm, N, PAIR_HALF)
+                                    h * R + r2, j, N, PAIR_HALF)
                 e0 += w[:, None] * y0
                 e1 += w[:, None] * y1
             prow = ((pid * H + h) * R + r) * N
@@ -132,7 +132,7 @@ def post_kernel(
             _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
         for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                (h * R + r2) * N, j, c0, c1, jm, N, PAIR_HALF)
+                                h * R + r2, j, N, PAIR_HALF)
             kh0, kh1 = _rotate(x0, x1, cs, sn)
             grow = ((m64 * R + r2) * G + g) * N
             crow = ((m64 * RC + r2) * H + h) * N
@@ -162,7 +162,7 @@ def post_kernel(
             dvt += dd * dy2
             for r in range(R):
                 y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
-                                    (h * R + r) * N, j, c0, c1, jm, N, PAIR_HALF)
+                                    h * R + r, j, N, PAIR_HALF)
                 dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                               other=0.0).to(tl.float32)
                 mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
@@ -195,7 +195,7 @@ def post_kernel(
 
 @triton.jit
 def seq_bwd_kernel(
-    dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, dthf_ptr, dpend_ptr,
+    dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, carry_ptr, dpend_ptr,
     ddt_ptr, dtrap_ptr, dang_ptr, dthi_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
@@ -209,7 +209,7 @@ def seq_bwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # Gacc after the segment: dTheta_final + the later segments' dtheta sums
-        carry = tl.load(dthf_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
+        carry = tl.load(carry_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
     if HAS_INIT:
         dpend = tl.load(dpend_ptr + seq * H + h)
     else:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (FAST_MATH, _cast, _cos_sin, _pairs_raw, _rotate, _store_pairs,  # noqa: F401  (post and
-                          _wrap)  # output import from here)
+from .scan_common import (FAST_MATH, _cast, _cos_sin, _pair_cols, _pairs_raw, _rotate,  # noqa: F401  (post and
+                          _store_pairs, _wrap)  # output import from here)
 
 PI = tl.constexpr(3.141592653589793)
 
@@ -48,25 +48,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _pair_cols(j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
-    if PAIR_HALF:
-        c0 = j
-        c1 = j + N // 2
-    else:
-        c0 = 2 * j
-        c1 = 2 * j + 1
-    return c0, c1
-
-
-@triton.jit
-def _bias_halves(ptr, base, c0, c1, jm):
-    """The bias row at ptr + base as fp32 pair halves [1, NHP] (0 on padded pairs)."""
-    b0 = tl.load(ptr + base + c0, mask=jm, other=0.0).to(tl.float32)
-    b1 = tl.load(ptr + base + c1, mask=jm, other=0.0).to(tl.float32)
-    return b0[None, :], b1[None, :]
-
-
-@triton.jit
 def _ld(ptr, row, rmask, j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
     """Rows at row [BT] (int64 element offsets) as fp32 pair halves [BT, NHP]; 0 where masked."""
     x0, x1 = _pairs_raw(ptr, row, rmask, j, N, N // 2, PAIR_HALF)
@@ -74,11 +55,14 @@ def _ld(ptr, row, rmask, j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
 
 
 @triton.jit
-def _ld_biased(ptr, row, rmask, bias_ptr, bias_base, j, c0, c1, jm, N: tl.constexpr, PAIR_HALF: tl.constexpr):
-    """x + bias as fp32 pair halves (x: rows at row [BT], bias: the row at bias_ptr + bias_base)."""
+def _ld_biased(ptr, row, rmask, bias_ptr, bias_row, j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
+    """x + bias as fp32 pair halves (x: rows at row [BT]; bias: row `bias_row` of bias_ptr, N wide)."""
     x0, x1 = _ld(ptr, row, rmask, j, N, PAIR_HALF)
-    b0, b1 = _bias_halves(bias_ptr, bias_base, c0, c1, jm)
-    return x0 + b0, x1 + b1
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    jm = j < N // 2
+    b0 = tl.load(bias_ptr + bias_row * N + c0, mask=jm, other=0.0).to(tl.float32)
+    b1 = tl.load(bias_ptr + bias_row * N + c1, mask=jm, other=0.0).to(tl.float32)
+    return x0 + b0[None, :], x1 + b1[None, :]
 
 
 @triton.jit
@@ -141,7 +125,7 @@ def seg_sum_kernel(
 
 @triton.jit
 def seq_fwd_kernel(
-    dt_ptr, trap_ptr, ang_ptr, ang_in_ptr, cu_ptr,
+    dt_ptr, trap_ptr, ang_ptr, carry_ptr, cu_ptr,
     theta_ptr, gamma_ptr, scale_ptr, pend_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
@@ -155,7 +139,7 @@ def seq_fwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # the angle before the segment, wrapped (theta_init + the earlier segments' sums)
-        carry = tl.load(ang_in_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
+        carry = tl.load(carry_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
     rows = tl.arange(0, BT)
     for c in range(s0, s1, BT):
         t = c + rows
@@ -214,8 +198,6 @@ def prep_kernel(
     b = m64 // L
     t = m64 % L
     j = tl.arange(0, NHP)
-    jm = j < (N // 2)
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
     if A > 0:
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
@@ -227,10 +209,10 @@ def prep_kernel(
     v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
                 other=0.0).to(tl.float32)
     for r in tl.static_range(R):
-        q0, q1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, (h * R + r) * N,
-                            j, c0, c1, jm, N, PAIR_HALF)
-        k0, k1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r * s_kr + g * s_kg, mm, kb_ptr, (h * R + r) * N,
-                            j, c0, c1, jm, N, PAIR_HALF)
+        q0, q1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                            j, N, PAIR_HALF)
+        k0, k1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r * s_kr + g * s_kg, mm, kb_ptr, h * R + r,
+                            j, N, PAIR_HALF)
         if A > 0:
             q0, q1 = _rotate(q0, q1, cs, sn)
             k0, k1 = _rotate(k0, k1, cs, sn)
