@@ -436,7 +436,10 @@ class Cache:
             if problem:
                 _warn(f"tuning cache {self.path} was {problem}: {where}; rebuilt")
             self._set(entries, sig)
-            return entries
+        if change is not None:  # this process's memoised dispatch decisions may be stale now
+            from mamba3_kernels import dispatch
+            dispatch.clear_memo()
+        return entries
 
     def put(self, entry: dict) -> str:
         """Add or replace one entry (its "key" dict decides where). Returns its key string."""

@@ -11,7 +11,11 @@ is shorter than its launch, so these are host-bound), for the backend the cache 
   select        dispatch.select (warm memo: the cache decision already taken)
   plan          StepPlan call: per-token checks + the cached choice + the kernel
   step          mamba3_kernels.step: full argument validation + dispatch + the kernel
-dispatch = select's own time, and plan - direct (what the cached dispatch path adds to a call).
+  step_explicit mamba3_kernels.step(..., backend=<chosen>, config=<chosen>): the chosen kernel
+                named by the caller, so no tuning-cache decision
+dispatch = select's own time, plan - direct (what the cached dispatch path adds to a StepPlan
+call), and step - step_explicit (what the cache-based choice adds to a public step call; the
+argument validation both share is step_explicit - direct).
 """
 from __future__ import annotations
 
@@ -73,17 +77,21 @@ def main():
             row["select_us"] = per_call_us(lambda: dispatch.select("step", spec, prob, a["v"].device))
             row["plan_us"] = per_call_us(lambda: plan(**tok))
             row["step_us"] = per_call_us(lambda: m3.step(**a))
+            row["step_explicit_us"] = per_call_us(lambda: m3.step(**a, backend=mod.NAME, config=cfg))
             row["dispatch_added_us"] = row["plan_us"] - row["direct_us"]
+            row["step_dispatch_added_us"] = row["step_us"] - row["step_explicit_us"]
+            row["step_validation_us"] = row["step_explicit_us"] - row["direct_us"]
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
                 commit=os.environ.get("MAMBA3_COMMIT", "unknown"), cache=os.environ.get("MAMBA3_TUNE_CACHE"))
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-    print(f"{'B':>4} {'R':>2} {'backend':<9} {'src':<7} {'direct':>8} {'select':>7} {'plan':>8} {'step':>8} {'added':>7}")
+    print(f"{'B':>4} {'R':>2} {'backend':<9} {'src':<7} {'direct':>8} {'select':>7} {'plan':>8} {'step':>8} "
+          f"{'explicit':>8} {'added':>7}")
     for r in rows:
         print(f"{r['B']:>4} {r['R']:>2} {r['backend']:<9} {r['source']:<7} {r['direct_us']:8.1f} {r['select_us']:7.1f} "
-              f"{r['plan_us']:8.1f} {r['step_us']:8.1f} {r['dispatch_added_us']:7.1f}")
+              f"{r['plan_us']:8.1f} {r['step_us']:8.1f} {r['step_explicit_us']:8.1f} {r['dispatch_added_us']:7.1f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
    (mamba3_kernels.autotune.resolve);
 3. the first available backend (in PREFERENCE order) that supports the spec, with its
    `default_config`.
-Decisions are memoised per (op, spec, problem, device) so a warm call costs a dict lookup.
+Decisions are memoised per (op, spec, problem, device) so a warm call costs a dict lookup;
+`clear_memo()` (called by every write to a tuning cache in this process) forgets them and bumps
+`generation`, which callers that keep a decision of their own (api.step) compare against.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .spec import Problem, ScanSpec
 PREFERENCE = {"step": ("cute", "triton", "tilelang"), "forward": ("triton", "tilelang", "cute"),
               "backward": ("triton", "tilelang", "cute")}
 _memo: dict = {}
+generation = 0
 
 
 class NoBackendError(RuntimeError):
@@ -93,4 +96,6 @@ def _from_cache(op, spec, problem, device, tune=False):
 
 
 def clear_memo():
+    global generation
     _memo.clear()
+    generation += 1

@@ -126,33 +126,56 @@ def check_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states
         check_tensor("state_indices", state_indices, dtypes=(torch.int32,), device=dev)
 
 
-def build_step(spec: ScanSpec, *, q, k, v, adt, dt, trap, q_bias, k_bias, states, angles, d, z,
-               mimo_v, mimo_z, mimo_out, norm_weight, state_indices, out=None,
-               inplace: bool = True) -> StepTensors:
+_STEP_FIELDS = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v",
+                "mimo_z", "mimo_out", "norm_weight", "state_indices")
+
+
+class StepBuilder:
+    """Builds the backend bundle of checked step arguments. What each argument needs (nothing,
+    a view to the canonical rank, a copy: contiguous / fp32) depends only on the shapes, dtypes
+    and strides, so it is worked out once here and a builder serves every call whose tensors
+    have the same (api.step keeps one per validated signature)."""
+
+    def __init__(self, spec: ScanSpec, args: dict):
+        v, q = args["v"], args["q"]
+        B, H, P = v.shape
+        R, G, N = spec.rank, q.shape[-2], spec.d_state
+        f32 = torch.float32
+        layout = {"q": (None, (B, R, G, N)), "k": (None, (B, R, G, N)), "adt": (f32, None),
+                  "dt": (f32, None), "trap": (f32, None), "angles": (f32, None),
+                  "q_bias": (f32, (H, R, N)), "k_bias": (f32, (H, R, N)), "d": (f32, None),
+                  "mimo_v": (f32, None), "mimo_z": (f32, None), "mimo_out": (f32, None),
+                  "norm_weight": (f32, (H, P))}
+        self.convert = tuple((n, how) for n, how in layout.items()
+                             if args[n] is not None and as_contiguous(args[n], *how) is not args[n])
+        k_s = args["states"][2]
+        self.M = k_s.shape[0]
+        self.k_state_shape = (self.M, R, H, N) if k_s.dim() != 4 else None
+        self.out_shape = (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P)
+        self.out_dtype, self.device = v.dtype, v.device
+
+    def __call__(self, args: dict, out=None, inplace: bool = True) -> StepTensors:
+        f = {n: args[n] for n in _STEP_FIELDS}
+        for n, how in self.convert:
+            f[n] = as_contiguous(f[n], *how)
+        ang_s, ssm_s, k_s, v_s = args["states"]
+        if self.k_state_shape is not None:
+            k_s = k_s.view(self.k_state_shape)
+        st_in = States(ang_s, ssm_s, k_s, v_s)
+        if inplace:
+            st_out = st_in
+        elif f["state_indices"] is None:
+            st_out = States(*(torch.empty_like(x) for x in st_in))
+        else:  # rows not in state_indices keep their values in the new pool
+            st_out = States(*(x.clone() for x in st_in))
+        out = output_tensor(out, self.out_shape, self.out_dtype, self.device)
+        return StepTensors(**f, state_in=st_in, state_out=st_out, out=out)
+
+
+def build_step(spec: ScanSpec, *, out=None, inplace: bool = True, **args) -> StepTensors:
     """The backend bundle from checked arguments: inputs made contiguous / cast to fp32 where the
     contract says so (copies, never in-place), the output and (out of place) new states."""
-    dev = v.device
-    B, H, P = v.shape
-    R, G, N = spec.rank, q.shape[-2], spec.d_state
-    ang_s, ssm_s, k_s, v_s = states
-    M = ssm_s.shape[0]
-    st_in = States(ang_s, ssm_s, as_contiguous(k_s, shape=(M, R, H, N)), v_s)
-    if inplace:
-        st_out = st_in
-    elif state_indices is None:
-        st_out = States(*(torch.empty_like(x) for x in st_in))
-    else:  # rows not in state_indices keep their values in the new pool
-        st_out = States(*(x.clone() for x in st_in))
-    out = output_tensor(out, (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P), v.dtype, dev)
-    f32 = torch.float32
-    c = as_contiguous
-    return StepTensors(
-        q=c(q, shape=(B, R, G, N)), k=c(k, shape=(B, R, G, N)), v=c(v), z=c(z),
-        adt=c(adt, f32), dt=c(dt, f32), trap=c(trap, f32), angles=c(angles, f32),
-        q_bias=c(q_bias, f32, (H, R, N)), k_bias=c(k_bias, f32, (H, R, N)), d=c(d, f32),
-        mimo_v=c(mimo_v, f32), mimo_z=c(mimo_z, f32), mimo_out=c(mimo_out, f32),
-        norm_weight=c(norm_weight, f32, (H, P)), state_in=st_in, state_out=st_out,
-        state_indices=c(state_indices), out=out)
+    return StepBuilder(spec, args)(args, out, inplace)
 
 
 def prepare_step(spec: ScanSpec, *, out=None, inplace: bool = True, **args) -> StepTensors:

@@ -165,3 +165,26 @@ def test_validation_cache_never_skips_a_check(rng):
     a["state_indices"] = torch.tensor([0, 9, 1], dtype=torch.int32)     # same signature, bad values
     with pytest.raises(ValueError, match="state_indices: expected values < state pool size M=5"):
         m3.step(**a, **_opts())
+
+
+def test_remembered_choice_follows_dispatch(rng, monkeypatch):
+    """api.step remembers the dispatch decision per validated signature, but takes it again when
+    dispatch's memo is cleared (a tuning-cache write) and when backend= differs."""
+    used = []
+    other = types.SimpleNamespace(NAME="other", available=lambda: (True, ""), supports=ORACLE.supports,
+                                  default_config=ORACLE.default_config,
+                                  step=lambda spec, cfg, t: (used.append("other"), _oracle_step(spec, cfg, t)))
+    real_get = backends.get
+    monkeypatch.setattr(backends, "get", lambda name: other if name == "other" else real_get(name))
+    a = _args(rng)
+    o1, _ = m3.step(**a, **_opts(), inplace=False)
+    monkeypatch.setattr(dispatch, "PREFERENCE", {"step": ("other", "oracle")})
+    m3.step(**a, **_opts(), inplace=False)
+    assert used == []                               # memoised: still the oracle
+    dispatch.clear_memo()
+    o2, _ = m3.step(**a, **_opts(), inplace=False)
+    assert used == ["other"] and torch.equal(o1, o2)
+    m3.step(**a, **_opts(), inplace=False, backend="oracle")
+    assert used == ["other"]                        # explicit backend= is honoured
+    m3.step(**a, **_opts(), inplace=False)
+    assert used == ["other", "other"]

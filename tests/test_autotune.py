@@ -988,3 +988,13 @@ def test_timing_helpers():
     s = timing.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s["median"] == 3.0 and s["n"] == 5 and s["min"] == 1.0
     assert isinstance(at.default_timer("cpu"), at.WallTimer)
+
+
+def test_cache_write_invalidates_memoised_dispatch(tmp_path):
+    """A write to a tuning cache in this process makes dispatch (and api.step's remembered
+    choices) decide again: a same-process `tune` takes effect on the next call."""
+    from mamba3_kernels import dispatch
+    dispatch._memo["sentinel"] = 1
+    gen = dispatch.generation
+    at.Cache(str(tmp_path / "c.json")).put(_entry(SPEC, PROB))
+    assert "sentinel" not in dispatch._memo and dispatch.generation == gen + 1
