@@ -4,8 +4,10 @@
 
 Shapes (issue 3): H=32, N=128, P=64, G=1, bf16 inputs, B in {1, 16, 64, 256, 1024},
 R in {1, 4}, SSM state fp32 and bf16. Per candidate: median µs per call from CUDA-graph replay
-over rotated state sets (together > 3x L2, so every call reads its state from HBM), the plain
-Python-call time of the public API at small B, bytes moved (state read + write + inputs +
+over rotated state sets (together > 3x L2, so every call reads its state from HBM); at B <= 16
+also host time per call from Python (back to back, one sync): the public API (backend=),
+the backend launch alone, `replay()` of a one-call CUDA graph, upstream's callables, and a
+torch `add_` (the host's launch floor, in meta); bytes moved (state read + write + inputs +
 outputs), GB/s and the fraction of the measured device copy bandwidth.
 
 Upstream (state-spaces/mamba, put on PYTHONPATH from an ignored folder such as .upstream/):
@@ -79,6 +81,21 @@ def python_call_time(fn, n: int = 300) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n
+
+
+def graph_replay_call_time(call, n: int = 300) -> float:
+    """Seconds per `g.replay()` from Python of a CUDA graph holding one `call`, back to back,
+    one sync at the end: the host cost of the graph route for a latency-bound decode loop."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        call()
+    return python_call_time(g.replay, n)
 
 
 def make_spec(R: int, state_dtype: str) -> ScanSpec:
@@ -215,7 +232,10 @@ def main():
     meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=ver("triton"),
                 tilelang=ver("tilelang"), cutlass_dsl=ver("nvidia-cutlass-dsl"), commit=git_commit(),
                 copy_bandwidth_GBps=bw / 1e9, shapes=dict(H=H, N=N, P=P, G=G, inputs="bfloat16"))
-    print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    one = torch.zeros(1, device="cuda")
+    meta["torch_add_call_us"] = python_call_time(lambda: one.add_(1.0), 2000) * 1e6  # the host's launch floor
+    print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write); a torch add_ from Python "
+          f"{meta['torch_add_call_us']:.1f} us per call", flush=True)
     ours = [b for b in args.backends.split(",") if b]
     ups = [u for u in args.upstream.split(",") if u]
     Bs = (1, 64, 256) if args.quick else (1, 16, 64, 256, 1024)
@@ -245,10 +265,13 @@ def main():
                             if B <= 16:
                                 row["python_call_us"] = python_call_time(api_call(name, spec, a)) * 1e6
                                 row["launch_only_us"] = python_call_time(calls[0]) * 1e6
+                                row["graph_replay_call_us"] = graph_replay_call_time(calls[0]) * 1e6
                         else:
                             calls = upstream_calls(name, spec, B, rng, sets)
                             if calls is None:
                                 continue
+                            if B <= 16:
+                                row["python_call_us"] = python_call_time(calls[0]) * 1e6
                         t = graph_time(calls)
                         row.update(us=t * 1e6, GBps=nbytes / t / 1e9, frac_copy_bw=nbytes / t / bw)
                     except Exception as e:  # recorded, never hidden
@@ -257,8 +280,10 @@ def main():
                     torch.cuda.empty_cache()
                     msg = (f"{row['us']:9.2f} us {row['GBps']:7.0f} GB/s {100 * row['frac_copy_bw']:5.1f}%"
                            if "us" in row else row.get("error", ""))
-                    extra = (f"  python api {row['python_call_us']:.1f} us, launch {row['launch_only_us']:.1f} us"
-                             if "python_call_us" in row else "")
+                    extra = (f"  python call {row['python_call_us']:.1f} us" if "python_call_us" in row else "")
+                    if "launch_only_us" in row:
+                        extra += (f", launch {row['launch_only_us']:.1f} us, graph replay call "
+                                  f"{row['graph_replay_call_us']:.1f} us")
                     print(f"{sdt:8s} R={R} B={B:5d} {name:22s} {msg}{extra}", flush=True)
     res = dict(meta=meta, rows=rows)
     if args.out:
