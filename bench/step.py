@@ -6,7 +6,8 @@ Shapes (issue 3): H=32, N=128, P=64, G=1, bf16 inputs, B in {1, 16, 64, 256, 102
 R in {1, 4}, SSM state fp32 and bf16. Per candidate: median µs per call from CUDA-graph replay
 over rotated state sets (together > 3x L2, so every call reads its state from HBM); at B <= 16
 also host time per call from Python (back to back, one sync): the public API (backend=),
-the backend launch alone, `replay()` of a one-call CUDA graph, upstream's callables, and a
+the backend launch alone, StepPlan, StepPlan.graphed() (replay from its static token buffers,
+and with 8 token copies in), `replay()` of a bare one-call graph, upstream's callables, and a
 torch `add_` (the host's launch floor, in meta); bytes moved (state read + write + inputs +
 outputs), GB/s and the fraction of the measured device copy bandwidth.
 
@@ -96,6 +97,19 @@ def graph_replay_call_time(call, n: int = 300) -> float:
     with torch.cuda.graph(g):
         call()
     return python_call_time(g.replay, n)
+
+
+def plan_call_times(name, spec, args) -> dict:
+    """Host µs per call of the latency routes of the public API: StepPlan (eager, per-token
+    checks), plan.graphed() replaying from its static buffers, and the same copying 8 tokens in."""
+    import mamba3_kernels as m3
+    a = dict(args, states=States(*(x.clone() for x in args["states"])))
+    plan = m3.StepPlan(**a, output_mode=spec.output_mode, pairing=spec.pairing, backend=name)
+    tok = {n: a[n] for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z")}
+    g = plan.graphed()
+    return dict(plan_call_us=python_call_time(lambda: plan(**tok)) * 1e6,
+                graphed_call_us=python_call_time(g) * 1e6,
+                graphed_copy_call_us=python_call_time(lambda: g(**tok)) * 1e6)
 
 
 def make_spec(R: int, state_dtype: str) -> ScanSpec:
@@ -266,6 +280,7 @@ def main():
                                 row["python_call_us"] = python_call_time(api_call(name, spec, a)) * 1e6
                                 row["launch_only_us"] = python_call_time(calls[0]) * 1e6
                                 row["graph_replay_call_us"] = graph_replay_call_time(calls[0]) * 1e6
+                                row.update(plan_call_times(name, spec, a))
                         else:
                             calls = upstream_calls(name, spec, B, rng, sets)
                             if calls is None:
@@ -282,7 +297,9 @@ def main():
                            if "us" in row else row.get("error", ""))
                     extra = (f"  python call {row['python_call_us']:.1f} us" if "python_call_us" in row else "")
                     if "launch_only_us" in row:
-                        extra += (f", launch {row['launch_only_us']:.1f} us, graph replay call "
+                        extra += (f", launch {row['launch_only_us']:.1f}, StepPlan {row['plan_call_us']:.1f}, "
+                                  f"graphed {row['graphed_call_us']:.1f} (copying tokens "
+                                  f"{row['graphed_copy_call_us']:.1f}), bare graph replay "
                                   f"{row['graph_replay_call_us']:.1f} us")
                     print(f"{sdt:8s} R={R} B={B:5d} {name:22s} {msg}{extra}", flush=True)
     res = dict(meta=meta, rows=rows)

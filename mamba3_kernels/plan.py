@@ -13,6 +13,9 @@ bound tensors (biases, D, MIMO projections, norm weight, states) are the plan's:
 in place to change them (a plan keeps no copies of them, except fp32 casts of parameters given
 in another dtype, made once). state_indices values are not range-checked per call (no host
 sync): indices outside [0, M) are treated as padding slots by every backend.
+
+`plan.graphed()` goes one step further for latency-bound loops: the step captured in a CUDA
+graph on static token buffers, one replay per token (mamba3_kernels.step_graph).
 """
 from __future__ import annotations
 
@@ -96,3 +99,10 @@ class StepPlan:
             t.state_out = States(*((x.clone() if state_indices is not None else torch.empty_like(x)) for x in src))
         self.backend.step(self.spec, self.config, t)
         return t.out, t.state_out
+
+    def graphed(self, capture: bool = True):
+        """This step captured in a CUDA graph on static token buffers (mamba3_kernels.step_graph):
+        the lowest host cost per token (one replay). Needs inplace=True; the plan's last tokens
+        seed the buffers."""
+        from .step_graph import GraphedStep
+        return GraphedStep(self, capture=capture)

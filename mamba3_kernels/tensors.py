@@ -141,11 +141,11 @@ class StepBuilder:
         B, H, P = v.shape
         R, G, N = spec.rank, q.shape[-2], spec.d_state
         f32 = torch.float32
-        layout = {"q": (None, (B, R, G, N)), "k": (None, (B, R, G, N)), "adt": (f32, None),
-                  "dt": (f32, None), "trap": (f32, None), "angles": (f32, None),
-                  "q_bias": (f32, (H, R, N)), "k_bias": (f32, (H, R, N)), "d": (f32, None),
-                  "mimo_v": (f32, None), "mimo_z": (f32, None), "mimo_out": (f32, None),
-                  "norm_weight": (f32, (H, P))}
+        layout = dict.fromkeys(_STEP_FIELDS, (None, None))   # every field: at least contiguous
+        layout.update(q=(None, (B, R, G, N)), k=(None, (B, R, G, N)), adt=(f32, None), dt=(f32, None),
+                      trap=(f32, None), angles=(f32, None), q_bias=(f32, (H, R, N)),
+                      k_bias=(f32, (H, R, N)), d=(f32, None), mimo_v=(f32, None), mimo_z=(f32, None),
+                      mimo_out=(f32, None), norm_weight=(f32, (H, P)))
         self.convert = tuple((n, how) for n, how in layout.items()
                              if args[n] is not None and as_contiguous(args[n], *how) is not args[n])
         k_s = args["states"][2]

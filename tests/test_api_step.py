@@ -188,3 +188,70 @@ def test_remembered_choice_follows_dispatch(rng, monkeypatch):
     assert used == ["other"]                        # explicit backend= is honoured
     m3.step(**a, **_opts(), inplace=False)
     assert used == ["other", "other"]
+
+
+def test_bundle_contract_with_strided_inputs(rng, monkeypatch):
+    """Every tensor a backend receives is contiguous, in the contract's dtype and rank, on the
+    first (validating) call and on the calls that reuse its verdict, whatever the strides of
+    the caller's tensors (the oracle backend reads any strides, so it cannot see this itself)."""
+    seen = []
+
+    def checking_step(spec, cfg, t):
+        for name in ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d",
+                     "mimo_v", "mimo_z", "mimo_out", "state_indices", "out"):
+            x = getattr(t, name)
+            assert x is None or x.is_contiguous(), name
+        for x in (*t.state_in, *t.state_out):
+            assert x.is_contiguous()
+        assert t.q.dim() == 4 and t.k.dim() == 4 and t.q_bias.dim() == 3
+        assert all(getattr(t, n).dtype == torch.float32 for n in ("adt", "dt", "trap", "angles", "q_bias", "d"))
+        seen.append(1)
+        _oracle_step(spec, cfg, t)
+
+    monkeypatch.setattr(ORACLE, "step", checking_step)
+    a = _args(rng, pool=5)
+    a["adt"] = a["adt"].to(torch.bfloat16).float()     # exactly representable in bf16 (cast below)
+    want, _ = m3.step(**a, **_opts(), inplace=False)
+
+    def strided(x):   # same values, every dim's stride changed (a transposed copy, viewed back)
+        return x.transpose(0, -1).contiguous().transpose(0, -1) if x.dim() > 1 else x.repeat_interleave(2)[::2]
+    b = {n: (strided(x) if isinstance(x, torch.Tensor) else x) for n, x in a.items()}
+    b["adt"] = b["adt"].to(torch.bfloat16)
+    for _ in range(2):   # validating call, then the remembered verdict
+        got, _ = m3.step(**b, **_opts(), inplace=False)
+        assert torch.equal(got, want)
+    assert len(seen) == 3
+
+
+def test_graphed_step_static_buffers(rng):
+    """plan.graphed(capture=False): the static-buffer path of the CUDA-graph route (the capture
+    itself is GPU-only: tests/test_step_gpu.py) equals StepPlan token by token."""
+    a = _args(rng, pool=6)
+    b = {n: (States(*(x.clone() for x in v)) if n == "states" else v) for n, v in a.items()}
+    plan_g, plan_e = m3.StepPlan(**a, **_opts()), m3.StepPlan(**b, **_opts())
+    with pytest.raises(ValueError, match="device: expected a CUDA device"):
+        plan_g.graphed()
+    g = plan_g.graphed(capture=False)
+    names = ("q", "k", "v", "adt", "dt", "trap", "angles", "z", "state_indices")
+    for s in range(3):
+        tok = {n: a[n] for n in names}
+        if s:   # fresh token values each step, the plan's shapes and dtypes
+            fresh = _args(rng, pool=6)
+            tok.update({n: fresh[n] for n in ("q", "k", "v", "adt", "dt", "trap", "angles", "z")})
+        g.out.fill_(float("nan"))
+        o1, s1 = g(**tok)
+        o2, s2 = plan_e(**tok)
+        assert o1 is g.out and torch.equal(o1, o2)
+        for x, y, z in zip(s1, s2, a["states"]):
+            assert torch.equal(x, y) and x is z          # the plan's own states, in place
+    before = [x.clone() for x in g.tokens.__dict__.values() if x is not None]
+    with pytest.raises(ValueError, match="v: expected shape"):
+        g(q=a["q"], v=a["v"].double())
+    with pytest.raises(ValueError, match="z: expected shape"):
+        g(z=a["z"][:2])
+    with pytest.raises(ValueError, match="w: expected one of the token inputs"):
+        g(w=a["v"])
+    after = [x for x in g.tokens.__dict__.values() if x is not None]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))   # nothing written on an error
+    with pytest.raises(ValueError, match="plan: expected a StepPlan with inplace=True"):
+        m3.StepPlan(**a, **_opts(), inplace=False).graphed(capture=False)
