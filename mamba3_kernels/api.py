@@ -146,10 +146,26 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     them beyond rounding). `validate=False` skips the one host sync (checking the cu_seqlens
     values): use it inside CUDA graphs. Inputs are never written to; a tensor the kernels
     cannot read as it is (a last dim that is not unit-stride, a dtype cast) is copied.
+
+    Under torch.compile the call is one opaque torch.library op (mamba3_kernels.scan_op,
+    differentiable, fullgraph-safe); its checks run when the compiled graph runs.
     """
     args = dict(q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias,
                 angles=angles, d=d, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_out=mimo_out,
                 norm_weight=norm_weight, initial_states=initial_states, cu_seqlens=cu_seqlens)
+    if torch.compiler.is_compiling():   # traced as one opaque op (mamba3_kernels.scan_op)
+        from . import scan_op
+        res = scan_op.scan(args, output_mode=output_mode, pairing=pairing, discretization=discretization,
+                           final_states=final_states, norm_eps=norm_eps, chunk_size=chunk_size,
+                           state_dtype=state_dtype, backend=backend, config=config, bwd_config=bwd_config,
+                           save_y=save_y, validate=validate)
+        if out is None:
+            return res
+        y = res[0] if final_states else res
+        if tuple(out.shape) != tuple(y.shape) or out.dtype != y.dtype:
+            raise bad_arg("out", f"a {y.dtype} tensor of shape {tuple(y.shape)}", f"{out.dtype} {tuple(out.shape)}")
+        out.copy_(y)
+        return (out, res[1]) if final_states else out
     cu_vals = None
     if validate and cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor):
         cu_vals = cu_seqlens.detach().cpu().tolist()
@@ -170,29 +186,36 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     return t.out
 
 
-def _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y):
-    """The differentiable path (mamba3_kernels.autograd): Triton forward and backward."""
-    if out is not None:
-        raise bad_arg("out", "None when an input requires grad (the autograd path allocates its "
-                      "outputs)", "a tensor")
+def grad_configs(spec, problem, device, backend, config, bwd_config):
+    """(forward config, backward config) of the differentiable path (also the compiled one's,
+    mamba3_kernels.scan_op); raises if the Triton backward cannot take the call."""
     if backend not in (None, "triton"):
         raise bad_arg("backend", "None or 'triton' when an input requires grad (the backward is "
                       "Triton's)", repr(backend))
     from . import backends
-    from .autograd import scan_with_grad
     from .backends.triton import scan_bwd, scan_fwd
     ok, why = backends.get("triton").supports(spec, "backward")
     if not ok:
         raise ValueError(f"spec: expected one the Triton backward supports, got one it does not ({why})")
-    # dtype / device / stride checks before anything runs (nothing is written on an error)
-    t = prepare_scan(spec, problem, **args, out=None)
     if config is not None:
         fwd_cfg = dict(config)
     else:   # the forward-only path's choice (tuning cache or default) when it is Triton's
-        mod, cfg, _ = dispatch.select("forward", spec, problem, args["v"].device, None, None)
+        mod, cfg, _ = dispatch.select("forward", spec, problem, device, None, None)
         fwd_cfg = dict(cfg) if getattr(mod, "NAME", None) == "triton" else scan_fwd.default_config(spec, problem)
     bcfg = scan_bwd.default_config(spec, problem)
     if bwd_config is not None:
         bcfg.update(bwd_config)
     scan_bwd.check_config(spec, bcfg)
+    return fwd_cfg, bcfg
+
+
+def _scan_grad(spec, problem, args, out, backend, config, bwd_config, save_y):
+    """The differentiable path (mamba3_kernels.autograd): Triton forward and backward."""
+    if out is not None:
+        raise bad_arg("out", "None when an input requires grad (the autograd path allocates its "
+                      "outputs)", "a tensor")
+    from .autograd import scan_with_grad
+    fwd_cfg, bcfg = grad_configs(spec, problem, args["v"].device, backend, config, bwd_config)
+    # dtype / device / stride checks before anything runs (nothing is written on an error)
+    t = prepare_scan(spec, problem, **args, out=None)
     return scan_with_grad(spec, problem, args, fwd_cfg, bcfg, bool(save_y), bundle=t)

@@ -46,18 +46,13 @@ class ScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, *flat):
         spec, problem, fwd_cfg, bwd_cfg, save_y, t = meta
-        from .backends.triton import scan_bwd, scan_fwd
         if t is None:   # the bundle of `flat` (api.scan passes the one it validated)
             a = dict(zip(NAMES, flat))
             st = None if a["state_angle"] is None else States(a["state_angle"], a["state_ssm"],
                                                               a["state_k"], a["state_v"])
             t = prepare_scan(spec, problem, **{n: a[n] for n in NAMES[:15]}, initial_states=st,
                              cu_seqlens=a["cu_seqlens"])
-        if save_y and scan_bwd.needs_y(spec):   # y once (kept), out from it: no extra pass
-            y = scan_bwd.forward_saving_y(spec, t, problem, bwd_cfg)
-        else:
-            scan_fwd.forward(spec, fwd_cfg, t)
-            y = None
+        y = grad_forward(spec, problem, t, fwd_cfg, bwd_cfg, save_y)
         tensors = [getattr(t, n) for n in _BUNDLE]
         tensors += list(t.state_in) if t.state_in is not None else [None] * 4
         tensors.append(y)
@@ -71,23 +66,16 @@ class ScanFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gouts):
-        from .backends.triton import scan_bwd
         from .scan_tensors import ScanTensors
         spec, problem, bwd_cfg, has_init = ctx.meta
         saved = ctx.saved_tensors
         b = dict(zip(_BUNDLE, saved[:len(_BUNDLE)]))
         st = States(*saved[len(_BUNDLE):len(_BUNDLE) + 4]) if has_init else None
-        y = saved[-1]
         t = ScanTensors(**b, state_in=st, out=None, state_out=None)
-        grads = {"out": gouts[0] if gouts[0] is not None else _zeros_out(spec, problem, t),
-                 "_y": y}
+        grads = {"out": gouts[0], "_y": saved[-1]}
         if spec.final_states:
             grads.update(angle=gouts[1], ssm=gouts[2], k=gouts[3], v=gouts[4])
-        g = scan_bwd.backward(spec, bwd_cfg, t, grads, problem)
-        flat = [g[n] for n in NAMES[:15]]
-        gi = g["initial_states"]
-        flat += list(gi) if gi is not None else [None] * 4
-        flat.append(None)
+        flat = grad_backward(spec, problem, t, bwd_cfg, grads)
         res = [None]
         for i, (x, shp) in enumerate(zip(flat, ctx.shapes)):
             if x is None or shp is None or not ctx.needs_input_grad[i + 1]:
@@ -95,6 +83,34 @@ class ScanFunction(torch.autograd.Function):
             else:
                 res.append(x.reshape(shp[0]).to(shp[1]))
         return tuple(res)
+
+
+def grad_forward(spec, problem, t, fwd_cfg, bwd_cfg, save_y):
+    """The forward of the differentiable path on bundle `t`; returns the saved per-rank y or None."""
+    from .backends.triton import scan_bwd, scan_fwd
+    if save_y and scan_bwd.needs_y(spec):   # y once (kept), out from it: no extra pass
+        return scan_bwd.forward_saving_y(spec, t, problem, bwd_cfg)
+    scan_fwd.forward(spec, fwd_cfg, t)
+    return None
+
+
+def grad_backward(spec, problem, t, bwd_cfg, grads: dict) -> list:
+    """Every input gradient in NAMES order (kernel layouts; None for absent inputs and
+    cu_seqlens). `grads`: out, _y (the saved y or None) and, with final states, angle, ssm, k,
+    v (None = 0)."""
+    from .backends.triton import scan_bwd
+    g = dict(grads)
+    if g.get("out") is None:
+        g["out"] = _zeros_out(spec, problem, t)
+    if not spec.final_states:
+        for key in ("angle", "ssm", "k", "v"):
+            g.pop(key, None)
+    res = scan_bwd.backward(spec, bwd_cfg, t, g, problem)
+    flat = [res[n] for n in NAMES[:15]]
+    gi = res["initial_states"]
+    flat += list(gi) if gi is not None else [None] * 4
+    flat.append(None)
+    return flat
 
 
 def _zeros_out(spec, problem, t):

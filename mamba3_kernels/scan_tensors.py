@@ -56,9 +56,10 @@ def _unit_last(x):
 def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_bias, k_bias,
                  angles=None, d=None, z=None, mimo_v=None, mimo_z=None, mimo_out=None,
                  norm_weight=None, initial_states=None, cu_seqlens=None,
-                 out: Optional[torch.Tensor] = None) -> ScanTensors:
+                 out: Optional[torch.Tensor] = None, outputs: bool = True) -> ScanTensors:
     """Check dtypes, devices and strides of the scan arguments (shapes were checked by
-    spec.resolve_scan) and build the backend bundle with fresh output tensors."""
+    spec.resolve_scan) and build the backend bundle with fresh output tensors (none with
+    outputs=False: a backward's view of the forward's inputs)."""
     dev = v.device
     check_tensor("v", v, dtypes=FLOAT_INPUTS)
     for name, x in (("q", q), ("k", k), ("z", z)):
@@ -82,9 +83,9 @@ def prepare_scan(spec: ScanSpec, problem: Problem, *, q, k, v, adt, dt, trap, q_
             check_tensor(name, x, dtypes=small, device=dev)
         a0, s0, k0, v0 = initial_states
         st_in = States(as_contiguous(a0, f32), as_contiguous(s0, f32), as_contiguous(k0, f32).view(S, R, H, N), as_contiguous(v0, v.dtype))
-    out = output_tensor(out, output_shape(spec, problem), v.dtype, dev)
+    out = output_tensor(out, output_shape(spec, problem), v.dtype, dev) if outputs else None
     st_out = None
-    if spec.final_states:
+    if spec.final_states and outputs:
         sdt = TORCH_DTYPES[spec.state_dtype]
         st_out = States(torch.empty((S, H, A), dtype=f32, device=dev),
                         torch.empty((S, H, P, N), dtype=sdt, device=dev),
