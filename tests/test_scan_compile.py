@@ -101,30 +101,31 @@ def test_opcheck_scan_fwd(grad, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_scan_gpu_inductor(mode, rng):
-    """On the GPU with Inductor (and CUDA graphs for reduce-overhead): a Mamba-3-like block
-    (projections around the scan) compiles with fullgraph; out and every gradient equal the
-    eager block's bitwise."""
+    """On the GPU with Inductor (and CUDA graphs for reduce-overhead): a projection feeding the
+    scan compiles with fullgraph; the scan's output equals the eager block's bitwise and every
+    gradient (through Inductor's own kernels for the projection) to rel_l2 <= 1e-3."""
     spec = ScanSpec(d_state=64, head_dim=32, n_angles=16, has_d=True, has_z=True, input_dtype="bfloat16")
     a = {n: (x.cuda() if isinstance(x, torch.Tensor) else x)
          for n, x in scan_inputs(spec, Problem(2, 300, 4, 1, 2), rng).items()}
     w = torch.randn(32, 32, device="cuda", dtype=torch.bfloat16) / 6
+    gout = torch.randn(2, 300, 4, 32, device="cuda", dtype=torch.bfloat16)
 
     def block(x):
-        out = m3.scan(**dict(x, v=x["v"] @ w), **_opts(spec))
-        return (out.float() @ w.float()).square().mean()
+        return m3.scan(**dict(x, v=x["v"] @ w), **_opts(spec))
 
     compiled = torch.compile(block, mode=None if mode == "default" else mode, fullgraph=True)
     e, c = _leaves(a, True), _leaves(a, True)
-    for _ in range(2 if mode == "reduce-overhead" else 1):   # the second call replays the graph
+    for _ in range(3 if mode == "reduce-overhead" else 1):   # later calls replay the CUDA graph
         for x in c.values():
             if isinstance(x, torch.Tensor):
                 x.grad = None
-        lc = compiled(c)
-        lc.backward()
-    le = block(e)
-    le.backward()
-    assert torch.equal(le, lc)
+        oc = compiled(c)
+        oc.backward(gout)
+    oe = block(e)
+    oe.backward(gout)
+    assert torch.equal(oe, oc)
     ge, gc = _grads(e), _grads(c)
     for n in ge:
         if ge[n] is not None:
-            assert torch.equal(gc[n], ge[n]), n
+            err = (gc[n].double() - ge[n].double()).norm() / ge[n].double().norm().clamp_min(1e-30)
+            assert err <= 1e-3, (n, float(err))
