@@ -307,8 +307,16 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     bw = copy_bandwidth()
     peak = matmul_rate()
+    import importlib.metadata as md
+
+    def ver(dist):
+        try:
+            return md.version(dist)
+        except Exception:  # noqa: BLE001
+            return None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, copy_bw=bw, bf16_matmul_flops=peak)
+                triton=__import__("triton").__version__, tilelang=ver("tilelang"),
+                commit=os.environ.get("MAMBA3_COMMIT", "unknown"), copy_bw=bw, bf16_matmul_flops=peak)
     print(json.dumps(meta), flush=True)
     rows = []
     for kind in args.shapes.split(","):
