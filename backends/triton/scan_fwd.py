@@ -165,13 +165,25 @@ def _state_warps(spec, bp: int) -> int:
     return 4
 
 
-def _seg(problem, progs_per_seg: int, chunk: int, target: int = 4 * N_SM_H100) -> int:
-    """Chunks per segment: enough programs (B * H * P-blocks * segments >= target, about four
-    per SM) with the longest segments that give them (state traffic falls as 1/SEG)."""
+def _seg(problem, progs_per_seg: int, chunk: int, resident: int = 4) -> int:
+    """Chunks per segment: the longest segments (state traffic falls as 1/SEG; one segment per
+    sequence skips phases 2-3 without final states) that still give enough programs
+    (B * H * P-blocks * segments).
+
+    resident = 2 (N = 128 at 4 warps: phase 4 holds 2 programs per SM): aim at one full wave,
+    2 x 132 programs, never more (floor). H100 (bench/results/scan_fwd_seg_sweep_h100_*.json):
+    SISO B8 L2048 0.464 -> 0.400 ms (one segment), B1 L16384 0.538 -> 0.514, B1 L65536 2.05 ->
+    1.98, B4 L4096 0.516 -> 0.512; MIMO R4 B8 L2048 2.20 -> 1.76, others -1 to -2 %. Elsewhere
+    (N <= 64, 8 warps, ...) the earlier rule, about four programs per SM (SISO G8 N64: 0.41 ms,
+    0.43 at one wave)."""
     if problem is None:
         return 16
     nchunks = triton.cdiv(max(problem.seqlen, 1), chunk)
-    nseg = triton.cdiv(target, max(1, problem.batch * progs_per_seg))
+    progs = max(1, problem.batch * progs_per_seg)
+    if resident == 2:
+        nseg = max(1, 2 * N_SM_H100 // progs)
+        return max(1, min(4096, _pow2(triton.cdiv(nchunks, nseg))))
+    nseg = triton.cdiv(4 * N_SM_H100, progs)
     return max(1, min(64, _pow2(triton.cdiv(nchunks, nseg))))
 
 
@@ -184,7 +196,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     # one spill-prone corner (R >= 8 with 16-column state halves) schedules better pipelined
     stages = 2 if _rp(spec) >= 8 and bp == 16 else 1
     lean = _lean(spec, bp, nw, stages)
-    return dict(CHUNK=C, SEG=_seg(problem, H * npb, C), BLOCK_P=bp,
+    resident = 2 if _pow2(spec.d_state) == 128 and nw == 4 else 4
+    return dict(CHUNK=C, SEG=_seg(problem, H * npb, C, resident), BLOCK_P=bp,
                 PASS_BLOCK_P=min(32, max(16, _pow2(spec.head_dim))), num_warps=nw, num_stages=stages,
                 state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
                 NORM_SPLIT=_norm_split(spec),
@@ -207,7 +220,7 @@ def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates: SEG x {default, half chunk} x warps x stages, at most 16."""
     d = default_config(spec, problem)
     out = [d]
-    segs = sorted({max(1, d["SEG"] // 2), d["SEG"], min(64, d["SEG"] * 2)})
+    segs = sorted({max(1, d["SEG"] // 2), d["SEG"], min(4096, d["SEG"] * 2)})
     for seg in segs:
         for nw in (4, 8):
             for st in (1, 2):
