@@ -35,8 +35,6 @@ Config keys (`default_config`, `space`):
                are latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
   STATE_PREFETCH  the same (all loads) in phase 2
   STATE_CHUNK  tokens per chunk of phase 2 (its outputs do not depend on it; default 2 C: 32 rows)
-  STATE_BLOCK_P  columns of P per phase-2 program (default BLOCK_P; smaller: more programs
-               for the same local states, each repeating the K-side work)
   GATES        a prologue kernel (scan_common.scan_gates_kernel) writes gamma = dt lam and
                beta = dt (1 - lam) per (b, h, t); phases 2 and 4 read them instead of dt / trap of
                the token and the next one and compute no sigmoid
@@ -254,9 +252,6 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if spec.output_mode == "norm_reduce" and not config.get("NORM_SPLIT") and config["BLOCK_P"] < spec.head_dim:
         raise bad_arg("config.BLOCK_P", f">= P={spec.head_dim} with output_mode 'norm_reduce' "
                       "(or NORM_SPLIT=True)", config["BLOCK_P"])
-    sbp = config.get("STATE_BLOCK_P")
-    if sbp is not None and (not isinstance(sbp, int) or sbp < 16 or sbp & (sbp - 1)):
-        raise bad_arg("config.STATE_BLOCK_P", "a power of two >= 16 (or None)", sbp)
     sc = config.get("STATE_CHUNK")
     if sc is not None and (not isinstance(sc, int) or sc < 1 or sc & (sc - 1) or sc * _rp(spec) < 16):
         raise bad_arg("config.STATE_CHUNK", f"a power of two >= {max(1, 16 // _rp(spec))} (or None)", sc)
@@ -322,7 +317,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     st_out = t.state_out
     calls = []
     bp = config["BLOCK_P"]
-    sbp = config.get("STATE_BLOCK_P") or bp
     # GATES: gamma = dt lam and beta = dt (1 - lam) per (b, h, t) once, read by phases 2 and 4
     # in place of trap (phase 3 still reads the raw trap for the initial states' pending term)
     gates_on = bool(config.get("GATES")) and common["TRAP"] and L > 0
@@ -338,7 +332,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         trap_k = opt(t.trap)
     calls.append(dict(
         name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
-        grid=_cst.grid(H, P, sbp, nslots),
+        grid=_cst.grid(H, P, bp, nslots),
         args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
               ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
               ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
@@ -347,7 +341,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
               ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense)],
-        constexprs=dict(common, RP=_rp(spec), BP=sbp, C=C2, SEG=SEGLEN // C2, FINAL=spec.final_states,
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN // C2, FINAL=spec.final_states,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
                         **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
