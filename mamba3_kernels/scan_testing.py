@@ -175,24 +175,31 @@ def segment_reference(case: ScanCase, seglen: int) -> dict:
         nseq_len = theta.shape[0]
         res[slot] = dict(
             lrel=rel(ph["local"][x, s]), erel=rel(ph["entries"][x, s]), tot=ph["T"][x, s],
-            phi=wrap_angle(th_end - th0), last=t1 >= nseq_len)
+            phi=wrap_angle(th_end - th0), last=t1 >= nseq_len, s=s, n=nseq_len)
     return res
 
 
 def compare_segments(case: ScanCase, scratch: dict, label: str = "") -> Report:
     """Rows for the phase 2 (lrel, tot, phi) and phase 3 (erel) scratch of every segment
-    slot the forward filled (phase 2 skips a sequence's last segment without final states)."""
-    seglen = scratch["seglen"]
+    slot the forward filled. Without final states phase 2 skips the segments of a sequence's
+    last phase-4 segment (with scratch["split"] = K sub-segments per phase-4 segment: K of them,
+    and phase 3's entries after the first of them are not meant to be read)."""
+    seglen, K = scratch["seglen"], scratch.get("split", 1)
     exp = segment_reference(case, seglen)
     final = case.spec.final_states
     got, refd = {}, {}
     keys = sorted(exp)
+
+    def in_last(k):   # the sub-segment lies in its sequence's last phase-4 segment
+        x = exp[k]
+        return x["s"] // K == -(-x["n"] // (seglen * K)) - 1
     if scratch.get("erel") is not None:
         e = to_numpy(scratch["erel"])
-        got["erel"] = np.stack([e[k] for k in keys])
-        refd["erel"] = np.stack([exp[k]["erel"] for k in keys])
+        ek = [k for k in keys if final or not in_last(k) or exp[k]["s"] % K == 0]
+        got["erel"] = np.stack([e[k] for k in ek])
+        refd["erel"] = np.stack([exp[k]["erel"] for k in ek])
     if scratch.get("lrel") is not None:
-        use = [k for k in keys if final or not exp[k]["last"]]
+        use = [k for k in keys if final or not in_last(k)]
         if use:
             lr, tt = to_numpy(scratch["lrel"]), to_numpy(scratch["tot"])
             got["lrel"] = np.stack([lr[k] for k in use])

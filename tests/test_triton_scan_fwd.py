@@ -94,7 +94,8 @@ def test_pairwise_grid(i, rng):
                ELL=i % 4 in (0, 3),  # stored angles (phase 2 -> phase 4) and recomputed ones
                GATES=(i // 2) % 2 == 0,  # gamma / beta precomputed (scan_gates) or in the loops
                BIAS_RELOAD=i % 4 in (1, 2),  # biases re-read per chunk in phase 4 or held
-               STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4])  # phase 2 in longer chunks
+               STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4],  # phase 2 in longer chunks
+               STATE_SPLIT=(1, 2, 4)[(i // 2) % 3])  # phases 2-3 on sub-segments
     if case.spec.rank > 1 and case.spec.output_mode == "norm_reduce":
         # MIMO's default takes the same-step q'.k' from bf16 operands (upstream's precision): a
         # token whose y cancels there keeps an O(1) error through the scale-invariant norm, which
@@ -133,6 +134,30 @@ def test_segment_and_chunk_lengths(seg, chunk, prefetch, ell, rng):
                BIAS_RELOAD=prefetch, STATE_CHUNK=2 * chunk if seg > 1 else None)
     rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
     assert rep.ok, rep.table()
+    seg_rep = compare_segments(case, scratch)
+    assert seg_rep.ok, seg_rep.table()
+
+
+@here
+@pytest.mark.parametrize("split,final,varlen", [(2, False, False), (4, True, False), (4, False, True),
+                                                (2, True, True)])
+def test_state_split(split, final, varlen, rng):
+    """STATE_SPLIT: phases 2-3 on sub-segments (one or two chunks each), phase 4 on segments of
+    four chunks reading every split-th entry; dense and varlen (empty and partial sequences),
+    with and without final states (without, the last segment's sub-segments are skipped)."""
+    spec = ScanSpec(d_state=32, head_dim=16, rank=1 if split == 2 else 2, n_angles=8, has_d=True, has_z=True,
+                    initial_states=True, final_states=final, varlen=varlen, input_dtype="bfloat16",
+                    **({} if split == 2 else dict(pairing="half", **MIMO)))
+    C = 16 if spec.rank == 1 else 8
+    if varlen:
+        case = scan_case(spec, Problem(1, 232, 2, 1, 4), rng, lengths=[70, 0, 33, 129])
+    else:
+        case = scan_case(spec, Problem(2, 150, 2, 1, 2), rng)
+    cfg = dict(sf.default_config(spec, None), CHUNK=C, SEG=4, BLOCK_P=16, num_warps=4, STATE_CHUNK=None,
+               STATE_SPLIT=split)
+    rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
+    assert rep.ok, rep.table()
+    assert scratch["split"] == split and scratch["seglen"] == 4 * C // split
     seg_rep = compare_segments(case, scratch)
     assert seg_rep.ok, seg_rep.table()
 

@@ -21,6 +21,8 @@ reduce (sum_r y_r gate_r MIMO_Out_r), norm_reduce (RMSNorm of each y_r over P, t
 as reduce; needs the whole head in one program: BP >= P) or per_rank (y_r gate_r).
 
 Grid: (H * cdiv(P, BP), number of segment slots); heads vary fastest (shared Q/K in L2).
+With STATE_SPLIT (ESPLIT) > 1 the entry states come per sub-segment of phases 2-3; a
+segment's is that of its first sub-segment.
 Registers: the N x BP (transposed) state (fp32), two N/2-wide pair halves of q and k per chunk, the
 ROWS x ROWS scores and the ROWS x BP output tile (ROWS = C * pow2(R)).
 """
@@ -96,7 +98,7 @@ def scan_chunk_output_kernel(
     mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_zb, s_zt, s_zh,
     s_ab, s_at, s_ah,
-    L, H, G, S, NSEG, eps,
+    L, H, G, S, NSEG, NSEG2, eps,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     BP: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
@@ -104,6 +106,7 @@ def scan_chunk_output_kernel(
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
+    ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -143,7 +146,12 @@ def scan_chunk_output_kernel(
         # the state is kept transposed (N x P, pair halves): the inter-chunk dot reads it as
         # its B operand without a per-chunk transpose
         if HAS_ENTRY:
-            s0, s1 = _load_state(erel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
+            # the entry states are per phase-2/3 sub-segment (ESPLIT of them per segment here)
+            if VARLEN:
+                eslot = bos // (SEGLEN // ESPLIT) + seq + seg * ESPLIT
+            else:
+                eslot = b * NSEG2 + seg * ESPLIT
+            s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
                                  PAIR_HALF)
             s0 = tl.trans(s0)
             s1 = tl.trans(s1)

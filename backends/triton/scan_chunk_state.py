@@ -18,6 +18,11 @@ Outputs per segment slot and head: Lrel (P x N, scratch dtype), the segment's de
 T = sum adt (fp32) and its angle total Phi = wrap(sum phi) (A values, fp32). Without final
 states the last segment of each sequence is skipped (its local state feeds nothing).
 
+ESPLIT (the forward's STATE_SPLIT): phases 2 and 3 work on sub-segments, ESPLIT per phase-4
+segment, so phase 2 has ESPLIT times the programs for the same work; phase 4 reads the entry
+state of every ESPLIT-th sub-segment. Without final states the sub-segments of each sequence's
+last phase-4 segment are skipped.
+
 Grid: (H * cdiv(P, BP), number of segment slots); program (h, p-block, slot). Heads vary
 fastest, so the heads of one segment (which share K with GQA) run together and K stays in L2.
 """
@@ -65,7 +70,7 @@ def scan_chunk_state_kernel(
     BP: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
-    PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr,
+    PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr, ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -79,8 +84,8 @@ def scan_chunk_state_kernel(
     b, seq, seg, bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
     keep = t0 < eos
     need_state = t0 < eos
-    if not FINAL:
-        need_state = t0 + SEGLEN < eos
+    if not FINAL:   # a later phase-4 segment needs this local state (ESPLIT: see the doc)
+        need_state = bos + (seg // ESPLIT + 1) * (SEGLEN * ESPLIT) < eos
         if not ELL:
             keep = need_state
     if keep:

@@ -35,6 +35,8 @@ Config keys (`default_config`, `space`):
                are latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
   STATE_PREFETCH  the same (all loads) in phase 2
   STATE_CHUNK  tokens per chunk of phase 2 (its outputs do not depend on it; default 2 C: 32 rows)
+  STATE_SPLIT  phases 2-3 on sub-segments, this many per segment (more phase-2 programs for the
+               same work; phase 4 reads every STATE_SPLIT-th entry state; 1 with ELL)
   GATES        a prologue kernel (scan_common.scan_gates_kernel) writes gamma = dt lam and
                beta = dt (1 - lam) per (b, h, t); phases 2 and 4 read them instead of dt / trap of
                the token and the next one and compute no sigmoid
@@ -252,6 +254,9 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if spec.output_mode == "norm_reduce" and not config.get("NORM_SPLIT") and config["BLOCK_P"] < spec.head_dim:
         raise bad_arg("config.BLOCK_P", f">= P={spec.head_dim} with output_mode 'norm_reduce' "
                       "(or NORM_SPLIT=True)", config["BLOCK_P"])
+    ss = config.get("STATE_SPLIT")
+    if ss is not None and (not isinstance(ss, int) or ss < 1 or ss & (ss - 1)):
+        raise bad_arg("config.STATE_SPLIT", "a power of two >= 1 (or None)", ss)
     sc = config.get("STATE_CHUNK")
     if sc is not None and (not isinstance(sc, int) or sc < 1 or sc & (sc - 1) or sc * _rp(spec) < 16):
         raise bad_arg("config.STATE_CHUNK", f"a power of two >= {max(1, 16 // _rp(spec))} (or None)", sc)
@@ -280,25 +285,31 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     C, SEG = config["CHUNK"], config["SEG"]
     SEGLEN = C * SEG
-    # phase 2 may walk its segments in chunks of its own length (its outputs do not depend on it)
-    C2 = min(config.get("STATE_CHUNK") or C, SEGLEN)
     varlen = t.cu_seqlens is not None
     nseg_dense = triton.cdiv(L, SEGLEN)
     nslots = (L // SEGLEN + S) if varlen else B * nseg_dense
     many = (L > SEGLEN) if varlen else nseg_dense > 1
     run_a = L > 0 and (spec.final_states or many)
     run_b = run_a or spec.initial_states or spec.final_states
+    # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
+    # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
+    ell_on = bool(config.get("ELL")) and run_a and A > 0
+    # STATE_SPLIT: phases 2-3 on K sub-segments per segment (K times the phase-2 programs);
+    # ELL's angles are relative to phase 4's segments, so it keeps K = 1
+    K = 1 if ell_on else min(int(config.get("STATE_SPLIT") or 1), SEG)
+    SEGLEN2 = SEGLEN // K
+    nseg2_dense = triton.cdiv(L, SEGLEN2)
+    nslots2 = (L // SEGLEN2 + S) if varlen else B * nseg2_dense
+    # phase 2 may walk its segments in chunks of its own length (its outputs do not depend on it)
+    C2 = min(config.get("STATE_CHUNK") or C, SEGLEN2)
     sdt = _TORCH[config.get("SCRATCH", "bfloat16")]
     f32 = torch.float32
     dummy = torch.empty(1, dtype=f32, device=dev)
     cu = t.cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
-    lrel = torch.empty((nslots, H, P, N), dtype=sdt, device=dev) if run_a else dummy.to(sdt)
-    tot = torch.empty((nslots, H), dtype=f32, device=dev) if run_a else dummy
-    phi = torch.empty((nslots, H, max(A, 1)), dtype=f32, device=dev) if run_a else dummy
-    erel = torch.empty((nslots, H, P, N), dtype=sdt, device=dev) if run_b else dummy.to(sdt)
-    # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
-    # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
-    ell_on = bool(config.get("ELL")) and run_a and A > 0
+    lrel = torch.empty((nslots2, H, P, N), dtype=sdt, device=dev) if run_a else dummy.to(sdt)
+    tot = torch.empty((nslots2, H), dtype=f32, device=dev) if run_a else dummy
+    phi = torch.empty((nslots2, H, max(A, 1)), dtype=f32, device=dev) if run_a else dummy
+    erel = torch.empty((nslots2, H, P, N), dtype=sdt, device=dev) if run_b else dummy.to(sdt)
     ell = torch.empty((B, H, L, A), dtype=f32, device=dev) if ell_on else dummy
     opt = lambda x: dummy if x is None else x  # noqa: E731
     sq, sk, sv = t.q.stride(), t.k.stride(), t.v.stride()
@@ -332,7 +343,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         trap_k = opt(t.trap)
     calls.append(dict(
         name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
-        grid=_cst.grid(H, P, bp, nslots),
+        grid=_cst.grid(H, P, bp, nslots2),
         args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
               ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
               ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
@@ -340,8 +351,9 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense)],
-        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN // C2, FINAL=spec.final_states,
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg2_dense)],
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
+                        ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
                         **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
@@ -362,8 +374,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("v_out_ptr", st_out.v if st_out else dummy),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
-              ("L", L), ("H", H), ("G", G), ("NSEG", nseg_dense)],
-        constexprs=dict(R=R, N=N, NHP=_nhp(spec), P=P, PPOW=_pow2(P), BP=pbp, A=A, SEGLEN=SEGLEN,
+              ("L", L), ("H", H), ("G", G), ("NSEG", nseg2_dense)],
+        constexprs=dict(R=R, N=N, NHP=_nhp(spec), P=P, PPOW=_pow2(P), BP=pbp, A=A, SEGLEN=SEGLEN2, ESPLIT=K,
                         PAIR_HALF=common["PAIR_HALF"], TRAP=common["TRAP"], HAS_MV=common["HAS_MV"],
                         VARLEN=varlen, HAS_INIT=st_in is not None, HAS_LOCAL=run_a,
                         FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
@@ -390,8 +402,9 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_zb", sz[0]), ("s_zt", sz[1]), ("s_zh", sz[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense), ("eps", float(spec.norm_eps))],
-        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, HAS_D=t.d is not None,
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense), ("NSEG2", nseg2_dense),
+              ("eps", float(spec.norm_eps))],
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, ESPLIT=K, HAS_D=t.d is not None,
                         HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
                         HAS_MO=mo4 is not None, MODE=mode4,
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
@@ -413,8 +426,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                             INTERP=_interpret()),
             num_warps=4, num_stages=1))
     scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
-                   phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN,
-                   nslots=nslots, nseg_dense=nseg_dense, ell=ell if ell_on else None)
+                   phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
+                   split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
     return calls, scratch
 
 

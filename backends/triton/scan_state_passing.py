@@ -20,6 +20,9 @@ pending term: gamma' of the last token is 0), angle = theta0 after the last segm
 last token's rotated biased k for every rank, V = the last token's raw v. An empty sequence
 returns its initial states (angle wrapped) or zeros.
 
+With ESPLIT > 1 the segments here are phase 2's sub-segments (scan_chunk_state.py); every
+sub-segment's entry is stored, phase 4 reads every ESPLIT-th.
+
 Grid: (H * cdiv(P, BP), S); every program walks its sequence's segments (a few to a few
 dozen steps of one BP x N tile load, fma and store).
 """
@@ -46,7 +49,7 @@ def scan_state_passing_kernel(
     BP: tl.constexpr, A: tl.constexpr, SEGLEN: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, FINAL: tl.constexpr, FAST_TRIG: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     NH: tl.constexpr = N // 2
@@ -126,7 +129,7 @@ def scan_state_passing_kernel(
         _store_state(erel_ptr, base, p, j, e0 * c + e1 * sn, e1 * c - e0 * sn, P, N, NH, PAIR_HALF,
                      INTERP)
         if HAS_LOCAL:
-            use = s + 1 < nseg
+            use = (s // ESPLIT + 1) * ESPLIT < nseg   # phase 2 left the last phase-4 segment's out
             if FINAL:
                 use = s < nseg
             if use:
