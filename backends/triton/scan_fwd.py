@@ -189,6 +189,19 @@ def _seg(problem, progs_per_seg: int, chunk: int, resident: int = 4) -> int:
     return max(1, min(64, _pow2(triton.cdiv(nchunks, nseg))))
 
 
+def _state_split(spec: ScanSpec, problem, progs_per_seg: int, chunk: int, seg: int) -> int:
+    """Phase 2's sub-segments per segment: 2 where phase 2 would have at most one program per SM
+    (it skips each sequence's last segment without final states, so two long segments leave
+    it half a wave). H100 (bench/results/scan_fwd_state_split_h100_*.json): SISO B4 L4096
+    0.520 -> 0.465 ms, MIMO R4 B4 L4096 2.25 -> 2.01, B4 L2048 1.14 -> 1.02; 4 and 8 lose
+    (phase 3 walks more sub-segments), and with more phase-2 programs splitting gains nothing."""
+    if problem is None:
+        return 1
+    nseg = triton.cdiv(triton.cdiv(max(problem.seqlen, 1), chunk), seg)
+    p2 = problem.batch * progs_per_seg * (nseg if spec.final_states else nseg - 1)
+    return 2 if 0 < p2 <= N_SM_H100 and seg >= 2 else 1
+
+
 def default_config(spec: ScanSpec, problem=None) -> dict:
     C = _chunk(spec)
     bp = _block_p(spec)
@@ -199,7 +212,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     stages = 2 if _rp(spec) >= 8 and bp == 16 else 1
     lean = _lean(spec, bp, nw, stages)
     resident = 2 if _pow2(spec.d_state) == 128 and nw == 4 else 4
-    return dict(CHUNK=C, SEG=_seg(problem, H * npb, C, resident), BLOCK_P=bp,
+    seg = _seg(problem, H * npb, C, resident)
+    return dict(CHUNK=C, SEG=seg, STATE_SPLIT=_state_split(spec, problem, H * npb, C, seg), BLOCK_P=bp,
                 PASS_BLOCK_P=min(32, max(16, _pow2(spec.head_dim))), num_warps=nw, num_stages=stages,
                 state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
                 NORM_SPLIT=_norm_split(spec),
@@ -219,7 +233,8 @@ def _lean(spec, bp: int, nw: int, stages: int) -> bool:
 
 
 def space(spec: ScanSpec, problem=None) -> list:
-    """Tuning candidates: SEG x {default, half chunk} x warps x stages, at most 16."""
+    """Tuning candidates (at most 16): the default, the other STATE_SPLIT, the phase-4 load
+    orders, SEG x warps x stages, half the chunk."""
     d = default_config(spec, problem)
     out = [d]
     segs = sorted({max(1, d["SEG"] // 2), d["SEG"], min(4096, d["SEG"] * 2)})
@@ -238,6 +253,9 @@ def space(spec: ScanSpec, problem=None) -> list:
         c = dict(d, PREFETCH=pf)
         if c not in out:
             out.insert(1, c)
+    c = dict(d, STATE_SPLIT=1 if d.get("STATE_SPLIT", 1) > 1 else 2)   # phase 2's sub-segments
+    if c not in out:
+        out.insert(1, c)
     return out[:16]
 
 
