@@ -85,7 +85,7 @@ def main():
             for vals in itertools.product(*keys.values()):
                 cfg = dict(base, **dict(zip(keys, vals)))
                 row = dict(shape=label, stage=stage, **dict(zip(keys, vals)),
-                           default=all(base[k] == v for k, v in zip(keys, vals)))
+                           default=all(base.get(k, False) == v for k, v in zip(keys, vals)))
                 try:
                     b = filled_buffers(spec, t, g, cfg, dev)
                     calls = {c["name"]: c for c in scan_bwd.plan(spec, cfg, t, b)}
