@@ -179,7 +179,7 @@ def test_save_y(mode, rng):
     check(rows, case)
 
 
-def _backward_twice(spec, problem, rng, lengths=None, configs=(None, None)):
+def _backward_twice(spec, problem, rng, lengths=None):
     case = scan_case(spec, problem, rng, lengths=lengths)
     sp = case_spec(case)
     t = prepare_scan(sp, case.problem, **case.args)
@@ -189,7 +189,7 @@ def _backward_twice(spec, problem, rng, lengths=None, configs=(None, None)):
     g = dict(out=torch.randn(t.out.shape).to(t.out.dtype), angle=torch.randn(S, H, A),
              ssm=torch.randn(S, H, P, N), k=torch.randn(S, R, H, N), v=torch.randn(S, H, P).to(t.v.dtype))
     cfg = scan_bwd.default_config(sp, problem)
-    return [scan_bwd.backward(sp, dict(cfg, **(c or {})), t, g, problem) for c in configs]
+    return [scan_bwd.backward(sp, cfg, t, g, problem) for _ in range(2)]
 
 
 def _flat(g):
@@ -210,27 +210,6 @@ def test_deterministic(rng):
     a, b = _backward_twice(spec, Problem(1, 20, 4, 2, 3), rng, lengths=[8, 0, 12])
     for (n, x), (_, y) in zip(_flat(a), _flat(b)):
         assert torch.equal(x, y), n
-
-
-@pytest.mark.parametrize("spec,pr,lens", [
-    (_spec(d_state=16, head_dim=16, n_angles=8, varlen=True, initial_states=True, final_states=True,
-           shared_angles=True, input_dtype="bfloat16"), (1, 21, 4, 2, 3), [9, 0, 12]),   # 2 heads per group
-    (_spec(d_state=128, head_dim=64, n_angles=32, shared_angles=True, initial_states=True, final_states=True,
-           input_dtype="bfloat16"), (1, 19, 3, 1, 1), None),   # the core's two N-block partials of dvt
-    (_spec(has_d=False, n_angles=0, final_states=True), (2, 1, 2, 2, 2), None),   # one head per group, L = 1
-])
-def test_post_prefetch_is_the_same_computation(spec, pr, lens, rng):
-    """POST_PREFETCH (post loads the next head's core tiles ahead): bitwise the same gradients."""
-    a, b = _backward_twice(spec, Problem(*pr), rng, lengths=lens,
-                           configs=(dict(POST_PREFETCH=False), dict(POST_PREFETCH=True)))
-    for (n, x), (_, y) in zip(_flat(a), _flat(b)):
-        assert torch.equal(x, y), n
-
-
-def test_post_prefetch_vs_oracle(rng):
-    spec = _spec(d_state=32, head_dim=16, n_angles=8, initial_states=True, final_states=True)
-    rows, case = run_grad_case(spec, Problem(2, 23, 4, 2, 2), rng, bwd_config=dict(POST_PREFETCH=True))
-    check(rows, case)
 
 
 def _simple_args(rng, requires=True):

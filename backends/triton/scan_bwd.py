@@ -24,8 +24,7 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
                shared-angle head sum, the initial states' K/V/MIMO_V parts.
 Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
-Config keys: BT (tokens per program of output and prep), POST_BT (of post), POST_PREFETCH (post
-loads the next head's core tiles before this head's math; R = 1), SEQ_BT (tokens per
+Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
 the core's own default config, or None), CORE_IMPL ("triton", or "reference": the float64 NumPy
 core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
@@ -101,7 +100,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    unknown = sorted(set(config) - {"BT", "POST_BT", "POST_PREFETCH", "SEQ_BT", "num_warps", "post_num_warps",
+    unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
@@ -338,7 +337,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, PREFETCH=bool(config.get("POST_PREFETCH", False))),
+                             HAS_VF=b["dvf"] is not None),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),

@@ -47,23 +47,6 @@ from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pa
 
 
 @triton.jit
-def _head_tiles(h, m64, mm, j, p, vm, dqh_ptr, qh_ptr, dks_ptr, ks_ptr, dvt_ptr, s_vpart, H,
-                N: tl.constexpr, P: tl.constexpr, NVP: tl.constexpr, PAIR_HALF: tl.constexpr):
-    """One head's core outputs and operands for rank 0 (R = 1): dqh, qh, dks, ks as fp32 pair
-    halves and dvt with its N-block partials summed -- the bulk of post's HBM reads."""
-    crow = (m64 * H + h) * N
-    d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-    u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-    f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-    w0, w1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-    vrow = (m64 * H + h)[:, None] * P + p[None, :]
-    dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-    for i in tl.static_range(1, NVP):
-        dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
-    return d0, d1, u0, u1, f0, f1, w0, w1, dvt
-
-
-@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
@@ -73,11 +56,7 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
 ):
-    # PREFETCH (R = 1 only): the next head's core tiles (_head_tiles) are loaded before this
-    # head's math, so their latency overlaps it
-    PREF: tl.constexpr = PREFETCH and R == 1
     pid = tl.program_id(0)
     g = tl.program_id(1)
     HG = H // G
@@ -96,22 +75,11 @@ def post_kernel(
         seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
         is_last = seq_last >= 0
         sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    if PREF:
-        n_d0, n_d1, n_u0, n_u1, n_f0, n_f1, n_w0, n_w1, n_dvt = _head_tiles(
-            g * HG, m64, mm, j, p, vm, dqh_ptr, qh_ptr, dks_ptr, ks_ptr, dvt_ptr, s_vpart, H, N, P, NVP,
-            PAIR_HALF)
     # the heads of group g one after the other: dQ / dK of the group accumulate in place in
     # this program's own rows (fixed head order: deterministic, no atomics)
     for hh in range(HG):
         h = g * HG + hh
         acc = hh > 0
-        if PREF:
-            c_d0, c_d1, c_u0, c_u1, c_f0, c_f1, c_w0, c_w1, c_dvt = (n_d0, n_d1, n_u0, n_u1, n_f0, n_f1,
-                                                                     n_w0, n_w1, n_dvt)
-            nm = mm & (m < tl.where(hh + 1 < HG, BL, 0))   # no next head in the group: nothing
-            n_d0, n_d1, n_u0, n_u1, n_f0, n_f1, n_w0, n_w1, n_dvt = _head_tiles(
-                h + 1, m64, nm, j, p, vm & nm[:, None], dqh_ptr, qh_ptr, dks_ptr, ks_ptr, dvt_ptr,
-                s_vpart, H, N, P, NVP, PAIR_HALF)
         # the previous head's dQ / dK stores, by whichever threads held them, visible to every
         # thread of the program before it reads them back (the load and store tiles need not
         # map elements to threads alike)
@@ -139,12 +107,9 @@ def post_kernel(
         for r in range(R):
             grow = ((m64 * R + r) * G + g) * N
             crow = ((m64 * RC + r) * H + h) * N
-            if PREF:
-                d0, d1, u0, u1 = c_d0, c_d1, c_u0, c_u1
-            else:
-                d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-                # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
+            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+            u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += d1 * u0 - d0 * u1
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
@@ -171,12 +136,9 @@ def post_kernel(
             kh0, kh1 = _rotate(x0, x1, cs, sn)
             grow = ((m64 * R + r2) * G + g) * N
             crow = ((m64 * RC + r2) * H + h) * N
-            if PREF:
-                f0, f1, u0, u1 = c_f0, c_f1, c_w0, c_w1
-            else:
-                f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+            u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += f1 * u0 - f0 * u1
             d0 = f0 * scale[:, None]
             d1 = f1 * scale[:, None]
@@ -188,12 +150,9 @@ def post_kernel(
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
             vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-            if PREF:
-                dvt = c_dvt
-            else:
-                dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-                for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
-                    dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+            for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
+                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
             dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
             if HAS_MV:
                 mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
