@@ -41,8 +41,6 @@ def cases():
            has_d=True, has_z=True, output_mode="norm_reduce", **MIMO),
         _c("siso-fp32-init-final", d_state=64, head_dim=64, n_angles=16, has_d=True, has_z=True,
            initial_states=True, final_states=True, input_dtype="float32"),
-        _c("siso-fp32-N128-init-final", d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True,
-           initial_states=True, final_states=True, input_dtype="float32"),   # post's 2-warp rule stays 16-bit
         _c("siso-fp16-varlen-euler", B=1, d_state=32, head_dim=32, n_angles=3, pairing="half",
            discretization="euler", varlen=True, initial_states=True, final_states=True, input_dtype="float16"),
         _c("R3-per_rank-N16-P48", rank=3, d_state=16, head_dim=48, n_angles=8, has_z=True, has_mimo_v=True,

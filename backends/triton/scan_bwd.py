@@ -75,11 +75,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       the other, so it is latency-bound and wants many programs in flight: SISO N=128 1.16 ms
       (16 tokens x 8 warps, the former default) -> 0.84 ms (8 x 4); MIMO R=4 3.84 -> 2.51 (4 x 4:
       half the tile at pow2(R) = 4 with N >= 128, where 8 tokens spill 16 B).
-      (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) Session 4
-      (bench/results/scan_bwd_post_sweep_h100_6d2995b.json): SISO N = 128, P <= 64, 16-bit
-      inputs at 4 tokens x 2 warps is spill-free (136-189 registers; fp32 with states spills 8 B)
-      and 0.886 -> 0.657 ms at B4 L4096: its default now. (Loading the next head's tiles ahead, tried then, lost at the default tile: 182
-      registers halve the programs per SM.) 8 warps
+      (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) 8 warps
       where 4 spill (ptxas' register use is not monotonic in the tile here; at 8 warps it often
       stops at 128 registers and spills): R >= 5 with N >= 128, R = 2..4 with N <= 16.
     prep, output: at R >= 5 half the tile (output spilled 8 B at R8 N128 P128).
@@ -90,11 +86,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     rp = _pow2(spec.rank)
     post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
     pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
-    pbt, pnw = max(4, min(32, pw // w)), 8 if post8 else 4
-    if rp == 1 and _nhp(spec) == 64 and _pow2(spec.head_dim) <= 64 and spec.input_dtype != "float32":
-        pbt, pnw = 4, 2   # SISO N = 128, 16-bit: 4 tokens x 2 warps, spill-free (fp32 spills 8 B)
-    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=pbt,
-                SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=pnw,
+    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, pw // w)),
+                SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton")
 
 
