@@ -53,7 +53,11 @@ def filled_buffers(spec, t, g, cfg, dev):
     b["theta"].uniform_(0, 6.28)
     b["dqh"] = torch.randn(B, L, RC, H, spec.d_state, device=dev)
     b["dks"] = torch.randn_like(b["dqh"])
-    b["dvt"] = torch.randn(1, B, L, RC, H, P, device=dev)   # the core's N-block partials (one here)
+    from mamba3_kernels.backends.triton import scan_bwd_core as _core
+    ccfg = dict(_core.default_config(RC, spec.d_state, P, scan_bwd.op_dtype(spec, cfg)), **(cfg.get("CORE") or {}))
+    # the core's N-block partials of dvt, as many as the real pipeline has (post's NVP: a
+    # session-4 sweep with one partial picked a post config that lost in the full backward)
+    b["dvt"] = torch.randn(_core.n_blocks(spec.d_state, ccfg), B, L, RC, H, P, device=dev)
     b["last"] = scan_bwd._last_index(B, L, B, None, dev)
     return b
 
