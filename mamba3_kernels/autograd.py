@@ -33,12 +33,21 @@ _BUNDLE = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias"
            "mimo_z", "mimo_out", "norm_weight", "cu_seqlens")
 
 
-def _flat(args: dict) -> list:
+def flat_args(args: dict) -> list:
+    """scan()'s tensor arguments in NAMES order (initial_states as its four tensors)."""
     st = args["initial_states"]
     out = [args[n] for n in NAMES[:15]]
     out += list(st) if st is not None else [None] * 4
     out.append(args["cu_seqlens"])
     return out
+
+
+def unflat_args(flat) -> dict:
+    """The inverse of flat_args: scan()'s keyword arguments from the NAMES-ordered tensors."""
+    a = dict(zip(NAMES, flat))
+    st = [a.pop(n) for n in NAMES[15:19]]
+    a["initial_states"] = None if st[0] is None else States(*st)
+    return a
 
 
 class ScanFunction(torch.autograd.Function):
@@ -47,11 +56,7 @@ class ScanFunction(torch.autograd.Function):
     def forward(ctx, meta, *flat):
         spec, problem, fwd_cfg, bwd_cfg, save_y, t = meta
         if t is None:   # the bundle of `flat` (api.scan passes the one it validated)
-            a = dict(zip(NAMES, flat))
-            st = None if a["state_angle"] is None else States(a["state_angle"], a["state_ssm"],
-                                                              a["state_k"], a["state_v"])
-            t = prepare_scan(spec, problem, **{n: a[n] for n in NAMES[:15]}, initial_states=st,
-                             cu_seqlens=a["cu_seqlens"])
+            t = prepare_scan(spec, problem, **unflat_args(flat))
         y = grad_forward(spec, problem, t, fwd_cfg, bwd_cfg, save_y)
         tensors = [getattr(t, n) for n in _BUNDLE]
         tensors += list(t.state_in) if t.state_in is not None else [None] * 4
@@ -106,11 +111,7 @@ def grad_backward(spec, problem, t, bwd_cfg, grads: dict) -> list:
         for key in ("angle", "ssm", "k", "v"):
             g.pop(key, None)
     res = scan_bwd.backward(spec, bwd_cfg, t, g, problem)
-    flat = [res[n] for n in NAMES[:15]]
-    gi = res["initial_states"]
-    flat += list(gi) if gi is not None else [None] * 4
-    flat.append(None)
-    return flat
+    return flat_args(dict(res, cu_seqlens=None))
 
 
 def _zeros_out(spec, problem, t):
@@ -121,7 +122,7 @@ def _zeros_out(spec, problem, t):
 def scan_with_grad(spec, problem, args: dict, fwd_cfg: dict, bwd_cfg: dict, save_y: bool, bundle=None):
     """Run the differentiable scan; returns out, or (out, States) with final states. `bundle`:
     the ScanTensors of `args` when the caller already built (validated) it."""
-    outs = ScanFunction.apply((spec, problem, fwd_cfg, bwd_cfg, save_y, bundle), *_flat(args))
+    outs = ScanFunction.apply((spec, problem, fwd_cfg, bwd_cfg, save_y, bundle), *flat_args(args))
     if spec.final_states:
         return outs[0], States(*outs[1:])
     return outs

@@ -26,20 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .spec import States
-
-INPUTS = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "d", "z", "mimo_v",
-          "mimo_z", "mimo_out", "norm_weight", "state_angle", "state_ssm", "state_k", "state_v",
-          "cu_seqlens")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _args(flat) -> dict:
-    """scan()'s keyword arguments from the flat op inputs."""
-    a = dict(zip(INPUTS, flat))
-    st = [a.pop(n) for n in ("state_angle", "state_ssm", "state_k", "state_v")]
-    a["initial_states"] = None if st[0] is None else States(*st)
-    return a
+from .autograd import NAMES as INPUTS   # the ops' tensor inputs, in the autograd path's order
+from .autograd import flat_args, unflat_args
+from .spec import States, _infer_output_mode
+from .tensors import TORCH_DTYPES
 
 
 def _none_if_empty(x):
@@ -78,11 +68,11 @@ def scan_fwd(q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Opt
     from .api import grad_configs
     from .autograd import grad_forward
     from .scan_tensors import prepare_scan
-    a = _args((q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_out, norm_weight,
-               state_angle, state_ssm, state_k, state_v, cu_seqlens))
+    a = unflat_args((q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_out,
+                     norm_weight, state_angle, state_ssm, state_k, state_v, cu_seqlens))
     opts = _spec_options(output_mode, pairing, discretization, final_states, norm_eps, chunk_size, state_dtype)
     spec, problem = _resolve(a, opts, validate)
-    cfg = json.loads(config) if config else None
+    cfg = _json(config)
     t = prepare_scan(spec, problem, **a)
     y = None
     if for_grad:
@@ -96,32 +86,24 @@ def scan_fwd(q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Opt
     return (t.out, *st, y if y is not None else _empty(v))
 
 
-def _shapes(q, v, angles, mimo_out, norm_weight, cu_seqlens, output_mode, final_states, state_dtype):
-    """Output shapes and dtypes from the input shapes and options (what the fake needs)."""
-    B, L, H, P = v.shape
-    R = q.shape[2] if q.dim() == 5 else 1
-    N = q.shape[-1]
-    A = 0 if angles is None else angles.shape[-1]
-    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    mode = output_mode or ("norm_reduce" if norm_weight is not None else
-                           "per_rank" if R > 1 and mimo_out is None else "reduce")
-    out = (B, L, R, H, P) if mode == "per_rank" else (B, L, H, P)
-    return B, L, H, P, R, N, A, S, mode, out
-
-
 @scan_fwd.register_fake
 def _scan_fwd_fake(q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_out, norm_weight,
                    state_angle, state_ssm, state_k, state_v, cu_seqlens, output_mode, pairing, discretization,
                    final_states, norm_eps, chunk_size, state_dtype, backend, config, bwd_config, save_y,
                    for_grad, validate):
-    B, L, H, P, R, N, A, S, mode, out = _shapes(q, v, angles, mimo_out, norm_weight, cu_seqlens, output_mode,
-                                                final_states, state_dtype)
+    B, L, H, P = v.shape
+    R = q.shape[2] if q.dim() == 5 else 1
+    N, A = q.shape[-1], (0 if angles is None else angles.shape[-1])
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    mode = _infer_output_mode(R, mimo_out, norm_weight, output_mode or None)
+    out = (B, L, R, H, P) if mode == "per_rank" else (B, L, H, P)
     f32 = torch.float32
     if final_states:
-        st = (v.new_empty((S, H, A), dtype=f32), v.new_empty((S, H, P, N), dtype=_DTYPES[state_dtype]),
+        st = (v.new_empty((S, H, A), dtype=f32), v.new_empty((S, H, P, N), dtype=TORCH_DTYPES[state_dtype]),
               v.new_empty((S, R, H, N), dtype=f32), v.new_empty((S, H, P)))
     else:
         st = tuple(v.new_empty((0,)) for _ in range(4))
+    # scan_bwd.needs_y(spec), from the inputs (the fake has no spec)
     keeps_y = for_grad and save_y and (z is not None or mimo_out is not None or mode == "norm_reduce")
     y = v.new_empty((B, L, R, H, P), dtype=f32) if keeps_y else v.new_empty((0,))
     return (v.new_empty(out), *st, y)
@@ -145,7 +127,7 @@ def scan_bwd(g_out: Optional[Tensor], g_angle: Optional[Tensor], g_ssm: Optional
     from .scan_tensors import prepare_scan
     flat = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, d, z, mimo_v, mimo_z, mimo_out, norm_weight,
             state_angle, state_ssm, state_k, state_v, cu_seqlens)
-    a = _args(flat)
+    a = unflat_args(flat)
     opts = _spec_options(output_mode, pairing, discretization, final_states, norm_eps, chunk_size, state_dtype)
     spec, problem = _resolve(a, opts, validate=False)   # the forward checked these very inputs
     t = prepare_scan(spec, problem, **a, outputs=False)
@@ -196,9 +178,7 @@ def _json(text: str):
 def scan(args: dict, *, output_mode, pairing, discretization, final_states, norm_eps, chunk_size, state_dtype,
          backend, config, bwd_config, save_y, validate):
     """api.scan under torch.compile: one scan_fwd op (differentiable through scan_bwd)."""
-    st = args["initial_states"]
-    st = tuple(st) if st is not None else (None,) * 4
-    flat = [args[n] for n in INPUTS[:15]] + list(st) + [args["cu_seqlens"]]
+    flat = flat_args(args)
     for_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in flat)
     outs = scan_fwd(*flat, output_mode or "", pairing, discretization, bool(final_states), float(norm_eps),
                     int(chunk_size), state_dtype, backend or "", json.dumps(config) if config else "",

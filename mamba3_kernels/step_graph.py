@@ -27,9 +27,8 @@ import types
 
 import torch
 
+from .plan import _TOKEN_ARGS as _TOKEN_FIELDS   # the per-token inputs a plan checks per call
 from .spec import States, bad_arg
-
-_TOKEN_FIELDS = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "state_indices")
 
 
 class GraphedStep:

@@ -149,8 +149,7 @@ class StepBuilder:
         self.convert = tuple((n, how) for n, how in layout.items()
                              if args[n] is not None and as_contiguous(args[n], *how) is not args[n])
         k_s = args["states"][2]
-        self.M = k_s.shape[0]
-        self.k_state_shape = (self.M, R, H, N) if k_s.dim() != 4 else None
+        self.k_state_shape = (k_s.shape[0], R, H, N) if k_s.dim() != 4 else None
         self.out_shape = (B, R, H, P) if spec.output_mode == "per_rank" else (B, H, P)
         self.out_dtype, self.device = v.dtype, v.device
 

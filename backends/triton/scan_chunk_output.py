@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _load_state,
+from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _first_slot, _load_state,
                           _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw,
                           _sigmoid)
 
@@ -147,10 +147,7 @@ def scan_chunk_output_kernel(
         # its B operand without a per-chunk transpose
         if HAS_ENTRY:
             # the entry states are per phase-2/3 sub-segment (ESPLIT of them per segment here)
-            if VARLEN:
-                eslot = bos // (SEGLEN // ESPLIT) + seq + seg * ESPLIT
-            else:
-                eslot = b * NSEG2 + seg * ESPLIT
+            eslot = _first_slot(seq, bos, NSEG2, SEGLEN // ESPLIT, VARLEN) + seg * ESPLIT
             s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
                                  PAIR_HALF)
             s0 = tl.trans(s0)

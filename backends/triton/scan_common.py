@@ -141,6 +141,17 @@ def _pair_cols(j, N: tl.constexpr, PAIR_HALF: tl.constexpr):
 
 
 @triton.jit
+def _first_slot(seq, bos, NSEG, SEGLEN: tl.constexpr, VARLEN: tl.constexpr):
+    """The slot of a sequence's first segment in _locate's layout (dense: seq * NSEG; varlen:
+    bos // SEGLEN + seq)."""
+    if VARLEN:
+        first = bos // SEGLEN + seq
+    else:
+        first = seq * NSEG
+    return first
+
+
+@triton.jit
 def _locate(slot, cu_ptr, S, L, NSEG, SEGLEN: tl.constexpr, VARLEN: tl.constexpr):
     """Segment slot -> (batch row b, sequence, segment index, sequence start, sequence end,
     segment start). Dense: slot = b * NSEG + segment. Varlen (B = 1): sequence i owns slots

@@ -202,6 +202,13 @@ def _state_split(spec: ScanSpec, problem, progs_per_seg: int, chunk: int, seg: i
     return 2 if 0 < p2 <= N_SM_H100 and seg >= 2 else 1
 
 
+def _slots(B: int, L: int, S: int, seglen: int, varlen: bool):
+    """(segments per dense row, segment slots) of scan_common._locate's layout: dense B rows of
+    cdiv(L, seglen); varlen L // seglen + S (one spare slot per sequence)."""
+    nseg = triton.cdiv(L, seglen)
+    return nseg, (L // seglen + S) if varlen else B * nseg
+
+
 def default_config(spec: ScanSpec, problem=None) -> dict:
     C = _chunk(spec)
     bp = _block_p(spec)
@@ -304,8 +311,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     C, SEG = config["CHUNK"], config["SEG"]
     SEGLEN = C * SEG
     varlen = t.cu_seqlens is not None
-    nseg_dense = triton.cdiv(L, SEGLEN)
-    nslots = (L // SEGLEN + S) if varlen else B * nseg_dense
+    nseg_dense, nslots = _slots(B, L, S, SEGLEN, varlen)
     many = (L > SEGLEN) if varlen else nseg_dense > 1
     run_a = L > 0 and (spec.final_states or many)
     run_b = run_a or spec.initial_states or spec.final_states
@@ -316,8 +322,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     # ELL's angles are relative to phase 4's segments, so it keeps K = 1
     K = 1 if ell_on else min(int(config.get("STATE_SPLIT") or 1), SEG)
     SEGLEN2 = SEGLEN // K
-    nseg2_dense = triton.cdiv(L, SEGLEN2)
-    nslots2 = (L // SEGLEN2 + S) if varlen else B * nseg2_dense
+    nseg2_dense, nslots2 = _slots(B, L, S, SEGLEN2, varlen)
     # phase 2 may walk its segments in chunks of its own length (its outputs do not depend on it)
     C2 = min(config.get("STATE_CHUNK") or C, SEGLEN2)
     sdt = _TORCH[config.get("SCRATCH", "bfloat16")]

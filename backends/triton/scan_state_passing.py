@@ -31,7 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import _cast, _cos_sin, _load_state, _pair_cols, _rotate, _sigmoid, _store_state, _wrap
+from .scan_common import (_cast, _cos_sin, _first_slot, _load_state, _pair_cols, _rotate, _sigmoid, _store_state,
+                          _wrap)
 
 
 def grid(H: int, P: int, BP: int, S: int):
@@ -61,12 +62,11 @@ def scan_state_passing_kernel(
         bos = tl.load(cu_ptr + seq)
         eos = tl.load(cu_ptr + seq + 1)
         b = seq * 0
-        start = bos // SEGLEN + seq
     else:
         bos = seq * 0
         eos = bos + L
         b = seq
-        start = seq * NSEG
+    start = _first_slot(seq, bos, NSEG, SEGLEN, VARLEN)
     nseg = tl.cdiv(eos - bos, SEGLEN)
     nonempty = eos > bos
     # vector masks from the scalar condition through limits (a vector & scalar-bool mask is
