@@ -32,7 +32,9 @@ SISO = [dict(),
         dict(CHUNK_ENTRY=True, CHUNK=32, seglen=1024, num_warps=4, STATE_CHUNK=32),
         dict(CHUNK_ENTRY=True, CHUNK=32, seglen=1024, num_warps=8, STATE_CHUNK=32),
         dict(CHUNK_ENTRY=True, CHUNK=32, seglen=1024, num_warps=4, BLOCK_P=32, STATE_CHUNK=32),
-        dict(CHUNK_ENTRY=True, CHUNK=64, seglen=1024, num_warps=4, STATE_CHUNK=32)]
+        dict(CHUNK_ENTRY=True, CHUNK=64, seglen=1024, num_warps=4, STATE_CHUNK=32),
+        dict(CHUNK_ENTRY=True, CHUNK=16, seglen=1024, num_warps=4, STATE_CHUNK=32),
+        dict(CHUNK_ENTRY=True, CHUNK=16, seglen=2048, num_warps=4, STATE_CHUNK=32)]
 MIMO = [dict(),
         dict(CHUNK_ENTRY=True, CHUNK=16, seglen=512, num_warps=8),
         dict(CHUNK_ENTRY=True, CHUNK=16, seglen=256, num_warps=8),
@@ -40,7 +42,9 @@ MIMO = [dict(),
         dict(CHUNK_ENTRY=True, CHUNK=16, seglen=512, num_warps=4),
         dict(CHUNK_ENTRY=True, CHUNK=8, seglen=512, num_warps=4),
         dict(CHUNK_ENTRY=True, CHUNK=8, seglen=512, num_warps=8),
-        dict(CHUNK_ENTRY=True, CHUNK=16, seglen=512, num_warps=8, BLOCK_P=32)]
+        dict(CHUNK_ENTRY=True, CHUNK=16, seglen=512, num_warps=8, BLOCK_P=32),
+        dict(CHUNK_ENTRY=True, CHUNK=4, seglen=512, num_warps=4),
+        dict(CHUNK_ENTRY=True, CHUNK=4, seglen=1024, num_warps=4)]
 
 
 def config(d, over):
