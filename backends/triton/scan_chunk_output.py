@@ -20,11 +20,6 @@ then the output mode of SPEC §3 (all per head, elementwise over P; gate = silu(
 reduce (sum_r y_r gate_r MIMO_Out_r), norm_reduce (RMSNorm of each y_r over P, times W, then
 as reduce; needs the whole head in one program: BP >= P) or per_rank (y_r gate_r).
 
-CENT (the forward's CHUNK_ENTRY): chunk-parallel. Every program is one chunk (SEG = 1, slots of
-_locate's layout at SEGLEN = C) and loads the state entering it and the angle carry at its start
-from phase 4a (scan_chunk_state.py with ENTRY); no state is carried or updated, so nothing is
-sequential and the chunk can be long (64 rows).
-
 Grid: (H * cdiv(P, BP), number of segment slots); heads vary fastest (shared Q/K in L2).
 With STATE_SPLIT (ESPLIT) > 1 the entry states come per sub-segment of phases 2-3; a
 segment's is that of its first sub-segment.
@@ -100,7 +95,7 @@ def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_p
 @triton.jit
 def scan_chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, qb_ptr, kb_ptr, d_ptr,
-    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr, cang_ptr,
+    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_zb, s_zt, s_zh,
     s_ab, s_at, s_ah,
     L, H, G, S, NSEG, NSEG2, eps,
@@ -111,7 +106,7 @@ def scan_chunk_output_kernel(
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
-    ESPLIT: tl.constexpr = 1, CENT: tl.constexpr = False,
+    ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -150,14 +145,7 @@ def scan_chunk_output_kernel(
             dval = tl.load(d_ptr + h)
         # the state is kept transposed (N x P, pair halves): the inter-chunk dot reads it as
         # its B operand without a per-chunk transpose
-        if CENT:
-            # chunk-parallel: every program is one chunk (SEG = 1) and starts from the state
-            # phase 4a stored for it ("half" pair layout, scratch dtype: a dot operand as is)
-            e0, e1 = _pairs_raw(erel_ptr, (slot * H + h).to(tl.int64) * P * N + p.to(tl.int64) * N, pm, j, N,
-                                NH, True)
-            s0 = tl.trans(e0)
-            s1 = tl.trans(e1)
-        elif HAS_ENTRY:
+        if HAS_ENTRY:
             # the entry states are per phase-2/3 sub-segment (ESPLIT of them per segment here)
             eslot = _first_slot(seq, bos, NSEG2, SEGLEN // ESPLIT, VARLEN) + seg * ESPLIT
             s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
@@ -167,11 +155,7 @@ def scan_chunk_output_kernel(
         else:
             s0 = tl.zeros([NHP, BP], dtype=tl.float32)
             s1 = tl.zeros([NHP, BP], dtype=tl.float32)
-        if CENT and A > 0:   # the angle carry at the chunk's start (segment frame), from phase 4a
-            ja = tl.arange(0, AP)
-            carry = tl.load(cang_ptr + (slot * H + h) * A + ja, mask=ja < A, other=0.0)
-        else:
-            carry = tl.zeros([AP], dtype=tl.float32)
+        carry = tl.zeros([AP], dtype=tl.float32)
         if not BIAS_RELOAD:
             qb0, qb1 = _bias_pairs(qb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
             kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
@@ -302,12 +286,11 @@ def scan_chunk_output_kernel(
             # the chunk's own contribution to the state entering the next chunk (also after
             # the segment's last chunk: unused there, but a conditional update would make the
             # compiler carry two copies of the state)
-            if not CENT:   # (CENT: one chunk per program, nothing enters a next one)
-                wk = tl.exp(T - cs) * scale
-                vw = vt.to(tl.float32) * wk[:, None]
-                decay = tl.exp(T)
-                s0 = s0 * decay + _mm(tl.trans(k0), vw, DT, DOT_F32, INTERP)
-                s1 = s1 * decay + _mm(tl.trans(k1), vw, DT, DOT_F32, INTERP)
+            wk = tl.exp(T - cs) * scale
+            vw = vt.to(tl.float32) * wk[:, None]
+            decay = tl.exp(T)
+            s0 = s0 * decay + _mm(tl.trans(k0), vw, DT, DOT_F32, INTERP)
+            s1 = s1 * decay + _mm(tl.trans(k1), vw, DT, DOT_F32, INTERP)
             if PREFETCH:
                 q0r, q1r, k0r, k1r, vr, zr = nq0, nq1, nk0, nk1, nv, nz
                 sa, sdt, sdtn, str_, strn, araw = na, ndt, ndtn, ntr, ntrn, nang

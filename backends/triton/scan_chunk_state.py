@@ -18,13 +18,6 @@ Outputs per segment slot and head: Lrel (P x N, scratch dtype), the segment's de
 T = sum adt (fp32) and its angle total Phi = wrap(sum phi) (A values, fp32). Without final
 states the last segment of each sequence is skipped (its local state feeds nothing).
 
-ENTRY (the forward's CHUNK_ENTRY, phase 4a): the same walk from the segment's entry state Erel
-(phase 3's output; zero without one) instead of from zero, over every segment, storing before
-each chunk of CO tokens the state entering it (its chunk slot of _locate's layout at SEGLEN =
-CO; "half" pair layout, the scratch dtype) and the angle carry (segment frame, fp32): what the
-chunk-parallel phase 4 (scan_chunk_output.py with CENT) starts each chunk from. No totals,
-no local state.
-
 ESPLIT (the forward's STATE_SPLIT): phases 2 and 3 work on sub-segments, ESPLIT per phase-4
 segment, so phase 2 has ESPLIT times the programs for the same work; phase 4 reads the entry
 state of every ESPLIT-th sub-segment. Without final states the sub-segments of each sequence's
@@ -38,8 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_ell, _angles_math, _angles_raw, _bias_pairs, _cast, _first_slot, _load_state,
-                          _locate, _mm,
+from .scan_common import (_angles_ell, _angles_math, _angles_raw, _bias_pairs, _cast, _locate, _mm,
                           _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
                           _store_state, _widen)
 
@@ -71,15 +63,14 @@ def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh,
 @triton.jit
 def scan_chunk_state_kernel(
     k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, kb_ptr, mv_ptr, cu_ptr,
-    lrel_ptr, tot_ptr, phi_ptr, ell_ptr, erel_ptr, cent_ptr, cang_ptr,
+    lrel_ptr, tot_ptr, phi_ptr, ell_ptr,
     s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_ab, s_at, s_ah,
-    L, H, G, S, NSEG, NCH,
+    L, H, G, S, NSEG,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     BP: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
     PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr, ESPLIT: tl.constexpr = 1,
-    ENTRY: tl.constexpr = False, HAS_ENTRY: tl.constexpr = False, CO: tl.constexpr = 16,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -93,7 +84,7 @@ def scan_chunk_state_kernel(
     b, seq, seg, bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
     keep = t0 < eos
     need_state = t0 < eos
-    if not FINAL and not ENTRY:   # a later phase-4 segment needs this local state (ESPLIT: see the doc)
+    if not FINAL:   # a later phase-4 segment needs this local state (ESPLIT: see the doc)
         need_state = bos + (seg // ESPLIT + 1) * (SEGLEN * ESPLIT) < eos
         if not ELL:
             keep = need_state
@@ -103,8 +94,6 @@ def scan_chunk_state_kernel(
         # with ELL every segment stores its angles for phase 4; a segment whose local state
         # feeds nothing (the last one without final states) walks the angles alone
         n_full = tl.where(need_state, nck, 0)
-        if ENTRY:   # up to the start of the segment's last CO-token chunk (the state entering it)
-            n_full = tl.minimum(nck, ((tl.minimum(tl.cdiv(eos - t0, CO), SEGLEN // CO) - 1) * CO) // C + 1)
         rows = tl.arange(0, ROWS)
         rt = rows // RP
         rr = rows % RP
@@ -115,14 +104,9 @@ def scan_chunk_state_kernel(
         ang_base = b.to(tl.int64) * s_ab + h.to(tl.int64) * s_ah
         k_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kg
         v_base = b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-        if ENTRY and HAS_ENTRY:
-            s0, s1 = _load_state(erel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, P, N, NH, PAIR_HALF)
-        else:
-            s0 = tl.zeros([BP, NHP], dtype=tl.float32)
-            s1 = tl.zeros([BP, NHP], dtype=tl.float32)
+        s0 = tl.zeros([BP, NHP], dtype=tl.float32)
+        s1 = tl.zeros([BP, NHP], dtype=tl.float32)
         carry = tl.zeros([AP], dtype=tl.float32)
-        if ENTRY:   # the chunk slot of the segment's first CO-token chunk
-            cslot = _first_slot(seq, bos, NCH, CO, VARLEN) + (t0 - bos) // CO
         kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
         ttot = 0.0
         # software pipelining by hand: the loads of chunk ci + 1 are issued before the math of
@@ -135,15 +119,6 @@ def scan_chunk_state_kernel(
             tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
-            if ENTRY:
-                if (ci * C) % CO == 0:   # the state entering this CO-token chunk
-                    cs_ = cslot + (ci * C) // CO
-                    _store_state(cent_ptr, (cs_ * H + h).to(tl.int64) * P * N, p, j, s0, s1, P, N, NH, True,
-                                 INTERP)
-                    if A > 0:
-                        if pb == 0:
-                            ja = tl.arange(0, AP)
-                            tl.store(cang_ptr + (cs_ * H + h) * A + ja, carry, mask=ja < A)
             if PREFETCH:
                 nk0, nk1, nv, na, ndt, ndtn, ntr, ntrn, nang = _loads(
                     k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt,
@@ -192,11 +167,11 @@ def scan_chunk_state_kernel(
                     araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
                     ell, carry = _angles_ell(araw, dta, carry)
                     _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
-        if not ENTRY:
-            _store_state(lrel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, s0, s1, P, N, NH, PAIR_HALF,
-                         INTERP)
-            if pb == 0:
-                tl.store(tot_ptr + slot * H + h, ttot)
-                if A > 0:
-                    ja = tl.arange(0, AP)
-                    tl.store(phi_ptr + (slot * H + h) * A + ja, carry, mask=ja < A)
+        _store_state(lrel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, s0, s1, P, N, NH, PAIR_HALF,
+                     INTERP)
+
+        if pb == 0:
+            tl.store(tot_ptr + slot * H + h, ttot)
+            if A > 0:
+                ja = tl.arange(0, AP)
+                tl.store(phi_ptr + (slot * H + h) * A + ja, carry, mask=ja < A)

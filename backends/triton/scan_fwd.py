@@ -13,12 +13,6 @@ The forward is a split-sequence scan over segments of SEG chunks of C tokens (SE
            initial states in (with their pending beta term), final states out
   phase 4  chunk outputs    (scan_chunk_output.py)   grid (H * P-blocks, segment slots)
            each program walks its segment's chunks with the state in registers
-  or, with CHUNK_ENTRY, chunk-parallel:
-  phase 4a chunk entries    (scan_chunk_state.py, ENTRY)  grid as phase 2
-           every segment walked again from its entry state, storing the state entering each
-           chunk (scratch dtype) and the angle carry there
-  phase 4b chunk outputs    (scan_chunk_output.py, CENT)  grid (H * P-blocks, chunk slots)
-           one program per chunk, no loop-carried state: long chunks (64 rows), many programs
 
 With SEG = 1 this is Mamba-2's SSD (chunk states, state passing, chunk outputs); larger SEG
 trades parallelism for less state traffic: the P x N scratch states are written and read once
@@ -60,9 +54,6 @@ Config keys (`default_config`, `space`):
   ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
                phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
                more than phase 4 saves), kept for tuning
-  CHUNK_ENTRY  the chunk-parallel phase 4 (4a + 4b above): phase 4 costs 2 x (chunk states in
-               the scratch dtype) of memory traffic instead of a latency-bound chunk loop;
-               CHUNK is then the chunk of 4b (and of 4a's stores), SEG counts those chunks
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
                GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
 
@@ -326,8 +317,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     run_b = run_a or spec.initial_states or spec.final_states
     # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
     # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
-    cent_on = bool(config.get("CHUNK_ENTRY")) and L > 0
-    ell_on = bool(config.get("ELL")) and run_a and A > 0 and not cent_on
+    ell_on = bool(config.get("ELL")) and run_a and A > 0
     # STATE_SPLIT: phases 2-3 on K sub-segments per segment (K times the phase-2 programs);
     # ELL's angles are relative to phase 4's segments, so it keeps K = 1
     K = 1 if ell_on else min(int(config.get("STATE_SPLIT") or 1), SEG)
@@ -344,10 +334,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     phi = torch.empty((nslots2, H, max(A, 1)), dtype=f32, device=dev) if run_a else dummy
     erel = torch.empty((nslots2, H, P, N), dtype=sdt, device=dev) if run_b else dummy.to(sdt)
     ell = torch.empty((B, H, L, A), dtype=f32, device=dev) if ell_on else dummy
-    # CHUNK_ENTRY: the state entering every chunk and the angle carry there (phase 4a -> 4b)
-    nch_dense, nchslots = _slots(B, L, S, C, varlen)
-    cent = torch.empty((nchslots, H, P, N), dtype=sdt, device=dev) if cent_on else dummy.to(sdt)
-    cang = torch.empty((nchslots, H, max(A, 1)), dtype=f32, device=dev) if cent_on else dummy
     opt = lambda x: dummy if x is None else x  # noqa: E731
     sq, sk, sv = t.q.stride(), t.k.stride(), t.v.stride()
     sz = t.z.stride() if t.z is not None else (0, 0, 0, 0)
@@ -378,23 +364,22 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         trap_k = gates
     else:
         trap_k = opt(t.trap)
-    state_call = dict(
+    calls.append(dict(
         name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
         grid=_cst.grid(H, P, bp, nslots2),
         args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
               ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
               ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
-              ("phi_ptr", phi), ("ell_ptr", ell), ("erel_ptr", erel), ("cent_ptr", cent), ("cang_ptr", cang),
+              ("phi_ptr", phi), ("ell_ptr", ell),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg2_dense), ("NCH", nch_dense)],
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg2_dense)],
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
-                        ESPLIT=K, ENTRY=False, HAS_ENTRY=False, CO=C,
+                        ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
                         **dotc),
-        num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1))
-    calls.append(state_call)
+        num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
     pbp = config["PASS_BLOCK_P"]
     calls.append(dict(
         name="scan_state_passing", kernel=_pass.scan_state_passing_kernel, run=run_b,
@@ -419,11 +404,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
                         INTERP=_interpret()),
         num_warps=config.get("pass_num_warps", 4), num_stages=1))
-    if cent_on:  # phase 4a: phase 2's walk from the entry states, storing every chunk's entry
-        c4a = min(C2, C)
-        calls.append(dict(state_call, name="scan_chunk_entry", run=True,
-                          constexprs=dict(state_call["constexprs"], C=c4a, SEG=SEGLEN2 // c4a, ENTRY=True,
-                                          HAS_ENTRY=run_b, CO=C, ELL=False)))
     split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
     if split:  # raw per-rank y (no gate) into an fp32 scratch, then the epilogue
         ybuf = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
@@ -433,25 +413,24 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         out4, mode4, z4, mz4, mo4 = t.out, _out.MODES[spec.output_mode], t.z, t.mimo_z, t.mimo_out
     calls.append(dict(
         name="scan_chunk_output", kernel=_out.scan_chunk_output_kernel, run=L > 0,
-        grid=_out.grid(H, P, bp, nchslots if cent_on else nslots),
+        grid=_out.grid(H, P, bp, nslots),
         args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("z_ptr", opt(z4)), ("adt_ptr", t.adt),
               ("dt_ptr", t.dt), ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)),
               ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
               ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
-              ("w_ptr", opt(t.norm_weight)), ("erel_ptr", cent if cent_on else erel), ("cu_ptr", cu),
-              ("out_ptr", out4), ("ell_ptr", ell), ("cang_ptr", cang),
+              ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
+              ("ell_ptr", ell),
               ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_zb", sz[0]), ("s_zt", sz[1]), ("s_zh", sz[2]),
               ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
-              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nch_dense if cent_on else nseg_dense),
-              ("NSEG2", nseg2_dense), ("eps", float(spec.norm_eps))],
-        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=1 if cent_on else SEG, ESPLIT=K,
-                        HAS_D=t.d is not None, HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
-                        HAS_MO=mo4 is not None, MODE=mode4, CENT=cent_on,
-                        HAS_ENTRY=run_b or cent_on, PREFETCH=0 if cent_on else int(config.get("PREFETCH", 0)),
-                        ELL=ell_on,
+              ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense), ("NSEG2", nseg2_dense),
+              ("eps", float(spec.norm_eps))],
+        constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, ESPLIT=K, HAS_D=t.d is not None,
+                        HAS_Z=z4 is not None, HAS_MZ=mz4 is not None,
+                        HAS_MO=mo4 is not None, MODE=mode4,
+                        HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
@@ -471,8 +450,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
             num_warps=4, num_stages=1))
     scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
                    phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
-                   split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None,
-                   cent=cent if cent_on else None, cang=cang if cent_on else None)
+                   split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
     return calls, scratch
 
 
