@@ -1,9 +1,12 @@
-"""Segment length of the backward core (CORE SEG, chunks per segment; 0 = its automatic rule) on
-the fwd+bwd benchmark shapes: fwd+bwd replayed from one CUDA graph per value.
+"""Segment length of the backward core (CORE SEG, chunks per segment; 0 = its automatic rule) and
+any other core config key (--core KEY=V1,V2, JSON values) on the fwd+bwd benchmark shapes: fwd+bwd
+replayed from one CUDA graph per variant.
 
-    PYTHONPATH=$PWD python bench/scan_bwd_seg_sweep.py [--segs 0,16,32,64,128,256] [--out f.json]
+    PYTHONPATH=$PWD python bench/scan_bwd_seg_sweep.py [--segs 0,16,32,64,128,256]
+        [--core num_stages=1,2,3] [--out f.json]
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -22,8 +25,10 @@ def main():
     ap.add_argument("--segs", default="0,16,32,64,128,256")
     ap.add_argument("--kinds", default="siso,mimo")
     ap.add_argument("--only", default="")
+    ap.add_argument("--core", action="append", default=[], help="KEY=V1,V2 (JSON values)")
     ap.add_argument("--out", default="scan_bwd_seg_sweep.json")
     args = ap.parse_args()
+    knobs = [(k, [json.loads(v) for v in vs.split(",")]) for k, vs in (c.split("=", 1) for c in args.core)]
     rows = []
     for kind in args.kinds.split(","):
         R = 4 if kind == "mimo" else 1
@@ -32,13 +37,15 @@ def main():
                 continue
             a = make_inputs(kind, B, L, H, G, N, P, R)
             dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
-            for seg in (int(s) for s in args.segs.split(",")):
+            for seg, combo in itertools.product((int(s) for s in args.segs.split(",")),
+                                                itertools.product(*[vs for _, vs in knobs])):
+                over = {k: v for (k, _), v in zip(knobs, combo)}
                 try:
-                    ms = graph_ms(ours_fwd(kind, bwd_config=dict(CORE=dict(SEG=seg))), a, dout)
+                    ms = graph_ms(ours_fwd(kind, bwd_config=dict(CORE=dict(SEG=seg, **over))), a, dout)
                 except Exception as e:  # noqa: BLE001
                     ms = f"{type(e).__name__}: {e}"[:200]
-                rows.append(dict(kind=kind, shape=label, core_SEG=seg, fwd_bwd_graph_ms=ms))
-                print(f"{kind} {label:<22} core SEG {seg:4d}{' (auto)' if seg == 0 else ''} "
+                rows.append(dict(kind=kind, shape=label, core_SEG=seg, core_overrides=over, fwd_bwd_graph_ms=ms))
+                print(f"{kind} {label:<22} core SEG {seg:4d}{' (auto)' if seg == 0 else ''} {over} "
                       f"{ms if isinstance(ms, str) else f'{ms:.3f} ms'}", flush=True)
                 torch.cuda.empty_cache()
     with open(args.out, "w") as f:
