@@ -39,7 +39,8 @@ Config keys (`default_config`, `space`):
   BLOCK_N  columns of N per dq / dkv program (their state tile is P x BLOCK_N)
   BLOCK_P  rows of P per local-state program (tile BLOCK_P x N)
   PASS_BLOCK_P rows of P per state-passing program
-  num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages
+  num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages (local, dq, dkv; each
+  overridden by local_num_stages / dq_num_stages / dkv_num_stages)
   SCRATCH  dtype of the per-segment scratch states lf, lb, ent, dx ("bfloat16" or "float32";
            GEMM operands in the input dtype anyway; fp32 inputs keep fp32)
   CHUNK_SCRATCH dtype of the per-chunk entry states S_c (read only for dadt's <D_c, S_c>)
@@ -152,6 +153,10 @@ def check_config(R: int, config: dict) -> None:
     for key in ("SCRATCH", "CHUNK_SCRATCH"):
         if config.get(key, "bfloat16") not in DTYPES:
             raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
+    for key in ("num_stages", "local_num_stages", "dq_num_stages", "dkv_num_stages"):
+        v = config.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"config.{key}: expected an int >= 1, got {v!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "args": [*tok, ("lf_ptr", lf), ("lb_ptr", lb), ("tot_ptr", tot),
                   ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NSLOT", nslots)],
          "constexprs": dict(shape, BP=BP, NEED_FIRST=want_ds0, USPLIT=usplit, **dot),
-         "num_warps": config.get("local_num_warps", 4), "num_stages": stages},
+         "num_warps": config.get("local_num_warps", 4), "num_stages": config.get("local_num_stages", stages)},
         {"name": "scan_bwd_core_pass", "kernel": _st.scan_bwd_core_pass_kernel, "run": True,
          "grid": _st.pass_grid(H, P, PBP, S),
          "args": [("lf_ptr", lf), ("lb_ptr", lb), ("tot_ptr", tot), ("cu_ptr", cu), ("s0_ptr", opt(s0)),
@@ -268,14 +273,14 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
-         "num_warps": config["num_warps"], "num_stages": stages},
+         "num_warps": config["num_warps"], "num_stages": config.get("dq_num_stages", stages)},
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
                   ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
                   ("NROW", nrow)],
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
-         "num_warps": config["num_warps"], "num_stages": stages},
+         "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
          "args": [("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
