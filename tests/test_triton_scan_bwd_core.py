@@ -248,6 +248,10 @@ def test_core_argument_errors():
     for key in ("INTER", "UPDATE", "SCRATCH", "CHUNK_SCRATCH"):
         with pytest.raises(ValueError, match=f"config.{key}"):
             core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: "tf32"}))
+    for key in ("num_stages", "local_num_stages", "dq_num_stages", "dkv_num_stages"):
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match=f"config.{key}"):
+                core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: bad}))
 
 
 def test_fresh_process():

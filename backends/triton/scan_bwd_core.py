@@ -88,7 +88,13 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     angle gradient's pair cancellation needs the q side and the k side of every inter-chunk
     pair to agree; bf16 rounding there made dAngles grow ~sqrt(L): module-like L = 1024
     1.4e-2 -> 3.4e-3, bench/notes/scan_bwd_core.md); CHUNK_SCRATCH stays bf16 (dadt only).
-    Spill-free on the AOT grids at the same tiles (dq 176-229, dkv 216-252 registers)."""
+    Spill-free on the AOT grids at the same tiles (dq 176-229, dkv 216-252 registers).
+
+    bf16: the local and dq kernels software-pipelined by Triton (num_stages 2: the next chunk's
+    tiles load while this one computes); H100 fwd+bwd (bench/results/bwd_core_stages*_5a41468.json)
+    SISO B4-L4096 3.890 -> 3.729 ms, B1-L16384 3.948 -> 3.787, G8-N64 2.550 -> 2.456, MIMO R4
+    B4-L2048 8.12 -> 7.85. dkv at 2 stages would gain another 3 % but spills 16 bytes (N128 P64,
+    AOT); BLOCK_N 32 or 16-row chunks (spill-free there) lose 20-40 %."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
@@ -100,14 +106,15 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     return {"CHUNK": max(1, rows // rp), "SEG": 0, "BLOCK_N": bn,
             "BLOCK_P": min(PP, max(16, TILE // NP)), "PASS_BLOCK_P": min(32, PP),
             "num_warps": 8 if f32 else 4, "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
+            "local_num_stages": 1 if f32 else 2, "dq_num_stages": 1 if f32 else 2,
             "SCRATCH": "float32", "CHUNK_SCRATCH": "float32" if f32 else "bfloat16",
             "INTER": "float32", "UPDATE": "float32"}
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
-    """Tuning candidates (at most 12): the default, chunk rows {16, 32} x BLOCK_N {default,
-    double} x warps {4, 8}, and the default with half / double the automatic segment length
-    (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
+    """Tuning candidates (at most 12): the default, the default with a pipelined dkv, chunk rows
+    {16, 32} x BLOCK_N {default, double} x warps {4, 8}, and the default with half / double the
+    automatic segment length (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
     d = default_config(R, N, P, dtype)
     out = [d]
     rp = _pow2(R)
@@ -119,6 +126,8 @@ def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
                 if cfg not in out:
                     out.append(cfg)
     out += [dict(d, SEG_SCALE=0.5), dict(d, SEG_SCALE=2)]
+    if d.get("dkv_num_stages", d["num_stages"]) == 1:   # pipelined dkv: faster, spills a little at N128 P64
+        out.insert(1, dict(d, dkv_num_stages=2))
     return out[:12]
 
 
