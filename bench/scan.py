@@ -283,7 +283,7 @@ def sweep_configs(spec, prob, d):
 def breakdown(spec, cfg, t):
     """Median ms of each phase's kernel alone."""
     from triton.testing import do_bench
-    calls, _ = sf.plan(spec, cfg, t)
+    calls, _ = sf.plan(spec, sf.effective_config(spec, cfg, t), t)   # what forward runs
     res = {}
     for c in calls:
         if c["run"]:

@@ -258,6 +258,27 @@ def test_every_config_of_the_space(rng):
         assert rep.ok, f"{cfg}\n{rep.table()}"
 
 
+def test_spill_guard_fallback_and_cpu_path():
+    """The spill guard's fallback gives up exactly the pipelined load order of the kernel that
+    spilled, and nothing once none is left; on the CPU (no registers) the config runs as given."""
+    spec = ScanSpec(d_state=128, head_dim=64, n_angles=64, has_d=True, has_z=True, input_dtype="bfloat16")
+    d = sf.default_config(spec, Problem(4, 4096, 32, 1, 4))
+    assert d["SPILL_GUARD"] is True and d["PREFETCH"] == 2 and d["STATE_PREFETCH"] is True
+    assert sf.fallback(d, set()) is None
+    f4 = sf.fallback(d, {"scan_chunk_output"})
+    assert f4 == dict(d, PREFETCH=0)
+    f2 = sf.fallback(d, {"scan_chunk_state"})
+    assert f2 == dict(d, STATE_PREFETCH=False, STATE_CHUNK=None)
+    both = sf.fallback(d, {"scan_chunk_output", "scan_chunk_state", "scan_state_passing"})
+    assert both == dict(d, PREFETCH=0, STATE_PREFETCH=False, STATE_CHUNK=None)
+    assert sf.fallback(both, {"scan_chunk_output", "scan_chunk_state"}) is None
+    assert sf.fallback(dict(d, PREFETCH=1), {"scan_chunk_output"}) is None   # tuned orders stay
+    t = sf.meta_tensors(spec, Problem(1, 64, 2, 1, 1))
+    assert sf.effective_config(spec, d, t) is d
+    with pytest.raises(ValueError, match="config.SPILL_GUARD"):
+        sf.check_config(spec, dict(d, SPILL_GUARD="yes"))
+
+
 @here
 def test_varlen_all_empty_but_one_and_leading_empty(rng):
     spec = ScanSpec(d_state=16, head_dim=16, n_angles=2, has_d=True, initial_states=True,

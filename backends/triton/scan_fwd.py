@@ -54,6 +54,14 @@ Config keys (`default_config`, `space`):
   ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
                phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
                more than phase 4 saves), kept for tuning
+  SPILL_GUARD  (default True) the software-pipelined load orders (PREFETCH 2 in phase 4,
+               STATE_PREFETCH in phase 2) sit at the edge of the register file: on some specs
+               (A = N/2, per-head angles with A = N/4, A = 16 at N = 128 with D and Z) ptxas spills
+               them. With the guard, the kernels are built for the call before the first launch
+               (the JIT's own build, cached), and where one spills the config falls back to its
+               spill-free load order (`fallback`), remembered per spec, config and tensor layout.
+               The AOT test applies the same fallback; tuning candidates without the guard run
+               as given.
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
                GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
 
@@ -68,6 +76,7 @@ Nothing per token is saved: rotated q/k, gamma, scale and decays are cheap to re
 """
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import triton
@@ -226,7 +235,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 NORM_SPLIT=_norm_split(spec),
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
                 GATES=True, BIAS_RELOAD=True, PREFETCH=2 if lean else 0, STATE_PREFETCH=lean,
-                STATE_CHUNK=2 * C if lean else None, EXACT_DIAG=_rp(spec) == 1)
+                STATE_CHUNK=2 * C if lean else None, EXACT_DIAG=_rp(spec) == 1, SPILL_GUARD=True)
 
 
 def _lean(spec, bp: int, nw: int, stages: int) -> bool:
@@ -288,6 +297,8 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("PREFETCH", 0) not in (0, 1, 2, False, True):
         raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads) or 2 (tiles only)",
                       config.get("PREFETCH"))
+    if not isinstance(config.get("SPILL_GUARD", False), bool):
+        raise bad_arg("config.SPILL_GUARD", "True or False", config.get("SPILL_GUARD"))
     if config.get("SCRATCH", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.SCRATCH", "'bfloat16' or 'float32'", config.get("SCRATCH"))
 
@@ -454,13 +465,69 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     return calls, scratch
 
 
+def fallback(config: dict, spilled) -> dict:
+    """The config to try after `config` when the kernels named in `spilled` spill: their
+    software-pipelined load order off (phase 4: PREFETCH 2 -> 0; phase 2: STATE_PREFETCH and its
+    longer chunk off), or None when nothing is left to give up."""
+    c = dict(config)
+    if "scan_chunk_output" in spilled and c.get("PREFETCH") == 2:
+        c["PREFETCH"] = 0
+    if "scan_chunk_state" in spilled and c.get("STATE_PREFETCH"):
+        c["STATE_PREFETCH"] = False
+        c["STATE_CHUNK"] = None
+    return None if c == config else c
+
+
+_EFFECTIVE: dict = {}   # (spec, config, tensor layout) -> the config after the spill guard
+
+
+def _layout(t) -> tuple:
+    """What the JIT specialises the kernels on, from the bundle: every tensor's shape, strides,
+    dtype and 16-byte alignment."""
+    key = []
+    for f in dataclasses.fields(t):
+        x = getattr(t, f.name)
+        for y in (x if isinstance(x, tuple) else (x,)):
+            key.append(None if y is None else (tuple(y.shape), y.stride(), y.dtype, y.data_ptr() % 16 == 0))
+    return tuple(key)
+
+
+def _spills(c: dict) -> bool:
+    """Whether the kernel the JIT builds for call `c` spills (built, not launched; Triton caches
+    the build for the launch that follows)."""
+    extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+    k = c["kernel"].warmup(*[v for _, v in c["args"]], grid=c["grid"], **c["constexprs"],
+                           num_warps=c["num_warps"], num_stages=c["num_stages"], **extra)
+    k._init_handles()
+    return bool(getattr(k, "n_spills", 0))
+
+
+def effective_config(spec: ScanSpec, config: dict, t) -> dict:
+    """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds only:
+    the interpreter has no registers)."""
+    if not config.get("SPILL_GUARD") or _interpret() or t.v.device.type != "cuda":
+        return config
+    key = (spec, tuple(sorted((k, repr(v)) for k, v in config.items())), _layout(t))
+    cfg = _EFFECTIVE.get(key)
+    if cfg is None:
+        cfg = config
+        while True:
+            spilled = {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and _spills(c)}
+            nxt = fallback(cfg, spilled) if spilled else None
+            if nxt is None:
+                break
+            cfg = nxt
+        _EFFECTIVE[key] = cfg
+    return cfg
+
+
 def forward(spec: ScanSpec, config: dict, t, keep: bool = False):
     """Write t.out and t.state_out (mamba3_kernels.scan_tensors.ScanTensors). With keep=True
     return the per-segment scratch (see the module docstring) for tests and the backward."""
     ok, why = supports(spec)
     if not ok:
         raise ValueError(f"spec: expected one the Triton forward supports, got one it does not ({why})")
-    calls, scratch = plan(spec, config, t)
+    calls, scratch = plan(spec, effective_config(spec, config, t), t)
     for c in calls:
         if c["run"]:
             launch(c)
