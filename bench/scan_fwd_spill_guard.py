@@ -7,8 +7,9 @@ spilling one, and the guard's host cost once its decision is remembered.
 Per spec (B4 L4096 H32 N128 P64 bf16, D and Z; bench/scan.py's inputs with the angles replaced):
 registers and spills of every kernel the effective config runs (n_regs / n_spills of the JIT's
 build), graph ms of the forward with the guard and without it (the default's spilling load
-order as is), both outputs bitwise equal (the load order changes no arithmetic), and the host
-µs of effective_config on a remembered decision.
+order as is), whether both outputs are bitwise equal (phase 4's load order changes no
+arithmetic; phase 2's fallback takes its default chunk length, which changes the summation order),
+and the host µs of effective_config on a remembered decision.
 """
 import argparse
 import functools
