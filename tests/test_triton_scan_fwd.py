@@ -165,9 +165,10 @@ def test_state_split(split, final, varlen, rng):
 @here
 @pytest.mark.parametrize("N,A,pairing,R,prefetch", [(64, 16, "interleaved", 1, 2), (64, 16, "half", 2, 0),
                                                      (48, 12, "interleaved", 1, 1), (48, 5, "half", 3, 2),
-                                                     (128, 32, "half", 1, 0)])
+                                                     (128, 32, "half", 1, 0), (64, 16, "interleaved", 1, 3),
+                                                     (32, 8, "half", 2, 3)])
 def test_wider_states_and_load_orders(N, A, pairing, R, prefetch, rng):
-    """N up to 128 with A < N/2 (the widened angle tiles), non-pow2 N/2, MIMO rows, the three
+    """N up to 128 with A < N/2 (the widened angle tiles), non-pow2 N/2, MIMO rows, the four
     phase-4 load orders with GATES / BIAS_RELOAD / ELL / STATE_CHUNK; the per-phase scratch too."""
     kw = dict(MIMO) if R > 1 else {}
     spec = ScanSpec(d_state=N, head_dim=16, rank=R, n_angles=A, pairing=pairing, has_d=True, has_z=True,

@@ -167,7 +167,7 @@ def scan_chunk_output_kernel(
             q0r, q1r, k0r, k1r, vr, zr, sa, sdt, sdtn, str_, strn, araw = _loads(
                 q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
                 v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, t0, eos, rt, rr, j,
-                p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z, ELL, GATES, PREFETCH != 2)
+                p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z and PREFETCH != 3, ELL, GATES, PREFETCH != 2)
         for ci in range(0, nck):
             tc = t0 + ci * C
             tok = tc + rt
@@ -180,8 +180,11 @@ def scan_chunk_output_kernel(
                 nq0, nq1, nk0, nk1, nv, nz, na, ndt, ndtn, ntr, ntrn, nang = _loads(
                     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
                     v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, tc + C, eos,
-                    rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z, ELL, GATES,
+                    rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z and PREFETCH != 3, ELL, GATES,
                     PREFETCH != 2)
+                if PREFETCH == 3 and HAS_Z:  # z (needed last) in its turn, issued first
+                    zr = tl.load(z_ptr + z_base + tok64[:, None] * s_zt + p[None, :],
+                                 mask=rmask[:, None] & pm[None, :], other=0.0)
                 if PREFETCH == 2:  # tiles only: the scalars and angles are loaded in their turn
                     xa, xdt, xdtn, xtr, xtrn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP,
                                                             TRAP, GATES)

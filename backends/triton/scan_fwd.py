@@ -31,8 +31,9 @@ Config keys (`default_config`, `space`):
   maxnreg      optional register cap of phase 4 (tuning only: it trades spills for occupancy)
   AP_FULL      trig over all N/2 pairs instead of pow2(A) widened (tuning experiment)
   PREFETCH     phase 4: 0 loads each chunk's inputs in their turn, 1 issues them all one chunk
-               ahead, 2 only the q / k / v / z tiles (software pipelining by hand; the chunk loops
-               are latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
+               ahead, 2 only the q / k / v / z tiles, 3 all but z (z, used last, is issued first
+               in the chunk's own turn) (software pipelining by hand; the chunk loops are
+               latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
   STATE_PREFETCH  the same (all loads) in phase 2
   STATE_CHUNK  tokens per chunk of phase 2 (its outputs do not depend on it; default 2 C: 32 rows)
   STATE_SPLIT  phases 2-3 on sub-segments, this many per segment (more phase-2 programs for the
@@ -298,8 +299,8 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     sc = config.get("STATE_CHUNK")
     if sc is not None and (not isinstance(sc, int) or sc < 1 or sc & (sc - 1) or sc * _rp(spec) < 16):
         raise bad_arg("config.STATE_CHUNK", f"a power of two >= {max(1, 16 // _rp(spec))} (or None)", sc)
-    if config.get("PREFETCH", 0) not in (0, 1, 2, False, True):
-        raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads) or 2 (tiles only)",
+    if config.get("PREFETCH", 0) not in (0, 1, 2, 3, False, True):
+        raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads), 2 (tiles only) or 3 (all but z)",
                       config.get("PREFETCH"))
     if not isinstance(config.get("SPILL_GUARD", False), bool):
         raise bad_arg("config.SPILL_GUARD", "True or False", config.get("SPILL_GUARD"))
