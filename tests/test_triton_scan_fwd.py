@@ -260,24 +260,31 @@ def test_every_config_of_the_space(rng):
 
 
 def test_spill_guard_fallback_and_cpu_path():
-    """The spill guard's fallback gives up exactly the pipelined load order of the kernel that
-    spilled, and nothing once none is left; on the CPU (no registers) the config runs as given."""
+    """The spill guard's fallback steps the load order of the kernel that spilled down one
+    notch (phase 4: 1 -> 3 -> 2 -> 0, then 8 warps), and gives nothing once none is left; on the CPU (no
+    registers) the config runs as given."""
     spec = ScanSpec(d_state=128, head_dim=64, n_angles=64, has_d=True, has_z=True, input_dtype="bfloat16")
     d = sf.default_config(spec, Problem(4, 4096, 32, 1, 4))
-    assert d["SPILL_GUARD"] is True and d["PREFETCH"] == 2 and d["STATE_PREFETCH"] is True
+    assert d["SPILL_GUARD"] is True and d["PREFETCH"] == 3 and d["STATE_PREFETCH"] is True
     assert sf.fallback(d, set()) is None
-    f4 = sf.fallback(d, {"scan_chunk_output"})
-    assert f4 == dict(d, PREFETCH=0)
+    assert sf.fallback(d, {"scan_chunk_output"}) == dict(d, PREFETCH=2)
+    assert sf.fallback(dict(d, PREFETCH=2), {"scan_chunk_output"}) == dict(d, PREFETCH=0)
+    assert sf.fallback(dict(d, PREFETCH=1), {"scan_chunk_output"}) == dict(d, PREFETCH=3)
+    assert sf.fallback(dict(d, PREFETCH=0), {"scan_chunk_output"}) == dict(d, PREFETCH=0, num_warps=8)
+    assert sf.fallback(dict(d, PREFETCH=0, num_warps=8), {"scan_chunk_output"}) is None
     f2 = sf.fallback(d, {"scan_chunk_state"})
     assert f2 == dict(d, STATE_PREFETCH=False, STATE_CHUNK=None)
     both = sf.fallback(d, {"scan_chunk_output", "scan_chunk_state", "scan_state_passing"})
-    assert both == dict(d, PREFETCH=0, STATE_PREFETCH=False, STATE_CHUNK=None)
-    assert sf.fallback(both, {"scan_chunk_output", "scan_chunk_state"}) is None
-    assert sf.fallback(dict(d, PREFETCH=1), {"scan_chunk_output"}) is None   # tuned orders stay
+    assert both == dict(d, PREFETCH=2, STATE_PREFETCH=False, STATE_CHUNK=None)
+    assert sf.fallback(dict(both, PREFETCH=0, num_warps=8), {"scan_chunk_output", "scan_chunk_state"}) is None
     t = sf.meta_tensors(spec, Problem(1, 64, 2, 1, 1))
     assert sf.effective_config(spec, d, t) is d
     with pytest.raises(ValueError, match="config.SPILL_GUARD"):
         sf.check_config(spec, dict(d, SPILL_GUARD="yes"))
+    # the fp32 same-step diagonal where the pre-gate norm needs it (SISO), not elsewhere
+    norm = ScanSpec(d_state=128, head_dim=64, n_angles=32, has_z=True, output_mode="norm_reduce",
+                    input_dtype="bfloat16")
+    assert sf.default_config(norm, None)["EXACT_DIAG"] and not d["EXACT_DIAG"]
 
 
 @here

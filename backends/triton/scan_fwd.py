@@ -33,7 +33,11 @@ Config keys (`default_config`, `space`):
   PREFETCH     phase 4: 0 loads each chunk's inputs in their turn, 1 issues them all one chunk
                ahead, 2 only the q / k / v / z tiles, 3 all but z (z, used last, is issued first
                in the chunk's own turn) (software pipelining by hand; the chunk loops are
-               latency-bound; 2 is the spill-free default, 1 is faster where it spills a little)
+               latency-bound). Default 3 (H100, triton 3.6, spill-free there:
+               bench/results/scan_fwd_prefetch3_exact_diag_h100_9ca070c.json, with EXACT_DIAG
+               off: SISO B4 L4096 0.464 -> 0.423 ms, B8 L2048 0.397 -> 0.362, B1 L16384 0.517
+               -> 0.486; 1: 0.443 / 0.368 / 0.492); where a build spills (triton 3.9 spills 3
+               and 1 at N = 128) the spill guard steps down 3 -> 2 -> 0
   STATE_PREFETCH  the same (all loads) in phase 2
   STATE_CHUNK  tokens per chunk of phase 2 (its outputs do not depend on it; default 2 C: 32 rows)
   STATE_SPLIT  phases 2-3 on sub-segments, this many per segment (more phase-2 programs for the
@@ -42,20 +46,23 @@ Config keys (`default_config`, `space`):
                beta = dt (1 - lam) per (b, h, t); phases 2 and 4 read them instead of dt / trap of
                the token and the next one and compute no sigmoid
   BIAS_RELOAD  phase 4 re-reads the q / k biases per chunk (L1 hits) instead of holding them in
-               registers across the loop (what makes PREFETCH=2 spill-free)
+               registers across the loop (what makes the pipelined load orders fit)
   EXACT_DIAG   phase 4 takes the same-step terms q'.k' (the trapezoid's diagonal) in fp32 from the
                unrotated biased pairs instead of from the bf16 rotated operands: where q'.k' is
                small against |q'||k'| the bf16 rounding cancels it away, and the pre-gate norm
                (scale-invariant) turns that into O(1) output errors (token 0 of a sequence
                without initial states holds nothing else). fp32 inputs need no help. Default for
-               SISO (one fp32 row dot per token, spill-free); MIMO needs every rank pair of a step
+               SISO with the norm (one fp32 row dot per token, spill-free); without the norm the
+               rounding stays a small absolute error (H100, SISO reduce: rel_l2 2.33e-3 ->
+               2.34e-3, rel_max unchanged; upstream 2.44e-3) and the dot costs 6 % of phase 4's
+               loop, so there it is off; MIMO needs every rank pair of a step
                (three bf16 hi/lo tensor-core products) and spills at 255 registers on the AOT
                grid, so there it is a tuning knob and MIMO keeps upstream's precision (bf16
                operands of the same-step q'.k').
   ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
                phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
                more than phase 4 saves), kept for tuning
-  SPILL_GUARD  (default True) the software-pipelined load orders (PREFETCH 2 in phase 4,
+  SPILL_GUARD  (default True) the software-pipelined load orders (PREFETCH 3 / 2 in phase 4,
                STATE_PREFETCH in phase 2) sit at the edge of the register file: on some specs
                (A = N/2, per-head angles with A = N/4, A = 16 at N = 128 with D and Z) ptxas spills
                them. With the guard, the kernels are built for the call before the first launch
@@ -236,14 +243,15 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
                 NORM_SPLIT=_norm_split(spec),
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
-                GATES=True, BIAS_RELOAD=True, PREFETCH=2 if lean else 0, STATE_PREFETCH=lean,
-                STATE_CHUNK=2 * C if lean else None, EXACT_DIAG=_rp(spec) == 1, SPILL_GUARD=True)
+                GATES=True, BIAS_RELOAD=True, PREFETCH=3 if lean else 0, STATE_PREFETCH=lean,
+                STATE_CHUNK=2 * C if lean else None,
+                EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True)
 
 
 def _lean(spec, bp: int, nw: int, stages: int) -> bool:
-    """Where the software-pipelined loads (PREFETCH=2 in phase 4, STATE_PREFETCH and 32-row
-    chunks in phase 2) fit in registers without spilling (AOT grid of
-    tests/test_triton_scan_compile.py): 16-bit inputs, 4 warps, N <= 128, BP <= 64, single stage.
+    """Where the software-pipelined loads (PREFETCH in phase 4, STATE_PREFETCH and 32-row
+    chunks in phase 2) may fit in registers (the spill guard checks each build): 16-bit inputs,
+    4 warps, N <= 128, BP <= 64, single stage.
     H100 (bench/results/scan_fwd_h100_sweep3.json): 0.77 -> 0.53 ms at SISO B4 L4096 with the
     scan_gates prologue; phase 4 -15 to -20%, phase 2 -20 to -35%."""
     return (spec.input_dtype != "float32" and nw == 4 and stages == 1 and _pow2(spec.d_state) <= 128
@@ -265,9 +273,8 @@ def space(spec: ScanSpec, problem=None) -> list:
     half = dict(d, CHUNK=max(d["CHUNK"] // 2, max(1, 16 // _rp(spec))))
     if half not in out:
         out.append(half)
-    # phase-4 load orders: all loads one chunk ahead (faster on the H100 where it spills a
-    # little: tuning only), or each in its turn
-    for pf in (1, 0):
+    # the other phase-4 load orders: all loads one chunk ahead, tiles only, each in its turn
+    for pf in (1, 2, 0):
         c = dict(d, PREFETCH=pf)
         if c not in out:
             out.insert(1, c)
@@ -472,11 +479,15 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
 
 def fallback(config: dict, spilled) -> dict:
     """The config to try after `config` when the kernels named in `spilled` spill: their
-    software-pipelined load order off (phase 4: PREFETCH 2 -> 0; phase 2: STATE_PREFETCH and its
-    longer chunk off), or None when nothing is left to give up."""
+    software-pipelined load order one step down (phase 4: PREFETCH 1 -> 3 -> 2 -> 0, fewer loads
+    held a chunk ahead, then 8 warps instead of 4; phase 2: STATE_PREFETCH and its longer chunk
+    off), or None when nothing is left to give up."""
     c = dict(config)
-    if "scan_chunk_output" in spilled and c.get("PREFETCH") == 2:
-        c["PREFETCH"] = 0
+    if "scan_chunk_output" in spilled:
+        if c.get("PREFETCH") in (1, 2, 3):
+            c["PREFETCH"] = {1: 3, 3: 2, 2: 0}[c["PREFETCH"]]
+        elif c["num_warps"] == 4:   # last resort: half the registers per thread
+            c["num_warps"] = 8
     if "scan_chunk_state" in spilled and c.get("STATE_PREFETCH"):
         c["STATE_PREFETCH"] = False
         c["STATE_CHUNK"] = None
