@@ -33,7 +33,8 @@ Config keys (`default_config`, `space`):
   PREFETCH     phase 4: 0 loads each chunk's inputs in their turn, 1 issues them all one chunk
                ahead, 2 only the q / k / v / z tiles, 3 all but z (z, used last, is issued first
                in the chunk's own turn) (software pipelining by hand; the chunk loops are
-               latency-bound). Default 3 (H100, triton 3.6, spill-free there:
+               latency-bound). Default 3 for SISO N = 128, 1 for MIMO and N <= 64 (`_prefetch`;
+               H100, triton 3.6, spill-free there:
                bench/results/scan_fwd_prefetch3_exact_diag_h100_9ca070c.json, with EXACT_DIAG
                off: SISO B4 L4096 0.464 -> 0.423 ms, B8 L2048 0.397 -> 0.362, B1 L16384 0.517
                -> 0.486; 1: 0.443 / 0.368 / 0.492); where a build spills (triton 3.9 spills 3
@@ -243,9 +244,17 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 state_num_warps=_state_warps(spec, bp), pass_num_warps=4,
                 NORM_SPLIT=_norm_split(spec),
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
-                GATES=True, BIAS_RELOAD=True, PREFETCH=3 if lean else 0, STATE_PREFETCH=lean,
+                GATES=True, BIAS_RELOAD=True, PREFETCH=_prefetch(spec) if lean else 0, STATE_PREFETCH=lean,
                 STATE_CHUNK=2 * C if lean else None,
                 EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True)
+
+
+def _prefetch(spec) -> int:
+    """Phase 4's load order where the pipelined ones may fit (H100, triton 3.6, all spill-free
+    there; bench/results/scan_fwd_prefetch_{g8,mimo}_h100_865ab22.json, scan_fwd_prefetch3_exact_diag_h100_9ca070c.json):
+    SISO N = 128: 3 (0.423 ms at B4 L4096; 1: 0.443, 2: 0.464); MIMO R = 4: 1 (B4 L4096 1.90 ms,
+    3: 2.00, 2: 2.03; B8 L2048 1.64 / 1.79 / 1.76); N = 64: 1 (0.347 / 0.352 / 0.369)."""
+    return 1 if spec.rank > 1 or _pow2(spec.d_state) <= 64 else 3
 
 
 def _lean(spec, bp: int, nw: int, stages: int) -> bool:
