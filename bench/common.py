@@ -1,5 +1,6 @@
-"""Helpers shared by the bench scripts: importing the package from this checkout, and the
-device copy bandwidth every roofline fraction is taken against."""
+"""Helpers shared by the bench scripts: importing the package from this checkout, the device
+copy bandwidth every roofline fraction is taken against, and the JSON report with its meta."""
+import json
 import os
 import statistics
 import sys
@@ -33,3 +34,13 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     del a, b
     torch.cuda.empty_cache()
     return 2 * nbytes / statistics.median(ts)
+
+
+def write_report(path: str, rows: list, **extra) -> None:
+    """JSON {meta: GPU name, torch, triton, commit (MAMBA3_COMMIT), **extra; rows} at `path`."""
+    import torch
+    import triton
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("MAMBA3_COMMIT", "unknown"), **extra)
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)

@@ -21,7 +21,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
 from scan import bench, make_inputs  # noqa: E402
+from spills_gpu import built  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
 from mamba3_kernels.scan_tensors import prepare_scan  # noqa: E402
@@ -33,14 +35,7 @@ SPECS = [("shared-A32 (bench)", 32, True, "interleaved"), ("per-head-A32", 32, F
 
 
 def kernels(spec, cfg, t):
-    out = []
-    for c in sf.plan(spec, cfg, t)[0]:
-        if c["run"]:
-            k = c["kernel"].warmup(*[v for _, v in c["args"]], grid=c["grid"], **c["constexprs"],
-                                   num_warps=c["num_warps"], num_stages=c["num_stages"])
-            k._init_handles()
-            out.append(dict(name=c["name"], regs=k.n_regs, spills=k.n_spills))
-    return out
+    return built(sf.plan(spec, cfg, t)[0])
 
 
 def main():
@@ -77,11 +72,7 @@ def main():
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "default"}), flush=True)
         del t, a
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, commit=os.environ.get("MAMBA3_COMMIT", "unknown"))
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-
+    write_report(args.out, rows)
 
 if __name__ == "__main__":
     main()

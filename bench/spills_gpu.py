@@ -13,22 +13,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
 from scan import MIMO_EXTRA, SHAPES, make_inputs, ours_bundle  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_bwd_core as core  # noqa: E402
+from mamba3_kernels.backends.triton.aot import jit_build  # noqa: E402
 from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
 
 
 def built(calls):
     """(name, registers, spill bytes) of each call's JIT build (built, not launched)."""
-    out = []
-    for c in calls:
-        if c["run"]:
-            k = c["kernel"].warmup(*[v for _, v in c["args"]], grid=c["grid"], **c["constexprs"],
-                                   num_warps=c["num_warps"], num_stages=c["num_stages"])
-            k._init_handles()
-            out.append(dict(name=c["name"], regs=k.n_regs, spills=k.n_spills))
-    return out
+    return [dict(name=c["name"], regs=k.n_regs, spills=k.n_spills)
+            for c in calls if c["run"] for k in [jit_build(c)]]
 
 
 def main():
@@ -59,11 +55,7 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)
             del t, a
             torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__("triton").__version__, commit=os.environ.get("MAMBA3_COMMIT", "unknown"))
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-
+    write_report(args.out, rows)
 
 if __name__ == "__main__":
     main()

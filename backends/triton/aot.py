@@ -1,4 +1,5 @@
-"""Ahead-of-time builds of the scan's Triton kernels without a GPU (CI's sm_90a check).
+"""Ahead-of-time builds of the scan's Triton kernels without a GPU (CI's sm_90a check), and
+`jit_build`: the build the GPU actually runs, for its register and spill counts.
 
 Every scan module (scan_fwd, scan_bwd, scan_bwd_core) describes its launches as a list of calls
 (name, kernel, args [(name, value)], constexprs, num_warps, num_stages[, maxnreg]); `build`
@@ -66,3 +67,13 @@ def build(calls: list, arch: str = "sm_90a") -> list:
             row["run"] = c["run"]
         res.append(row)
     return res
+
+
+def jit_build(c: dict):
+    """The JIT's own build of call `c` for this machine's GPU (built, not launched; Triton caches
+    it for the launch that follows), with its handles loaded: `.n_regs`, `.n_spills` (bytes)."""
+    extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+    k = c["kernel"].warmup(*[v for _, v in c["args"]], grid=c["grid"], **c["constexprs"],
+                           num_warps=c["num_warps"], num_stages=c.get("num_stages", 1), **extra)
+    k._init_handles()
+    return k

@@ -517,13 +517,9 @@ def _layout(t) -> tuple:
 
 
 def _spills(c: dict) -> bool:
-    """Whether the kernel the JIT builds for call `c` spills (built, not launched; Triton caches
-    the build for the launch that follows)."""
-    extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
-    k = c["kernel"].warmup(*[v for _, v in c["args"]], grid=c["grid"], **c["constexprs"],
-                           num_warps=c["num_warps"], num_stages=c["num_stages"], **extra)
-    k._init_handles()
-    return bool(getattr(k, "n_spills", 0))
+    """Whether the kernel the JIT builds for call `c` spills."""
+    from .aot import jit_build
+    return bool(getattr(jit_build(c), "n_spills", 0))
 
 
 def effective_config(spec: ScanSpec, config: dict, t) -> dict:
