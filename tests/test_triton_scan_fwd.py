@@ -279,6 +279,20 @@ def test_spill_guard_fallback_and_cpu_path():
     assert sf.fallback(dict(both, PREFETCH=0, num_warps=8), {"scan_chunk_output", "scan_chunk_state"}) is None
     t = sf.meta_tensors(spec, Problem(1, 64, 2, 1, 1))
     assert sf.effective_config(spec, d, t) is d
+    # the guard's loop, with a stand-in for the builds' spill counts: phase 4 spills at the
+    # pipelined orders 3 and 2, phase 2 while it prefetches
+    t = sf.meta_tensors(spec, Problem(2, 4096, 4, 1, 2))
+    seen = []
+
+    def spills(c):
+        seen.append((c["name"], c["constexprs"].get("PREFETCH")))
+        return ((c["name"] == "scan_chunk_output" and c["constexprs"]["PREFETCH"] in (2, 3))
+                or (c["name"] == "scan_chunk_state" and c["constexprs"]["PREFETCH"]))
+    got = sf.spill_free(spec, d, t, spills)
+    assert got == dict(d, PREFETCH=0, STATE_PREFETCH=False, STATE_CHUNK=None), got
+    assert ("scan_chunk_output", 3) in seen and ("scan_chunk_output", 0) in seen
+    assert sf.spill_free(spec, d, t, lambda c: False) is d
+    assert sf.spill_free(spec, d, t, lambda c: True)["num_warps"] == 8   # the last resort, then stop
     with pytest.raises(ValueError, match="config.SPILL_GUARD"):
         sf.check_config(spec, dict(d, SPILL_GUARD="yes"))
     # the fp32 same-step diagonal where the pre-gate norm needs it (SISO), not elsewhere

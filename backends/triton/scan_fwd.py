@@ -527,18 +527,28 @@ def effective_config(spec: ScanSpec, config: dict, t) -> dict:
     the interpreter has no registers)."""
     if not config.get("SPILL_GUARD") or _interpret() or t.v.device.type != "cuda":
         return config
-    key = (spec, tuple(sorted((k, repr(v)) for k, v in config.items())), _layout(t))
-    cfg = _EFFECTIVE.get(key)
+    key = (spec, tuple(config.items()), _layout(t))
+    try:
+        cfg = _EFFECTIVE.get(key)
+    except TypeError:   # an unhashable value (configs hold scalars; a caller's may not)
+        key = (spec, repr(sorted(config.items())), _layout(t))
+        cfg = _EFFECTIVE.get(key)
     if cfg is None:
-        cfg = config
-        while True:
-            spilled = {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and _spills(c)}
-            nxt = fallback(cfg, spilled) if spilled else None
-            if nxt is None:
-                break
-            cfg = nxt
-        _EFFECTIVE[key] = cfg
+        cfg = _EFFECTIVE[key] = spill_free(spec, config, t, _spills)
     return cfg
+
+
+def spill_free(spec: ScanSpec, config: dict, t, spills) -> dict:
+    """`config` stepped down by `fallback` until no kernel it runs for `t` spills by `spills(call)`
+    (the GPU's builds in effective_config; the AOT builds or a stand-in elsewhere), or until
+    nothing is left to give up."""
+    cfg = config
+    while True:
+        spilled = {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and spills(c)}
+        nxt = fallback(cfg, spilled) if spilled else None
+        if nxt is None:
+            return cfg
+        cfg = nxt
 
 
 def forward(spec: ScanSpec, config: dict, t, keep: bool = False):
