@@ -254,6 +254,26 @@ def test_core_argument_errors():
                 core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: bad}))
 
 
+def test_spill_guard_fallback():
+    """The core's spill guard puts the kernels that spilled back to one stage (and only those),
+    and gives nothing once none is pipelined; SPILL_GUARD is checked; off the GPU the config runs
+    as given."""
+    core = _core()
+    d = core.default_config(1, 128, 64, "bfloat16")
+    assert d["SPILL_GUARD"] is True and (d["local_num_stages"], d["dq_num_stages"], d["dkv_num_stages"]) == (2, 2, 2)
+    assert core.fallback(d, set()) is None
+    assert core.fallback(d, {"scan_bwd_core_dkv"}) == dict(d, dkv_num_stages=1)
+    assert core.fallback(d, {"scan_bwd_core_dq", "scan_bwd_core_pass"}) == dict(d, dq_num_stages=1)
+    ones = dict(d, local_num_stages=1, dq_num_stages=1, dkv_num_stages=1)
+    assert core.fallback(ones, {"scan_bwd_core_dkv", "scan_bwd_core_dq", "scan_bwd_core_local"}) is None
+    assert core.default_config(1, 128, 64, "float32")["dkv_num_stages"] == 1
+    import torch
+    q = torch.zeros(1, 4, 1, 2, 16, dtype=torch.bfloat16)
+    assert core.effective_config(d, q, q, q, torch.zeros(1, 2, 4), q, None, None, None, True, False) is d
+    with pytest.raises(ValueError, match="config.SPILL_GUARD"):
+        core.check_config(1, dict(d, SPILL_GUARD=1))
+
+
 def test_fresh_process():
     """Rerun this module in a clean process when triton was imported too early here."""
     if not _LATE:

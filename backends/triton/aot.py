@@ -1,5 +1,6 @@
 """Ahead-of-time builds of the scan's Triton kernels without a GPU (CI's sm_90a check), and
-`jit_build`: the build the GPU actually runs, for its register and spill counts.
+`jit_build`: the build the GPU actually runs, for its register and spill counts, and `step_down`,
+the spill guards' loop (scan_fwd, scan_bwd_core).
 
 Every scan module (scan_fwd, scan_bwd, scan_bwd_core) describes its launches as a list of calls
 (name, kernel, args [(name, value)], constexprs, num_warps, num_stages[, maxnreg]); `build`
@@ -77,3 +78,16 @@ def jit_build(c: dict):
                            num_warps=c["num_warps"], num_stages=c.get("num_stages", 1), **extra)
     k._init_handles()
     return k
+
+
+def step_down(config: dict, spilled_of, fallback) -> dict:
+    """The spill guard's loop: `config` stepped down by `fallback(config, spilled names)` while
+    `spilled_of(config)` (the names of the kernels that spill when built for it) is not empty
+    and something is left to give up."""
+    cfg = config
+    while True:
+        spilled = spilled_of(cfg)
+        nxt = fallback(cfg, spilled) if spilled else None
+        if nxt is None:
+            return cfg
+        cfg = nxt

@@ -606,9 +606,10 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
                             HAS_MO=t.mimo_out is not None, INTERP=False),
             num_warps=config["num_warps"]))
     res = build(calls, arch)
-    if core and L:
-        for k in _core.compile(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
-                               s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
-                               arch=arch):
+    if core and L:   # as the GPU would run it: after the core's spill guard (AOT builds standing in)
+        _, ks = _core.compile_guarded(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
+                                      s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
+                                      arch=arch)
+        for k in ks:
             res.append(dict(k, name="core:" + k["name"]))
     return res

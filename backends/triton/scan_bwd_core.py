@@ -93,8 +93,11 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     bf16: the local and dq kernels software-pipelined by Triton (num_stages 2: the next chunk's
     tiles load while this one computes); H100 fwd+bwd (bench/results/bwd_core_stages*_5a41468.json)
     SISO B4-L4096 3.890 -> 3.729 ms, B1-L16384 3.948 -> 3.787, G8-N64 2.550 -> 2.456, MIMO R4
-    B4-L2048 8.12 -> 7.85. dkv at 2 stages would gain another 3 % but spills 16 bytes (N128 P64,
-    AOT); BLOCK_N 32 or 16-row chunks (spill-free there) lose 20-40 %."""
+    B4-L2048 8.12 -> 7.85; dkv too: 3.622 / 3.693 / 2.401 / 7.68. Triton 3.6 (the GPU image)
+    builds all three spill-free on the benchmark shapes; 3.9 (CI) spills dkv 16 B at N128 P64, so
+    SPILL_GUARD (as the forward's, scan_fwd.py): the kernels are built before the first launch
+    and a spilling one goes back to 1 stage (`fallback`), decided once per config and shape; the
+    AOT tests apply the same fallback."""
     dtype = _NAME.get(dtype, dtype)
     rp = _pow2(R)
     NP, PP = _np(N), _np(P)
@@ -107,12 +110,13 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
             "BLOCK_P": min(PP, max(16, TILE // NP)), "PASS_BLOCK_P": min(32, PP),
             "num_warps": 8 if f32 else 4, "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
             "local_num_stages": 1 if f32 else 2, "dq_num_stages": 1 if f32 else 2,
+            "dkv_num_stages": 1 if f32 else 2, "SPILL_GUARD": True,
             "SCRATCH": "float32", "CHUNK_SCRATCH": "float32" if f32 else "bfloat16",
             "INTER": "float32", "UPDATE": "float32"}
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
-    """Tuning candidates (at most 12): the default, the default with a pipelined dkv, chunk rows
+    """Tuning candidates (at most 12): the default, the default without its spill guard, chunk rows
     {16, 32} x BLOCK_N {default, double} x warps {4, 8}, and the default with half / double the
     automatic segment length (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
     d = default_config(R, N, P, dtype)
@@ -126,8 +130,8 @@ def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
                 if cfg not in out:
                     out.append(cfg)
     out += [dict(d, SEG_SCALE=0.5), dict(d, SEG_SCALE=2)]
-    if d.get("dkv_num_stages", d["num_stages"]) == 1:   # pipelined dkv: faster, spills a little at N128 P64
-        out.insert(1, dict(d, dkv_num_stages=2))
+    if d.get("SPILL_GUARD"):   # the pipelined kernels as they are where the guard would give them up
+        out.insert(1, dict(d, SPILL_GUARD=False))
     return out[:12]
 
 
@@ -162,6 +166,8 @@ def check_config(R: int, config: dict) -> None:
     for key in ("SCRATCH", "CHUNK_SCRATCH"):
         if config.get(key, "bfloat16") not in DTYPES:
             raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
+    if not isinstance(config.get("SPILL_GUARD", False), bool):
+        raise ValueError(f"config.SPILL_GUARD: expected True or False, got {config.get('SPILL_GUARD')!r}")
     for key in ("num_stages", "local_num_stages", "dq_num_stages", "dkv_num_stages"):
         v = config.get(key, 1)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -307,6 +313,46 @@ def launch(c: dict) -> None:
                            num_stages=c["num_stages"])
 
 
+_STAGE_KEYS = (("scan_bwd_core_local", "local_num_stages"), ("scan_bwd_core_dq", "dq_num_stages"),
+               ("scan_bwd_core_dkv", "dkv_num_stages"))
+
+
+def fallback(config: dict, spilled) -> dict:
+    """The config to try after `config` when the kernels named in `spilled` spill: those of
+    them that Triton pipelines (num_stages > 1) back to one stage; None when none is left."""
+    c = dict(config)
+    for name, key in _STAGE_KEYS:
+        if name in spilled and c.get(key, c.get("num_stages", 1)) > 1:
+            c[key] = 1
+    return None if c == config else c
+
+
+_EFFECTIVE: dict = {}   # (config, shapes, options) -> the config after the spill guard
+
+
+def effective_config(config: dict, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0,
+                     dvt_partials) -> dict:
+    """`config`, or with SPILL_GUARD its spill-free fallback for these operands (GPU builds
+    only); remembered per config, shapes and options."""
+    if not config.get("SPILL_GUARD") or _interpret() or qh.device.type != "cuda":
+        return config
+    key = (tuple(config.items()), qh.shape, vt.shape, qh.dtype, s0 is None, ds_final is None,
+           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials)
+    try:
+        cfg = _EFFECTIVE.get(key)
+    except TypeError:   # an unhashable value (configs hold scalars; a caller's may not)
+        key = (repr(sorted(config.items())),) + key[1:]
+        cfg = _EFFECTIVE.get(key)
+    if cfg is None:
+        from .aot import jit_build, step_down
+
+        def spilled_of(c):
+            calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials)
+            return {k["name"] for k in calls if k["run"] and getattr(jit_build(k), "n_spills", 0)}
+        cfg = _EFFECTIVE[key] = step_down(config, spilled_of, fallback)
+    return cfg
+
+
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
                   want_ds0=True, poison=False, dvt_partials=False):
     """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
@@ -320,6 +366,9 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
     qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
     s0 = None if s0 is None else s0.contiguous()
     ds_final = None if ds_final is None else ds_final.contiguous()
+    if config is None:
+        config = default_config(qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
+    config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
                       dvt_partials=dvt_partials)
     for c in calls:
@@ -331,6 +380,24 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
 # ------------------------------------------------------------------------------------------
 # AOT build (no GPU): registers, spills, shared memory per kernel
 
+
+
+def compile_guarded(R: int, N: int, P: int, dtype="bfloat16", config=None, **kw):
+    """(config, kernels): `compile` of the config the spill guard would run, with the AOT builds
+    standing in for the GPU's (SPILL_GUARD configs step down while a kernel spills)."""
+    from .aot import step_down
+    cfg = dict(default_config(R, N, P, dtype) if config is None else config)
+    built = {}
+
+    def spilled_of(c):
+        built["k"] = compile(R, N, P, dtype, c, **kw)
+        return {k["name"] for k in built["k"] if k["spills"]}
+    if not cfg.get("SPILL_GUARD"):
+        return cfg, compile(R, N, P, dtype, cfg, **kw)
+    final = step_down(cfg, spilled_of, fallback)
+    if final is not cfg:   # the last build was of the config that stepped down to `final`
+        built["k"] = compile(R, N, P, dtype, final, **kw)
+    return final, built["k"]
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,

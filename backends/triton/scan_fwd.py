@@ -542,13 +542,9 @@ def spill_free(spec: ScanSpec, config: dict, t, spills) -> dict:
     """`config` stepped down by `fallback` until no kernel it runs for `t` spills by `spills(call)`
     (the GPU's builds in effective_config; the AOT builds or a stand-in elsewhere), or until
     nothing is left to give up."""
-    cfg = config
-    while True:
-        spilled = {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and spills(c)}
-        nxt = fallback(cfg, spilled) if spilled else None
-        if nxt is None:
-            return cfg
-        cfg = nxt
+    from .aot import step_down
+    return step_down(config, lambda cfg: {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and spills(c)},
+                     fallback)
 
 
 def forward(spec: ScanSpec, config: dict, t, keep: bool = False):
