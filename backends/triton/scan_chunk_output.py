@@ -106,7 +106,7 @@ def scan_chunk_output_kernel(
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
-    ESPLIT: tl.constexpr = 1, PHI: tl.constexpr = False,
+    ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -202,7 +202,7 @@ def scan_chunk_output_kernel(
                     if ELL:
                         c, s = _cos_sin(xang, FAST_TRIG)
                     else:
-                        c, s, carry = _angles_math(xang, dt, carry, C, RP, NHP, FAST_TRIG, not PHI)
+                        c, s, carry = _angles_math(xang, dt, carry, C, RP, NHP, FAST_TRIG)
             else:  # loads next to their uses (fewer live registers)
                 sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP,
                                                          GATES)
@@ -216,7 +216,7 @@ def scan_chunk_output_kernel(
                         c, s = _cos_sin(_ell_raw(ell_ptr, bh, tc, eos, A, C, RP, NHP), FAST_TRIG)
                     else:
                         araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
-                        c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG, not PHI)
+                        c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 vr = tl.load(v_ptr + v_base + tok64[:, None] * s_vt + p[None, :],
                              mask=rmask[:, None] & pm[None, :], other=0.0)
             if EXACT_DIAG and not DOT_F32:

@@ -71,7 +71,6 @@ def scan_chunk_state_kernel(
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
     PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr, ESPLIT: tl.constexpr = 1,
-    PHI: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -138,11 +137,11 @@ def scan_chunk_state_kernel(
             k0, k1 = _pairs_math(k0r, k1r, rmask, kb0, kb1, j, NH)
             if A > 0:
                 if ELL:
-                    ell, carry = _angles_ell(araw, dt, carry, not PHI)
+                    ell, carry = _angles_ell(araw, dt, carry)
                     _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
                     c, s = _widen(ell, C, RP, NHP, FAST_TRIG)
                 else:
-                    c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG, not PHI)
+                    c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 k0, k1 = _rotate(k0, k1, c, s)
             if not DOT_F32:
                 k0 = _cast(k0, DT, INTERP)
@@ -166,7 +165,7 @@ def scan_chunk_state_kernel(
                     offs = tc + rt
                     dta = tl.load(dt_ptr + bh + offs, mask=offs < eos, other=0.0)
                     araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
-                    ell, carry = _angles_ell(araw, dta, carry, not PHI)
+                    ell, carry = _angles_ell(araw, dta, carry)
                     _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
         _store_state(lrel_ptr, (slot * H + h).to(tl.int64) * P * N, p, j, s0, s1, P, N, NH, PAIR_HALF,
                      INTERP)

@@ -254,20 +254,6 @@ def scan_gates_kernel(dt_ptr, trap_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def scan_phi_kernel(ang_ptr, out_ptr, s_ab, s_at, L, A, n, BLOCK: tl.constexpr):
-    """Phase 1 prologue (config PHI, angles shared by all heads): out (B, L, A) contiguous =
-    pi tanh(angles), the head-independent part of every head's angle rate, computed once instead
-    of once per head in phases 2 and 4 (the same _tanh: the same bits)."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    b = i // (L * A)
-    r = i - b * (L * A)
-    t = r // A
-    x = tl.load(ang_ptr + b * s_ab + t * s_at + (r - t * A), mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + i, _tanh(x) * PI, mask=m)
-
-
-@triton.jit
 def _chunk_scalars(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C: tl.constexpr, RP: tl.constexpr,
                    TRAP: tl.constexpr):
     """_scalars_math of _scalars_raw for the chunk [tc, tc + C) (base: the (b, h) row of the
@@ -289,14 +275,11 @@ def _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A: tl.constexpr, C: tl.constex
 
 
 @triton.jit
-def _angles_ell(raw, dt, carry, TANH: tl.constexpr = True):
+def _angles_ell(raw, dt, carry):
     """The segment-relative angles ell [C * RP, AP] of each row's token (carry + inclusive
     cumsum of phi inside the chunk) and the new carry (wrapped ell after the chunk's last
-    token). dt per row (_scalars_math); raw is 0 on rows of ranks > 0 (counted once).
-    TANH=False: raw is already pi tanh(angles) (scan_phi_kernel)."""
-    if TANH:
-        raw = PI * _tanh(raw)
-    phi = raw * dt[:, None]
+    token). dt per row (_scalars_math); raw is 0 on rows of ranks > 0 (counted once)."""
+    phi = PI * _tanh(raw) * dt[:, None]
     ell = tl.cumsum(phi, axis=0) + carry[None, :]
     new_carry = _wrap(carry + tl.sum(phi, axis=0))
     return ell, new_carry
@@ -327,12 +310,12 @@ def _store_ell(ell_ptr, bh, tc, eos, ell, A: tl.constexpr, C: tl.constexpr, RP: 
 
 @triton.jit
 def _angles_math(raw, dt, carry, C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr,
-                 FAST: tl.constexpr, TANH: tl.constexpr = True):
+                 FAST: tl.constexpr):
     """cos, sin [C * RP, NHP] of the segment-relative angles ell of each row's token, and the
     new carry (wrapped ell after the chunk's last token). dt per row (_scalars_math). carry
     [AP]: the AP = carry.shape[0] first pairs (AP >= A, a power of two >= 16) are computed, the
     other pairs get cos 1, sin 0 (the trig work scales with A, not N)."""
-    ell, new_carry = _angles_ell(raw, dt, carry, TANH)
+    ell, new_carry = _angles_ell(raw, dt, carry)
     c, s = _widen(ell, C, RP, NHP, FAST)
     return c, s, new_carry
 

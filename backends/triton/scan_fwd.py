@@ -63,9 +63,6 @@ Config keys (`default_config`, `space`):
   ELL          phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
                phase 4 reads them (no tanh / cumsum there); measured slower overall (phase 2 pays
                more than phase 4 saves), kept for tuning
-  PHI          (default with shared angles) a prologue (scan_common.scan_phi_kernel) writes
-               pi tanh(angles) once, (B, L, A) fp32, and phases 2 and 4 read it instead of
-               computing the tanh once per head (the same function: the same bits)
   SPILL_GUARD  (default True) the software-pipelined load orders (PREFETCH 3 / 2 in phase 4,
                STATE_PREFETCH in phase 2) sit at the edge of the register file: on some specs
                (A = N/2, per-head angles with A = N/4, A = 16 at N = 128 with D and Z) ptxas spills
@@ -249,8 +246,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
                 GATES=True, BIAS_RELOAD=True, PREFETCH=_prefetch(spec) if lean else 0, STATE_PREFETCH=lean,
                 STATE_CHUNK=2 * C if lean else None,
-                EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True,
-                PHI=spec.shared_angles and spec.n_angles > 0)
+                EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True)
 
 
 def _prefetch(spec) -> int:
@@ -379,13 +375,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         sa = (t.angles.stride(0), t.angles.stride(1), 0)
     else:
         sa = t.angles.stride()[:3]
-    # PHI: pi tanh(angles) once for all heads (shared angles), read by phases 2 and 4 in place
-    # of the raw angles (contiguous (B, L, A) fp32)
-    phi_on = bool(config.get("PHI")) and spec.shared_angles and A > 0 and L > 0
-    ang_k, sa_k = t.angles, sa
-    if phi_on:
-        ang_k = torch.empty((B, L, A), dtype=f32, device=dev)
-        sa_k = (L * A, A, 0)
     common = dict(R=R, N=N, NHP=_nhp(spec), P=P, A=A, AP=_nhp(spec) if config.get("AP_FULL") else _ap(spec), PAIR_HALF=spec.pairing == "half",
                   TRAP=spec.discretization == "trapezoidal", HAS_MV=t.mimo_v is not None,
                   VARLEN=varlen, FAST_TRIG=not _interpret())
@@ -394,13 +383,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     st_out = t.state_out
     calls = []
     bp = config["BLOCK_P"]
-    if phi_on:
-        nel = B * L * A
-        calls.append(dict(
-            name="scan_phi", kernel=_com.scan_phi_kernel, run=True, grid=(triton.cdiv(nel, 1024),),
-            args=[("ang_ptr", t.angles), ("out_ptr", ang_k), ("s_ab", sa[0]), ("s_at", sa[1]), ("L", L), ("A", A),
-                  ("n", nel)],
-            constexprs=dict(BLOCK=1024), num_warps=4, num_stages=1))
     # GATES: gamma = dt lam and beta = dt (1 - lam) per (b, h, t) once, read by phases 2 and 4
     # in place of trap (phase 3 still reads the raw trap for the initial states' pending term)
     gates_on = bool(config.get("GATES")) and common["TRAP"] and L > 0
@@ -418,15 +400,15 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         name="scan_chunk_state", kernel=_cst.scan_chunk_state_kernel, run=run_a,
         grid=_cst.grid(H, P, bp, nslots2),
         args=[("k_ptr", t.k), ("v_ptr", t.v), ("adt_ptr", t.adt), ("dt_ptr", t.dt),
-              ("trap_ptr", trap_k), ("ang_ptr", opt(ang_k)), ("kb_ptr", t.k_bias),
+              ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)), ("kb_ptr", t.k_bias),
               ("mv_ptr", opt(t.mimo_v)), ("cu_ptr", cu), ("lrel_ptr", lrel), ("tot_ptr", tot),
               ("phi_ptr", phi), ("ell_ptr", ell),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
-              ("s_ab", sa_k[0]), ("s_at", sa_k[1]), ("s_ah", sa_k[2]),
+              ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
               ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg2_dense)],
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
-                        ESPLIT=K, PHI=phi_on,
+                        ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
                         **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
@@ -465,7 +447,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         name="scan_chunk_output", kernel=_out.scan_chunk_output_kernel, run=L > 0,
         grid=_out.grid(H, P, bp, nslots),
         args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("z_ptr", opt(z4)), ("adt_ptr", t.adt),
-              ("dt_ptr", t.dt), ("trap_ptr", trap_k), ("ang_ptr", opt(ang_k)),
+              ("dt_ptr", t.dt), ("trap_ptr", trap_k), ("ang_ptr", opt(t.angles)),
               ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
               ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
               ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
@@ -474,7 +456,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
               ("s_zb", sz[0]), ("s_zt", sz[1]), ("s_zh", sz[2]),
-              ("s_ab", sa_k[0]), ("s_at", sa_k[1]), ("s_ah", sa_k[2]),
+              ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
               ("L", L), ("H", H), ("G", G), ("S", S), ("NSEG", nseg_dense), ("NSEG2", nseg2_dense),
               ("eps", float(spec.norm_eps))],
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C, SEG=SEG, ESPLIT=K, HAS_D=t.d is not None,
@@ -482,7 +464,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         HAS_MO=mo4 is not None, MODE=mode4,
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
-                        EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PHI=phi_on, **dotc),
+                        EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
     if split:
