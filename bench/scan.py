@@ -23,6 +23,7 @@ With --sweep, configs of the tuning space are timed on the first shape of each k
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -207,8 +208,7 @@ def run_shape(kind, label, B, L, H, G, N, P, args, bw, peak, rows):
         t0 = time.time()
         ref = oracle_slice(kind, a, heads, ntok)
         res["oracle_s"] = round(time.time() - t0, 1)
-    fn = lambda: sf.forward(spec, cfg, t)  # noqa: E731
-    ms, gms = bench(fn, graph=True)
+    ms, gms = bench(functools.partial(sf.forward, spec, cfg, t), graph=True)
     res["ours_ms"], res["ours_graph_ms"] = ms, gms
     best = min(ms, gms) if isinstance(gms, float) else ms
     res["ours_mem_roofline_frac"] = res["mem_roofline_ms"] / best
@@ -225,7 +225,7 @@ def run_shape(kind, label, B, L, H, G, N, P, args, bw, peak, rows):
         sweep = []
         for c in sweep_configs(spec, prob, cfg):
             try:
-                m, g = bench(lambda: sf.forward(spec, c, t), graph=True)
+                m, g = bench(functools.partial(sf.forward, spec, c, t), graph=True)
                 sweep.append(dict(config=c, ms=m, graph_ms=g))
             except Exception as e:  # noqa: BLE001
                 sweep.append(dict(config=c, error=f"{type(e).__name__}: {e}"[:300]))
