@@ -5,6 +5,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# a second interpreter with the GPU image's Triton: the AOT builds of the defaults as the GPU's
+# Triton makes them (tests/test_triton36_builds.py; CI's own Triton is newer)
+VENV36 ?= .venv-triton36
+TRITON36 ?= triton==3.6.0
 # caches and scratch stay inside the workspace
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export TRITON_HOME ?= $(CURDIR)/.cache/triton-home
@@ -24,7 +28,14 @@ $(VENV)/.installed: setup.py
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	@touch $@
 
-setup: $(VENV)/.installed
+$(VENV36)/.installed:
+	@mkdir -p $(TMPDIR)
+	$(PY) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q --upgrade pip
+	$(VENV36)/bin/python -m pip install -q "$(TORCH)" "$(TRITON36)" numpy pytest
+	@touch $@
+
+setup: $(VENV)/.installed $(VENV36)/.installed
 
 run: $(VENV)/.installed
 	@mkdir -p $(TMPDIR) bench/results
@@ -38,9 +49,9 @@ run: $(VENV)/.installed
 	  $(BIN)/mamba3-kernels bench --op step --H 32 --out bench/results/bench_step_local.json; \
 	else echo "no GPU here: tuning and benchmarks skipped (they run on the GPU)"; fi
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV36)/.installed
 	@mkdir -p $(TMPDIR)
-	$(BIN)/python -m pytest -q tests
+	MAMBA3_TRITON36_PYTHON=$(CURDIR)/$(VENV36)/bin/python $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf .cache .pytest_cache .hypothesis

@@ -51,7 +51,6 @@ def sass_counts(cubin: bytes) -> dict:
 
 
 def profile(spec, cfg, prob):
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from mamba3_kernels.backends.triton import _resource_usage
@@ -61,21 +60,8 @@ def profile(spec, cfg, prob):
     calls, _ = sf.plan(spec, cfg, t, device="meta")
     out = []
     for c in calls:
-        sig, attrs = {}, {}
-        for i, (name, v) in enumerate(c["args"]):
-            if isinstance(v, torch.Tensor):
-                sig[name] = "*" + _aot._TT[v.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-                if isinstance(v, int) and v % 16 == 0 and v != 0:  # what the JIT specializes at launch
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        for name in c["constexprs"]:
-            sig[name] = "constexpr"
-        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
-                                        attrs=attrs)
+        sig, attrs, consts = _aot.signature(c)   # as the JIT specialises at launch
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=consts, attrs=attrs)
         opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
         if c.get("maxnreg"):
             opts["maxnreg"] = c["maxnreg"]

@@ -17,15 +17,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(test_file: str, tmp_dir, cache_name: str, n: int = 2, timeout: float = 1500) -> list:
+def run(test_file: str, tmp_dir, cache_name: str, n: int = 2, timeout: float = 1500, python: str = None,
+        env_extra: dict = None) -> list:
+    """Run the test file's workers (with `python`, default this interpreter; `env_extra` on top of
+    the environment, e.g. another Triton's cache directory) and collect their results."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton"))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.update(env_extra or {})
     procs, paths = [], []
     for i in range(n):
         p = os.path.join(str(tmp_dir), f"w{i}.json")
         paths.append(p)
-        procs.append(subprocess.Popen([sys.executable, test_file, str(i), str(n), p], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([python or sys.executable, test_file, str(i), str(n), p], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [pr.communicate(timeout=timeout)[0] for pr in procs]
     res = []

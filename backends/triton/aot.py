@@ -5,8 +5,8 @@ the spill guards' loop (scan_fwd, scan_bwd_core).
 Every scan module (scan_fwd, scan_bwd, scan_bwd_core) describes its launches as a list of calls
 (name, kernel, args [(name, value)], constexprs, num_warps, num_stages[, maxnreg]); `build`
 compiles each for the target and reads registers, spills and shared memory from the cubin. The
-signature mirrors what the JIT specialises at launch: pointers 16-byte aligned, integer
-arguments that are nonzero multiples of 16 (strides, lengths) marked divisible by 16, so the
+signature mirrors what the JIT specialises at launch (`signature`: pointers 16-byte aligned,
+integer arguments equal to 1 made constants, multiples of 16 marked divisible by 16), so the
 build is the one that runs for the problem the stand-in tensors describe. Run in a process
 without TRITON_INTERPRET (the interpreter and AOT builds do not mix).
 """
@@ -35,27 +35,37 @@ def target(arch: str):
     return GPUTarget("cuda", int(m.group(1)), 32)
 
 
+def signature(c: dict):
+    """(signature, attrs, constexprs) of call `c` as the JIT specialises it at launch (Triton 3.6
+    and 3.9 alike): tensors -> pointers, 16-byte aligned; an int equal to 1 -> the constant 1; an
+    int that is a multiple of 16 (0 included) -> marked divisible by 16; floats -> fp32."""
+    sig, attrs, consts = {}, {}, dict(c["constexprs"])
+    for i, (name, v) in enumerate(c["args"]):
+        if isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TT[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1 and not isinstance(v, bool):
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in c["constexprs"]:
+        sig[name] = "constexpr"
+    return sig, attrs, consts
+
+
 def build(calls: list, arch: str = "sm_90a") -> list:
     """One dict per call: name, run (if the call has it), registers, spills (local + stack bytes
     per thread), shared (bytes), num_warps, cubin_bytes."""
     tgt = target(arch)
     res = []
     for c in calls:
-        sig, attrs = {}, {}
-        for i, (name, v) in enumerate(c["args"]):
-            if isinstance(v, torch.Tensor):
-                sig[name] = "*" + _TT[v.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0 and v != 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        for name in c["constexprs"]:
-            sig[name] = "constexpr"
-        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=dict(c["constexprs"]),
-                                        attrs=attrs)
+        sig, attrs, consts = signature(c)
+        src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=consts, attrs=attrs)
         opts = {"num_warps": c["num_warps"], "num_stages": c.get("num_stages", 1)}
         if c.get("maxnreg"):
             opts["maxnreg"] = c["maxnreg"]
