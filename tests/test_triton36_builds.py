@@ -2,7 +2,8 @@
 newer and allocates registers differently: 3.9 spills load orders that 3.6 fits, and the runtime
 spill guards of scan_fwd / scan_bwd_core decide on the GPU's builds). The forward's and the
 backward core's AOT compile grids (tests/test_triton_scan_compile.py,
-tests/test_triton_scan_bwd_core_compile.py) are built again by a Triton 3.6 interpreter
+tests/test_triton_scan_bwd_core_compile.py, and the whole backward's,
+tests/test_triton_scan_bwd_compile.py) are built again by a Triton 3.6 interpreter
 (`make test` sets up .venv-triton36 and MAMBA3_TRITON36_PYTHON): every kernel builds, nothing
 spills after the guards' fallback, and on the benchmark's shapes no fallback is needed (the GPU
 runs the intended, pipelined load orders; a change that made 3.6 spill there would silently cost
@@ -48,7 +49,13 @@ def core(tmp_path_factory):
                            env_extra=ENV)
 
 
-@pytest.mark.parametrize("part", ["fwd", "core"])
+@pytest.fixture(scope="module")
+def bwd(tmp_path_factory):
+    return aot_workers.run(os.path.join(HERE, "test_triton_scan_bwd_compile.py"), tmp_path_factory.mktemp("bwd36"),
+                           "scan_bwd_compile_triton36.json", python=PY36, env_extra=ENV)
+
+
+@pytest.mark.parametrize("part", ["fwd", "core", "bwd"])
 def test_builds_without_spills(part, request):
     res = request.getfixturevalue(part)
     errors = aot_workers.build_errors(res)

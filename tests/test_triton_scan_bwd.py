@@ -323,6 +323,37 @@ def test_angle_gradient_long_sequence_triton_core(rng):
     assert all(e <= 2e-2 for e in errs.values()), errs
 
 
+def test_stage_spill_guard_fallback():
+    """The stage spill guard halves the token block of the stage that spilled (post, prep /
+    output, the per-sequence loops) down to a floor, and its loop stops there; off the GPU the
+    config runs as given."""
+    from mamba3_kernels.backends.triton import scan_bwd as sb
+    from mamba3_kernels.backends.triton import scan_fwd as sf
+    spec = _spec(rank=4, n_angles=8, pairing="half", has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
+    prob = Problem(2, 64, 4, 1, 2)
+    d = sb.default_config(spec, prob)
+    assert d["SPILL_GUARD"] is True
+    assert sb.fallback(d, set()) is None
+    assert sb.fallback(d, {"bwd_post"}) == dict(d, POST_BT=d["POST_BT"] // 2)
+    assert sb.fallback(d, {"bwd_prep"}) == dict(d, BT=d["BT"] // 2)
+    assert sb.fallback(d, {"bwd_seq_bwd"}) == dict(d, SEQ_BT=d["SEQ_BT"] // 2)
+    floor = dict(d, POST_BT=2, BT=4, SEQ_BT=32)
+    assert sb.fallback(floor, {"bwd_post", "bwd_prep", "bwd_output", "bwd_seq_fwd"}) is None
+    t = sf.meta_tensors(spec, prob)
+    grads = dict(out=torch.empty(t.out.shape, dtype=t.v.dtype, device="meta"), _y=None)
+    seen = []
+
+    def spills(c):   # a stand-in for the builds: post spills until its block is 2 tokens
+        seen.append(c["name"])
+        return c["name"] == "bwd_post" and c["constexprs"]["BT"] > 2
+    got = sb.spill_free(spec, d, t, grads, spills, "meta")
+    assert got == dict(d, POST_BT=2), got
+    assert {"bwd_post", "bwd_prep", "bwd_output"} <= set(seen)
+    assert sb.effective_config(spec, d, t, grads) is d   # no GPU build to inspect
+    with pytest.raises(ValueError, match="config.SPILL_GUARD"):
+        sb.check_config(spec, dict(d, SPILL_GUARD=None))
+
+
 def test_double_backward_raises(rng):
     """The backward is first order: asking for a graph of it is an error, not silent zeros."""
     t = _simple_args(rng)

@@ -33,6 +33,8 @@ operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import torch
@@ -81,14 +83,16 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     prep, output: at R >= 5 half the tile (output spilled 8 B at R8 N128 P128).
     per-sequence loops (latency-bound: S x H programs walk their sequence): 128 tokens per step,
       8 warps (0.18 -> 0.14 ms seq_fwd, 0.23 -> 0.18 seq_bwd at SISO B4 L4096; 64 with initial
-      states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32)."""
+      states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32).
+    SPILL_GUARD (as the forward's and the core's): a stage kernel whose build for the call spills
+    gets half its token block (`fallback`; not more warps: post at 8 warps ran 2.2x slower)."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
     post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
     pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, pw // w)),
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
-                seq_num_warps=8, CORE=None, CORE_IMPL="triton")
+                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True)
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
@@ -100,8 +104,10 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
+    if not isinstance(config.get("SPILL_GUARD", False), bool):
+        raise bad_arg("config.SPILL_GUARD", "True or False", config.get("SPILL_GUARD"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
-                                    "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS"})
+                                    "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -152,20 +158,41 @@ def forward_saving_y(spec: ScanSpec, t, problem=None, config=None) -> torch.Tens
     stage 1 input) and the final states by one per-rank pass, then t.out from y by the output
     mode alone (output_fwd_kernel: token-parallel, cheap). Same cost as the plain forward."""
     y = compute_y(spec, t, problem, state_out=t.state_out)
-    B, L, H, P = t.v.shape
-    if L:
+    if t.v.shape[1]:
         cfg = config or default_config(spec, problem)
-        BT = cfg["BT"]
-        zs = t.z.stride() if t.z is not None else (0, 0, 0)
-        dummy = torch.empty(1, dtype=F32, device=t.v.device)
-        opt = lambda x: dummy if x is None else x
-        _outk.output_fwd_kernel[_outk.grid(B * L, H, BT)](
-            y, opt(t.z), opt(t.mimo_z), opt(t.mimo_out), opt(t.norm_weight), t.out,
-            zs[0], zs[1], zs[2], B * L, L, H, float(spec.norm_eps),
-            R=spec.rank, P=P, PP=max(2, _pow2(P)), BT=BT, MODE=_outk.MODES[spec.output_mode],
-            HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
-            INTERP=_interpret(), num_warps=cfg["num_warps"])
+        if cfg.get("SPILL_GUARD") and not _interpret() and t.v.device.type == "cuda":
+            from .scan_fwd import _layout
+            key = ("save_y", spec, repr(sorted((k, v) for k, v in cfg.items() if k != "CORE")), _layout(t))
+            if key not in _EFFECTIVE:
+                _EFFECTIVE[key] = save_y_spill_free(spec, cfg, t, y, _gpu_spills)
+            cfg = _EFFECTIVE[key]
+        launch(save_y_call(spec, cfg, t, y))
     return y
+
+
+def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
+    """The output-mode forward of save_y (output_fwd_kernel: t.out from the per-rank y) as a
+    call dict, for the launch, the AOT build and the spill guard."""
+    B, L, H, P = t.v.shape
+    zs = t.z.stride() if t.z is not None else (0, 0, 0)
+    d = torch.empty(1, dtype=F32, device=t.v.device)
+    opt = lambda x: d if x is None else x  # noqa: E731
+    return dict(
+        name="save_y_output_fwd", kernel=_outk.output_fwd_kernel, grid=_outk.grid(B * L, H, config["BT"]),
+        args=[("y_ptr", y), ("z_ptr", opt(t.z)), ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)),
+              ("w_ptr", opt(t.norm_weight)), ("out_ptr", t.out), ("s_zb", zs[0]), ("s_zt", zs[1]), ("s_zh", zs[2]),
+              ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
+        constexprs=dict(R=spec.rank, P=P, PP=max(2, _pow2(P)), BT=config["BT"], MODE=_outk.MODES[spec.output_mode],
+                        HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
+                        INTERP=_interpret()),
+        num_warps=config["num_warps"])
+
+
+def save_y_spill_free(spec: ScanSpec, config: dict, t, y, spills) -> dict:
+    """`config` with the save_y output kernel's token block halved while its build spills."""
+    from .aot import step_down
+    return step_down(config, lambda c: {"save_y_output_fwd"} if spills(save_y_call(spec, c, t, y)) else set(),
+                     fallback)
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,6 +470,75 @@ class _Timer:
             self.out[name] = self.out.get(name, 0.0) + a.elapsed_time(b)
 
 
+def fallback(config: dict, spilled) -> dict:
+    """The config to try after `config` when the stage kernels named in `spilled` spill: half
+    the token block of each (post: POST_BT; prep, output, save_y's output: BT; the per-sequence loops: SEQ_BT),
+    down to 2 / 4 / 32 tokens; None when nothing is left to give up."""
+    c = dict(config)
+    if "bwd_post" in spilled and c["POST_BT"] > 2:
+        c["POST_BT"] //= 2
+    if ("bwd_prep" in spilled or "bwd_output" in spilled or "save_y_output_fwd" in spilled) and c["BT"] > 4:
+        c["BT"] //= 2
+    if ("bwd_seq_fwd" in spilled or "bwd_seq_bwd" in spilled) and c["SEQ_BT"] > 32:
+        c["SEQ_BT"] //= 2
+    return None if c == config else c
+
+
+def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
+    """(calls, core config): the stage kernel calls of `config` for the bundle `t`, on fresh
+    buffers with stand-ins (shapes only) for the core's outputs: what AOT builds and the spill
+    guard inspect."""
+    from . import scan_bwd_core as _core
+    B, L, H, P = t.v.shape
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    R, N = spec.rank, spec.d_state
+    e = lambda *s: torch.empty(s, dtype=F32, device=device)  # noqa: E731
+    b = buffers(spec, t, dict(grads, _config=config), device)
+    RC = _pow2(R)
+    ccfg = dict(_core.default_config(RC, N, P, op_dtype(spec, config)), **(config.get("CORE") or {}))  # as run_core's
+    b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
+    b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
+    b["dpend"] = e(S, H) if spec.initial_states else None
+    return plan(spec, config, t, b, device=device), ccfg
+
+
+def spill_free(spec: ScanSpec, config: dict, t, grads: dict, spills, device) -> dict:
+    """`config` stepped down by `fallback` until no stage kernel it runs for the bundle `t`
+    spills by `spills(call)` (the GPU's builds at run time, the AOT builds in the tests)."""
+    from .aot import step_down
+
+    def spilled_of(c):
+        return {k["name"] for k in stage_calls(spec, c, t, grads, device)[0] if k.get("run", True) and spills(k)}
+    return step_down(config, spilled_of, fallback)
+
+
+_EFFECTIVE: dict = {}   # (spec, config, layout) -> the config after the spill guard
+
+
+def _gpu_spills(c: dict) -> bool:
+    from .aot import jit_build
+    try:
+        return bool(getattr(jit_build(c), "n_spills", 0))
+    except Exception as e:  # noqa: BLE001 -- the guard must never break a backward
+        warnings.warn(f"scan_bwd spill guard: could not inspect the build of {c['name']} ({type(e).__name__}: "
+                      f"{e}); running the config as given")
+        return False
+
+
+def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
+    """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds
+    only); remembered per spec, config (the core's overrides aside) and tensor layout."""
+    if not config.get("SPILL_GUARD") or _interpret() or t.v.device.type != "cuda":
+        return config
+    from .scan_fwd import _layout
+    key = (spec, repr(sorted((k, v) for k, v in config.items() if k != "CORE")), _layout(t),
+           grads.get("_y") is not None)
+    cfg = _EFFECTIVE.get(key)
+    if cfg is None:
+        cfg = _EFFECTIVE[key] = spill_free(spec, config, t, grads, _gpu_spills, t.v.device)
+    return cfg
+
+
 def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:
     """Every input gradient. `saved`: the forward's ScanTensors (out/state_out unused);
     `grads`: out (the upstream gradient of out, any strides) and, for final states, angle, ssm,
@@ -468,6 +564,7 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
         y = compute_y(spec, t, problem)
     g["_y"] = y
     tm.mark("1 recompute y")
+    config = g["_config"] = effective_config(spec, config, t, g)
     b = buffers(spec, t, g, dev)
     b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
     calls = {c["name"]: c for c in plan(spec, config, t, b)}
@@ -582,29 +679,16 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
                  k=e(S, R, H, N) if spec.final_states else None,
                  v=e(S, H, P) if spec.final_states else None)
     from . import scan_bwd_core as _core
-    b = buffers(spec, t, grads, "meta")
+    if config.get("SPILL_GUARD"):   # as the GPU runs it: after the stage spill guard (AOT builds standing in)
+        config = spill_free(spec, config, t, grads, lambda c: build([c], arch)[0]["spills"] > 0, "meta")
+    calls, ccfg = stage_calls(spec, config, t, grads, "meta")
     RC = _pow2(R)
     odt = op_dtype(spec, config)
-    ccfg = dict(_core.default_config(RC, N, P, odt), **(config.get("CORE") or {}))   # as run_core's
-    b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
-    b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
-    b["dpend"] = e(S, H) if spec.initial_states else None
-    calls = plan(spec, config, t, b, device="meta")
-    if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward
-        zs = t.z.stride() if t.z is not None else (0, 0, 0)
-        d = b["dummy"]
-        calls.append(dict(
-            name="save_y_output_fwd", kernel=_outk.output_fwd_kernel, grid=None,
-            args=[("y_ptr", grads["_y"]), ("z_ptr", t.z if t.z is not None else d),
-                  ("mz_ptr", t.mimo_z if t.mimo_z is not None else d),
-                  ("mo_ptr", t.mimo_out if t.mimo_out is not None else d),
-                  ("w_ptr", t.norm_weight if t.norm_weight is not None else d), ("out_ptr", t.out),
-                  ("s_zb", zs[0]), ("s_zt", zs[1]), ("s_zh", zs[2]), ("BL", B * L), ("L", L), ("H", H),
-                  ("eps", float(spec.norm_eps))],
-            constexprs=dict(R=R, P=P, PP=max(2, _pow2(P)), BT=config["BT"], MODE=_outk.MODES[spec.output_mode],
-                            HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None,
-                            HAS_MO=t.mimo_out is not None, INTERP=False),
-            num_warps=config["num_warps"]))
+    if needs_y(spec):   # scan(..., save_y=True)'s output-mode forward, after its own guard
+        ycfg = config
+        if config.get("SPILL_GUARD"):
+            ycfg = save_y_spill_free(spec, config, t, grads["_y"], lambda c: build([c], arch)[0]["spills"] > 0)
+        calls.append(save_y_call(spec, ycfg, t, grads["_y"]))
     res = build(calls, arch)
     if core and L:   # as the GPU would run it: after the core's spill guard (AOT builds standing in)
         _, ks = _core.compile_guarded(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
