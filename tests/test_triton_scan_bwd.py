@@ -353,6 +353,11 @@ def test_stage_spill_guard_fallback():
     with pytest.raises(ValueError, match="config.SPILL_GUARD"):
         sb.check_config(spec, dict(d, SPILL_GUARD=None))
 
+    def broken():
+        raise RuntimeError("no build")
+    with pytest.warns(UserWarning, match="spill guard failed"):
+        assert sb._guarded(broken, d) is d   # a failing guard runs the config as given
+
 
 def test_double_backward_raises(rng):
     """The backward is first order: asking for a graph of it is an error, not silent zeros."""

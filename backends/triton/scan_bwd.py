@@ -164,7 +164,7 @@ def forward_saving_y(spec: ScanSpec, t, problem=None, config=None) -> torch.Tens
             from .scan_fwd import _layout
             key = ("save_y", spec, repr(sorted((k, v) for k, v in cfg.items() if k != "CORE")), _layout(t))
             if key not in _EFFECTIVE:
-                _EFFECTIVE[key] = save_y_spill_free(spec, cfg, t, y, _gpu_spills)
+                _EFFECTIVE[key] = _guarded(lambda: save_y_spill_free(spec, cfg, t, y, _gpu_spills), cfg)
             cfg = _EFFECTIVE[key]
         launch(save_y_call(spec, cfg, t, y))
     return y
@@ -535,8 +535,18 @@ def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
            grads.get("_y") is not None)
     cfg = _EFFECTIVE.get(key)
     if cfg is None:
-        cfg = _EFFECTIVE[key] = spill_free(spec, config, t, grads, _gpu_spills, t.v.device)
+        cfg = _EFFECTIVE[key] = _guarded(lambda: spill_free(spec, config, t, grads, _gpu_spills, t.v.device), config)
     return cfg
+
+
+def _guarded(decide, config: dict) -> dict:
+    """decide(), or `config` as given (with a warning) if deciding fails: the guard must never
+    break a backward."""
+    try:
+        return decide()
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"scan_bwd spill guard failed ({type(e).__name__}: {e}); running the config as given")
+        return config
 
 
 def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:
