@@ -1,6 +1,9 @@
 """Ahead-of-time builds of the scan's Triton kernels without a GPU (CI's sm_90a check), and
-`jit_build`: the build the GPU actually runs, for its register and spill counts, and `step_down`,
-the spill guards' loop (scan_fwd, scan_bwd_core).
+`jit_build`: the build the GPU actually runs, for its register and spill counts; `step_down`, the
+spill guards' loop, and `Guard`, what the runtime spill guards (scan_fwd, scan_bwd_core,
+scan_bwd's stages and save_y) share: when a guard is on, one memo of their decisions, the GPU
+builds' spill predicate and the never-break wrapper (a failing decision warns and runs the
+config as given).
 
 Every scan module (scan_fwd, scan_bwd, scan_bwd_core) describes its launches as a list of calls
 (name, kernel, args [(name, value)], constexprs, num_warps, num_stages[, maxnreg]); `build`
@@ -13,6 +16,7 @@ without TRITON_INTERPRET (the interpreter and AOT builds do not mix).
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import triton
@@ -101,3 +105,62 @@ def step_down(config: dict, spilled_of, fallback) -> dict:
         if nxt is None:
             return cfg
         cfg = nxt
+
+
+_DECIDED: dict = {}   # (module, *key) -> the config a module's spill guard decided for it
+
+
+def memo_key(module: str, items) -> tuple:
+    """The memo key of a guard's decision: (module, *items), a dict by its items; an item that
+    does not hash (configs hold scalars; a caller's may not) by its repr (a dict: of its sorted
+    items)."""
+    return (module, *map(_part, items))
+
+
+def _part(x):
+    p = tuple(x.items()) if isinstance(x, dict) else x
+    try:
+        hash(p)
+        return p
+    except TypeError:
+        return repr(sorted(x.items()) if isinstance(x, dict) else x)
+
+
+class Guard:
+    """One module's runtime spill guard: before the first launch of a config the JIT builds its
+    kernels (`gpu_spills`), and the module's spill-free step-down (`decide`) is remembered per
+    key in the memo every guard shares; the guard never breaks a run (`remembered`)."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def active(self, config: dict, device) -> bool:
+        """Whether `config` asks for the guard (SPILL_GUARD) and runs on a GPU build (the
+        interpreter has no registers; other devices no builds)."""
+        return bool(config.get("SPILL_GUARD")) and not _interpret() and device.type == "cuda"
+
+    def remembered(self, key, config: dict, decide) -> dict:
+        """The config decided for (this module, *key), else decide() remembered; where deciding
+        raises, a warning and `config` as given (remembered too: the guard must never break a
+        run, and warns once per key)."""
+        k = memo_key(self.module, key)
+        cfg = _DECIDED.get(k)
+        if cfg is None:
+            try:
+                cfg = decide()
+            except Exception as e:  # noqa: BLE001 -- the guard must never break a run
+                warnings.warn(f"{self.module} spill guard failed ({type(e).__name__}: {e}); running the config "
+                              "as given")
+                cfg = config
+            _DECIDED[k] = cfg
+        return cfg
+
+    def gpu_spills(self, c: dict) -> bool:
+        """Whether the JIT's build of call `c` for this GPU spills (`jit_build`); False, with a
+        warning, when it cannot be built or inspected."""
+        try:
+            return bool(getattr(jit_build(c), "n_spills", 0))
+        except Exception as e:  # noqa: BLE001 -- the guard must never break a run
+            warnings.warn(f"{self.module} spill guard: could not inspect the build of {c['name']} "
+                          f"({type(e).__name__}: {e}); taking it as spill-free")
+            return False

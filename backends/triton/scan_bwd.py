@@ -33,8 +33,6 @@ operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
-import warnings
-
 import math
 
 import torch
@@ -46,6 +44,7 @@ from . import _interpret, _pow2
 from . import scan_bwd_output as _outk
 from . import scan_bwd_post as _post
 from . import scan_bwd_prep as _prep
+from .aot import Guard, step_down
 
 F32 = torch.float32
 
@@ -159,15 +158,20 @@ def forward_saving_y(spec: ScanSpec, t, problem=None, config=None) -> torch.Tens
     mode alone (output_fwd_kernel: token-parallel, cheap). Same cost as the plain forward."""
     y = compute_y(spec, t, problem, state_out=t.state_out)
     if t.v.shape[1]:
-        cfg = config or default_config(spec, problem)
-        if cfg.get("SPILL_GUARD") and not _interpret() and t.v.device.type == "cuda":
-            from .scan_fwd import _layout
-            key = ("save_y", spec, repr(sorted((k, v) for k, v in cfg.items() if k != "CORE")), _layout(t))
-            if key not in _EFFECTIVE:
-                _EFFECTIVE[key] = _guarded(lambda: save_y_spill_free(spec, cfg, t, y, _gpu_spills), cfg)
-            cfg = _EFFECTIVE[key]
+        cfg = save_y_config(spec, config or default_config(spec, problem), t, y)
         launch(save_y_call(spec, cfg, t, y))
     return y
+
+
+def save_y_config(spec: ScanSpec, config: dict, t, y) -> dict:
+    """`config`, or with SPILL_GUARD its fallback for save_y's output kernel (`save_y_spill_free`;
+    GPU builds only), remembered per spec, config (the core's overrides aside) and tensor layout
+    (`aot.Guard`)."""
+    if not _GUARD.active(config, t.v.device):
+        return config
+    from .scan_fwd import _layout
+    return _GUARD.remembered(("save_y", spec, _without_core(config), _layout(t)), config,
+                             lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
 
 
 def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
@@ -190,7 +194,6 @@ def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
 
 def save_y_spill_free(spec: ScanSpec, config: dict, t, y, spills) -> dict:
     """`config` with the save_y output kernel's token block halved while its build spills."""
-    from .aot import step_down
     return step_down(config, lambda c: {"save_y_output_fwd"} if spills(save_y_call(spec, c, t, y)) else set(),
                      fallback)
 
@@ -505,48 +508,29 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
 def spill_free(spec: ScanSpec, config: dict, t, grads: dict, spills, device) -> dict:
     """`config` stepped down by `fallback` until no stage kernel it runs for the bundle `t`
     spills by `spills(call)` (the GPU's builds at run time, the AOT builds in the tests)."""
-    from .aot import step_down
 
     def spilled_of(c):
         return {k["name"] for k in stage_calls(spec, c, t, grads, device)[0] if k.get("run", True) and spills(k)}
     return step_down(config, spilled_of, fallback)
 
 
-_EFFECTIVE: dict = {}   # (spec, config, layout) -> the config after the spill guard
+_GUARD = Guard("scan_bwd")   # the stage guard and save_y's
 
 
-def _gpu_spills(c: dict) -> bool:
-    from .aot import jit_build
-    try:
-        return bool(getattr(jit_build(c), "n_spills", 0))
-    except Exception as e:  # noqa: BLE001 -- the guard must never break a backward
-        warnings.warn(f"scan_bwd spill guard: could not inspect the build of {c['name']} ({type(e).__name__}: "
-                      f"{e}); running the config as given")
-        return False
+def _without_core(config: dict) -> dict:
+    """`config` without the core's overrides: what the stage guards remember their decision by."""
+    return {k: v for k, v in config.items() if k != "CORE"}
 
 
 def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds
-    only); remembered per spec, config (the core's overrides aside) and tensor layout."""
-    if not config.get("SPILL_GUARD") or _interpret() or t.v.device.type != "cuda":
+    only); remembered per spec, config (the core's overrides aside) and tensor layout
+    (`aot.Guard`)."""
+    if not _GUARD.active(config, t.v.device):
         return config
     from .scan_fwd import _layout
-    key = (spec, repr(sorted((k, v) for k, v in config.items() if k != "CORE")), _layout(t),
-           grads.get("_y") is not None)
-    cfg = _EFFECTIVE.get(key)
-    if cfg is None:
-        cfg = _EFFECTIVE[key] = _guarded(lambda: spill_free(spec, config, t, grads, _gpu_spills, t.v.device), config)
-    return cfg
-
-
-def _guarded(decide, config: dict) -> dict:
-    """decide(), or `config` as given (with a warning) if deciding fails: the guard must never
-    break a backward."""
-    try:
-        return decide()
-    except Exception as e:  # noqa: BLE001
-        warnings.warn(f"scan_bwd spill guard failed ({type(e).__name__}: {e}); running the config as given")
-        return config
+    return _GUARD.remembered((spec, _without_core(config), _layout(t), grads.get("_y") is not None), config,
+                             lambda: spill_free(spec, config, t, grads, _GUARD.gpu_spills, t.v.device))
 
 
 def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:

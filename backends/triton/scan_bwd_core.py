@@ -61,6 +61,7 @@ import triton
 from . import _interpret, _pow2
 from . import scan_bwd_core_chunk as _chunk
 from . import scan_bwd_core_states as _st
+from .aot import Guard, step_down
 
 N_SM_H100 = 132
 DTYPES = ("bfloat16", "float32")
@@ -327,30 +328,22 @@ def fallback(config: dict, spilled) -> dict:
     return None if c == config else c
 
 
-_EFFECTIVE: dict = {}   # (config, shapes, options) -> the config after the spill guard
+_GUARD = Guard("scan_bwd_core")
 
 
 def effective_config(config: dict, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0,
                      dvt_partials) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for these operands (GPU builds
-    only); remembered per config, shapes and options."""
-    if not config.get("SPILL_GUARD") or _interpret() or qh.device.type != "cuda":
+    only); remembered per config, shapes and options (`aot.Guard`)."""
+    if not _GUARD.active(config, qh.device):
         return config
-    key = (tuple(config.items()), qh.shape, vt.shape, qh.dtype, s0 is None, ds_final is None,
-           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials)
-    try:
-        cfg = _EFFECTIVE.get(key)
-    except TypeError:   # an unhashable value (configs hold scalars; a caller's may not)
-        key = (repr(sorted(config.items())),) + key[1:]
-        cfg = _EFFECTIVE.get(key)
-    if cfg is None:
-        from .aot import jit_build, step_down
 
-        def spilled_of(c):
-            calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials)
-            return {k["name"] for k in calls if k["run"] and getattr(jit_build(k), "n_spills", 0)}
-        cfg = _EFFECTIVE[key] = step_down(config, spilled_of, fallback)
-    return cfg
+    def spilled_of(c):
+        calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials)
+        return {k["name"] for k in calls if k["run"] and _GUARD.gpu_spills(k)}
+    key = (config, qh.shape, vt.shape, qh.dtype, s0 is None, ds_final is None,
+           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials)
+    return _GUARD.remembered(key, config, lambda: step_down(config, spilled_of, fallback))
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
@@ -384,20 +377,13 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
 
 def compile_guarded(R: int, N: int, P: int, dtype="bfloat16", config=None, **kw):
     """(config, kernels): `compile` of the config the spill guard would run, with the AOT builds
-    standing in for the GPU's (SPILL_GUARD configs step down while a kernel spills)."""
-    from .aot import step_down
+    standing in for the GPU's (SPILL_GUARD configs step down while a kernel spills; the final
+    config's build comes from Triton's cache)."""
     cfg = dict(default_config(R, N, P, dtype) if config is None else config)
-    built = {}
-
-    def spilled_of(c):
-        built["k"] = compile(R, N, P, dtype, c, **kw)
-        return {k["name"] for k in built["k"] if k["spills"]}
-    if not cfg.get("SPILL_GUARD"):
-        return cfg, compile(R, N, P, dtype, cfg, **kw)
-    final = step_down(cfg, spilled_of, fallback)
-    if final is not cfg:   # the last build was of the config that stepped down to `final`
-        built["k"] = compile(R, N, P, dtype, final, **kw)
-    return final, built["k"]
+    if cfg.get("SPILL_GUARD"):
+        cfg = step_down(cfg, lambda c: {k["name"] for k in compile(R, N, P, dtype, c, **kw) if k["spills"]},
+                        fallback)
+    return cfg, compile(R, N, P, dtype, cfg, **kw)
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,

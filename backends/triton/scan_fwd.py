@@ -68,10 +68,12 @@ Config keys (`default_config`, `space`):
                (A = N/2, per-head angles with A = N/4, A = 16 at N = 128 with D and Z) ptxas spills
                them. With the guard, the kernels are built for the call before the first launch
                (the JIT's own build, cached), and where one spills the config falls back to its
-               spill-free load order (`fallback`), remembered per spec, config and tensor layout.
-               The AOT test applies the same fallback; tuning candidates without the guard run
-               as given. H100 (bench/results/scan_fwd_spill_guard_h100_95699b0.json, triton
-               3.6, which spills on fewer specs than 3.9): A = 64 shared 0.751 -> 0.832 ms,
+               spill-free load order (`fallback`), remembered per spec, config and tensor layout
+               (`aot.Guard`, shared with the backward's guards: a guard that fails to decide
+               warns and runs the config as given). The AOT test applies the same fallback;
+               tuning candidates without the guard run as given. H100
+               (bench/results/scan_fwd_spill_guard_h100_95699b0.json, triton 3.6, which spills
+               on fewer specs than 3.9): A = 64 shared 0.751 -> 0.832 ms,
                per-head A = 64 half 0.610 -> 0.636 (the spilling orders were faster; the tuning
                space keeps them as a candidate), elsewhere no fallback.
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
@@ -97,6 +99,7 @@ from . import scan_chunk_output as _out
 from . import scan_chunk_state as _cst
 from . import scan_common as _com
 from . import scan_state_passing as _pass
+from .aot import Guard, step_down
 
 from . import INPUT_DTYPES, STATE_DTYPES, _interpret, _pow2  # the package's
 
@@ -503,9 +506,6 @@ def fallback(config: dict, spilled) -> dict:
     return None if c == config else c
 
 
-_EFFECTIVE: dict = {}   # (spec, config, tensor layout) -> the config after the spill guard
-
-
 def _layout(t) -> tuple:
     """What decides the JIT's build of the kernels besides spec and config: the problem's sizes
     and the strides of the tensors the kernels read strided (the others are contiguous). Pointer
@@ -516,33 +516,22 @@ def _layout(t) -> tuple:
             None if t.cu_seqlens is None else t.cu_seqlens.shape[0])
 
 
-def _spills(c: dict) -> bool:
-    """Whether the kernel the JIT builds for call `c` spills."""
-    from .aot import jit_build
-    return bool(getattr(jit_build(c), "n_spills", 0))
+_GUARD = Guard("scan_fwd")
 
 
 def effective_config(spec: ScanSpec, config: dict, t) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds only:
-    the interpreter has no registers)."""
-    if not config.get("SPILL_GUARD") or _interpret() or t.v.device.type != "cuda":
+    the interpreter has no registers), remembered per spec, config and layout (`aot.Guard`)."""
+    if not _GUARD.active(config, t.v.device):
         return config
-    key = (spec, tuple(config.items()), _layout(t))
-    try:
-        cfg = _EFFECTIVE.get(key)
-    except TypeError:   # an unhashable value (configs hold scalars; a caller's may not)
-        key = (spec, repr(sorted(config.items())), _layout(t))
-        cfg = _EFFECTIVE.get(key)
-    if cfg is None:
-        cfg = _EFFECTIVE[key] = spill_free(spec, config, t, _spills)
-    return cfg
+    return _GUARD.remembered((spec, config, _layout(t)), config,
+                             lambda: spill_free(spec, config, t, _GUARD.gpu_spills))
 
 
 def spill_free(spec: ScanSpec, config: dict, t, spills) -> dict:
     """`config` stepped down by `fallback` until no kernel it runs for `t` spills by `spills(call)`
     (the GPU's builds in effective_config; the AOT builds or a stand-in elsewhere), or until
     nothing is left to give up."""
-    from .aot import step_down
     return step_down(config, lambda cfg: {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and spills(c)},
                      fallback)
 
