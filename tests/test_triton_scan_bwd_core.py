@@ -215,6 +215,33 @@ def test_core_deterministic_and_want_ds0():
 
 
 @here
+@pytest.mark.parametrize("R,dtype,block,seg,lengths", [(1, "bfloat16", True, 2, None), (4, "float32", False, 0, None),
+                                                       (2, "bfloat16", True, 1, [9, 0, 14])])
+def test_core_fused_walks(R, dtype, block, seg, lengths):
+    """FUSED (dq's and dkv's walks in one kernel): within the bounds of the oracle and bitwise
+    equal to the two kernels (the same operations in the same order), every output written."""
+    import torch
+    core = _core()
+    rng = np.random.default_rng(41 + R)
+    cfg = dict(core.default_config(R, 32, 48, dtype), SEG=seg)
+    if block:
+        cfg.update(BLOCK_N=16, BLOCK_P=16, PASS_BLOCK_P=16)
+    fused = dict(cfg, FUSED=True)
+    names = {c["name"] for c in core.plan(*(torch.empty(s, device="meta") for s in
+                                            ((2, 8, R, 2, 32), (2, 8, R, 2, 32), (2, 8, R, 2, 48), (2, 2, 8),
+                                             (2, 8, R, 2, 48))), config=fused, device="meta")[0]}
+    assert "scan_bwd_core_dqkv" in names and not names & {"scan_bwd_core_dq", "scan_bwd_core_dkv"}
+    out, ref = _run_case(rng, 2, 37, R, 2, 32, 48, dtype, True, True, cfg=fused, lengths=lengths)
+    _check(out, ref, dtype, f"fused R{R}")
+    rng = np.random.default_rng(41 + R)
+    two, _ = _run_case(rng, 2, 37, R, 2, 32, 48, dtype, True, True, cfg=cfg, lengths=lengths)
+    for k in ("dqh", "dks", "dvt", "dadt", "ds0"):
+        assert torch.equal(out[k], two[k]), k
+    with pytest.raises(ValueError, match="config.FUSED"):
+        core.check_config(R, dict(cfg, FUSED=1))
+
+
+@here
 def test_core_empty():
     """L = 0 (dense) and varlen with only empty sequences: no tokens, dS0 = dS_final (or 0)."""
     import torch

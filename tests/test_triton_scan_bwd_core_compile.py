@@ -5,7 +5,8 @@ Compiled in two worker subprocesses without TRITON_INTERPRET (AOT and the interp
 share a process). Per kernel the registers, spill bytes (local memory / stack per thread) and
 shared memory are recorded (printed with -s, and written to .cache/scan_bwd_core_compile.json).
 Grid: R {1, 4} x N {64, 128} x P 64 x {bf16, fp32}, plus corners: varlen without states,
-R 8, N 256, P 128, N 16 / P 48 (padded tiles).
+R 8, N 256, P 128, N 16 / P 48 (padded tiles); the FUSED walks (one dqkv kernel for dq and dkv)
+at the benchmark heads (a tuning candidate, under the same no-spill rule once guarded).
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def cases():
         {"name": "R1-N256-P64-bf16", "R": 1, "N": 256, "P": 64, "dtype": "bfloat16", "kw": {}},
         {"name": "R1-N128-P128-bf16", "R": 1, "N": 128, "P": 128, "dtype": "bfloat16", "kw": {}},
         {"name": "R4-N16-P48-fp32", "R": 4, "N": 16, "P": 48, "dtype": "float32", "kw": {}},
+        {"name": "R1-N128-P64-bf16-fused", "R": 1, "N": 128, "P": 64, "dtype": "bfloat16", "kw": {},
+         "over": {"FUSED": True}},
+        {"name": "R4-N128-P64-bf16-fused", "R": 4, "N": 128, "P": 64, "dtype": "bfloat16", "kw": {},
+         "over": {"FUSED": True}},
     ]
     return out
 
@@ -48,7 +53,7 @@ def _worker(idx, n, out_path):
     for k, c in enumerate(cases()):
         if k % n != idx:
             continue
-        cfg = d = core.default_config(c["R"], c["N"], c["P"], c["dtype"])
+        cfg = d = dict(core.default_config(c["R"], c["N"], c["P"], c["dtype"]), **c.get("over", {}))
         try:   # the spill guard's config, as on the GPU (scan_bwd_core.compile_guarded)
             cfg, ks = core.compile_guarded(c["R"], c["N"], c["P"], c["dtype"], cfg, arch="sm_90a", **c["kw"])
             res.append({"name": c["name"], "config": cfg, "fell_back": cfg != d, "kernels": ks})
@@ -69,7 +74,9 @@ def test_every_kernel_builds(results):
     assert not errors, "\n".join(errors)
     assert len(results) == len(cases())
     for r in results:
-        assert {k["name"] for k in r["kernels"]} == KERNELS
+        want = KERNELS if not r["config"].get("FUSED") else \
+            KERNELS - {"scan_bwd_core_dq", "scan_bwd_core_dkv"} | {"scan_bwd_core_dqkv"}
+        assert {k["name"] for k in r["kernels"]} == want, r["name"]
 
 
 def test_no_default_config_spills(results):

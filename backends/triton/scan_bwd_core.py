@@ -51,6 +51,11 @@ Config keys (`default_config`, `space`):
            (dy e^{cs})^T qh) with the decay-scaled rows split likewise; "bfloat16": rounded once
            (INTER and UPDATE only act on bf16 operands; missing precision keys take the defaults)
   SEG_SCALE optional factor on the automatic SEG (tuning)
+  FUSED    True: dq's and dkv's walks in one kernel (dqkv; same grid, dkv_num_stages), so a
+           program reads back the S_c it wrote and re-reads the chunk tiles it loaded while
+           they may still be in L2 (short segments: SEG_SCALE < 1). A tuning candidate, not
+           the default: built spill-free by Triton 3.6 on the benchmark heads (AOT), not yet
+           timed on a GPU (bench/core_fused_check.py, bench/scan_bwd_seg_sweep.py --core FUSED=..)
 """
 from __future__ import annotations
 
@@ -117,9 +122,11 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
 
 
 def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
-    """Tuning candidates (at most 12): the default, the default without its spill guard, chunk rows
-    {16, 32} x BLOCK_N {default, double} x warps {4, 8}, and the default with half / double the
-    automatic segment length (SEG_SCALE). Some spill (the tuner times them anyway; the defaults do not)."""
+    """Tuning candidates (at most 14): the default, the default without its spill guard, chunk rows
+    {16, 32} x BLOCK_N {default, double} x warps {4, 8}, the default with half / double the
+    automatic segment length (SEG_SCALE), and FUSED (dq's and dkv's walks in one kernel) at the
+    automatic and a quarter of the segment length. Some spill (the tuner times them anyway; the
+    defaults do not)."""
     d = default_config(R, N, P, dtype)
     out = [d]
     rp = _pow2(R)
@@ -131,6 +138,7 @@ def space(R: int, N: int, P: int, dtype="bfloat16") -> list:
                 if cfg not in out:
                     out.append(cfg)
     out += [dict(d, SEG_SCALE=0.5), dict(d, SEG_SCALE=2)]
+    out += [dict(d, FUSED=True), dict(d, FUSED=True, SEG_SCALE=0.25)]   # one walk kernel; short segments for L2
     if d.get("SPILL_GUARD"):   # the pipelined kernels as they are where the guard would give them up
         out.insert(1, dict(d, SPILL_GUARD=False))
     return out[:12]
@@ -167,8 +175,9 @@ def check_config(R: int, config: dict) -> None:
     for key in ("SCRATCH", "CHUNK_SCRATCH"):
         if config.get(key, "bfloat16") not in DTYPES:
             raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
-    if not isinstance(config.get("SPILL_GUARD", False), bool):
-        raise ValueError(f"config.SPILL_GUARD: expected True or False, got {config.get('SPILL_GUARD')!r}")
+    for key in ("SPILL_GUARD", "FUSED"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"config.{key}: expected True or False, got {config.get(key)!r}")
     for key in ("num_stages", "local_num_stages", "dq_num_stages", "dkv_num_stages"):
         v = config.get(key, 1)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -266,6 +275,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     usplit = dtype != "float32" and config["UPDATE"] == "float32"
     shape = {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "C": C, "SEG": SEG, "VARLEN": varlen}
     run = L > 0
+    fused = config.get("FUSED", False)
     stages = config.get("num_stages", 1)
     tok = [("qh_ptr", qh), ("ks_ptr", ks), ("vt_ptr", vt), ("dy_ptr", dy), ("adt_ptr", adt), ("cu_ptr", cu)]
     calls = [
@@ -284,6 +294,13 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                         "HAS_S0": s0 is not None, "HAS_DSF": ds_final is not None, "WANT_DS0": want_ds0,
                         "INTERP": _interpret()},
          "num_warps": config.get("pass_num_warps", 4), "num_stages": 1},
+        {"name": "scan_bwd_core_dqkv", "kernel": _chunk.scan_bwd_core_dqkv_kernel, "run": run,
+         "grid": _chunk.grid(H, NP, BN, nslots),
+         "args": [*tok, ("ent_ptr", ent), ("dx_ptr", dx), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]),
+                  ("dks_ptr", out["dks"]), ("dvp_ptr", dvp), ("dcs_ptr", dcs), ("dtc_ptr", dtc),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
+         "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dq", "kernel": _chunk.scan_bwd_core_dq_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
@@ -306,7 +323,9 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                         "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]
-    return calls, out
+    # FUSED: both walks in one kernel (dqkv) instead of dq then dkv
+    skip = ("scan_bwd_core_dq", "scan_bwd_core_dkv") if fused else ("scan_bwd_core_dqkv",)
+    return [c for c in calls if c["name"] not in skip], out
 
 
 def launch(c: dict) -> None:
@@ -315,7 +334,7 @@ def launch(c: dict) -> None:
 
 
 _STAGE_KEYS = (("scan_bwd_core_local", "local_num_stages"), ("scan_bwd_core_dq", "dq_num_stages"),
-               ("scan_bwd_core_dkv", "dkv_num_stages"))
+               ("scan_bwd_core_dkv", "dkv_num_stages"), ("scan_bwd_core_dqkv", "dkv_num_stages"))
 
 
 def fallback(config: dict, spilled) -> dict:

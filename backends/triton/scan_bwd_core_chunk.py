@@ -33,7 +33,9 @@ with one block (BN >= N, the default up to P x N = 64 x 128 for bf16) dkv writes
 else per-block partials (scratch dvp) that the dadt kernel adds in a fixed order (no atomics),
 as it adds the d cs partials of dq's blocks and the d T partials of dkv's.
 
-Grids: dq, dkv (H * cdiv(N, BN), segment slots); dadt (H, segment slots).
+Grids: dq, dkv (H * cdiv(N, BN), segment slots); dadt (H, segment slots). Config FUSED: one
+kernel dqkv runs both walks in each program, dq's then dkv's (it calls the two kernels' bodies
+as device functions), same grid.
 """
 from __future__ import annotations
 
@@ -216,6 +218,27 @@ def scan_bwd_core_dkv_kernel(
             tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
             st = _update(dw, qb, st * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
+
+
+@triton.jit
+def scan_bwd_core_dqkv_kernel(
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, dx_ptr, sch_ptr, dqh_ptr, dks_ptr, dvp_ptr,
+    dcs_ptr, dtc_ptr,
+    B, L, H, S, NSEG, NCH, NROW,
+    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
+    P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
+):
+    """dq's walk, then dkv's, in one program (config FUSED): the chunk entry states S_c that
+    the first walk writes and the second reads, and the chunk tiles both load, are still in
+    L2 when the segment is short enough (SEG_SCALE < 1)."""
+    scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
+                            B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
+                            SPLIT, USPLIT)
+    tl.debug_barrier()   # this program's S_c stores visible to all its threads before the reads
+    scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr,
+                             dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN, P, PP, C, SEG,
+                             VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
 
 
 @triton.jit
