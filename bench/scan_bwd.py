@@ -9,7 +9,8 @@ memory and gradient accuracy.
 
 Shapes (bf16, N=128, P=64, A=32 shared angles, D and Z; module-like inputs from bench/scan.py's
 make_inputs): B4-L4096-H32, B8-L2048-H32, B1-L16384-H32, B4-L4096-H32-G8-N64 (SISO; MIMO R=4
-B4-L2048-H32 ours only: upstream's MIMO backward is TileLang).
+B4-L2048-H32 and B4-L4096-H32, the device README's MIMO R=4 shapes, ours only: upstream's MIMO
+backward is TileLang).
 
 Per shape and implementation (median ms, triton.testing.do_bench):
   fwd_ms        forward alone, under torch.no_grad (ours: the forward-only path)
@@ -67,7 +68,7 @@ SHAPES = [  # (label, B, L, H, G, N, P)
     ("B1-L16384-H32", 1, 16384, 32, 1, 128, 64),
     ("B4-L4096-H32-G8-N64", 4, 4096, 32, 8, 64, 64),
 ]
-MIMO_SHAPES = [("B4-L2048-H32", 4, 2048, 32, 1, 128, 64)]
+MIMO_SHAPES = [("B4-L2048-H32", 4, 2048, 32, 1, 128, 64), ("B4-L4096-H32", 4, 4096, 32, 1, 128, 64)]
 LEAVES = ("q", "k", "v", "z", "adt", "dt", "trap", "angles", "q_bias", "k_bias", "d", "mimo_v",
           "mimo_z", "mimo_out")
 

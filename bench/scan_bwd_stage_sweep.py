@@ -3,11 +3,12 @@ stage kernel (post, prep, output, seq_fwd, seq_bwd) timed alone over its config 
 benchmark shapes (bench/scan.py's make_inputs), with the other keys at their defaults.
 
     PYTHONPATH=$PWD MAMBA3_COMMIT=$(git rev-parse HEAD) python bench/scan_bwd_stage_sweep.py \\
-        [--out bench/results/scan_bwd_stage_sweep.json] [--only post,prep]
+        [--out bench/results/scan_bwd_stage_sweep.json] [--only post,prep] [--shapes siso,mimo]
 
 Buffers come from scan_bwd.buffers for each config (their partial-sum blocks depend on it),
 filled with random values (timing does not depend on them; correctness of every config's
-tiling is the CPU tests' job). Median ms by triton.testing.do_bench (L2 flushed between runs).
+tiling is the CPU tests' job). Median ms by triton.testing.do_bench (L2 flushed between runs);
+each row also has the registers and spilled bytes of the GPU's own build.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from common import use_checkout
 use_checkout()
 
 from mamba3_kernels.backends.triton import scan_bwd  # noqa: E402
+from mamba3_kernels.backends.triton.aot import jit_build  # noqa: E402
 from mamba3_kernels.scan_tensors import prepare_scan  # noqa: E402
 from mamba3_kernels.spec import resolve_scan  # noqa: E402
 from scan import make_inputs  # noqa: E402
@@ -34,7 +36,7 @@ SHAPES = [("siso B4-L4096-H32", "siso", 4, 4096, 32, 1, 128, 64, 1),
           ("mimo B4-L2048-H32", "mimo", 4, 2048, 32, 1, 128, 64, 4)]
 DEVICE = "cuda"
 SWEEPS = {   # stage call name -> {config key: values}
-    "bwd_post": {"POST_BT": [4, 8, 16, 32, 64], "post_num_warps": [2, 4, 8]},
+    "bwd_post": {"POST_BT": [4, 8, 16, 32], "post_num_warps": [2, 4, 8]},
     "bwd_prep": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
     "bwd_output": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
     "bwd_seq_fwd": {"SEQ_BT": [32, 64, 128], "seq_num_warps": [4, 8]},
@@ -67,12 +69,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/scan_bwd_stage_sweep.json")
     ap.add_argument("--only", default="")
+    ap.add_argument("--shapes", default="", help="labels containing one of these words")
     args = ap.parse_args()
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, torch=torch.__version__, triton=__import__("triton").__version__,
                 commit=os.environ.get("MAMBA3_COMMIT", "unknown"))
     rows = []
     dev = torch.device(DEVICE)
     for label, kind, B, L, H, G, N, P, R in SHAPES:
+        if args.shapes and not any(w in label for w in args.shapes.split(",")):
+            continue
         a = make_inputs(kind, B, L, H, G, N, P, R, device=DEVICE)
         pairing = "half" if kind == "mimo" else "interleaved"
         spec, prob = resolve_scan(**a, pairing=pairing)
@@ -94,6 +99,8 @@ def main():
                     b = filled_buffers(spec, t, g, cfg, dev)
                     calls = {c["name"]: c for c in scan_bwd.plan(spec, cfg, t, b)}
                     c = calls[stage]
+                    k = jit_build(c)
+                    row["regs"], row["spills"] = k.n_regs, k.n_spills
                     row["ms"] = do_bench(lambda: scan_bwd.launch(c), warmup=10, rep=40, return_mode="median")
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
