@@ -18,7 +18,7 @@ PKGS = {
 TRITON = ["triton>=3.6"]
 TILELANG = ["tilelang==0.1.15", "apache-tvm-ffi==0.1.12"]
 CUTE = ["nvidia-cutlass-dsl==4.8.1"]
-DEV = ["pytest>=8", "hypothesis>=6", "matplotlib", "rich", "tqdm"]
+DEV = ["pytest>=8", "hypothesis>=6", "matplotlib", "rich", "tqdm", "ruff"]
 
 setup(
     name="mamba3-kernels",

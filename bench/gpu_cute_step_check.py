@@ -485,10 +485,10 @@ def section_upstream(budget):
                                    tile_D=64, num_warps=4)
 
                 rec["cute_graph_us"] = _graph_time([lambda s=s: cute_only(s) for s in states])
-                rec["cute_plain_us"] = _plain_time(lambda: cute_only(states[0]), n=1000 if B <= 16 else 200)
+                rec["cute_plain_us"] = _plain_time(lambda s=states[0]: cute_only(s), n=1000 if B <= 16 else 200)
                 if apply_rotary_qk_inference_fwd is not None:
                     rec["full_graph_us"] = _graph_time([lambda s=s: full(s) for s in states])
-                    rec["full_plain_us"] = _plain_time(lambda: full(states[0]), n=1000 if B <= 16 else 200)
+                    rec["full_plain_us"] = _plain_time(lambda s=states[0]: full(s), n=1000 if B <= 16 else 200)
                 rec["state_GBs"] = 2 * set_bytes / rec["cute_graph_us"] / 1e3
                 del states
             except Exception as e:

@@ -311,22 +311,22 @@ def time_spec(name, spec, B, G, cfg, copy_gbs, with_triton=True, eager=True):
     rec = dict(name=name, B=B, H=H, G=G, config=cfg, spec=spec.describe(), n_sets=n_sets, calls=calls,
                bytes_total=tot_b, bytes_ssm=ssm_b)
     try:
-        us = graph_time(lambda i: TLB.step(spec, cfg, bund[i]), n_sets, calls)
+        us = graph_time(lambda i, bund=bund: TLB.step(spec, cfg, bund[i]), n_sets, calls)
         rec["mode"] = "cuda-graph"
     except Exception as e:      # capture failed: events around plain calls (launch overhead in)
         rec["graph_error"] = f"{type(e).__name__}: {e}"[:300]
         rec["mode"] = "events"
-        us = event_time(lambda i: TLB.step(spec, cfg, bund[i]), n_sets, calls)
+        us = event_time(lambda i, bund=bund: TLB.step(spec, cfg, bund[i]), n_sets, calls)
     rec.update(us=us, gbs_total=tot_b / us / 1e3, gbs_ssm=ssm_b / us / 1e3, frac_copy=tot_b / us / 1e3 / copy_gbs)
     if eager:
-        rec["eager_us"] = eager_time(lambda i: TLB.step(spec, cfg, bund[i]), n_sets)
+        rec["eager_us"] = eager_time(lambda i, bund=bund: TLB.step(spec, cfg, bund[i]), n_sets)
     if with_triton:
         try:
             tr = backends.get("triton")
             ok, why = tr.available()
             if ok and tr.supports(spec, "step")[0]:
                 tcfg = tr.default_config(spec, None, "step")
-                rec["triton_us"] = graph_time(lambda i: tr.step(spec, tcfg, bund[i]), n_sets, calls)
+                rec["triton_us"] = graph_time(lambda i, bund=bund: tr.step(spec, tcfg, bund[i]), n_sets, calls)
                 rec["triton_config"] = tcfg
         except Exception as e:
             rec["triton_error"] = f"{type(e).__name__}: {e}"[:300]

@@ -261,8 +261,8 @@ def main():
                 r["compile_s"] = round(time.time() - t0, 1)
                 r["all_finite"] = bool(torch.isfinite(t.out).all().item())
                 r["acc"] = sb.accuracy(t.out, ref, heads, ntok)
-                r["ms"] = graph_ms(lambda: sf.forward(spec, cfg, t))
-                r["ms_nograph"] = plain_ms(lambda: sf.forward(spec, cfg, t))
+                r["ms"] = graph_ms(lambda t=t: sf.forward(spec, cfg, t))
+                r["ms_nograph"] = plain_ms(lambda t=t: sf.forward(spec, cfg, t))
                 r["roofline_frac"] = roof / r["ms"]
                 calls, _ = sf.plan(spec, cfg, t)
                 r["phase_ms"] = {c["name"]: graph_ms(lambda c=c: sf.launch(c)) for c in calls if c["run"]}
