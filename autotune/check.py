@@ -15,7 +15,8 @@ sees). Each run gets NaN-poisoned outputs (an unwritten element fails); the in-p
 compared with the oracle (DESIGN.md bounds; for big batches the oracle runs on sampled rows
 and every row is compared with the oracle-validated reference output, see StepHarness),
 repeated and compared bitwise, and an out-of-place run is compared too. `make_harness(op, ...)` picks the harness of an op;
-`register_harness(op, factory)` adds one (the chunked forward / backward will).
+`register_harness(op, factory)` adds one (scan_harness: the chunked forward; scan_grad_harness:
+its backward).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def bitwise_equal(a, b) -> bool:
 
 class Harness:
     """What every op's harness shares: the device, the backend entry point the op calls
-    (`ENTRY`: "step" or "forward"), runs with a sync, input sets rotated past L2 for the timer
+    (`ENTRY`: "step", "forward" or "scan_grad"), runs with a sync, input sets rotated past L2 for the timer
     (`_first_set()` gives the first; the rest are deep copies), health, release. Subclasses
     set spec / problem / device / seed / reference and implement compile and check."""
     ENTRY = ""
@@ -419,3 +420,4 @@ def _worst(rep) -> str:
 
 register_harness("step", StepHarness)
 from . import scan_harness  # noqa: E402,F401  (registers op "forward")
+from . import scan_grad_harness  # noqa: E402,F401  (registers op "backward")

@@ -139,14 +139,14 @@ def _add_spec_args(p, grid: bool):
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     g.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--pool", type=int, default=None, help="state pool size M (> B: state_indices)")
-    c = p.add_argument_group("problem (chunked scan, --op forward)")
+    c = p.add_argument_group("problem (chunked scan, --op forward / backward)")
     c.add_argument("--initial-states", action="store_true", help="initial states in")
     c.add_argument("--final-states", action="store_true", help="final states out")
     c.add_argument("--nseqs", type=int, default=None, help="packed varlen sequences (cu_seqlens; B must be 1)")
 
 
 def _spec_from(args, B: int, R: int):
-    if args.op == "forward":
+    if args.op in ("forward", "backward"):
         for name in ("H", "N", "P"):
             if getattr(args, name) is None:
                 raise SystemExit(f"--{name}: required to tune")
@@ -163,7 +163,7 @@ def _spec_from(args, B: int, R: int):
         except ValueError as e:
             raise SystemExit(f"invalid problem: {e}") from None
     if args.op != "step":
-        raise SystemExit(f"--op: expected 'step' or 'forward', got {args.op!r}")
+        raise SystemExit(f"--op: expected 'step', 'forward' or 'backward', got {args.op!r}")
     if args.L != 1:
         raise SystemExit(f"--L: expected 1 for the decode step, got {args.L}")
     for name in ("H", "N", "P"):
@@ -193,8 +193,9 @@ def add_parsers(subparsers) -> None:
         description="Build, check (oracle + bitwise repeatability) and time every candidate "
                     "(backend x config) for one decode-step problem; print the table of candidates "
                     "and store the winner in the tuning cache.")
-    p.add_argument("--op", default="step", choices=("step", "forward"),
-                   help="step: the decode step; forward: the chunked scan forward (give --L)")
+    p.add_argument("--op", default="step", choices=("step", "forward", "backward"),
+                   help="step: the decode step; forward: the chunked scan forward (give --L); backward: "
+                        "its backward's config (timed as forward + backward; what scan picks when bwd_config=None)")
     _add_spec_args(p, grid=False)
     t = p.add_argument_group("tuning")
     t.add_argument("--backends", default=None, help="comma separated (default: all available)")

@@ -135,7 +135,8 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     Differentiable: with grad enabled and an input requiring grad, the call goes through
     mamba3_kernels.autograd.ScanFunction (Triton forward and backward; out and the final states
     are differentiable outputs; every float input gets its gradient, deterministically).
-    `bwd_config` is the backward's config (backends/triton/scan_bwd.py; None = its default);
+    `bwd_config` is the backward's config (backends/triton/scan_bwd.py: overrides of its
+    default; None = the tuning cache's choice for op "backward", else the default);
     `save_y` (default True): the forward keeps the per-rank y (fp32, 4 R H P bytes per token,
     only where the output mode reads it: Z, MIMO_Out or the norm) for the backward;
     `save_y=False` keeps nothing but the inputs and recomputes y in the backward (one more
@@ -202,9 +203,11 @@ def grad_configs(spec, problem, device, backend, config, bwd_config):
     else:   # the forward-only path's choice (tuning cache or default) when it is Triton's
         mod, cfg, _ = dispatch.select("forward", spec, problem, device, None, None)
         fwd_cfg = dict(cfg) if getattr(mod, "NAME", None) == "triton" else scan_fwd.default_config(spec, problem)
-    bcfg = scan_bwd.default_config(spec, problem)
-    if bwd_config is not None:
-        bcfg.update(bwd_config)
+    if bwd_config is not None:   # overrides of the default
+        bcfg = dict(scan_bwd.default_config(spec, problem), **bwd_config)
+    else:   # the tuning cache's choice (op "backward": `mamba3-kernels tune --op backward`) or the default
+        mod, cfg, _ = dispatch.select("backward", spec, problem, device, None, None)
+        bcfg = dict(cfg) if getattr(mod, "NAME", None) == "triton" else scan_bwd.default_config(spec, problem)
     scan_bwd.check_config(spec, bcfg)
     return fwd_cfg, bcfg
 

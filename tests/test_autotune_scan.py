@@ -127,3 +127,84 @@ def test_split_lengths_sum_and_empty():
         assert len(lens) == n and sum(lens) == total and min(lens) >= 0
         if n > 2:
             assert 0 in lens
+
+
+# -- op "backward": the backward's configs through the autograd path ---------------------------
+
+def _grad_backend(name, fn):
+    """A backend whose scan_grad runs Triton's default backward, then `fn(job)` on its gradients."""
+    tri = _triton()
+
+    def scan_grad(spec, config, job):
+        tri.scan_grad(spec, tri.default_config(spec, None, "backward"), job)
+        fn(job)
+
+    return types.SimpleNamespace(
+        NAME=name, PARALLEL_COMPILE=False, available=lambda: (True, ""),
+        supports=lambda spec, op: (op == "backward", ""),
+        space=lambda spec, problem, op: [{"x": 0}], default_config=lambda spec, problem, op: {"x": 0},
+        scan_grad=scan_grad)
+
+
+class LabelTimer:
+    """Microseconds by label: the backend's, less where the label holds `fast` (a non-default
+    Triton config made the winner)."""
+    name = "label"
+
+    def __init__(self, times, fast):
+        self.times, self.fast = times, fast
+
+    def measure(self, bench, reps):
+        base = self.times[bench.label.split("[")[0]]
+        if self.fast in bench.label:
+            base *= 0.5
+        return [base * (1 + 1e-3 * i) for i in range(reps)]
+
+
+def test_backward_tuning_checks_rejects_and_scan_takes_the_winner():
+    from mamba3_kernels import api, dispatch
+    from mamba3_kernels.autotune.scan_grad_harness import ScanGradHarness
+    from mamba3_kernels.backends.triton import scan_bwd
+    spec, problem = scan_spec_problem(1, 20, 2, 16, 8, A=4, has_d=True, has_z=True, initial_states=True,
+                                      final_states=True, dtype="float32")
+
+    def scaled(job):
+        job.grads["q"].mul_(1.2)
+
+    def noisy(job):
+        g = job.grads["v"]
+        g.add_(torch.randn_like(g) * 1e-6 * g.abs().max())
+
+    res = at.tune("backward", spec, problem, "cpu",
+                  backends=[_triton(), _grad_backend("scaled", scaled), _grad_backend("noisy", noisy)],
+                  harness=ScanGradHarness(spec, problem, "cpu", seed=3, small_len=12),
+                  timer=LabelTimer({"triton": 5.0, "scaled": 1.0, "noisy": 2.0}, "SPILL_GUARD=False"), env=ENV,
+                  progress=False, reps=20, confirm_reps=20, max_candidates=4, write=True)
+    rows = {(r.backend, r.candidate.is_default): r for r in res.rows}
+    assert rows[("scaled", True)].status == "failed"
+    assert "mismatch (small case vs the oracle adjoint)" in rows[("scaled", True)].reason
+    assert "grad.q" in rows[("scaled", True)].reason or "q rel_l2" in rows[("scaled", True)].reason
+    assert rows[("noisy", True)].status == "failed" and "non-repeatable" in rows[("noisy", True)].reason
+    best = res.best
+    assert best is not None and best.backend == "triton" and best.config != scan_bwd.default_config(spec, problem)
+    assert best.config["SPILL_GUARD"] is False
+    hit = at.lookup("backward", spec, problem, "cpu", env=ENV)
+    assert hit is not None and hit[0] == "triton" and hit[1] == best.config
+    # mamba3_kernels.scan's autograd path: bwd_config=None takes the winner; a dict overrides the default
+    dispatch.clear_memo()
+    _, bcfg = api.grad_configs(spec, problem, torch.device("cpu"), None, None, None)
+    assert bcfg == best.config
+    _, bcfg = api.grad_configs(spec, problem, torch.device("cpu"), None, None, {"POST_BT": 4})
+    assert bcfg == dict(scan_bwd.default_config(spec, problem), POST_BT=4)
+
+
+def test_backward_space_is_valid():
+    from mamba3_kernels.backends.triton import scan_bwd
+    for kw in (dict(), dict(R=4, pairing="half", mimo_v=True, mimo_z=True, mimo_out=True)):
+        spec, problem = scan_spec_problem(2, 4096, 32, 128, 64, A=32, has_d=True, has_z=True, dtype="bfloat16", **kw)
+        sp = _triton().space(spec, problem, "backward")
+        assert sp[0] == _triton().default_config(spec, problem, "backward") == scan_bwd.default_config(spec, problem)
+        assert 8 <= len(sp) <= 16 and len({repr(sorted(c.items())) for c in sp}) == len(sp)
+        for c in sp:
+            scan_bwd.check_config(spec, c)
+        assert any((c.get("CORE") or {}).get("FUSED") for c in sp)

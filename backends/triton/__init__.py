@@ -100,10 +100,14 @@ _PLAN = ((4, 4, 8, True, False), (4, 4, 16, False, False), (4, 4, 32, False, Fal
 def space(spec, problem=None, op="step"):
     """At most 12 candidates from _PLAN: P split over 2, 4 or 8 programs per head, or the whole
     head per program (norm_reduce: the whole head in one tile only), 4 to 32 state elements per
-    thread, with and without VEC (16-byte state accesses). op "forward": scan_fwd.space."""
+    thread, with and without VEC (16-byte state accesses). op "forward": scan_fwd.space; op
+    "backward": scan_bwd.space."""
     if op == "forward":
         from . import scan_fwd
         return scan_fwd.space(spec, problem)
+    if op == "backward":
+        from . import scan_bwd
+        return scan_bwd.space(spec, problem)
     if op != "step":
         return []
     PV = _pow2(spec.head_dim)
@@ -133,10 +137,13 @@ def default_config(spec, problem=None, op="step"):
       the DOT path, 4 warps with a register cap (`_dot_cfg`; results/step_variants_h100_call1.json:
       R=4 B=64 fp32 141.6 -> 70.6 us, bf16 127.3 -> 54.0 us); SISO with a bf16 state at B >= 32:
       quarter-head tiles, 2 warps, no VEC; else one tile, VEC, about 32 state elements per thread.
-    op "forward": scan_fwd.default_config."""
+    op "forward": scan_fwd.default_config; op "backward": scan_bwd.default_config."""
     if op == "forward":
         from . import scan_fwd
         return scan_fwd.default_config(spec, problem)
+    if op == "backward":
+        from . import scan_bwd
+        return scan_bwd.default_config(spec, problem)
     PV = _pow2(spec.head_dim)
     norm = _norm_needs_whole_head(spec)
     if problem is not None and problem.batch * problem.nheads <= 64 and not norm and PV >= 8:
@@ -293,3 +300,10 @@ def forward(spec, config, tensors):
     (mamba3_kernels.scan_tensors.ScanTensors)."""
     from . import scan_fwd
     scan_fwd.forward(spec, config, tensors)
+
+
+def scan_grad(spec, config, job):
+    """The chunked scan's forward + backward with backward config `config` (scan_bwd.py) on a
+    prepared job (autotune/scan_grad_harness.GradJob: the autograd path of mamba3_kernels.scan);
+    the input gradients land in job.grads. The tuner's entry point for op "backward"."""
+    job.run(config)

@@ -94,6 +94,32 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True)
 
 
+def space(spec: ScanSpec, problem=None) -> list:
+    """Tuning candidates of the backward (op "backward", at most 16): the default; the default
+    without its spill guards; post's token block halved and doubled and post at 2 warps (post
+    is latency-bound: the stage sweep's fastest points, some spilling); then the core's own
+    candidates (scan_bwd_core.space: the FUSED walks first, then chunk rows, BLOCK_N, warps,
+    segment length) as CORE overrides of the core's default."""
+    from . import scan_bwd_core as _core
+    d = default_config(spec, problem)
+    out = [d]
+
+    def add(c):
+        if c not in out:
+            out.append(c)
+    add(dict(d, SPILL_GUARD=False, CORE=dict(SPILL_GUARD=False)))
+    add(dict(d, POST_BT=max(2, d["POST_BT"] // 2)))
+    add(dict(d, POST_BT=min(64, d["POST_BT"] * 2)))
+    add(dict(d, post_num_warps=2))
+    RC, N, P = _pow2(spec.rank), spec.d_state, spec.head_dim
+    cd = _core.default_config(RC, N, P, op_dtype(spec, d))
+    for c in sorted(_core.space(RC, N, P, op_dtype(spec, d))[1:], key=lambda c: not c.get("FUSED")):
+        over = {k: v for k, v in c.items() if cd.get(k, None) != v}
+        if over and over != {"SPILL_GUARD": False}:
+            add(dict(d, CORE=over))
+    return out[:16]
+
+
 def check_config(spec: ScanSpec, config: dict) -> None:
     for key in ("BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps", "seq_num_warps"):
         v = config.get(key)
