@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import Optional
 
 from .check import Harness, _torch_errors, bitwise_equal, register_harness
-from .timing import Bench, l2_bytes, rotation_count
+from .scan_harness import small_and_full_cases
+from .timing import l2_bytes, rotation_count
 
 
 class GradJob:
@@ -102,24 +103,13 @@ class ScanGradHarness(Harness):
 
         from mamba3_kernels.reference import adjoint
         from mamba3_kernels.reference.inputs import spec_options
-        from mamba3_kernels.scan_testing import scan_case, scan_inputs
-        from mamba3_kernels.spec import Problem, States
+        from mamba3_kernels.spec import States
         from mamba3_kernels.testing import to_numpy
         if not isinstance(small_len, int) or small_len < 1:
             raise ValueError(f"small_len: expected an int >= 1, got {small_len!r}")
         self._init_device(spec, problem, device, seed)
         rng = np.random.default_rng(self.seed)
-        if spec.varlen:
-            from .scan_harness import _split_lengths
-            lens = _split_lengths(problem.seqlen, problem.nseqs, rng)
-            small_lens = [min(n, small_len) for n in lens[:3]]
-            small = scan_case(spec, Problem(1, sum(small_lens), problem.nheads, problem.ngroups, len(small_lens)),
-                              rng, device=self.device, lengths=small_lens)
-            full = scan_inputs(spec, problem, rng, device=self.device, lengths=lens)
-        else:
-            small = scan_case(spec, Problem(1, min(problem.seqlen, small_len), problem.nheads, problem.ngroups, 1),
-                              rng, device=self.device)
-            full = scan_inputs(spec, problem, rng, device=self.device)
+        small, full = small_and_full_cases(spec, problem, rng, self.device, small_len)
         self.small = GradJob(spec, small.args, rng)
         d = [to_numpy(x) for x in self.small.douts]
         dfin = States(*d[1:]) if spec.final_states else None
@@ -130,12 +120,6 @@ class ScanGradHarness(Harness):
         self.bound_dtype = spec.input_dtype
 
     # -- protocol -----------------------------------------------------------------------------
-    def _run(self, candidate, job):
-        from .check import _mod
-        getattr(_mod(candidate), self.ENTRY)(self.spec, dict(candidate.config), job)
-        self._sync()
-        return job
-
     def compile(self, candidate) -> None:
         """Both cases (Triton specialises integer arguments, so they may be two builds)."""
         self._run(candidate, self.small)
@@ -182,13 +166,6 @@ class ScanGradHarness(Harness):
                 n = rotation_count(self.bytes_per_set(), l2_bytes(self.device), torch.cuda.mem_get_info(self.device)[0])
             self._sets = [self.full] + [self.full.clone() for _ in range(n - 1)]
         return self._sets
-
-    def bench(self, candidate) -> Bench:
-        from .check import _mod
-        sets = self._input_sets()
-        fn, spec, cfg = getattr(_mod(candidate), self.ENTRY), self.spec, dict(candidate.config)
-        return Bench(lambda i: fn(spec, cfg, sets[i]), n_inputs=len(sets), device=self.device,
-                     label=candidate.label)
 
     def bytes_per_set(self) -> int:
         return sum(x.numel() * x.element_size() for x in self.full.tensors())

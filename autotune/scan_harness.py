@@ -32,23 +32,12 @@ class ScanHarness(Harness):
                  prefix_len: int = 192):
         import numpy as np
 
-        from mamba3_kernels.scan_testing import scan_case, scan_inputs
-        from mamba3_kernels.spec import Problem
         for name, v in (("small_len", small_len), ("prefix_len", prefix_len)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self._init_device(spec, problem, device, seed)
         rng = np.random.default_rng(self.seed)
-        if spec.varlen:
-            lens = _split_lengths(problem.seqlen, problem.nseqs, rng)
-            small_lens = [min(n, small_len) for n in lens[:3]]
-            small = Problem(1, sum(small_lens), problem.nheads, problem.ngroups, len(small_lens))
-            self.small = scan_case(spec, small, rng, device=self.device, lengths=small_lens)
-            self.args = scan_inputs(spec, problem, rng, device=self.device, lengths=lens)
-        else:
-            small = Problem(1, min(problem.seqlen, small_len), problem.nheads, problem.ngroups, 1)
-            self.small = scan_case(spec, small, rng, device=self.device)
-            self.args = scan_inputs(spec, problem, rng, device=self.device)
+        self.small, self.args = small_and_full_cases(spec, problem, rng, self.device, small_len)
         self.prefix = None if spec.varlen else self._prefix_oracle(min(problem.seqlen, prefix_len))
         dt = spec.input_dtype
         if spec.state_dtype in ("bfloat16", "float16"):
@@ -134,6 +123,22 @@ class ScanHarness(Harness):
     def bytes_per_set(self) -> int:
         t = self._bundle(self.args)
         return sum(x.numel() * x.element_size() for x in _tensors(t))
+
+
+def small_and_full_cases(spec, problem, rng, device, small_len: int):
+    """(small case, full-case inputs) of one tuning run: a scan_testing.scan_case of batch 1 and
+    L = min(L, small_len) (varlen: the first three of the full case's sequence lengths, each cut
+    to small_len) for the oracle, and scan_inputs of the whole problem."""
+    from mamba3_kernels.scan_testing import scan_case, scan_inputs
+    from mamba3_kernels.spec import Problem
+    if spec.varlen:
+        lens = _split_lengths(problem.seqlen, problem.nseqs, rng)
+        small_lens = [min(n, small_len) for n in lens[:3]]
+        small = Problem(1, sum(small_lens), problem.nheads, problem.ngroups, len(small_lens))
+        return (scan_case(spec, small, rng, device=device, lengths=small_lens),
+                scan_inputs(spec, problem, rng, device=device, lengths=lens))
+    small = Problem(1, min(problem.seqlen, small_len), problem.nheads, problem.ngroups, 1)
+    return scan_case(spec, small, rng, device=device), scan_inputs(spec, problem, rng, device=device)
 
 
 def _split_lengths(total: int, n: int, rng) -> list:

@@ -46,19 +46,25 @@ def _triton():
     return backends.get("triton")
 
 
-def _wrapped(name, fn):
-    """A backend whose forward runs Triton's default config, then `fn(t)` on the result."""
+def _fake(name, op, entry, fn):
+    """A backend for `op` whose entry point (forward / scan_grad) runs Triton's default config,
+    then `fn` on what it wrote (the bundle / the job)."""
     tri = _triton()
 
-    def forward(spec, config, t):
-        tri.forward(spec, tri.default_config(spec, None, "forward"), t)
-        fn(t)
+    def run(spec, config, x):
+        getattr(tri, entry)(spec, tri.default_config(spec, None, op), x)
+        fn(x)
 
     return types.SimpleNamespace(
         NAME=name, PARALLEL_COMPILE=False, available=lambda: (True, ""),
-        supports=lambda spec, op: (op == "forward", ""),
-        space=lambda spec, problem, op: [{"x": 0}], default_config=lambda spec, problem, op: {"x": 0},
-        forward=forward)
+        supports=lambda spec, o: (o == op, ""),
+        space=lambda spec, problem, o: [{"x": 0}], default_config=lambda spec, problem, o: {"x": 0},
+        **{entry: run})
+
+
+def _wrapped(name, fn):
+    """A forward backend: Triton's default forward, then `fn(t)` on the result."""
+    return _fake(name, "forward", "forward", fn)
 
 
 def _scale_out(t):
@@ -132,18 +138,8 @@ def test_split_lengths_sum_and_empty():
 # -- op "backward": the backward's configs through the autograd path ---------------------------
 
 def _grad_backend(name, fn):
-    """A backend whose scan_grad runs Triton's default backward, then `fn(job)` on its gradients."""
-    tri = _triton()
-
-    def scan_grad(spec, config, job):
-        tri.scan_grad(spec, tri.default_config(spec, None, "backward"), job)
-        fn(job)
-
-    return types.SimpleNamespace(
-        NAME=name, PARALLEL_COMPILE=False, available=lambda: (True, ""),
-        supports=lambda spec, op: (op == "backward", ""),
-        space=lambda spec, problem, op: [{"x": 0}], default_config=lambda spec, problem, op: {"x": 0},
-        scan_grad=scan_grad)
+    """A backward backend: Triton's default backward, then `fn(job)` on its gradients."""
+    return _fake(name, "backward", "scan_grad", fn)
 
 
 class LabelTimer:
