@@ -355,6 +355,44 @@ def test_stage_spill_guard_fallback():
     # a failing guard runs the config as given: tests/test_aot_guard.py (every module's guard)
 
 
+ROWS_CASES = {   # MIMO specs the rows kernel takes (POST_BT * pow2(R) >= 16, N >= 32, P >= 16)
+    "mimo4-N128-P64-norm-bf16": (CASES["bench-mimo4-N128-P64-norm"][0], (1, 13, 2, 1, 1), None, 4),
+    "mimo2-gqa-varlen-states-fp32": (_spec(rank=2, d_state=32, head_dim=16, initial_states=True, final_states=True,
+                                           varlen=True, **MIMO), (1, 23, 4, 2, 3), [9, 0, 14], 8),
+    "mimo3-padded-interleaved-mv": (_spec(rank=3, d_state=32, head_dim=16, has_mimo_v=True, final_states=True),
+                                    (2, 11, 2, 1, 2), None, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_CASES))
+def test_post_rows_kernel_vs_oracle(name, rng):
+    """POST_IMPL="rows" (post_rows_kernel: MIMO's rank products as block-diagonal products, a
+    tuning candidate): every gradient within the bounds, across GQA, varlen with an empty
+    sequence, initial / final states, padded ranks, both pairings, MIMO_V."""
+    spec, pr, lens, bt = ROWS_CASES[name]
+    cfg = dict(POST_IMPL="rows", POST_BT=bt)
+    scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), **cfg))
+    rows, case = run_grad_case(spec, Problem(*pr), rng, lengths=lens, bwd_config=cfg)
+    check(rows, case)
+
+
+def test_post_rows_config_rules():
+    """The rows kernel's tile floor is checked (an error naming POST_IMPL), and its spill fallback
+    goes back to post_kernel before halving the block."""
+    spec = ROWS_CASES["mimo4-N128-P64-norm-bf16"][0]
+    d = scan_bwd.default_config(spec)
+    with pytest.raises(ValueError, match="config.POST_IMPL"):
+        scan_bwd.check_config(spec, dict(d, POST_IMPL="rows", POST_BT=2))
+    with pytest.raises(ValueError, match="config.POST_IMPL"):
+        scan_bwd.check_config(_spec(rank=4), dict(d, POST_IMPL="rows", POST_BT=4))   # N = 16
+    with pytest.raises(ValueError, match="config.POST_IMPL"):
+        scan_bwd.check_config(spec, dict(d, POST_IMPL="fast"))
+    c = dict(d, POST_IMPL="rows", POST_BT=8)
+    assert scan_bwd.fallback(c, {"bwd_post"}) == dict(c, POST_IMPL="loop")
+    assert any(x.get("POST_IMPL") == "rows" for x in scan_bwd.space(spec))
+    assert not any(x.get("POST_IMPL") == "rows" for x in scan_bwd.space(CASES["bench-siso-N128-P64"][0]))
+
+
 def test_double_backward_raises(rng):
     """The backward is first order: asking for a graph of it is an error, not silent zeros."""
     t = _simple_args(rng)

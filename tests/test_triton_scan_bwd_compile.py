@@ -1,6 +1,6 @@
 """Triton scan backward (issue 5): every backward kernel -- this pipeline's own (seq_fwd,
 output, prep, post, seq_bwd) and the core's -- builds for sm_90a (AOT, no GPU) in the default
-configs, and none spills.
+configs (plus the MIMO post rows kernel, a tuning candidate), and none spills.
 
 Compiled in two worker subprocesses without TRITON_INTERPRET (AOT and the interpreter must not
 share a process). Per kernel: registers, spill bytes, shared memory (printed with -s, written
@@ -25,8 +25,8 @@ OWN = {"bwd_seq_fwd_sums", "bwd_seq_fwd", "bwd_output", "bwd_prep", "bwd_post", 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aot_workers  # noqa: E402
 
-def _c(name, B=2, L=2048, H=16, G=1, **spec):
-    return {"name": name, "problem": [B, L, H, G, B], "spec": spec}
+def _c(name, B=2, L=2048, H=16, G=1, over=None, **spec):
+    return {"name": name, "problem": [B, L, H, G, B], "spec": spec, "over": over or {}}
 
 
 def cases():
@@ -39,6 +39,10 @@ def cases():
            has_d=True, has_z=True, shared_angles=True, **MIMO),
         _c("bench-mimo-R4-norm", rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
            has_d=True, has_z=True, output_mode="norm_reduce", **MIMO),
+        # the tuning candidate POST_IMPL "rows" as the backward's space gives it (guard off: built as is)
+        _c("bench-mimo-R4-post-rows", rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
+           has_d=True, has_z=True, shared_angles=True, **MIMO,
+           over=dict(POST_IMPL="rows", POST_BT=4, post_num_warps=8, SPILL_GUARD=False)),
         _c("siso-fp32-init-final", d_state=64, head_dim=64, n_angles=16, has_d=True, has_z=True,
            initial_states=True, final_states=True, input_dtype="float32"),
         _c("siso-fp16-varlen-euler", B=1, d_state=32, head_dim=32, n_angles=3, pairing="half",
@@ -76,7 +80,7 @@ def _worker(idx, n, out_path):
             continue
         spec = ScanSpec(**c["spec"])
         prob = Problem(*c["problem"])
-        cfg = sb.default_config(spec, prob)
+        cfg = dict(sb.default_config(spec, prob), **c["over"])
         try:
             ks = sb.compile(spec, cfg, prob, arch="sm_90a")
             res.append(dict(name=c["name"], config={k: v for k, v in cfg.items() if k != "CORE"}, kernels=ks))
