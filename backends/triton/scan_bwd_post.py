@@ -47,6 +47,29 @@ from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pa
 
 
 @triton.jit
+def _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p, h, H, L, s_vb, s_vt, s_vh,
+               A: tl.constexpr):
+    """What post's kernels read per row of head h (a row: a token, or a (token, rank) pair of
+    post_rows_kernel; m64 / b / t its token): cos, sin of theta [ROWS, NHP] (1, 0 without
+    angles), gamma and scale [ROWS], v [ROWS, PP] fp32, and the (b, h, t) index of the
+    per-token scalars."""
+    ROWS: tl.constexpr = m64.shape[0]
+    NHP: tl.constexpr = j.shape[0]
+    if A > 0:
+        th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
+                     mask=mm[:, None] & (j[None, :] < A), other=0.0)
+        cs, sn = _cos_sin(th, FAST_MATH)
+    else:
+        cs = tl.full([ROWS, NHP], 1.0, tl.float32)
+        sn = tl.zeros([ROWS, NHP], dtype=tl.float32)
+    sidx = (b * H + h) * L + t
+    gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
+    scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
+    v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm, other=0.0).to(tl.float32)
+    return cs, sn, gamma, scale, v, sidx
+
+
+@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
@@ -84,18 +107,8 @@ def post_kernel(
         # thread of the program before it reads them back (the load and store tiles need not
         # map elements to threads alike)
         tl.debug_barrier()
-        if A > 0:
-            th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
-                         mask=mm[:, None] & (j[None, :] < A), other=0.0)
-            cs, sn = _cos_sin(th, FAST_MATH)
-        else:
-            cs = tl.full([BT, NHP], 1.0, tl.float32)
-            sn = tl.zeros([BT, NHP], dtype=tl.float32)
-        sidx = (b * H + h) * L + t
-        gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
-        scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
-        v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
-                    other=0.0).to(tl.float32)
+        cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
+                                                   h, H, L, s_vb, s_vt, s_vh, A)
         if HAS_D:
             dd = tl.load(d_ptr + h)
         else:
@@ -261,18 +274,8 @@ def post_rows_kernel(
         h = g * HG + hh
         acc = hh > 0
         tl.debug_barrier()   # the previous head's dQ / dK stores visible before the read-back
-        if A > 0:
-            th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
-                         mask=mm[:, None] & (j[None, :] < A), other=0.0)
-            cs, sn = _cos_sin(th, FAST_MATH)
-        else:
-            cs = tl.full([RT, NHP], 1.0, tl.float32)
-            sn = tl.zeros([RT, NHP], dtype=tl.float32)
-        sidx = (b * H + h) * L + t
-        gamma = tl.load(gamma_ptr + sidx, mask=mm, other=0.0)
-        scale = tl.load(scale_ptr + sidx, mask=mm, other=0.0)
-        v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
-                    other=0.0).to(tl.float32)
+        cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
+                                                   h, H, L, s_vb, s_vt, s_vh, A)
         if HAS_MV:
             mvr = tl.load(mv_ptr + ((h * R + ri) * P)[:, None] + p[None, :], mask=vm, other=0.0)
             vt = v * mvr
