@@ -361,6 +361,9 @@ ROWS_CASES = {   # MIMO specs the rows kernel takes (POST_BT * pow2(R) >= 16, N 
                                            varlen=True, **MIMO), (1, 23, 4, 2, 3), [9, 0, 14], 8),
     "mimo3-padded-interleaved-mv": (_spec(rank=3, d_state=32, head_dim=16, has_mimo_v=True, final_states=True),
                                     (2, 11, 2, 1, 2), None, 4),
+    # allowed for SISO too (16 tokens of one rank), though the space offers it for MIMO only
+    "siso-bf16-shared-states": (_spec(d_state=32, head_dim=16, n_angles=8, shared_angles=True, initial_states=True,
+                                      final_states=True, input_dtype="bfloat16"), (2, 21, 2, 1, 2), None, 16),
 }
 
 
