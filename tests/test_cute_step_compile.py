@@ -68,6 +68,9 @@ CASES = [
        rank=2, d_state=64, head_dim=48, n_angles=8, pairing="half", **MIMO, has_z=True),
     _c("cfg-L4-bf16-chunks", cfg={"num_warps": 4, "lanes_per_row": 4, "vec": 8, "tile_p": 32},
        idx=True, d_state=64, head_dim=48, n_angles=8, state_dtype="bfloat16", has_d=True),
+    _c("cfg-R4-N128-P64-f32state-cap4", H=32, cfg={"num_warps": 4, "lanes_per_row": 8, "vec": 4, "tile_p": 64,
+                                                    "min_ctas": 4},
+       rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half", has_d=True, has_z=True, **MIMO),
 ]
 IDS = [c["name"] for c in CASES]
 
@@ -149,7 +152,9 @@ def test_protocol_without_gpu():
     assert cb.supports(spec, "forward") == (False, "not implemented yet")
     assert not cb.supports(spec.replace(state_dtype="float16"), "step")[0]
     sp = cb.space(spec, None, "step")
-    assert len(sp) >= 4 and all(set(c) == {"num_warps", "lanes_per_row", "vec", "tile_p"} for c in sp)
+    keys = {"num_warps", "lanes_per_row", "vec", "tile_p"}
+    assert len(sp) >= 4 and all(set(c) in (keys, keys | {"min_ctas"}) for c in sp)
+    assert sp[1] == dict(sp[0], min_ctas=4)   # fp32-state MIMO: the default's geometry, register-capped
     assert callable(cb.step)
 
 

@@ -146,7 +146,8 @@ def config_space(spec: ScanSpec) -> list:
     """The tuning knobs: warps {2,4,8} x lanes per row {4,8,16,32} x rows per chunk (the whole
     P when that is <= 64 fp32 state values per thread, and half of that as a double-buffered
     chunk), 16-byte vectors; deduplicated by the derived geometry (and register cap), the
-    default first (with its min_ctas, then the same geometry without it)."""
+    default first (with its min_ctas, then the same geometry without it; MIMO with an fp32
+    state: the default, then the same geometry capped for 4 CTAs per SM)."""
     out, seen = [], set()
     vec = max_vec(spec)
     P = spec.head_dim
@@ -162,6 +163,8 @@ def config_space(spec: ScanSpec) -> list:
     d = cands[0]
     if d.get("min_ctas"):   # the default's geometry without the register cap, as a candidate too
         cands.insert(1, {k: v for k, v in d.items() if k != "min_ctas"})
+    elif spec.rank > 1:   # fp32-state MIMO: the default with the 4-CTA cap (one wave of 512 CTAs
+        cands.insert(1, dict(d, min_ctas=4))   # at B = 16, H = 32; not yet timed at small B)
     for cfg in cands:
         g = geometry(spec, cfg)
         key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0))
