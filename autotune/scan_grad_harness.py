@@ -140,7 +140,7 @@ class ScanGradHarness(Harness):
             fs = rep.failures()
             return False, "mismatch (small case vs the oracle adjoint): " + "; ".join(
                 f"{r.name} rel_l2={r.rel_l2:.2e} (bound {r.bound_l2:.0e})" for r in fs[:3])
-        a = {n: x.clone() for n, x in self._run(candidate, self.full).grads.items()}
+        a = {n: None if x is None else x.clone() for n, x in self._run(candidate, self.full).grads.items()}
         bound = BOUNDS[self.bound_dtype]["grad_rel_l2"]
         for n, x in a.items():
             if x is None or not bool(x.isfinite().all()):
