@@ -190,3 +190,16 @@ def test_hypothesis_recurrent_chunked_and_adjoint(case):
     assert _max_err(forward_chunked(**a, **opts, chunk_size=C), ref) <= 1e-12
     rep = self_check(spec, prob, rng, adjoint_check=prob.seqlen <= 8)
     assert rep.ok, rep.table()
+
+
+def test_adjoint_check_across_the_angle_wrap():
+    """A case hypothesis drew (seed 1913): L = 1, a final angle within a finite-difference step of
+    the wrap at 0 / 2 pi. The check's loss must unwrap the final angle next to the base point,
+    else the 2 pi jump of the wrapped state reads as a gradient error (dangles rel 1.0)."""
+    spec = ScanSpec(d_state=4, head_dim=4, rank=3, n_angles=2, has_z=True, has_mimo_z=True, output_mode="per_rank",
+                    norm_eps=0.1, input_dtype="float64", state_dtype="float32", chunk_size=64)
+    prob = Problem(batch=1, seqlen=1, nheads=4, ngroups=2, nseqs=1)
+    rng = np.random.default_rng(1913)
+    random_scan_inputs(spec, prob, rng)   # the draws the hypothesis test makes first
+    rep = self_check(spec, prob, rng, adjoint_check=True)
+    assert rep.ok, rep.table()
