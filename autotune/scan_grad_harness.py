@@ -37,12 +37,12 @@ class GradJob:
     def __init__(self, spec, args: dict, rng=None, douts=None):
         import torch
 
-        from mamba3_kernels.scan_grad_testing import GRADS
+        from mamba3_kernels.scan_grad_testing import GRADS, STATE_NAMES
         self.spec = spec
         self.args = {k: v for k, v in args.items()}
         self.names = [n for n in GRADS if self.args.get(n) is not None]
         if self.args.get("initial_states") is not None:
-            self.names += [f"initial_states.{n}" for n in ("angle", "ssm", "k", "v")]
+            self.names += [f"initial_states.{n}" for n in STATE_NAMES]
         if douts is None:   # drawn once, shaped like the outputs of a forward-only call
             with torch.no_grad():
                 outs = self._outputs(self._call(self.args, None))
@@ -103,6 +103,7 @@ class ScanGradHarness(Harness):
 
         from mamba3_kernels.reference import adjoint
         from mamba3_kernels.reference.inputs import spec_options
+        from mamba3_kernels.scan_grad_testing import STATE_NAMES
         from mamba3_kernels.spec import States
         from mamba3_kernels.testing import to_numpy
         if not isinstance(small_len, int) or small_len < 1:
@@ -114,8 +115,8 @@ class ScanGradHarness(Harness):
         d = [to_numpy(x) for x in self.small.douts]
         dfin = States(*d[1:]) if spec.final_states else None
         g = adjoint.backward(d[0], dfin, **small.seen, **spec_options(spec))
-        self.small_ref = {n: (g["initial_states"][("angle", "ssm", "k", "v").index(n.split(".")[1])]
-                              if n.startswith("initial_states.") else g[n]) for n in self.small.names}
+        g.update({f"initial_states.{n}": x for n, x in zip(STATE_NAMES, g.get("initial_states") or ())})
+        self.small_ref = {n: g[n] for n in self.small.names}
         self.full = GradJob(spec, full, rng)
         self.bound_dtype = spec.input_dtype
 

@@ -101,9 +101,8 @@ def space(spec: ScanSpec, problem=None) -> list:
     without its spill guards; post's token block halved and doubled and post at 2 warps (post
     is latency-bound: the stage sweep's fastest points, some spilling); MIMO: post's rows
     kernel (POST_IMPL "rows": 16 rows, 8 warps, its only spill-free tile at N128 P64 R4, AOT
-    3.6 / 3.9); then the core's own
-    candidates (scan_bwd_core.space: the FUSED walks first, then chunk rows, BLOCK_N, warps,
-    segment length) as CORE overrides of the core's default."""
+    3.6 / 3.9); then the core's own candidates (scan_bwd_core.space: the FUSED walks first,
+    then chunk rows, BLOCK_N, warps, segment length) as CORE overrides of the core's default."""
     from . import scan_bwd_core as _core
     d = default_config(spec, problem)
     out = [d]
