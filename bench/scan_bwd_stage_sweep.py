@@ -36,7 +36,7 @@ SHAPES = [("siso B4-L4096-H32", "siso", 4, 4096, 32, 1, 128, 64, 1),
           ("mimo B4-L2048-H32", "mimo", 4, 2048, 32, 1, 128, 64, 4)]
 DEVICE = "cuda"
 SWEEPS = {   # stage call name -> {config key: values}
-    "bwd_post": {"POST_IMPL": ["loop", "rows"], "POST_BT": [4, 8, 16, 32], "post_num_warps": [2, 4, 8]},
+    "bwd_post": {"POST_RECOMPUTE": [False, True], "POST_BT": [4, 8, 16, 32], "post_num_warps": [2, 4, 8]},
     "bwd_prep": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
     "bwd_output": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
     "bwd_seq_fwd": {"SEQ_BT": [32, 64, 128], "seq_num_warps": [4, 8]},

@@ -1,6 +1,7 @@
 """Triton scan backward (issue 5): every backward kernel -- this pipeline's own (seq_fwd,
 output, prep, post, seq_bwd) and the core's -- builds for sm_90a (AOT, no GPU) in the default
-configs (plus the MIMO post rows kernel, a tuning candidate), and none spills.
+configs (plus post's other operand path, POST_RECOMPUTE flipped, at the benchmark heads), and none
+spills.
 
 Compiled in two worker subprocesses without TRITON_INTERPRET (AOT and the interpreter must not
 share a process). Per kernel: registers, spill bytes, shared memory (printed with -s, written
@@ -39,10 +40,11 @@ def cases():
            has_d=True, has_z=True, shared_angles=True, **MIMO),
         _c("bench-mimo-R4-norm", rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
            has_d=True, has_z=True, output_mode="norm_reduce", **MIMO),
-        # the tuning candidate POST_IMPL "rows" as the backward's space gives it (guard off: built as is)
-        _c("bench-mimo-R4-post-rows", rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
-           has_d=True, has_z=True, shared_angles=True, **MIMO,
-           over=dict(POST_IMPL="rows", POST_BT=4, post_num_warps=8, SPILL_GUARD=False)),
+        # post's other operand path (POST_RECOMPUTE flipped), as the backward's space offers it
+        _c("bench-mimo-R4-post-recompute", rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
+           has_d=True, has_z=True, shared_angles=True, **MIMO, over=dict(POST_RECOMPUTE=True)),
+        _c("bench-siso-post-read", d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True,
+           shared_angles=True, over=dict(POST_RECOMPUTE=False)),
         _c("siso-fp32-init-final", d_state=64, head_dim=64, n_angles=16, has_d=True, has_z=True,
            initial_states=True, final_states=True, input_dtype="float32"),
         _c("siso-fp16-varlen-euler", B=1, d_state=32, head_dim=32, n_angles=3, pairing="half",

@@ -28,10 +28,11 @@ Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
 the core's own default config, or None), CORE_IMPL ("triton", or "reference": the float64 NumPy
 core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
-accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16), POST_IMPL
-("loop": post_kernel, the default; "rows": post_rows_kernel, MIMO's rank products as small
-block-diagonal matrix products, a tuning candidate not yet timed on a GPU). The core's operands
-carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
+accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
+POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
+theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
+token, head and rank less read; default for SISO, a tuning candidate for MIMO, where post is
+instruction-bound). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
@@ -93,15 +94,14 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, pw // w)),
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
-                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True)
+                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True, POST_RECOMPUTE=spec.rank == 1)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates of the backward (op "backward", at most 16): the default; the default
     without its spill guards; post's token block halved and doubled and post at 2 warps (post
-    is latency-bound: the stage sweep's fastest points, some spilling); MIMO: post's rows
-    kernel (POST_IMPL "rows": 16 rows, 8 warps, its only spill-free tile at N128 P64 R4, AOT
-    3.6 / 3.9); then the core's own candidates (scan_bwd_core.space: the FUSED walks first,
+    is latency-bound: the stage sweep's fastest points, some spilling); post with
+    POST_RECOMPUTE flipped; then the core's own candidates (scan_bwd_core.space: the FUSED walks first,
     then chunk rows, BLOCK_N, warps, segment length) as CORE overrides of the core's default."""
     from . import scan_bwd_core as _core
     d = default_config(spec, problem)
@@ -114,9 +114,7 @@ def space(spec: ScanSpec, problem=None) -> list:
     add(dict(d, POST_BT=max(2, d["POST_BT"] // 2)))
     add(dict(d, POST_BT=min(64, d["POST_BT"] * 2)))
     add(dict(d, post_num_warps=2))
-    bt = max(1, 16 // _pow2(spec.rank))
-    if spec.rank > 1 and _rows_ok(spec, bt):   # MIMO: post's (token, rank) rows kernel, 16 rows at 8 warps
-        add(dict(d, POST_IMPL="rows", POST_BT=bt, post_num_warps=8))
+    add(dict(d, POST_RECOMPUTE=not d["POST_RECOMPUTE"]))
     RC, N, P = _pow2(spec.rank), spec.d_state, spec.head_dim
     cd = _core.default_config(RC, N, P, op_dtype(spec, d))
     for c in sorted(_core.space(RC, N, P, op_dtype(spec, d))[1:], key=lambda c: not c.get("FUSED")):
@@ -124,11 +122,6 @@ def space(spec: ScanSpec, problem=None) -> list:
         if over and over != {"SPILL_GUARD": False}:
             add(dict(d, CORE=over))
     return out[:16]
-
-
-def _rows_ok(spec: ScanSpec, post_bt: int) -> bool:
-    """Whether post_rows_kernel takes the spec at POST_BT tokens (tl.dot tiles of >= 16)."""
-    return post_bt * _pow2(spec.rank) >= 16 and _nhp(spec) >= 16 and _pow2(spec.head_dim) >= 16
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
@@ -140,18 +133,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    if not isinstance(config.get("SPILL_GUARD", False), bool):
-        raise bad_arg("config.SPILL_GUARD", "True or False", config.get("SPILL_GUARD"))
-    impl = config.get("POST_IMPL", "loop")
-    if impl not in ("loop", "rows"):
-        raise bad_arg("config.POST_IMPL", "'loop' or 'rows'", impl)
-    if impl == "rows" and not _rows_ok(spec, config.get("POST_BT", 1)):
-        raise bad_arg("config.POST_IMPL", "'loop' unless POST_BT * pow2(R) >= 16, N >= 32 and P >= 16 (the "
-                      "rows kernel's tl.dot tiles)", f"'rows' with POST_BT={config.get('POST_BT')} R={spec.rank} "
-                      f"N={spec.d_state} P={spec.head_dim}")
+    for key in ("SPILL_GUARD", "POST_RECOMPUTE"):
+        if not isinstance(config.get(key, False), bool):
+            raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_IMPL"})
+                                    "POST_RECOMPUTE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -396,8 +383,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common), num_warps=nw),
-        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT),
-             kernel=_post.post_rows_kernel if config.get("POST_IMPL") == "rows" else _post.post_kernel,
+        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -413,7 +399,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -522,12 +508,9 @@ class _Timer:
 def fallback(config: dict, spilled) -> dict:
     """The config to try after `config` when the stage kernels named in `spilled` spill: half
     the token block of each (post: POST_BT; prep, output, save_y's output: BT; the per-sequence loops: SEQ_BT),
-    down to 2 / 4 / 32 tokens (post with POST_IMPL "rows": back to post_kernel first); None when
-    nothing is left to give up."""
+    down to 2 / 4 / 32 tokens; None when nothing is left to give up."""
     c = dict(config)
-    if "bwd_post" in spilled and c.get("POST_IMPL", "loop") == "rows":   # its tile floor: post_kernel's
-        c["POST_IMPL"] = "loop"
-    elif "bwd_post" in spilled and c["POST_BT"] > 2:
+    if "bwd_post" in spilled and c["POST_BT"] > 2:
         c["POST_BT"] //= 2
     if ("bwd_prep" in spilled or "bwd_output" in spilled or "save_y_output_fwd" in spilled) and c["BT"] > 4:
         c["BT"] //= 2

@@ -18,6 +18,10 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     in the reverse cumsum Gacc exactly only when both sides use the same operand values
     (with the fp32 values the rounding of the operands does not cancel and the angle gradient's
     error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
+    RECOMPUTE (config POST_RECOMPUTE): instead of reading prep's per-head qh / ks, recompute
+    them with prep's own arithmetic (the same helpers, the same rounding to the operand dtype),
+    so the values are those the core multiplied, bit for bit (checked against the reading path
+    on the CPU and the GPU), and 2 x 2N bytes less per (token, head, rank) are read.
     dV_t = sum_r dvt_r MIMO_V_r (+ dV_final at a sequence's last token)
 The core's buffers (dqh, dks, dvt) and dy have RC = pow2(R) ranks (padded ranks ignored); dvt
 comes as the core's NVP N-block partials (NVP, B, L, RC, H, P), summed here as it is loaded.
@@ -49,10 +53,9 @@ from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pa
 @triton.jit
 def _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p, h, H, L, s_vb, s_vt, s_vh,
                A: tl.constexpr):
-    """What post's kernels read per row of head h (a row: a token, or a (token, rank) pair of
-    post_rows_kernel; m64 / b / t its token): cos, sin of theta [ROWS, NHP] (1, 0 without
-    angles), gamma and scale [ROWS], v [ROWS, PP] fp32, and the (b, h, t) index of the
-    per-token scalars."""
+    """What post_kernel reads per token row of head h (m64 / b / t the rows' tokens): cos, sin
+    of theta [ROWS, NHP] (1, 0 without angles), gamma and scale [ROWS], v [ROWS, PP] fp32, and
+    the (b, h, t) index of the per-token scalars."""
     ROWS: tl.constexpr = m64.shape[0]
     NHP: tl.constexpr = j.shape[0]
     if A > 0:
@@ -70,6 +73,14 @@ def _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p, 
 
 
 @triton.jit
+def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
+    """fp32 pair halves rounded to ptr's element type and back: the values a store to ptr and
+    a load from it would give (post's RECOMPUTE path stands in for reading prep's qh / ks)."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    return _cast(x0, ty, INTERP).to(tl.float32), _cast(x1, ty, INTERP).to(tl.float32)
+
+
+@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
@@ -79,6 +90,7 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -122,7 +134,14 @@ def post_kernel(
             crow = ((m64 * RC + r) * H + h) * N
             d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
             # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-            u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
+                u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                                    j, N, PAIR_HALF)
+                if A > 0:
+                    u0, u1 = _rotate(u0, u1, cs, sn)
+                u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
+            else:
+                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += d1 * u0 - d0 * u1
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
@@ -151,7 +170,13 @@ def post_kernel(
             crow = ((m64 * RC + r2) * H + h) * N
             f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-            u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            if RECOMPUTE:   # ks = Rot(theta) k' * scale as prep stores it (unrotated without angles)
+                if A > 0:
+                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
+                else:
+                    u0, u1 = _as_stored(x0 * scale[:, None], x1 * scale[:, None], ks_ptr, INTERP)
+            else:
+                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += f1 * u0 - f0 * u1
             d0 = f0 * scale[:, None]
             d1 = f1 * scale[:, None]
@@ -204,162 +229,6 @@ def post_kernel(
                      mask=mm[:, None] & (j[None, :] < A))
         tl.store(dgam_ptr + sidx, dgamma, mask=mm)
         tl.store(dsc_ptr + sidx, dscale, mask=mm)
-
-
-@triton.jit
-def _dot32(a, b, INTERP: tl.constexpr):
-    """a @ b of fp32 tiles in full fp32 (FMA, not TF32: 3xTF32 spilled post_rows_kernel's
-    registers, AOT sm_90a; the products are tiny and few)."""
-    if INTERP:
-        return tl.dot(a, b)
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def post_rows_kernel(
-    q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
-    qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
-    s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
-    BL, L, H, G,
-    R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
-    PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
-    HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-):
-    """post_kernel's math (config POST_IMPL="rows", MIMO) with the (token, rank) pairs of a token
-    block as the rows of 2-D tiles: RT = BT * RC rows, row i = (token i // RC, rank i % RC), as
-    the core lays out MIMO rows. Every operand of a head is loaded once, and the same-token rank
-    products are block-diagonal RT x RT matrix products (fp32, `_dot32`):
-        Wm = (dy vt^T) o Same,  Mm = (q' k'^T) o Same      (Same: same token, both ranks real)
-        dq' += gamma Wm k',  dk' += gamma Wm^T q',  dvt += gamma Mm^T dy,  dgamma_t = sum Mm o Wm
-    post_kernel instead reloads k' / q' / dy and takes W twice inside R x R loops (its MIMO
-    cost). Needs RT >= 16, N >= 32 and P >= 16 (tl.dot tiles; check_config says so)."""
-    RT: tl.constexpr = BT * RC
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    HG = H // G
-    i = tl.arange(0, RT)
-    ti = i // RC
-    ri = i % RC
-    m = pid * BT + ti
-    mm = (m < BL) & (ri < R)                      # a real token and a real rank
-    m64 = m.to(tl.int64)
-    b = m64 // L
-    t = m64 % L
-    tt = pid * BT + tl.arange(0, BT)              # the block's tokens (per-token outputs)
-    ttm = tt < BL
-    tt64 = tt.to(tl.int64)
-    bt = tt64 // L
-    t_t = tt64 % L
-    j = tl.arange(0, NHP)
-    jm = j < (N // 2)
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    p = tl.arange(0, PP)
-    pm = p < P
-    vm = mm[:, None] & pm[None, :]
-    rr = tl.arange(0, RC)
-    same = (ti[:, None] == ti[None, :]) & mm[:, None] & mm[None, :]
-    if HAS_KF or HAS_VF:
-        seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
-        is_last = seq_last >= 0
-        sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    if HAS_VF:
-        last_t = tl.load(last_ptr + tt64, mask=ttm, other=-1)
-        sl_t = tl.where(last_t >= 0, last_t, 0).to(tl.int64)
-    qrow = b * s_qb + t * s_qt + ri * s_qr + g * s_qg
-    krow = b * s_kb + t * s_kt + ri * s_kr + g * s_kg
-    grow = ((m64 * R + ri) * G + g) * N          # the group's dQ / dK rows
-    for hh in range(HG):
-        h = g * HG + hh
-        acc = hh > 0
-        tl.debug_barrier()   # the previous head's dQ / dK stores visible before the read-back
-        cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
-                                                   h, H, L, s_vb, s_vt, s_vh, A)
-        if HAS_MV:
-            mvr = tl.load(mv_ptr + ((h * R + ri) * P)[:, None] + p[None, :], mask=vm, other=0.0)
-            vt = v * mvr
-        else:
-            vt = v
-        if HAS_D:
-            dd = tl.load(d_ptr + h)
-        else:
-            dd = 0.0
-        brow = (h * R + ri) * N
-        bm = mm[:, None] & jm[None, :]
-        q0, q1 = _ld(q_ptr, qrow, mm, j, N, PAIR_HALF)
-        q0 += tl.load(qb_ptr + brow[:, None] + c0[None, :], mask=bm, other=0.0)
-        q1 += tl.load(qb_ptr + brow[:, None] + c1[None, :], mask=bm, other=0.0)
-        k0, k1 = _ld(k_ptr, krow, mm, j, N, PAIR_HALF)
-        k0 += tl.load(kb_ptr + brow[:, None] + c0[None, :], mask=bm, other=0.0)
-        k1 += tl.load(kb_ptr + brow[:, None] + c1[None, :], mask=bm, other=0.0)
-        crow = ((m64 * RC + ri) * H + h) * N     # the core's rows
-        vrow = ((m64 * RC + ri) * H + h) * P
-        dy = tl.load(dy_ptr + vrow[:, None] + p[None, :], mask=vm, other=0.0).to(tl.float32)
-        # the diagonal (same-token) term as block-diagonal products
-        wm = tl.where(same, _dot32(dy, tl.trans(vt), INTERP), 0.0)
-        mq = tl.where(same, _dot32(q0, tl.trans(k0), INTERP) + _dot32(q1, tl.trans(k1), INTERP),
-                      0.0)
-        dgam = tl.sum(mq * wm, axis=1)
-        gw = wm * gamma[:, None]
-        e0 = _dot32(gw, k0, INTERP)
-        e1 = _dot32(gw, k1, INTERP)
-        f0 = _dot32(tl.trans(gw), q0, INTERP)
-        f1 = _dot32(tl.trans(gw), q1, INTERP)
-        dvt = _dot32(tl.trans(mq * gamma[:, None]), dy, INTERP)
-        # rotation of q: dq' += Rot(-theta) dqh; dtheta from dqh . (G qh)
-        d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-        u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-        dth = d1 * u0 - d0 * u1
-        e0 += d0 * cs + d1 * sn
-        e1 += d1 * cs - d0 * sn
-        # ks = kh * scale: dkh = dks * scale (+ dK_final), dscale = dks . kh
-        kh0, kh1 = _rotate(k0, k1, cs, sn)
-        d0, d1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-        u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-        dsc = tl.sum(d0 * kh0 + d1 * kh1, axis=1)
-        dth += d1 * u0 - d0 * u1
-        d0 = d0 * scale[:, None]
-        d1 = d1 * scale[:, None]
-        if HAS_KF:
-            a0, a1 = _ld(dkf_ptr, ((sl * R + ri) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
-            dth += a1 * kh0 - a0 * kh1
-            d0 += a0
-            d1 += a1
-        f0 += d0 * cs + d1 * sn
-        f1 += d1 * cs - d0 * sn
-        # this head's per-block partials of dQ_bias / dK_bias (per rank), then dQ / dK in place
-        prow = ((pid * H + h) * R + rr) * N
-        pmk = (rr < R)[:, None] & jm[None, :]
-        tl.store(pqb_ptr + prow[:, None] + c0[None, :], tl.sum(tl.reshape(e0, [BT, RC, NHP]), axis=0), mask=pmk)
-        tl.store(pqb_ptr + prow[:, None] + c1[None, :], tl.sum(tl.reshape(e1, [BT, RC, NHP]), axis=0), mask=pmk)
-        tl.store(pkb_ptr + prow[:, None] + c0[None, :], tl.sum(tl.reshape(f0, [BT, RC, NHP]), axis=0), mask=pmk)
-        tl.store(pkb_ptr + prow[:, None] + c1[None, :], tl.sum(tl.reshape(f1, [BT, RC, NHP]), axis=0), mask=pmk)
-        a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-        _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-        a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-        _store_pairs(dk_ptr, grow, mm, j, f0 + a0, f1 + a1, N, N // 2, PAIR_HALF, INTERP)
-        # dvt: + the core's N-block partials + D dy; dV_t = sum_r dvt_r MIMO_V_r (+ dV_final)
-        for ip in tl.static_range(NVP):
-            dvt += tl.load(dvt_ptr + ip * s_vpart + vrow[:, None] + p[None, :], mask=vm, other=0.0)
-        dvt += dd * dy
-        if HAS_MV:
-            tl.store(pmv_ptr + ((pid * H + h) * R + rr)[:, None] * P + p[None, :],
-                     tl.sum(tl.reshape(dvt * v, [BT, RC, PP]), axis=0), mask=(rr < R)[:, None] & pm[None, :])
-            dvt = dvt * mvr
-        dv = tl.sum(tl.reshape(dvt, [BT, RC, PP]), axis=1)
-        tvm = ttm[:, None] & pm[None, :]
-        if HAS_VF:
-            dv += tl.load(dvf_ptr + (sl_t * H + h)[:, None] * P + p[None, :], mask=tvm & (last_t >= 0)[:, None],
-                          other=0.0)
-        tl.store(dv_ptr + (tt64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
-                 mask=tvm)
-        tsidx = (bt * H + h) * L + t_t
-        if A > 0:
-            tl.store(dth_ptr + (tt64[:, None] * H + h) * A + j[None, :], tl.sum(tl.reshape(dth, [BT, RC, NHP]), axis=1),
-                     mask=ttm[:, None] & (j[None, :] < A))
-        tl.store(dgam_ptr + tsidx, tl.sum(tl.reshape(dgam, [BT, RC]), axis=1), mask=ttm)
-        tl.store(dsc_ptr + tsidx, tl.sum(tl.reshape(dsc, [BT, RC]), axis=1), mask=ttm)
 
 
 @triton.jit

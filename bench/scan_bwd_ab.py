@@ -1,0 +1,75 @@
+"""A / B of two backward configs on the fwd+bwd benchmark shapes: every gradient of B compared
+with A's on the same inputs (bitwise equal, or the largest relative difference), then fwd+bwd of
+each replayed from a CUDA graph (bench/scan_bwd.py's graph_ms), alternating A, B, A, B.
+
+    PYTHONPATH=$PWD python bench/scan_bwd_ab.py --b '{"POST_RECOMPUTE": true}' \
+        [--a '{"POST_RECOMPUTE": false}'] [--kinds siso,mimo] [--only B4-L4096-H32] [--out f.json]
+
+--a / --b: JSON overrides of the backward's default config (the `bwd_config` of mamba3_kernels.scan).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
+from scan_bwd import LEAVES, MIMO_SHAPES, SHAPES, _leaves, graph_ms, ours_fwd  # noqa: E402
+from scan import make_inputs  # noqa: E402
+
+
+def grads(run, a, dout):
+    la = _leaves(a)
+    out = run(la)
+    names = [n for n in LEAVES if isinstance(la.get(n), torch.Tensor)]
+    gs = torch.autograd.grad(out, [la[n] for n in names], dout)
+    return dict(zip(names, gs))
+
+
+def compare(ga, gb):
+    res = {}
+    for n, x in ga.items():
+        y = gb[n]
+        res[n] = dict(equal=bool(torch.equal(x, y)), finite=bool(torch.isfinite(y).all()),
+                      max_rel=float((x.float() - y.float()).abs().max() / x.float().abs().max().clamp_min(1e-30)))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a", default="{}")
+    ap.add_argument("--b", required=True)
+    ap.add_argument("--kinds", default="siso,mimo")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--reps", type=int, default=2, help="graph timings of each, alternating")
+    ap.add_argument("--out", default="scan_bwd_ab.json")
+    args = ap.parse_args()
+    ca, cb = json.loads(args.a), json.loads(args.b)
+    rows = []
+    for kind in args.kinds.split(","):
+        R = 4 if kind == "mimo" else 1
+        for label, B, L, H, G, N, P in (MIMO_SHAPES if kind == "mimo" else SHAPES):
+            if args.only and label not in args.only.split(","):
+                continue
+            a = make_inputs(kind, B, L, H, G, N, P, R)
+            dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
+            run_a, run_b = ours_fwd(kind, bwd_config=ca or None), ours_fwd(kind, bwd_config=cb)
+            cmp = compare(grads(run_a, a, dout), grads(run_b, a, dout))
+            ta, tb = [], []
+            for _ in range(args.reps):
+                ta.append(graph_ms(run_a, a, dout))
+                tb.append(graph_ms(run_b, a, dout))
+            row = dict(kind=kind, shape=label, a=ca, b=cb, a_ms=min(ta), b_ms=min(tb), a_all=ta, b_all=tb,
+                       all_equal=all(c["equal"] for c in cmp.values()), grads=cmp)
+            rows.append(row)
+            print(f"{kind} {label:22s} A {row['a_ms']:.3f} ms  B {row['b_ms']:.3f} ms  "
+                  f"B/A {row['b_ms'] / row['a_ms']:.3f}  grads equal: {row['all_equal']}"
+                  + ("" if row["all_equal"] else f" (max rel {max(c['max_rel'] for c in cmp.values()):.2e})"),
+                  flush=True)
+    write_report(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
