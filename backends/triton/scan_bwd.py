@@ -31,8 +31,8 @@ core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bi
 accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
-token, head and rank less read; default for SISO, a tuning candidate for MIMO, where post is
-instruction-bound). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
+token, head and rank less read; default where post's tile is small, see default_config; the
+tuner tries the other). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
@@ -87,14 +87,20 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       8 warps (0.18 -> 0.14 ms seq_fwd, 0.23 -> 0.18 seq_bwd at SISO B4 L4096; 64 with initial
       states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32).
     SPILL_GUARD (as the forward's and the core's): a stage kernel whose build for the call spills
-    gets half its token block (`fallback`; not more warps: post at 8 warps ran 2.2x slower)."""
+    gets half its token block (`fallback`; not more warps: post at 8 warps ran 2.2x slower).
+    POST_RECOMPUTE where post's pair tile (POST_BT x N/2) is at most 256 elements: fwd+bwd on the
+      H100 (bench/scan_bwd_ab.py, results/scan_bwd_ab_post_recompute_h100_a8236e1.json, gradients
+      bitwise equal both ways) SISO G8 N64 (8 x 32) 2.362 -> 2.303 ms, MIMO R4 N128 (4 x 64)
+      7.61 -> 7.41 and 15.03 -> 14.70; SISO N128 (8 x 64) 3.591 -> 3.683, slower: read there."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
     post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
     pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
-    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=max(4, min(32, pw // w)),
+    post_bt = max(4, min(32, pw // w))
+    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
-                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True, POST_RECOMPUTE=spec.rank == 1)
+                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
+                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
