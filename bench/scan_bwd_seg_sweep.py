@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scan_bwd import MIMO_SHAPES, SHAPES, graph_ms, ours_fwd  # noqa: E402  (bench/scan_bwd.py)
 from scan import make_inputs  # noqa: E402
+from common import write_report  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_bwd_core  # noqa: E402
 
@@ -48,9 +49,7 @@ def main():
                 print(f"{kind} {label:<22} core SEG {seg:4d}{' (auto)' if seg == 0 else ''} {over} "
                       f"{ms if isinstance(ms, str) else f'{ms:.3f} ms'}", flush=True)
                 torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(dict(commit=os.environ.get("MAMBA3_COMMIT"), auto_rule=scan_bwd_core._seg.__doc__,
-                       rows=rows), f, indent=1)
+    write_report(args.out, rows, auto_rule=scan_bwd_core._seg.__doc__)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32).
     SPILL_GUARD (as the forward's and the core's): a stage kernel whose build for the call spills
     gets half its token block (`fallback`; not more warps: post at 8 warps ran 2.2x slower).
-    POST_RECOMPUTE where post's pair tile (POST_BT x N/2) is at most 256 elements: fwd+bwd on the
+    POST_RECOMPUTE where post's pair tile (POST_BT x N/2) is at most 256 elements at 4 warps (at 8,
+      capped at 128 registers, it spilled 16 B at N16 P64 R2, AOT 3.9): fwd+bwd on the
       H100 (bench/scan_bwd_ab.py, results/scan_bwd_ab_post_recompute_h100_a8236e1.json, gradients
       bitwise equal both ways) SISO G8 N64 (8 x 32) 2.362 -> 2.303 ms, MIMO R4 N128 (4 x 64)
       7.61 -> 7.41 and 15.03 -> 14.70; SISO N128 (8 x 64) 3.591 -> 3.683, slower: read there."""
@@ -100,7 +101,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
-                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256)
+                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
