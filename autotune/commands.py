@@ -212,7 +212,8 @@ def add_parsers(subparsers) -> None:
     t.add_argument("--remeasure", action="store_true", help="re-time all passing candidates and report the regret")
     t.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                    help=f"wall-clock seconds for the whole tuning run, cold builds included (default "
-                        f"{DEFAULT_BUDGET_S:g}; builds run most promising first and stop at 60 %% of it; 0 = no budget)")
+                        f"{DEFAULT_BUDGET_S:g}; builds run most promising first and stop at 60 %% of it, checks at 90 %%, "
+                        f"timing at its end; 0 = no budget)")
     t.add_argument("--device", default=None)
     t.add_argument("--json", default=None, help="also write the full result as JSON here")
     t.add_argument("--no-progress", action="store_true")

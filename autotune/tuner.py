@@ -220,9 +220,11 @@ class TuneResult:
             s += " (" + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + ")"
         if self.budget_s is not None:
             nb = sum(r.stage == "budget" and r.reason.startswith("not built") for r in self.rows)
-            nc = sum(r.stage == "budget" and not r.reason.startswith("not built") for r in self.rows)
+            nc = sum(r.stage == "budget" and r.reason.startswith("built, not checked") for r in self.rows)
+            nt = sum(r.stage == "budget" and r.reason.startswith("checked, not timed") for r in self.rows)
             s += f"; budget {self.budget_s:g} s" + (f", {nb} not built in it" if nb else "") + \
-                (f", {nc} built but not checked in it" if nc else "")
+                (f", {nc} built but not checked in it" if nc else "") + \
+                (f", {nt} checked but not timed in it" if nt else "")
         if self.best is not None:
             s += f"\nchosen: {self.best.backend} {self.best.config} at {self.best.best_us:.3f} us"
         else:
@@ -489,8 +491,9 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
     re-timed; env: the cache environment (default from the device); remeasure: re-time every
     passing candidate afterwards and report the chosen one's regret; budget_s: wall-clock
     budget for the whole run: builds run most promising first (strategy.priority) and none
-    starts after BUILD_SHARE of the budget, no check after CHECK_SHARE (the rest are recorded as
-    pruned by the budget), so timing what passed fits in the remainder. None = no budget.
+    starts after BUILD_SHARE of the budget, no check after CHECK_SHARE, and no candidate starts
+    timing after the budget's end (timing gets at least its last 10 %; the first one checked is
+    always timed); the rest are recorded as pruned by the budget. None = no budget.
     """
     _validate_args(op, spec, problem, reps, confirm_top, confirm_reps, compile_timeout, max_candidates)
     if budget_s is not None and not (isinstance(budget_s, (int, float)) and budget_s > 0):
@@ -545,7 +548,10 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
                        f"built, not checked: checks stop at {CHECK_SHARE:.0%} of the {budget_s:g} s tuning budget")
             t2 = time.monotonic()
             _time_and_confirm(result, rows, built, harness, timer, strat, reps, confirm_top, confirm_reps,
-                              remeasure, prog)
+                              remeasure, prog, None if budget_s is None else  # timing gets >= the last 10 %
+                              max(t_start + float(budget_s), t2 + (1 - CHECK_SHARE) * float(budget_s)),
+                              "" if budget_s is None else
+                              f"checked, not timed: the {budget_s:g} s tuning budget was spent")
         result.stage_seconds = {"setup": round(t0 - t_start, 3), "build": round(t1 - t0, 3),
                                 "check": round(t2 - t1, 3), "time": round(time.monotonic() - t2, 3)}
     finally:
@@ -571,13 +577,22 @@ def tune(op: str, spec, problem, device=None, *, backends=None, cache=None, writ
 
 
 def _time_and_confirm(result, rows, active, harness, timer, strat, reps, confirm_top, confirm_reps,
-                      remeasure, prog):
-    """Stages 4-5 (and the optional re-measure): fills rows' samples and result.best."""
+                      remeasure, prog, deadline=None, budget_note=""):
+    """Stages 4-5 (and the optional re-measure): fills rows' samples and result.best. Past
+    `deadline` (the end of the time budget, or (1 - CHECK_SHARE) of it after timing starts,
+    whichever is later) a candidate not yet timed is recorded as pruned by
+    the budget, once at least one candidate has samples (there is always a choice); those
+    already timed finish their rounds, and the confirm stage runs as usual."""
     ok = [r for r in active if r.status == "ok"]
 
     ph = prog.phase("time", len(ok))
+    timed = []
 
     def measure(row, n):
+        if deadline is not None and not row.samples and timed and time.monotonic() > deadline:
+            row.status, row.stage, row.reason = "pruned", "budget", budget_note
+            row._release()
+            return None
         try:
             if row.bench is None:
                 row.bench = harness.bench(row.candidate)
@@ -586,6 +601,8 @@ def _time_and_confirm(result, rows, active, harness, timer, strat, reps, confirm
                 if len(xs) != n or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs):
                     raise ValueError(f"timer returned {len(xs)} samples, expected {n} finite > 0: {xs[:4]}")
                 row.samples += xs
+                if row not in timed:
+                    timed.append(row)
             row.mode = getattr(row.bench, "mode", "") or row.mode
             return median(row.samples)
         except Exception as e:  # noqa: BLE001

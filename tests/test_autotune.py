@@ -309,6 +309,37 @@ def test_budget_also_bounds_the_checks():
     assert res.best is not None and res.best.config == {"tile": 0} and not res.failures
 
 
+class SlowTimer(FakeTimer):
+    """FakeTimer whose every measure call takes `sleep` seconds (a slow timer: the interpreter)."""
+
+    def __init__(self, times, sleep):
+        super().__init__(times)
+        self.sleep = sleep
+
+    def measure(self, c, reps):
+        time.sleep(self.sleep)
+        return super().measure(c, reps)
+
+
+def test_budget_also_bounds_the_timing():
+    """Past the budget no candidate starts timing (pruned: "checked, not timed"); those timed
+    finish, the best of them is chosen; the first is always timed, so there is a choice even
+    when the budget is spent before timing starts. Without a budget every candidate is timed."""
+    a = fake_backend("triton", list(range(12)), default=0)
+    times = {("triton", t): 5.0 - 0.1 * t for t in range(12)}
+    res, _, _ = run_tune([a], times, write=False, budget_s=0.5, timer=SlowTimer(times, 0.1))
+    untimed = [r for r in res.rows if r.stage == "budget"]
+    timed = [r for r in res.rows if r.status == "ok"]
+    assert untimed and timed and not res.failures, res.summary()
+    assert all(r.reason.startswith("checked, not timed") and r.status == "pruned" for r in untimed)
+    assert res.best is min(timed, key=lambda r: times[("triton", r.config["tile"])])
+    assert "checked but not timed in it" in res.summary()
+    res, _, _ = run_tune([a], times, write=False, budget_s=0.3, timer=SlowTimer(times, 0.4))
+    assert [r.config["tile"] for r in res.rows if r.status == "ok"] == [0] and res.best.config == {"tile": 0}
+    res, _, _ = run_tune([a], times, write=False, timer=SlowTimer(times, 0.01))
+    assert len([r for r in res.rows if r.status == "ok"]) == 12 and res.best.config == {"tile": 11}
+
+
 def test_written_result_names_its_cache_even_when_it_was_empty(tmp_path):
     """An empty Cache is falsy (len 0): the result once said 'cached in None'."""
     a = fake_backend("triton", [1, 2])
