@@ -398,7 +398,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("last_ptr", b["last"]), ("dkf_ptr", opt(b["dkf"])), ("dvf_ptr", opt(b["dvf"])),
                    ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
-                   ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])), ("wsc_ptr", opt(b["wsc"])),
+                   ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])),
                    ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -406,8 +406,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             WSCR=b["wsc"] is not None),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -468,8 +467,6 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
     b["pqb"], b["pkb"] = e(npblk, H, R, N), e(npblk, H, R, N)
     b["pmv"] = e(npblk, H, R, P) if t.mimo_v is not None else None
-    # post's W[r, r'] scratch (MIMO up to R = 4: at R = 8 the kernel spilled 16 B, N32 P32, AOT 3.9)
-    b["wsc"] = e(npblk, G, R, R, PBT) if 1 < R <= 4 else None
     b["pd"] = e(nblk, H) if t.d is not None else None    # from the output stage (BT blocks)
     b["ddt"] = e(B, H, L)
     b["dtrap"] = e(B, H, L) if t.trap is not None else None

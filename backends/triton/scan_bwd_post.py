@@ -18,9 +18,6 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     in the reverse cumsum Gacc exactly only when both sides use the same operand values
     (with the fp32 values the rounding of the operands does not cancel and the angle gradient's
     error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
-    WSCR (1 < R <= 4): W[r, r'] is reduced once, in the q side's loop, and read back from a per-program
-    fp32 scratch (nblk, G, R, R, BT) in the k side's loop (before, both loops reduced it: a quarter
-    of MIMO post's row reductions).
     RECOMPUTE (config POST_RECOMPUTE): instead of reading prep's per-head qh / ks, recompute
     them with prep's own arithmetic (the same helpers, the same rounding to the operand dtype),
     so the values are those the core multiplied, bit for bit (checked against the reading path
@@ -87,13 +84,13 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, wsc_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, WSCR: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -132,7 +129,6 @@ def post_kernel(
         dscale = tl.zeros([BT], dtype=tl.float32)
         dgamma = tl.zeros([BT], dtype=tl.float32)
         dv = tl.zeros([BT, PP], dtype=tl.float32)
-        tb = tl.arange(0, BT)
         for r in range(R):
             grow = ((m64 * R + r) * G + g) * N
             crow = ((m64 * RC + r) * H + h) * N
@@ -154,12 +150,9 @@ def post_kernel(
             for r2 in range(R):
                 if HAS_MV:
                     mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                    w = tl.sum(dyr * v * mv2[None, :], axis=1)
+                    w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
                 else:
-                    w = tl.sum(dyr * v, axis=1)
-                if WSCR:   # W[r, r2] kept for the k side's loop below (its P-reduction taken once)
-                    tl.store(wsc_ptr + ((pid.to(tl.int64) * G + g) * R * R + r * R + r2) * BT + tb, w)
-                w = w * gamma
+                    w = tl.sum(dyr * v, axis=1) * gamma
                 y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                     h * R + r2, j, N, PAIR_HALF)
                 e0 += w[:, None] * y0
@@ -169,8 +162,6 @@ def post_kernel(
             tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
             a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
             _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-        if WSCR:
-            tl.debug_barrier()   # the W scratch, stored above by whichever threads held it, read below
         for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                 h * R + r2, j, N, PAIR_HALF)
@@ -213,10 +204,7 @@ def post_kernel(
                 dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
                               other=0.0).to(tl.float32)
                 mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
-                if WSCR:
-                    w = tl.load(wsc_ptr + ((pid.to(tl.int64) * G + g) * R * R + r * R + r2) * BT + tb)
-                else:
-                    w = tl.sum(dyr * vt2, axis=1)
+                w = tl.sum(dyr * vt2, axis=1)
                 dgamma += mqk * w
                 e0 += (gamma * w)[:, None] * y0
                 e1 += (gamma * w)[:, None] * y1
