@@ -178,6 +178,18 @@ def _measure(run_fwd, a, dout):
     return res
 
 
+def bench_cases(kinds: str, only: str = ""):
+    """(kind, label, inputs, dout) of the benchmark shapes of each kind in `kinds` ("siso,mimo";
+    MIMO at R = 4), those whose label is in `only` (comma separated) when given; fresh bf16 dout."""
+    for kind in kinds.split(","):
+        R = 4 if kind == "mimo" else 1
+        for label, B, L, H, G, N, P in (MIMO_SHAPES if kind == "mimo" else SHAPES):
+            if only and label not in only.split(","):
+                continue
+            a = make_inputs(kind, B, L, H, G, N, P, R)
+            yield kind, label, a, torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
+
+
 def ours_fwd(kind, **kw):
     pairing = "half" if kind == "mimo" else "interleaved"
     return lambda a: m3.scan(**a, pairing=pairing, **kw)

@@ -16,8 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_report  # noqa: E402
-from scan_bwd import LEAVES, MIMO_SHAPES, SHAPES, _leaves, graph_ms, ours_fwd  # noqa: E402
-from scan import make_inputs  # noqa: E402
+from scan_bwd import LEAVES, _leaves, bench_cases, graph_ms, ours_fwd  # noqa: E402
 
 
 def grads(run, a, dout):
@@ -48,26 +47,20 @@ def main():
     args = ap.parse_args()
     ca, cb = json.loads(args.a), json.loads(args.b)
     rows = []
-    for kind in args.kinds.split(","):
-        R = 4 if kind == "mimo" else 1
-        for label, B, L, H, G, N, P in (MIMO_SHAPES if kind == "mimo" else SHAPES):
-            if args.only and label not in args.only.split(","):
-                continue
-            a = make_inputs(kind, B, L, H, G, N, P, R)
-            dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
-            run_a, run_b = ours_fwd(kind, bwd_config=ca or None), ours_fwd(kind, bwd_config=cb)
-            cmp = compare(grads(run_a, a, dout), grads(run_b, a, dout))
-            ta, tb = [], []
-            for _ in range(args.reps):
-                ta.append(graph_ms(run_a, a, dout))
-                tb.append(graph_ms(run_b, a, dout))
-            row = dict(kind=kind, shape=label, a=ca, b=cb, a_ms=min(ta), b_ms=min(tb), a_all=ta, b_all=tb,
-                       all_equal=all(c["equal"] for c in cmp.values()), grads=cmp)
-            rows.append(row)
-            print(f"{kind} {label:22s} A {row['a_ms']:.3f} ms  B {row['b_ms']:.3f} ms  "
-                  f"B/A {row['b_ms'] / row['a_ms']:.3f}  grads equal: {row['all_equal']}"
-                  + ("" if row["all_equal"] else f" (max rel {max(c['max_rel'] for c in cmp.values()):.2e})"),
-                  flush=True)
+    for kind, label, a, dout in bench_cases(args.kinds, args.only):
+        run_a, run_b = ours_fwd(kind, bwd_config=ca or None), ours_fwd(kind, bwd_config=cb)
+        cmp = compare(grads(run_a, a, dout), grads(run_b, a, dout))
+        ta, tb = [], []
+        for _ in range(args.reps):
+            ta.append(graph_ms(run_a, a, dout))
+            tb.append(graph_ms(run_b, a, dout))
+        row = dict(kind=kind, shape=label, a=ca, b=cb, a_ms=min(ta), b_ms=min(tb), a_all=ta, b_all=tb,
+                   all_equal=all(c["equal"] for c in cmp.values()), grads=cmp)
+        rows.append(row)
+        print(f"{kind} {label:22s} A {row['a_ms']:.3f} ms  B {row['b_ms']:.3f} ms  "
+              f"B/A {row['b_ms'] / row['a_ms']:.3f}  grads equal: {row['all_equal']}"
+              + ("" if row["all_equal"] else f" (max rel {max(c['max_rel'] for c in cmp.values()):.2e})"),
+              flush=True)
     write_report(args.out, rows)
 
 

@@ -14,8 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scan_bwd import MIMO_SHAPES, SHAPES, graph_ms, ours_fwd  # noqa: E402  (bench/scan_bwd.py)
-from scan import make_inputs  # noqa: E402
+from scan_bwd import bench_cases, graph_ms, ours_fwd  # noqa: E402  (bench/scan_bwd.py)
 from common import write_report  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_bwd_core  # noqa: E402
@@ -31,24 +30,18 @@ def main():
     args = ap.parse_args()
     knobs = [(k, [json.loads(v) for v in vs.split(",")]) for k, vs in (c.split("=", 1) for c in args.core)]
     rows = []
-    for kind in args.kinds.split(","):
-        R = 4 if kind == "mimo" else 1
-        for label, B, L, H, G, N, P in (MIMO_SHAPES if kind == "mimo" else SHAPES):
-            if args.only and label not in args.only.split(","):
-                continue
-            a = make_inputs(kind, B, L, H, G, N, P, R)
-            dout = torch.randn(a["v"].shape, device="cuda").to(torch.bfloat16)
-            for seg, combo in itertools.product((int(s) for s in args.segs.split(",")),
-                                                itertools.product(*[vs for _, vs in knobs])):
-                over = {k: v for (k, _), v in zip(knobs, combo)}
-                try:
-                    ms = graph_ms(ours_fwd(kind, bwd_config=dict(CORE=dict(SEG=seg, **over))), a, dout)
-                except Exception as e:  # noqa: BLE001
-                    ms = f"{type(e).__name__}: {e}"[:200]
-                rows.append(dict(kind=kind, shape=label, core_SEG=seg, core_overrides=over, fwd_bwd_graph_ms=ms))
-                print(f"{kind} {label:<22} core SEG {seg:4d}{' (auto)' if seg == 0 else ''} {over} "
-                      f"{ms if isinstance(ms, str) else f'{ms:.3f} ms'}", flush=True)
-                torch.cuda.empty_cache()
+    for kind, label, a, dout in bench_cases(args.kinds, args.only):
+        for seg, combo in itertools.product((int(s) for s in args.segs.split(",")),
+                                            itertools.product(*[vs for _, vs in knobs])):
+            over = {k: v for (k, _), v in zip(knobs, combo)}
+            try:
+                ms = graph_ms(ours_fwd(kind, bwd_config=dict(CORE=dict(SEG=seg, **over))), a, dout)
+            except Exception as e:  # noqa: BLE001
+                ms = f"{type(e).__name__}: {e}"[:200]
+            rows.append(dict(kind=kind, shape=label, core_SEG=seg, core_overrides=over, fwd_bwd_graph_ms=ms))
+            print(f"{kind} {label:<22} core SEG {seg:4d}{' (auto)' if seg == 0 else ''} {over} "
+                  f"{ms if isinstance(ms, str) else f'{ms:.3f} ms'}", flush=True)
+            torch.cuda.empty_cache()
     write_report(args.out, rows, auto_rule=scan_bwd_core._seg.__doc__)
 
 
