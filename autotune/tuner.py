@@ -586,10 +586,10 @@ def _time_and_confirm(result, rows, active, harness, timer, strat, reps, confirm
     ok = [r for r in active if r.status == "ok"]
 
     ph = prog.phase("time", len(ok))
-    timed = []
 
     def measure(row, n):
-        if deadline is not None and not row.samples and timed and time.monotonic() > deadline:
+        if deadline is not None and not row.samples and time.monotonic() > deadline \
+                and any(r.samples for r in ok):
             row.status, row.stage, row.reason = "pruned", "budget", budget_note
             row._release()
             return None
@@ -601,8 +601,6 @@ def _time_and_confirm(result, rows, active, harness, timer, strat, reps, confirm
                 if len(xs) != n or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs):
                     raise ValueError(f"timer returned {len(xs)} samples, expected {n} finite > 0: {xs[:4]}")
                 row.samples += xs
-                if row not in timed:
-                    timed.append(row)
             row.mode = getattr(row.bench, "mode", "") or row.mode
             return median(row.samples)
         except Exception as e:  # noqa: BLE001

@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotate, _seg_bounds,
+from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotated, _seg_bounds,
                             _sigmoid, _store_pairs, _tanh)
 
 
@@ -137,8 +137,7 @@ def post_kernel(
             if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
                 u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
                                     j, N, PAIR_HALF)
-                if A > 0:
-                    u0, u1 = _rotate(u0, u1, cs, sn)
+                u0, u1 = _rotated(u0, u1, cs, sn, A)
                 u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
             else:
                 u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
@@ -165,16 +164,13 @@ def post_kernel(
         for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                 h * R + r2, j, N, PAIR_HALF)
-            kh0, kh1 = _rotate(x0, x1, cs, sn)
+            kh0, kh1 = _rotated(x0, x1, cs, sn, A)
             grow = ((m64 * R + r2) * G + g) * N
             crow = ((m64 * RC + r2) * H + h) * N
             f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-            if RECOMPUTE:   # ks = Rot(theta) k' * scale as prep stores it (unrotated without angles)
-                if A > 0:
-                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-                else:
-                    u0, u1 = _as_stored(x0 * scale[:, None], x1 * scale[:, None], ks_ptr, INTERP)
+            if RECOMPUTE:   # ks = kh * scale as prep stores it
+                u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
             else:
                 u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
             dtheta += f1 * u0 - f0 * u1

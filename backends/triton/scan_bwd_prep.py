@@ -66,6 +66,16 @@ def _ld_biased(ptr, row, rmask, bias_ptr, bias_row, j, N: tl.constexpr, PAIR_HAL
 
 
 @triton.jit
+def _rotated(x0, x1, cs, sn, A: tl.constexpr):
+    """Rot(theta) x on pairs with angles (A > 0), x itself without: the core's operands qh / ks
+    (before the scale) as prep stores them and post recomputes them (POST_RECOMPUTE), one code
+    path so both give the same bits."""
+    if A > 0:
+        x0, x1 = _rotate(x0, x1, cs, sn)
+    return x0, x1
+
+
+@triton.jit
 def _seq_bounds(seq, cu_ptr, L, VARLEN: tl.constexpr):
     """(batch row, first token, end token) of sequence `seq` (dense: row = seq, [0, L))."""
     if VARLEN:
@@ -202,6 +212,8 @@ def prep_kernel(
         th = tl.load(theta_ptr + (m64[:, None] * H + h) * A + j[None, :],
                      mask=mm[:, None] & (j[None, :] < A), other=0.0)
         cs, sn = _cos_sin(th, FAST_MATH)
+    else:
+        cs, sn = 0.0, 0.0   # unused: _rotated leaves the pairs as they are without angles
     scale = tl.load(scale_ptr + (b * H + h) * L + t, mask=mm, other=0.0)
     p = tl.arange(0, PP)
     pm = p < P
@@ -213,9 +225,8 @@ def prep_kernel(
                             j, N, PAIR_HALF)
         k0, k1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r * s_kr + g * s_kg, mm, kb_ptr, h * R + r,
                             j, N, PAIR_HALF)
-        if A > 0:
-            q0, q1 = _rotate(q0, q1, cs, sn)
-            k0, k1 = _rotate(k0, k1, cs, sn)
+        q0, q1 = _rotated(q0, q1, cs, sn, A)
+        k0, k1 = _rotated(k0, k1, cs, sn, A)
         orow = ((m64 * RC + r) * H + h) * N
         _store_pairs(qh_ptr, orow, mm, j, q0, q1, N, N // 2, PAIR_HALF, INTERP)
         _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, PAIR_HALF, INTERP)
