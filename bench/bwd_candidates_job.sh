@@ -5,6 +5,8 @@
 # A: core_fused_check, the SEG x FUSED sweep, the MIMO post stage sweep (POST_IMPL rows).
 # B: `tune --op backward` at SISO B4 L4096 and MIMO R4 B4 L2048, then fwd+bwd side by side
 #    with upstream from CUDA graphs (the tuned cache in effect via MAMBA3_TUNE_CACHE).
+# ab: bench/scan_bwd_ab.py of the backward configs AB_A (default {}) and AB_B over AB_KINDS
+#    (default siso), then the backward's GPU tests in 8 processes.
 # Everything lands under $OUT (logs, JSON reports, env.txt).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,5 +37,10 @@ case ${1:-A} in
       --json $OUT/tune_bwd_mimo.json
     MAMBA3_TUNE_CACHE=$OUT/tune_bwd.json step bench_graph 220 python bench/scan_bwd.py --graph \
       --prewarm-upstream 14 --no-acc --out $OUT/scan_bwd_graph.json
+    ;;
+  ab)
+    step ab ${AB_S:-240} python bench/scan_bwd_ab.py --a "${AB_A:-{\}}" --b "$AB_B" --kinds ${AB_KINDS:-siso} \
+      --out $OUT/scan_bwd_ab.json
+    step gpu_tests ${TESTS_S:-300} bash bench/gpu_tests_parallel.sh 8 280 $OUT/gpu_tests_bwd.log tests/test_scan_bwd_gpu.py
     ;;
 esac
