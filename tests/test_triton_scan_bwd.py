@@ -404,45 +404,6 @@ def test_post_recompute_config():
         scan_bwd.check_config(siso, dict(scan_bwd.default_config(siso), POST_IMPL="rows"))   # removed key
 
 
-REG_ACC_CASES = {   # post's two dQ / dK accumulations (R = 1): G < H in bf16 and fp32, varlen, states
-    "siso-bf16-shared-states": POST_CASES["siso-bf16-shared-states"],
-    "siso-bf16-no-angles-gqa": POST_CASES["siso-bf16-no-angles-gqa"],
-    "siso-fp32-gqa-varlen-states-half": (_spec(d_state=32, head_dim=16, n_angles=16, pairing="half",
-                                               initial_states=True, final_states=True, varlen=True),
-                                         (1, 30, 6, 2, 3), [11, 0, 19]),
-}
-
-
-@pytest.mark.parametrize("name", sorted(REG_ACC_CASES))
-def test_post_reg_acc_matches_memory(name):
-    """POST_REG_ACC (R = 1: post sums a group's dQ / dK over its heads in registers and stores
-    them once in the input dtype) gives the in-memory accumulation's gradients bit for bit (every
-    gradient's error against the oracle equal to the last bit, same inputs), both within bounds."""
-    spec, pr, lens = REG_ACC_CASES[name]
-    assert pr[2] > pr[3]   # G < H: the head loop accumulates
-    got = {}
-    for reg in (False, True):
-        rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name)), lengths=lens,
-                                   bwd_config=dict(POST_REG_ACC=reg))
-        check(rows, case)
-        got[reg] = rows
-    assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
-
-
-def test_post_reg_acc_config():
-    """On by default; the space offers it off for R = 1 only (it acts only there); a non-bool
-    value is an error naming the key."""
-    siso, mimo = POST_CASES["siso-bf16-shared-states"][0], POST_CASES["mimo4-N128-P64-norm-bf16"][0]
-    for spec in (siso, mimo):
-        d = scan_bwd.default_config(spec)
-        assert d["POST_REG_ACC"] is True
-        assert (dict(d, POST_REG_ACC=False) in scan_bwd.space(spec)) == (spec.rank == 1)
-        with pytest.raises(ValueError, match="config.POST_REG_ACC"):
-            scan_bwd.check_config(spec, dict(d, POST_REG_ACC=1))
-    assert scan_bwd.post_reg_acc(siso, scan_bwd.default_config(siso))
-    assert not scan_bwd.post_reg_acc(mimo, scan_bwd.default_config(mimo))
-
-
 def test_double_backward_raises(rng):
     """The backward is first order: asking for a graph of it is an error, not silent zeros."""
     t = _simple_args(rng)

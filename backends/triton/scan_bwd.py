@@ -32,10 +32,7 @@ accurate fallback for dAngles at long L; default: the input's 16-bit type as bf1
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
-tuner tries the other), POST_REG_ACC (R = 1: post keeps a group's dQ / dK sums in registers
-across its head loop and stores them once, in the input dtype, instead of reading back and
-re-storing fp32 rows per head; the same fp32 additions in the same order, so bitwise the same
-gradients; ignored for R > 1). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
+tuner tries the other). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
@@ -104,7 +101,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
-                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8, POST_REG_ACC=True)
+                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
@@ -125,8 +122,6 @@ def space(spec: ScanSpec, problem=None) -> list:
     add(dict(d, POST_BT=min(64, d["POST_BT"] * 2)))
     add(dict(d, post_num_warps=2))
     add(dict(d, POST_RECOMPUTE=not d["POST_RECOMPUTE"]))
-    if spec.rank == 1:
-        add(dict(d, POST_REG_ACC=False))
     RC, N, P = _pow2(spec.rank), spec.d_state, spec.head_dim
     cd = _core.default_config(RC, N, P, op_dtype(spec, d))
     for c in sorted(_core.space(RC, N, P, op_dtype(spec, d))[1:], key=lambda c: not c.get("FUSED")):
@@ -145,22 +140,17 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    for key in ("SPILL_GUARD", "POST_RECOMPUTE", "POST_REG_ACC"):
+    for key in ("SPILL_GUARD", "POST_RECOMPUTE"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "POST_REG_ACC"})
+                                    "POST_RECOMPUTE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
         raise bad_arg("config.CORE", "None or a dict (overrides of the core's default config)",
                       type(config["CORE"]).__name__)
-
-
-def post_reg_acc(spec: ScanSpec, config: dict) -> bool:
-    """Whether post holds the group's dQ / dK sums in registers (POST_REG_ACC, R = 1 only)."""
-    return spec.rank == 1 and bool(config.get("POST_REG_ACC", False))
 
 
 def op_dtype(spec: ScanSpec, config=None):
@@ -416,8 +406,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             REG_ACC=post_reg_acc(spec, config)),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -471,8 +460,7 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     b["dkf"] = grads.get("k")
     b["dvf"] = grads.get("v")
     b["dthf"] = grads.get("angle") if A else None
-    # post accumulates a group's heads in registers (POST_REG_ACC) or in place (fp32 when G < H)
-    gdt = idt if G == H or post_reg_acc(spec, grads["_config"]) else F32
+    gdt = idt if G == H else F32     # post accumulates a group's heads in place (fp32 when G < H)
     b["dq"], b["dk"] = e(B, L, R, G, N, dt=gdt), e(B, L, R, G, N, dt=gdt)
     b["dv"] = e(B, L, H, P, dt=idt)
     b["dtheta"] = e(B, L, H, max(A, 1))

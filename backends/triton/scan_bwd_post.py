@@ -90,7 +90,7 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, REG_ACC: tl.constexpr = False,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -110,22 +110,15 @@ def post_kernel(
         seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
         is_last = seq_last >= 0
         sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    if REG_ACC:   # R = 1: the group's dQ / dK sums live in registers across the head loop
-        qa0 = tl.zeros([BT, NHP], dtype=tl.float32)
-        qa1 = tl.zeros([BT, NHP], dtype=tl.float32)
-        ka0 = tl.zeros([BT, NHP], dtype=tl.float32)
-        ka1 = tl.zeros([BT, NHP], dtype=tl.float32)
-    # the heads of group g one after the other: dQ / dK of the group accumulate in this
-    # program's own rows, in registers (REG_ACC) or in place in memory (fixed head order:
-    # deterministic, no atomics; the same fp32 additions in the same order either way)
+    # the heads of group g one after the other: dQ / dK of the group accumulate in place in
+    # this program's own rows (fixed head order: deterministic, no atomics)
     for hh in range(HG):
         h = g * HG + hh
         acc = hh > 0
-        if not REG_ACC:
-            # the previous head's dQ / dK stores, by whichever threads held them, visible to
-            # every thread of the program before it reads them back (the load and store tiles
-            # need not map elements to threads alike)
-            tl.debug_barrier()
+        # the previous head's dQ / dK stores, by whichever threads held them, visible to every
+        # thread of the program before it reads them back (the load and store tiles need not
+        # map elements to threads alike)
+        tl.debug_barrier()
         cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
                                                    h, H, L, s_vb, s_vt, s_vh, A)
         if HAS_D:
@@ -166,12 +159,8 @@ def post_kernel(
             prow = ((pid * H + h) * R + r) * N
             tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-            if REG_ACC:
-                qa0 += e0
-                qa1 += e1
-            else:
-                a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+            a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
         for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                 h * R + r2, j, N, PAIR_HALF)
@@ -219,12 +208,8 @@ def post_kernel(
             prow = ((pid * H + h) * R + r2) * N
             tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-            if REG_ACC:
-                ka0 += e0
-                ka1 += e1
-            else:
-                a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+            a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
             if HAS_MV:
                 dv += dvt * mv2[None, :]
                 tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
@@ -240,10 +225,6 @@ def post_kernel(
                      mask=mm[:, None] & (j[None, :] < A))
         tl.store(dgam_ptr + sidx, dgamma, mask=mm)
         tl.store(dsc_ptr + sidx, dscale, mask=mm)
-    if REG_ACC:   # once, in dq / dk's dtype (the input dtype: no fp32 group buffer, no cast pass)
-        grow = (m64 * G + g) * N
-        _store_pairs(dq_ptr, grow, mm, j, qa0, qa1, N, N // 2, PAIR_HALF, INTERP)
-        _store_pairs(dk_ptr, grow, mm, j, ka0, ka1, N, N // 2, PAIR_HALF, INTERP)
 
 
 @triton.jit
