@@ -16,6 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_report  # noqa: E402
 from scan import MIMO_EXTRA, SHAPES, accuracy, bench, breakdown, make_inputs, oracle_slice, ours_bundle  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
@@ -59,13 +60,15 @@ def main():
                     acc["finite"] = bool(torch.isfinite(t.out).all())
                 ms, gms = bench(lambda: sf.forward(spec, cfg, t), graph=True)
                 ph = breakdown(spec, cfg, t)
+                eff = sf.effective_config(spec, cfg, t)   # after the spill guard: what ran
+                stepped = {k: v for k, v in eff.items() if cfg.get(k) != v}
                 rows.append(dict(kind=args.kind, shape=label, SEG=seg, default_SEG=d["SEG"], overrides=over,
-                                 ms=ms, graph_ms=gms, phase_ms=ph, acc=acc))
+                                 spill_guard_changed=stepped, ms=ms, graph_ms=gms, phase_ms=ph, acc=acc))
                 print(f"{label:<16} SEG {seg:4d}{' (default)' if seg == d['SEG'] else '':10s} {over} "
+                      f"{'guard ' + str(stepped) + ' ' if stepped else ''}"
                       f"{ms:.4f} {gms:.4f} ms  {'' if acc is None else 'l2 %.2e ' % acc['rel_l2']}phases "
                       + " ".join(f"{k.replace('scan_', '')} {v:.3f}" for k, v in ph.items()), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(commit=os.environ.get("MAMBA3_COMMIT"), rows=rows), f, indent=1)
+    write_report(args.out, rows)
 
 
 if __name__ == "__main__":

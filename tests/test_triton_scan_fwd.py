@@ -95,7 +95,8 @@ def test_pairwise_grid(i, rng):
                GATES=(i // 2) % 2 == 0,  # gamma / beta precomputed (scan_gates) or in the loops
                BIAS_RELOAD=i % 4 in (1, 2),  # biases re-read per chunk in phase 4 or held
                STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4],  # phase 2 in longer chunks
-               STATE_SPLIT=(1, 2, 4)[(i // 2) % 3])  # phases 2-3 on sub-segments
+               STATE_SPLIT=(1, 2, 4)[(i // 2) % 3],  # phases 2-3 on sub-segments
+               PMAJOR=(i // 3) % 2 == 1)  # phase 4's products with P as the rows (the state tile as S)
     if case.spec.rank > 1 and case.spec.output_mode == "norm_reduce":
         # MIMO's default takes the same-step q'.k' from bf16 operands (upstream's precision): a
         # token whose y cancels there keeps an O(1) error through the scale-invariant norm, which

@@ -106,7 +106,7 @@ def scan_chunk_output_kernel(
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
-    ESPLIT: tl.constexpr = 1,
+    ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -150,8 +150,12 @@ def scan_chunk_output_kernel(
             eslot = _first_slot(seq, bos, NSEG2, SEGLEN // ESPLIT, VARLEN) + seg * ESPLIT
             s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
                                  PAIR_HALF)
-            s0 = tl.trans(s0)
-            s1 = tl.trans(s1)
+            if not PMAJOR:
+                s0 = tl.trans(s0)
+                s1 = tl.trans(s1)
+        elif PMAJOR:
+            s0 = tl.zeros([BP, NHP], dtype=tl.float32)
+            s1 = tl.zeros([BP, NHP], dtype=tl.float32)
         else:
             s0 = tl.zeros([NHP, BP], dtype=tl.float32)
             s1 = tl.zeros([NHP, BP], dtype=tl.float32)
@@ -248,10 +252,15 @@ def scan_chunk_output_kernel(
             diff = tl.minimum(cs[:, None] - cs[None, :], 0.0)
             wgt = tl.where(ti > tj, tl.exp(diff) * scale[None, :],
                            tl.where(ti == tj, gamma[:, None], 0.0))
-            y = _mm(sc * wgt, vt, DT, DOT_F32, INTERP)
-            # inter-chunk: the carried state, decayed to each row's token
-            inter = _mm(q0, s0, DT, DOT_F32, INTERP) + _mm(q1, s1, DT, DOT_F32, INTERP)
-            y += tl.exp(cs)[:, None] * inter
+            if PMAJOR:   # y^T = vt^T (sc o W)^T + e^{cs} S q^T: P rows, warpgroup MMAs on the S tile
+                yt = _mm(tl.trans(vt), tl.trans(sc * wgt), DT, DOT_F32, INTERP)
+                inter = _mm(s0, tl.trans(q0), DT, DOT_F32, INTERP) + _mm(s1, tl.trans(q1), DT, DOT_F32, INTERP)
+                y = tl.trans(yt + tl.exp(cs)[None, :] * inter)
+            else:
+                y = _mm(sc * wgt, vt, DT, DOT_F32, INTERP)
+                # inter-chunk: the carried state, decayed to each row's token
+                inter = _mm(q0, s0, DT, DOT_F32, INTERP) + _mm(q1, s1, DT, DOT_F32, INTERP)
+                y += tl.exp(cs)[:, None] * inter
             if HAS_D:
                 y += dval * vt.to(tl.float32)
             # output mode
@@ -292,8 +301,12 @@ def scan_chunk_output_kernel(
             wk = tl.exp(T - cs) * scale
             vw = vt.to(tl.float32) * wk[:, None]
             decay = tl.exp(T)
-            s0 = s0 * decay + _mm(tl.trans(k0), vw, DT, DOT_F32, INTERP)
-            s1 = s1 * decay + _mm(tl.trans(k1), vw, DT, DOT_F32, INTERP)
+            if PMAJOR:
+                s0 = s0 * decay + _mm(tl.trans(vw), k0, DT, DOT_F32, INTERP)
+                s1 = s1 * decay + _mm(tl.trans(vw), k1, DT, DOT_F32, INTERP)
+            else:
+                s0 = s0 * decay + _mm(tl.trans(k0), vw, DT, DOT_F32, INTERP)
+                s1 = s1 * decay + _mm(tl.trans(k1), vw, DT, DOT_F32, INTERP)
             if PREFETCH:
                 q0r, q1r, k0r, k1r, vr, zr = nq0, nq1, nk0, nk1, nv, nz
                 sa, sdt, sdtn, str_, strn, araw = na, ndt, ndtn, ntr, ntrn, nang

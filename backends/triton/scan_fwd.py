@@ -467,7 +467,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         HAS_MO=mo4 is not None, MODE=mode4,
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
-                        EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), **dotc),
+                        EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
+                        **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
     if split:
