@@ -96,7 +96,8 @@ def test_pairwise_grid(i, rng):
                BIAS_RELOAD=i % 4 in (1, 2),  # biases re-read per chunk in phase 4 or held
                STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4],  # phase 2 in longer chunks
                STATE_SPLIT=(1, 2, 4)[(i // 2) % 3],  # phases 2-3 on sub-segments
-               PMAJOR=(i // 3) % 2 == 1)  # phase 4's products with P as the rows (the state tile as S)
+               PMAJOR=(i // 3) % 2 == 1,  # phase 4's products with P as the rows (the state tile as S)
+               ANG_TOK=i % 4 == 2)  # MIMO: phase 4's angles once per token (rows without ELL)
     if case.spec.rank > 1 and case.spec.output_mode == "norm_reduce":
         # MIMO's default takes the same-step q'.k' from bf16 operands (upstream's precision): a
         # token whose y cancels there keeps an O(1) error through the scale-invariant norm, which
@@ -178,7 +179,7 @@ def test_wider_states_and_load_orders(N, A, pairing, R, prefetch, rng):
     C = max(1, 16 // sf._rp(spec))
     cfg = dict(sf.default_config(spec, None), CHUNK=C, SEG=2, BLOCK_P=16, num_warps=4, STATE_CHUNK=2 * C,
                PREFETCH=prefetch, STATE_PREFETCH=bool(prefetch), GATES=True, BIAS_RELOAD=prefetch == 2,
-               ELL=prefetch == 1)
+               ELL=prefetch == 1, ANG_TOK=R > 1, PMAJOR=R > 1 and prefetch != 3)
     rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
     assert rep.ok, rep.table()
     seg_rep = compare_segments(case, scratch)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_math, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _first_slot, _load_state,
+from .scan_common import (_angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _first_slot, _load_state,
                           _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw,
                           _sigmoid)
 
@@ -60,7 +60,7 @@ def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_p
            R: tl.constexpr, N: tl.constexpr, NH: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
            AP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, PAIR_HALF: tl.constexpr,
            TRAP: tl.constexpr, HAS_Z: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr,
-           SCAL: tl.constexpr):
+           SCAL: tl.constexpr, ANG_TOK: tl.constexpr = False):
     """Every global load of one chunk [tc, tc + C) (all masked past the sequence's end)."""
     tok = tc + rt
     rmask = (tok < eos) & (rr < R)
@@ -79,7 +79,7 @@ def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_p
             if ELL:
                 araw = _ell_raw(ell_ptr, bh, tc, eos, A, C, RP, j.shape[0])
             else:
-                araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, 1 if ANG_TOK else RP, AP)
         else:
             araw = sa
     else:  # placeholders (PREFETCH == 2 loads these in the chunk's own turn)
@@ -106,7 +106,7 @@ def scan_chunk_output_kernel(
     HAS_ENTRY: tl.constexpr, VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
-    ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False,
+    ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False, ANG_TOK: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -171,7 +171,8 @@ def scan_chunk_output_kernel(
             q0r, q1r, k0r, k1r, vr, zr, sa, sdt, sdtn, str_, strn, araw = _loads(
                 q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
                 v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, t0, eos, rt, rr, j,
-                p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z and PREFETCH != 3, ELL, GATES, PREFETCH != 2)
+                p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z and PREFETCH != 3, ELL, GATES, PREFETCH != 2,
+                ANG_TOK)
         for ci in range(0, nck):
             tc = t0 + ci * C
             tok = tc + rt
@@ -185,7 +186,7 @@ def scan_chunk_output_kernel(
                     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base,
                     v_base, z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, tc + C, eos,
                     rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, HAS_Z and PREFETCH != 3, ELL, GATES,
-                    PREFETCH != 2)
+                    PREFETCH != 2, ANG_TOK)
                 if PREFETCH == 3 and HAS_Z:  # z (needed last) in its turn, issued first
                     zr = tl.load(z_ptr + z_base + tok64[:, None] * s_zt + p[None, :],
                                  mask=rmask[:, None] & pm[None, :], other=0.0)
@@ -196,7 +197,7 @@ def scan_chunk_output_kernel(
                         if ELL:
                             xang = _ell_raw(ell_ptr, bh, tc, eos, A, C, RP, NHP)
                         else:
-                            xang = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                            xang = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, 1 if ANG_TOK else RP, AP)
                 else:
                     xa, xdt, xdtn, xtr, xtrn, xang = sa, sdt, sdtn, str_, strn, araw
                 dt, gamma, scale, cs, T, lead = _scalars_math(xa, xdt, xdtn, xtr, xtrn, C, RP, TRAP, GATES)
@@ -205,6 +206,8 @@ def scan_chunk_output_kernel(
                 if A > 0:
                     if ELL:
                         c, s = _cos_sin(xang, FAST_TRIG)
+                    elif ANG_TOK:   # MIMO: once per token, broadcast to the rank rows
+                        c, s, carry = _angles_math_tok(xang, dt_ptr, bh, tc, eos, carry, RP, NHP, FAST_TRIG)
                     else:
                         c, s, carry = _angles_math(xang, dt, carry, C, RP, NHP, FAST_TRIG)
             else:  # loads next to their uses (fewer live registers)
@@ -218,6 +221,9 @@ def scan_chunk_output_kernel(
                 if A > 0:
                     if ELL:
                         c, s = _cos_sin(_ell_raw(ell_ptr, bh, tc, eos, A, C, RP, NHP), FAST_TRIG)
+                    elif ANG_TOK:
+                        araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, 1, AP)
+                        c, s, carry = _angles_math_tok(araw, dt_ptr, bh, tc, eos, carry, RP, NHP, FAST_TRIG)
                     else:
                         araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
                         c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_ell, _angles_math, _angles_raw, _bias_pairs, _cast, _locate, _mm,
+from .scan_common import (_angles_ell, _angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _locate, _mm,
                           _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
                           _store_state, _widen)
 
@@ -44,7 +44,7 @@ def grid(H: int, P: int, BP: int, nslots: int):
 def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt, s_kr,
            s_vt, s_at, tc, eos, rt, rr, j, p, R: tl.constexpr, N: tl.constexpr, NH: tl.constexpr,
            P: tl.constexpr, A: tl.constexpr, AP: tl.constexpr, C: tl.constexpr, RP: tl.constexpr,
-           PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, GATES: tl.constexpr):
+           PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, GATES: tl.constexpr, ANG_TOK: tl.constexpr = False):
     """Every global load of one chunk [tc, tc + C) (all masked past the sequence's end)."""
     tok = tc + rt
     rmask = (tok < eos) & (rr < R)
@@ -54,7 +54,7 @@ def _loads(k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh,
                  mask=rmask[:, None] & (p < P)[None, :], other=0.0)
     sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP, GATES)
     if A > 0:
-        araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+        araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, 1 if ANG_TOK else RP, AP)
     else:
         araw = sa
     return k0r, k1r, vr, sa, sdt, sdtn, str_, strn, araw
@@ -71,6 +71,7 @@ def scan_chunk_state_kernel(
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
     PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr, ESPLIT: tl.constexpr = 1,
+    ANG_TOK: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -114,7 +115,8 @@ def scan_chunk_state_kernel(
         if PREFETCH:
             k0r, k1r, vr, sa, sdt, sdtn, str_, strn, araw = _loads(
                 k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt,
-                s_kr, s_vt, s_at, t0, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, GATES)
+                s_kr, s_vt, s_at, t0, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP, GATES,
+                ANG_TOK)
         for ci in range(0, n_full):
             tc = t0 + ci * C
             tok = tc + rt
@@ -123,14 +125,14 @@ def scan_chunk_state_kernel(
                 nk0, nk1, nv, na, ndt, ndtn, ntr, ntrn, nang = _loads(
                     k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, k_base, v_base, bh, ang_base, s_kt,
                     s_kr, s_vt, s_at, tc + C, eos, rt, rr, j, p, R, N, NH, P, A, AP, C, RP, PAIR_HALF, TRAP,
-                    GATES)
+                    GATES, ANG_TOK)
             else:  # loads next to their uses (fewer live registers)
                 sa, sdt, sdtn, str_, strn = _scalars_raw(adt_ptr, dt_ptr, trap_ptr, bh, tc, eos, C, RP, TRAP,
                                                          GATES)
                 k0r, k1r = _pairs_raw(k_ptr, k_base + tok.to(tl.int64) * s_kt + rr * s_kr, rmask, j, N, NH,
                                       PAIR_HALF)
                 if A > 0:
-                    araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, RP, AP)
+                    araw = _angles_raw(ang_ptr, ang_base, s_at, tc, eos, A, C, 1 if ANG_TOK else RP, AP)
                 vr = tl.load(v_ptr + v_base + tok.to(tl.int64)[:, None] * s_vt + p[None, :],
                              mask=rmask[:, None] & pm[None, :], other=0.0)
             dt, gamma, scale, cs, T, lead = _scalars_math(sa, sdt, sdtn, str_, strn, C, RP, TRAP, GATES)
@@ -140,6 +142,8 @@ def scan_chunk_state_kernel(
                     ell, carry = _angles_ell(araw, dt, carry)
                     _store_ell(ell_ptr, bh, tc, eos, ell, A, C, RP)
                     c, s = _widen(ell, C, RP, NHP, FAST_TRIG)
+                elif ANG_TOK:   # MIMO: once per token, broadcast to the rank rows
+                    c, s, carry = _angles_math_tok(araw, dt_ptr, bh, tc, eos, carry, RP, NHP, FAST_TRIG)
                 else:
                     c, s, carry = _angles_math(araw, dt, carry, C, RP, NHP, FAST_TRIG)
                 k0, k1 = _rotate(k0, k1, c, s)

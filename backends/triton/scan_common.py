@@ -334,6 +334,28 @@ def _widen(ell, C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr, FAST: tl.c
 
 
 @triton.jit
+def _angles_math_tok(raw, dt_ptr, bh, tc, eos, carry, RP: tl.constexpr, NHP: tl.constexpr, FAST: tl.constexpr):
+    """_angles_math for MIMO computed once per token and broadcast to its rank rows: raw [C, AP]
+    (_angles_raw with RP = 1), the tokens' dt read from dt_ptr (the (B, H, L) row bh). cos, sin
+    [C * RP, NHP] and the new carry; the same values as the per-row path (rank rows > 0 add 0
+    there), with 1 / RP of the tanh, cumsum and trig work."""
+    C: tl.constexpr = raw.shape[0]
+    AP: tl.constexpr = raw.shape[1]
+    tok = tc + tl.arange(0, C)
+    dt = tl.load(dt_ptr + bh + tok, mask=tok < eos, other=0.0)
+    ell, new_carry = _angles_ell(raw, dt, carry)
+    c, s = _cos_sin(ell, FAST)
+    if AP < NHP:
+        K: tl.constexpr = NHP // AP
+        first = (tl.arange(0, K) == 0)[None, :, None]
+        c = tl.reshape(tl.where(first, c[:, None, :], 1.0), [C, NHP])
+        s = tl.reshape(tl.where(first, s[:, None, :], 0.0), [C, NHP])
+    c = tl.reshape(tl.broadcast_to(c[:, None, :], [C, RP, NHP]), [C * RP, NHP])
+    s = tl.reshape(tl.broadcast_to(s[:, None, :], [C, RP, NHP]), [C * RP, NHP])
+    return c, s, new_carry
+
+
+@triton.jit
 def _chunk_angles(ang_ptr, ang_base, s_at, tc, eos, dt, carry, lead, A: tl.constexpr,
                   C: tl.constexpr, RP: tl.constexpr, NHP: tl.constexpr, FAST: tl.constexpr):
     """_angles_math of _angles_raw for the chunk [tc, tc + C)."""

@@ -353,6 +353,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
     # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
     ell_on = bool(config.get("ELL")) and run_a and A > 0
+    ang_tok = bool(config.get("ANG_TOK", False)) and _rp(spec) > 1 and not ell_on   # MIMO: angles per token
     # STATE_SPLIT: phases 2-3 on K sub-segments per segment (K times the phase-2 programs);
     # ELL's angles are relative to phase 4's segments, so it keeps K = 1
     K = 1 if ell_on else min(int(config.get("STATE_SPLIT") or 1), SEG)
@@ -413,7 +414,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
                         ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
-                        **dotc),
+                        ANG_TOK=ang_tok, **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
     pbp = config["PASS_BLOCK_P"]
     calls.append(dict(
@@ -468,6 +469,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
+                        ANG_TOK=ang_tok,
                         **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
