@@ -78,6 +78,19 @@ Config keys (`default_config`, `space`):
                space keeps them as a candidate), elsewhere no fallback.
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
                GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
+  PMAJOR       phase 4's products with P as the rows: y^T = vt^T (sc o W)^T + e^{cs} S q^T and
+               S <- e^T S + vw^T k, the state tile (P x N) a warpgroup-MMA accumulator and
+               operand, instead of the rows as M (16-row mma.sync, the state converted to a B
+               operand every chunk). Same math and roundings (operands in the input dtype).
+  ANG_TOK / STATE_ANG_TOK  MIMO, phase 4 / phase 2: the rotary angles (tanh, in-chunk cumsum,
+               cos / sin) once per token, broadcast to its rank rows, instead of once per row.
+  MIMO defaults (16-bit inputs, 4 warps): PMAJOR, STATE_ANG_TOK, and for N >= 128 ANG_TOK
+  with PREFETCH 2 (N <= 64: PREFETCH 1, no ANG_TOK). H100, triton 3.6, MIMO R4 graph ms
+  (bench/results/scan_fwd_mimo_pmajor_angtok_h100_b6155d5.json; old default -> new):
+  B4 L4096 1.883 -> 1.562, B8 L2048 1.653 -> 1.382, B1 L16384 2.172 -> 1.728, B4 L2048
+  0.976 -> 0.801 (phase 2 -27 %, phase 4 -15 %); G8 N64 1.577 -> 1.448 with PMAJOR alone
+  (ANG_TOK in phase 4 lost there: 1.084 -> 1.264 ms, its per-token tile is 4 x 16). SISO
+  keeps the rows as M (PMAJOR 1-3 % slower there, bench/results/scan_fwd_pmajor_h100_aec7f4b.json).
 
 What the backward can use (`forward(..., keep=True)` returns it; the backward issue decides):
   erel (slots, H, P, N)  entry state of each segment, segment frame; with tot/phi below and the
@@ -240,6 +253,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     # one spill-prone corner (R >= 8 with 16-column state halves) schedules better pipelined
     stages = 2 if _rp(spec) >= 8 and bp == 16 else 1
     lean = _lean(spec, bp, nw, stages)
+    mimo = lean and _rp(spec) > 1   # measured there only (see PMAJOR, ANG_TOK above)
     resident = 2 if _pow2(spec.d_state) == 128 and nw == 4 else 4
     seg = _seg(problem, H * npb, C, resident)
     return dict(CHUNK=C, SEG=seg, STATE_SPLIT=_state_split(spec, problem, H * npb, C, seg), BLOCK_P=bp,
@@ -249,14 +263,19 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 SCRATCH="float32" if spec.input_dtype == "float32" else "bfloat16",
                 GATES=True, BIAS_RELOAD=True, PREFETCH=_prefetch(spec) if lean else 0, STATE_PREFETCH=lean,
                 STATE_CHUNK=2 * C if lean else None,
-                EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True)
+                EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True,
+                PMAJOR=mimo, ANG_TOK=mimo and _nhp(spec) >= 64, STATE_ANG_TOK=mimo)
 
 
 def _prefetch(spec) -> int:
     """Phase 4's load order where the pipelined ones may fit (H100, triton 3.6, all spill-free
-    there; bench/results/scan_fwd_prefetch_{g8,mimo}_h100_865ab22.json, scan_fwd_prefetch3_exact_diag_h100_9ca070c.json):
-    SISO N = 128: 3 (0.423 ms at B4 L4096; 1: 0.443, 2: 0.464); MIMO R = 4: 1 (B4 L4096 1.90 ms,
-    3: 2.00, 2: 2.03; B8 L2048 1.64 / 1.79 / 1.76); N = 64: 1 (0.347 / 0.352 / 0.369)."""
+    there; bench/results/scan_fwd_prefetch_{g8,mimo}_h100_865ab22.json, scan_fwd_prefetch3_exact_diag_h100_9ca070c.json,
+    scan_fwd_mimo_pmajor_angtok_h100_b6155d5.json):
+    SISO N = 128: 3 (0.423 ms at B4 L4096; 1: 0.443, 2: 0.464); N = 64: 1 (0.347 / 0.352 / 0.369);
+    MIMO N = 128 with PMAJOR and ANG_TOK: 2 (B4 L4096 1.562 ms; 1: 1.696, 3: 1.689; B8 L2048
+    1.382 / 1.522 / 1.359); MIMO N = 64 with PMAJOR: 1 (1.448; 2: 1.579, 3: 1.670)."""
+    if spec.rank > 1 and _pow2(spec.d_state) >= 128:
+        return 2
     return 1 if spec.rank > 1 or _pow2(spec.d_state) <= 64 else 3
 
 
@@ -272,7 +291,8 @@ def _lean(spec, bp: int, nw: int, stages: int) -> bool:
 
 def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates (at most 16): the default, the default without its spill guard, the
-    other STATE_SPLIT, the phase-4 load orders, SEG x warps x stages, half the chunk."""
+    other STATE_SPLIT, the phase-4 load orders (MIMO: PMAJOR and ANG_TOK flipped), SEG x warps x
+    stages, half the chunk."""
     d = default_config(spec, problem)
     out = [d]
     segs = sorted({max(1, d["SEG"] // 2), d["SEG"], min(4096, d["SEG"] * 2)})
@@ -290,6 +310,11 @@ def space(spec: ScanSpec, problem=None) -> list:
         c = dict(d, PREFETCH=pf)
         if c not in out:
             out.insert(1, c)
+    if _rp(spec) > 1:   # MIMO: the other phase-4 product orientation and angle path
+        for key in ("ANG_TOK", "PMAJOR"):
+            c = dict(d, **{key: not d.get(key, False)})
+            if c not in out:
+                out.insert(1, c)
     c = dict(d, STATE_SPLIT=1 if d.get("STATE_SPLIT", 1) > 1 else 2)   # phase 2's sub-segments
     if c not in out:
         out.insert(1, c)
@@ -321,8 +346,9 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("PREFETCH", 0) not in (0, 1, 2, 3, False, True):
         raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads), 2 (tiles only) or 3 (all but z)",
                       config.get("PREFETCH"))
-    if not isinstance(config.get("SPILL_GUARD", False), bool):
-        raise bad_arg("config.SPILL_GUARD", "True or False", config.get("SPILL_GUARD"))
+    for key in ("SPILL_GUARD", "PMAJOR", "ANG_TOK", "STATE_ANG_TOK"):
+        if not isinstance(config.get(key, False), bool):
+            raise bad_arg(f"config.{key}", "True or False", config.get(key))
     if config.get("SCRATCH", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.SCRATCH", "'bfloat16' or 'float32'", config.get("SCRATCH"))
 
@@ -353,7 +379,9 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
     # ELL: phase 2 stores every token's segment-relative angles (fp32, (B, H, L, A)) and
     # phase 4 reads them instead of recomputing tanh and the in-chunk cumsum
     ell_on = bool(config.get("ELL")) and run_a and A > 0
-    ang_tok = bool(config.get("ANG_TOK", False)) and _rp(spec) > 1 and not ell_on   # MIMO: angles per token
+    # MIMO: angles once per token (phase 4 / phase 2)
+    ang_tok = bool(config.get("ANG_TOK", False)) and _rp(spec) > 1 and not ell_on
+    state_ang_tok = bool(config.get("STATE_ANG_TOK", False)) and _rp(spec) > 1 and not ell_on
     # STATE_SPLIT: phases 2-3 on K sub-segments per segment (K times the phase-2 programs);
     # ELL's angles are relative to phase 4's segments, so it keeps K = 1
     K = 1 if ell_on else min(int(config.get("STATE_SPLIT") or 1), SEG)
@@ -414,7 +442,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
                         ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
-                        ANG_TOK=ang_tok, **dotc),
+                        ANG_TOK=state_ang_tok, **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
     pbp = config["PASS_BLOCK_P"]
     calls.append(dict(
