@@ -404,23 +404,6 @@ def test_post_recompute_config():
         scan_bwd.check_config(siso, dict(scan_bwd.default_config(siso), POST_IMPL="rows"))   # removed key
 
 
-@pytest.mark.parametrize("name", sorted(n for n in POST_CASES if POST_CASES[n][0].rank > 1))
-def test_post_unroll(name):
-    """POST_UNROLL (MIMO: post's rank loops unrolled, each rank's operands loaded and W, M reduced
-    once) against the oracle within the bounds, reading and recomputing qh / ks alike (bitwise
-    equal to each other: the same arithmetic on the same values)."""
-    spec, pr, lens = POST_CASES[name]
-    got = {}
-    for rec in (False, True):
-        cfg = dict(POST_UNROLL=True, POST_RECOMPUTE=rec)
-        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), **cfg))
-        rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name) + 1), lengths=lens,
-                                   bwd_config=cfg)
-        check(rows, case)
-        got[rec] = rows
-    assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
-
-
 def test_double_backward_raises(rng):
     """The backward is first order: asking for a graph of it is an error, not silent zeros."""
     t = _simple_args(rng)

@@ -140,12 +140,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    for key in ("SPILL_GUARD", "POST_RECOMPUTE", "POST_UNROLL"):
+    for key in ("SPILL_GUARD", "POST_RECOMPUTE"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "POST_UNROLL"})
+                                    "POST_RECOMPUTE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -406,8 +406,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             UNROLL=bool(config.get("POST_UNROLL", False)) and R > 1),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),

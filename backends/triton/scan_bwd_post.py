@@ -81,119 +81,6 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _head_unrolled(q_ptr, k_ptr, qb_ptr, kb_ptr, mv_ptr, qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, dkf_ptr,
-                   dq_ptr, dk_ptr, pqb_ptr, pkb_ptr, pmv_ptr, s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vpart,
-                   pid, g, h, H, G, b, t, m64, mm, vm, j, p, pm, cs, sn, gamma, scale, v, dd, acc, sl, is_last,
-                   dtheta, dscale, dgamma, dv, R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                   A: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr, HAS_MV: tl.constexpr,
-                   HAS_KF: tl.constexpr, INTERP: tl.constexpr, RECOMPUTE: tl.constexpr):
-    """post_kernel's work for one head with the rank loops unrolled (config POST_UNROLL, MIMO):
-    every rank's q', k', dy and vt loaded once, W[r, r'] = dy_r . vt_r' and M[r, r'] = q'_r . k'_r'
-    reduced once each and kept in registers (tuples), instead of re-loading the operands and
-    re-reducing W inside the q side's and the k side's rank loops (R^2 loads of k' and q', 2 R^2
-    reductions of W). Same formulas as the loop body; W is taken once for both sides."""
-    jm = j < (N // 2)
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
-    DY = ()
-    VT = ()
-    MVS = ()
-    Q0 = ()
-    Q1 = ()
-    K0 = ()
-    K1 = ()
-    for r in tl.static_range(R):
-        DY = DY + (tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                           other=0.0).to(tl.float32),)
-        if HAS_MV:
-            mvr = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
-            MVS = MVS + (mvr,)
-            VT = VT + (v * mvr[None, :],)
-        else:
-            VT = VT + (v,)
-        y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r, j, N,
-                            PAIR_HALF)
-        Q0 = Q0 + (y0,)
-        Q1 = Q1 + (y1,)
-        x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r * s_kr + g * s_kg, mm, kb_ptr, h * R + r, j, N,
-                            PAIR_HALF)
-        K0 = K0 + (x0,)
-        K1 = K1 + (x1,)
-    W = ()    # W[r * R + r'] = dy_r . vt_r'
-    M = ()    # M[r * R + r'] = q'_r . k'_r'
-    for r in tl.static_range(R):
-        for r2 in tl.static_range(R):
-            W = W + (tl.sum(DY[r] * VT[r2], axis=1),)
-            M = M + (tl.sum(Q0[r] * K0[r2] + Q1[r] * K1[r2], axis=1),)
-    # q side: dq'_r = Rot(-theta) dqh_r + gamma sum_r' W[r, r'] k'_r'
-    for r in tl.static_range(R):
-        grow = ((m64 * R + r) * G + g) * N
-        crow = ((m64 * RC + r) * H + h) * N
-        d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-        if RECOMPUTE:
-            u0, u1 = _rotated(Q0[r], Q1[r], cs, sn, A)
-            u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
-        else:
-            u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-        dtheta += d1 * u0 - d0 * u1
-        e0 = d0 * cs + d1 * sn
-        e1 = d1 * cs - d0 * sn
-        for r2 in tl.static_range(R):
-            w = W[r * R + r2] * gamma
-            e0 += w[:, None] * K0[r2]
-            e1 += w[:, None] * K1[r2]
-        prow = ((pid * H + h) * R + r) * N
-        tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-        tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-        a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-        _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-    # k side: dk'_r' = Rot(-theta)(dks_r' scale + dK_final) + gamma sum_r W[r, r'] q'_r,
-    # dvt_r' = core's + D dy_r' + gamma sum_r M[r, r'] dy_r
-    for r2 in tl.static_range(R):
-        kh0, kh1 = _rotated(K0[r2], K1[r2], cs, sn, A)
-        grow = ((m64 * R + r2) * G + g) * N
-        crow = ((m64 * RC + r2) * H + h) * N
-        f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-        dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-        if RECOMPUTE:
-            u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-        else:
-            u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-        dtheta += f1 * u0 - f0 * u1
-        d0 = f0 * scale[:, None]
-        d1 = f1 * scale[:, None]
-        if HAS_KF:
-            gk0, gk1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
-            dtheta += gk1 * kh0 - gk0 * kh1
-            d0 += gk0
-            d1 += gk1
-        e0 = d0 * cs + d1 * sn
-        e1 = d1 * cs - d0 * sn
-        vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-        dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-        for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
-            dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
-        dvt += dd * DY[r2]
-        for r in tl.static_range(R):
-            w = W[r * R + r2]
-            mqk = M[r * R + r2]
-            dgamma += mqk * w
-            e0 += (gamma * w)[:, None] * Q0[r]
-            e1 += (gamma * w)[:, None] * Q1[r]
-            dvt += (gamma * mqk)[:, None] * DY[r]
-        prow = ((pid * H + h) * R + r2) * N
-        tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-        tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
-        a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-        _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-        if HAS_MV:
-            dv += dvt * MVS[r2][None, :]
-            tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
-        else:
-            dv += dvt
-    return dtheta, dscale, dgamma, dv
-
-
-@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
@@ -203,7 +90,7 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, UNROLL: tl.constexpr = False,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -223,9 +110,6 @@ def post_kernel(
         seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
         is_last = seq_last >= 0
         sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    else:   # unused stand-ins
-        is_last = mm
-        sl = m64
     # the heads of group g one after the other: dQ / dK of the group accumulate in place in
     # this program's own rows (fixed head order: deterministic, no atomics)
     for hh in range(HG):
@@ -245,14 +129,7 @@ def post_kernel(
         dscale = tl.zeros([BT], dtype=tl.float32)
         dgamma = tl.zeros([BT], dtype=tl.float32)
         dv = tl.zeros([BT, PP], dtype=tl.float32)
-        if UNROLL:
-            dtheta, dscale, dgamma, dv = _head_unrolled(
-                q_ptr, k_ptr, qb_ptr, kb_ptr, mv_ptr, qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, dkf_ptr,
-                dq_ptr, dk_ptr, pqb_ptr, pkb_ptr, pmv_ptr, s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vpart,
-                pid, g, h, H, G, b, t, m64, mm, vm, j, p, pm, cs, sn, gamma, scale, v, dd, acc,
-                sl, is_last,
-                dtheta, dscale, dgamma, dv, R, RC, N, P, A, PAIR_HALF, NVP, HAS_MV, HAS_KF, INTERP, RECOMPUTE)
-        for r in range(0 if UNROLL else R):
+        for r in range(R):
             grow = ((m64 * R + r) * G + g) * N
             crow = ((m64 * RC + r) * H + h) * N
             d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
@@ -284,7 +161,7 @@ def post_kernel(
             tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
             a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
             _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-        for r2 in range(0 if UNROLL else R):
+        for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                 h * R + r2, j, N, PAIR_HALF)
             kh0, kh1 = _rotated(x0, x1, cs, sn, A)
