@@ -95,7 +95,7 @@ def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_p
 @triton.jit
 def scan_chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, qb_ptr, kb_ptr, d_ptr,
-    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr,
+    mv_ptr, mz_ptr, mo_ptr, w_ptr, erel_ptr, cu_ptr, out_ptr, ell_ptr, y_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_zb, s_zt, s_zh,
     s_ab, s_at, s_ah,
     L, H, G, S, NSEG, NSEG2, eps,
@@ -107,6 +107,7 @@ def scan_chunk_output_kernel(
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
     ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False, ANG_TOK: tl.constexpr = False,
+    Y_OUT: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -269,6 +270,9 @@ def scan_chunk_output_kernel(
                 y += tl.exp(cs)[:, None] * inter
             if HAS_D:
                 y += dval * vt.to(tl.float32)
+            if Y_OUT:   # the per-rank y before the output mode, fp32 (B, L, R, H, P): the backward's
+                yrow = ((b64 * L + tok64) * R + rr) * H + h
+                tl.store(y_ptr + yrow[:, None] * P + p[None, :], y, mask=rmask[:, None] & pm[None, :])
             # output mode
             if HAS_Z:
                 if PREFETCH:

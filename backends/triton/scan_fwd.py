@@ -359,10 +359,11 @@ def check_config(spec: ScanSpec, config: dict) -> None:
 _TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def plan(spec: ScanSpec, config: dict, t, device=None):
+def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
     """The three kernel calls for the bundle `t` (mamba3_kernels.scan_tensors.ScanTensors, or a
     stand-in with meta tensors for AOT): list of dicts (name, kernel, grid, args, constexprs,
-    num_warps, num_stages, run), plus the scratch tensors."""
+    num_warps, num_stages, run), plus the scratch tensors. y_out: an fp32 (B, L, R, H, P) tensor
+    that phase 4 also fills with the per-rank y before the output mode (the backward's saved y)."""
     check_config(spec, config)
     dev = device if device is not None else t.v.device
     B, L, H, P = t.v.shape
@@ -470,7 +471,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
         num_warps=config.get("pass_num_warps", 4), num_stages=1))
     split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
     if split:  # raw per-rank y (no gate) into an fp32 scratch, then the epilogue
-        ybuf = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
+        ybuf = torch.empty((B, L, R, H, P), dtype=f32, device=dev) if y_out is None else y_out
         out4, mode4, z4, mz4, mo4 = ybuf, _out.MODES["per_rank"], None, None, None
     else:
         ybuf = None
@@ -483,7 +484,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
               ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
               ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
               ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
-              ("ell_ptr", ell),
+              ("ell_ptr", ell), ("y_ptr", y_out if y_out is not None and not split else dummy),
               ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -497,7 +498,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None):
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
-                        ANG_TOK=ang_tok,
+                        ANG_TOK=ang_tok, Y_OUT=y_out is not None and not split,
                         **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
@@ -550,30 +551,33 @@ def _layout(t) -> tuple:
 _GUARD = Guard("scan_fwd")
 
 
-def effective_config(spec: ScanSpec, config: dict, t) -> dict:
-    """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds only:
-    the interpreter has no registers), remembered per spec, config and layout (`aot.Guard`)."""
+def effective_config(spec: ScanSpec, config: dict, t, y_out=None) -> dict:
+    """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (and y_out: phase 4
+    then also stores y; GPU builds only: the interpreter has no registers), remembered per spec,
+    config, layout and y_out's presence (`aot.Guard`)."""
     if not _GUARD.active(config, t.v.device):
         return config
-    return _GUARD.remembered((spec, config, _layout(t)), config,
-                             lambda: spill_free(spec, config, t, _GUARD.gpu_spills))
+    return _GUARD.remembered((spec, config, _layout(t), y_out is not None), config,
+                             lambda: spill_free(spec, config, t, _GUARD.gpu_spills, y_out))
 
 
-def spill_free(spec: ScanSpec, config: dict, t, spills) -> dict:
+def spill_free(spec: ScanSpec, config: dict, t, spills, y_out=None) -> dict:
     """`config` stepped down by `fallback` until no kernel it runs for `t` spills by `spills(call)`
     (the GPU's builds in effective_config; the AOT builds or a stand-in elsewhere), or until
     nothing is left to give up."""
-    return step_down(config, lambda cfg: {c["name"] for c in plan(spec, cfg, t)[0] if c["run"] and spills(c)},
-                     fallback)
+    return step_down(config, lambda cfg: {c["name"] for c in plan(spec, cfg, t, y_out=y_out)[0]
+                                          if c["run"] and spills(c)}, fallback)
 
 
-def forward(spec: ScanSpec, config: dict, t, keep: bool = False):
-    """Write t.out and t.state_out (mamba3_kernels.scan_tensors.ScanTensors). With keep=True
-    return the per-segment scratch (see the module docstring) for tests and the backward."""
+def forward(spec: ScanSpec, config: dict, t, keep: bool = False, y_out=None):
+    """Write t.out and t.state_out (mamba3_kernels.scan_tensors.ScanTensors), and with y_out
+    (fp32 (B, L, R, H, P)) the per-rank y before the output mode, from the same pass (the
+    differentiable scan's saved y). With keep=True return the per-segment scratch (see the
+    module docstring) for tests and the backward."""
     ok, why = supports(spec)
     if not ok:
         raise ValueError(f"spec: expected one the Triton forward supports, got one it does not ({why})")
-    calls, scratch = plan(spec, effective_config(spec, config, t), t)
+    calls, scratch = plan(spec, effective_config(spec, config, t, y_out), t, y_out=y_out)
     for c in calls:
         if c["run"]:
             launch(c)
