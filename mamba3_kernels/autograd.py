@@ -5,9 +5,9 @@ Saved for the backward (the default, `save_y=False`): the inputs themselves, as 
 them (mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
 stride had to be fixed) -- no activation of its own. The per-rank y the output mode's adjoint
 needs (only with Z, MIMO_Out or the norm) is recomputed in the backward by one extra forward.
-`save_y=True` trades memory for that recompute: the forward's phase 4 stores the per-rank y
-(fp32, kept: 4 R H P bytes per token) besides out, from the same pass, and the backward reads it
-(one forward pass less in total). See bench/notes/scan_bwd.md for the bytes per token.
+`save_y=True` trades memory for that recompute: the forward keeps the per-rank y (fp32, 4 R H P
+bytes per token; SISO: phase 4 stores it besides out, MIMO: a per-rank pass and out from it) and
+the backward reads it (one forward pass less in total). See bench/notes/scan_bwd.md for the bytes per token.
 
 Outputs: out, and with final_states=True the four final states (angle, ssm, k, v), all
 differentiable: their upstream gradients (None = 0) enter the backward at each sequence's last
@@ -94,7 +94,7 @@ def grad_forward(spec, problem, t, fwd_cfg, bwd_cfg, save_y):
     """The forward of the differentiable path on bundle `t`; returns the saved per-rank y or None."""
     from .backends.triton import scan_bwd, scan_fwd
     if save_y and scan_bwd.needs_y(spec):   # y once (kept), out from it: no extra pass
-        return scan_bwd.forward_saving_y(spec, t, problem, fwd_cfg)
+        return scan_bwd.forward_saving_y(spec, t, problem, fwd_cfg, bwd_cfg)
     scan_fwd.forward(spec, fwd_cfg, t)
     return None
 

@@ -1,6 +1,7 @@
 """The runtime spill guards' shared machinery (backends/triton/aot.py `Guard`), on CPU.
 
-Every guard (scan_fwd, with and without save_y's y_out, scan_bwd_core, scan_bwd's stages) decides on
+Every guard (scan_fwd, with and without SISO save_y's y_out, scan_bwd_core, scan_bwd's stages and
+MIMO save_y's output kernel) decides on
 the GPU's builds, so here the gate (`Guard.active`: SPILL_GUARD, no interpreter, a CUDA tensor)
 is opened for meta tensors and the JIT's build (`aot.jit_build`) is a stand-in: no kernel is
 built or launched. Checked for each guard: a decision that raises warns and runs the config as
@@ -68,22 +69,32 @@ def _bwd():
     return (lambda cfg: sb.effective_config(spec, cfg, t, grads)), d, spills, dict(d, POST_BT=2)
 
 
+def _save_y():
+    spec, d, t = _bwd_bundle()
+    B, L, H, P = t.v.shape
+    y = torch.empty((B, L, spec.rank, H, P), dtype=torch.float32, device="meta")
+
+    def spills(c):   # save_y's output kernel (MIMO) spills until its block is 4 tokens
+        return c["name"] == "save_y_output_fwd" and c["constexprs"]["BT"] > 4
+    return (lambda cfg: sb.save_y_config(spec, cfg, t, y)), d, spills, dict(d, BT=4)
+
+
 def _fwd_y_out():
-    spec = ScanSpec(rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half", has_d=True, has_z=True,
-                    has_mimo_v=True, has_mimo_z=True, has_mimo_out=True, input_dtype="bfloat16")
+    spec = ScanSpec(d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True, input_dtype="bfloat16")
     prob = Problem(2, 4096, 4, 1, 2)
     d = sf.default_config(spec, prob)
-    assert d["PREFETCH"] == 2
+    assert d["PREFETCH"] == 3
     t = sf.meta_tensors(spec, prob)
     B, L, H, P = t.v.shape
     y = torch.empty((B, L, spec.rank, H, P), dtype=torch.float32, device="meta")
 
-    def spills(c):   # phase 4 spills while it stores y (save_y) with its pipelined load order
-        return c["name"] == "scan_chunk_output" and c["constexprs"]["Y_OUT"] and c["constexprs"]["PREFETCH"] == 2
+    def spills(c):   # phase 4 spills while it stores y (SISO save_y) at its pipelined load orders
+        return c["name"] == "scan_chunk_output" and c["constexprs"]["Y_OUT"] and c["constexprs"]["PREFETCH"] in (2, 3)
     return (lambda cfg: sf.effective_config(spec, cfg, t, y)), d, spills, dict(d, PREFETCH=0)
 
 
-GUARDS = {"scan_fwd": _fwd, "scan_bwd_core": _core, "scan_bwd": _bwd, "scan_fwd y_out": _fwd_y_out}
+GUARDS = {"scan_fwd": _fwd, "scan_bwd_core": _core, "scan_bwd": _bwd, "scan_bwd save_y": _save_y,
+          "scan_fwd y_out": _fwd_y_out}
 
 
 @pytest.fixture

@@ -170,40 +170,45 @@ def test_per_sequence_stages_in_segments(name, spec, pr, lens, rng):
     check(rows, case)
 
 
-@pytest.mark.parametrize("mode", ["norm_reduce", "per_rank", "reduce"])
+@pytest.mark.parametrize("mode", ["norm_reduce", "per_rank", "reduce", "siso-reduce", "siso-norm"])
 def test_save_y(mode, rng):
-    """save_y=True: out, the final states and the kept y from one forward pass (phase 4 stores y
-    too), gradients from the kept y; both checked against the oracle."""
-    kw = dict(MIMO)
-    if mode == "per_rank":
-        kw.pop("has_mimo_out")
-    spec = _spec(rank=2, output_mode=mode, initial_states=True, final_states=True, **kw)
+    """save_y=True (MIMO: the per-rank pass, then the output-mode kernel; SISO below: one pass whose
+    phase 4 stores y too): out, the final states and the gradients from the kept y, against the
+    oracle."""
+    if mode.startswith("siso"):
+        spec = _spec(output_mode="reduce" if mode == "siso-reduce" else "norm_reduce", initial_states=True,
+                     final_states=True, input_dtype="bfloat16")
+    else:
+        kw = dict(MIMO)
+        if mode == "per_rank":
+            kw.pop("has_mimo_out")
+        spec = _spec(rank=2, output_mode=mode, initial_states=True, final_states=True, **kw)
     rows, case = run_grad_case(spec, Problem(1, 10, 2, 1, 1), rng, save_y=True)
     check(rows, case)
 
 
-@pytest.mark.parametrize("mode,split", [("reduce", False), ("per_rank", False), ("norm_reduce", False),
-                                        ("norm_reduce", True)])
-def test_forward_y_out(mode, split, rng):
+@pytest.mark.parametrize("rank,mode,split", [(1, "reduce", False), (1, "norm_reduce", True), (2, "reduce", False),
+                                             (2, "per_rank", False), (2, "norm_reduce", False)])
+def test_forward_y_out(rank, mode, split, rng):
     """save_y's forward: phase 4 stores the per-rank y besides out (or, with NORM_SPLIT, fills y_out
     as its scratch). out is bitwise the plain forward's (same config: the store changes nothing
     else); y (poisoned first) is fully written and matches the per-rank pass the backward would
     otherwise recompute (scan_bwd.compute_y)."""
     from mamba3_kernels.backends.triton import scan_fwd
-    kw = dict(MIMO)
+    kw = dict(MIMO) if rank > 1 else {}
     if mode == "per_rank":
         kw.pop("has_mimo_out")
-    spec = _spec(rank=2, d_state=16, head_dim=32 if split else 16, output_mode=mode, initial_states=True,
+    spec = _spec(rank=rank, d_state=16, head_dim=32 if split else 16, output_mode=mode, initial_states=True,
                  final_states=True, **kw)
     case = scan_case(spec, Problem(2, 37, 2, 1, 2), rng)
     sp = case_spec(case)
-    cfg = dict(scan_fwd.default_config(sp, case.problem), CHUNK=8, SEG=2, BLOCK_P=16,
+    cfg = dict(scan_fwd.default_config(sp, case.problem), CHUNK=16 // rank, SEG=2, BLOCK_P=16,
                NORM_SPLIT=split)
     outs = []
     for with_y in (False, True):
         t = prepare_scan(sp, case.problem, **case.args)
         t.out.fill_(float("nan"))
-        y = torch.full((2, 37, 2, 2, sp.head_dim), float("nan"))
+        y = torch.full((2, 37, rank, 2, sp.head_dim), float("nan"))
         scan_fwd.forward(sp, cfg, t, y_out=y if with_y else None)
         outs.append((t.out.clone(), [x.clone() for x in t.state_out]))
     assert torch.equal(outs[0][0], outs[1][0])

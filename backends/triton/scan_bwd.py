@@ -9,8 +9,9 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
   0  seq_fwd   (scan_bwd_prep.py, grid (S, H))   theta, gamma, scale, pend0 = DT_0 (1 - lam_0)
   1  y         the per-rank y (before the output mode) in fp32: recomputed by the forward
                (`scan_fwd.forward` with a per-rank, no-Z, no-MIMO_Out spec), or the copy the
-               forward kept (scan(..., save_y=True): `forward_saving_y`, whose phase 4 stores y
-               besides out); only when the output mode needs it (Z, MIMO_Out or the norm)
+               forward kept (scan(..., save_y=True): `forward_saving_y`: for R = 1 phase 4 stores y
+               besides out, for R > 1 a per-rank pass and the output-mode kernel); only when the
+               output mode needs it (Z, MIMO_Out or the norm)
   2  output    (scan_bwd_output.py, token-parallel) dy (B,L,R,H,P), dZ, dMIMO_Z/Out, dNormW partials
   3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
   4  core      (scan_bwd_core.py) the strictly causal decayed attention's backward:
@@ -191,17 +192,62 @@ def compute_y(spec: ScanSpec, t, problem=None, fwd_config=None, state_out=None) 
     return y
 
 
-def forward_saving_y(spec: ScanSpec, t, problem=None, fwd_config=None) -> torch.Tensor:
+def forward_saving_y(spec: ScanSpec, t, problem=None, fwd_config=None, config=None) -> torch.Tensor:
     """The forward of scan(..., save_y=True): t.out, the final states and the per-rank y (fp32
-    (B, L, R, H, P), returned: the backward's stage 1 input) from one forward pass, whose phase 4
-    also stores y before the output mode (scan_fwd.forward's y_out). `fwd_config`: the forward's
-    config (default: scan_fwd.default_config)."""
+    (B, L, R, H, P), returned: the backward's stage 1 input). R = 1: one forward pass whose phase 4
+    also stores y before the output mode (scan_fwd.forward's y_out; `fwd_config`: the forward's
+    config). R > 1: the per-rank pass (y and the final states), then out from y by the output mode
+    alone (output_fwd_kernel; `config`: the backward's, for its token block). H100, fwd+bwd graph
+    ms, the two back to back: SISO B4 L4096 3.666 -> 3.565 and B8 L2048 3.557 -> 3.509 with the
+    single pass; MIMO R4 B4 L4096 14.51 -> 14.69 with it (phase 4's rank-reducing output mode plus
+    the y store cost more there than the separate pass and kernel), so MIMO keeps the two."""
     from . import scan_fwd
     B, L, H, P = t.v.shape
+    if spec.rank > 1:
+        y = compute_y(spec, t, problem, state_out=t.state_out)
+        if L:
+            cfg = save_y_config(spec, config or default_config(spec, problem), t, y)
+            launch(save_y_call(spec, cfg, t, y))
+        return y
     y = torch.empty((B, L, spec.rank, H, P), dtype=F32, device=t.v.device)
     if L or t.state_out is not None:
         scan_fwd.forward(spec, fwd_config or scan_fwd.default_config(spec, problem), t, y_out=y)
     return y
+
+
+def save_y_config(spec: ScanSpec, config: dict, t, y) -> dict:
+    """`config`, or with SPILL_GUARD its fallback for save_y's output kernel (`save_y_spill_free`;
+    GPU builds only), remembered per spec, config (the core's overrides aside) and tensor layout
+    (`aot.Guard`)."""
+    if not _GUARD.active(config, t.v.device):
+        return config
+    from .scan_fwd import _layout
+    return _GUARD.remembered(("save_y", spec, _without_core(config), _layout(t)), config,
+                             lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
+
+
+def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
+    """The output-mode forward of save_y (output_fwd_kernel: t.out from the per-rank y) as a
+    call dict, for the launch, the AOT build and the spill guard."""
+    B, L, H, P = t.v.shape
+    zs = t.z.stride() if t.z is not None else (0, 0, 0)
+    d = torch.empty(1, dtype=F32, device=t.v.device)
+    opt = lambda x: d if x is None else x  # noqa: E731
+    return dict(
+        name="save_y_output_fwd", kernel=_outk.output_fwd_kernel, grid=_outk.grid(B * L, H, config["BT"]),
+        args=[("y_ptr", y), ("z_ptr", opt(t.z)), ("mz_ptr", opt(t.mimo_z)), ("mo_ptr", opt(t.mimo_out)),
+              ("w_ptr", opt(t.norm_weight)), ("out_ptr", t.out), ("s_zb", zs[0]), ("s_zt", zs[1]), ("s_zh", zs[2]),
+              ("BL", B * L), ("L", L), ("H", H), ("eps", float(spec.norm_eps))],
+        constexprs=dict(R=spec.rank, P=P, PP=max(2, _pow2(P)), BT=config["BT"], MODE=_outk.MODES[spec.output_mode],
+                        HAS_Z=t.z is not None, HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
+                        INTERP=_interpret()),
+        num_warps=config["num_warps"])
+
+
+def save_y_spill_free(spec: ScanSpec, config: dict, t, y, spills) -> dict:
+    """`config` with the save_y output kernel's token block halved while its build spills."""
+    return step_down(config, lambda c: {"save_y_output_fwd"} if spills(save_y_call(spec, c, t, y)) else set(),
+                     fallback)
 
 
 # ------------------------------------------------------------------------------------------
@@ -481,12 +527,12 @@ class _Timer:
 
 def fallback(config: dict, spilled) -> dict:
     """The config to try after `config` when the stage kernels named in `spilled` spill: half
-    the token block of each (post: POST_BT; prep, output: BT; the per-sequence loops: SEQ_BT),
+    the token block of each (post: POST_BT; prep, output, save_y's output: BT; the per-sequence loops: SEQ_BT),
     down to 2 / 4 / 32 tokens; None when nothing is left to give up."""
     c = dict(config)
     if "bwd_post" in spilled and c["POST_BT"] > 2:
         c["POST_BT"] //= 2
-    if ("bwd_prep" in spilled or "bwd_output" in spilled) and c["BT"] > 4:
+    if ("bwd_prep" in spilled or "bwd_output" in spilled or "save_y_output_fwd" in spilled) and c["BT"] > 4:
         c["BT"] //= 2
     if ("bwd_seq_fwd" in spilled or "bwd_seq_bwd" in spilled) and c["SEQ_BT"] > 32:
         c["SEQ_BT"] //= 2
@@ -520,7 +566,7 @@ def spill_free(spec: ScanSpec, config: dict, t, grads: dict, spills, device) -> 
     return step_down(config, spilled_of, fallback)
 
 
-_GUARD = Guard("scan_bwd")   # the stage guard
+_GUARD = Guard("scan_bwd")   # the stage guard and save_y's
 
 
 def _without_core(config: dict) -> dict:
@@ -684,8 +730,13 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     calls, ccfg = stage_calls(spec, config, t, grads, "meta")
     RC = _pow2(R)
     odt = op_dtype(spec, config)
+    if needs_y(spec) and R > 1:   # scan(..., save_y=True)'s output-mode forward, after its own guard
+        ycfg = config
+        if config.get("SPILL_GUARD"):
+            ycfg = save_y_spill_free(spec, config, t, grads["_y"], lambda c: build([c], arch)[0]["spills"] > 0)
+        calls.append(save_y_call(spec, ycfg, t, grads["_y"]))
     res = build(calls, arch)
-    if needs_y(spec):   # scan(..., save_y=True)'s forward: phase 4 storing y too, after the forward's guard
+    if needs_y(spec) and R == 1:   # scan(..., save_y=True)'s forward: phase 4 storing y too, after its guard
         from . import scan_fwd
         fcfg = scan_fwd.default_config(spec, problem)
         if fcfg.get("SPILL_GUARD"):

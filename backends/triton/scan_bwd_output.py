@@ -133,3 +133,51 @@ def output_bwd_kernel(
 
 def grid(BL: int, H: int, BT: int):
     return (triton.cdiv(max(BL, 1), BT), H)
+
+
+@triton.jit
+def output_fwd_kernel(
+    y_ptr, z_ptr, mz_ptr, mo_ptr, w_ptr, out_ptr,
+    s_zb, s_zt, s_zh, BL, L, H, eps,
+    R: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, INTERP: tl.constexpr,
+):
+    """The output mode itself (SPEC §3) on the per-rank y, for scan(..., save_y=True) with R > 1:
+    the forward computes y once (per-rank pass, kept for the backward) and out from it here (for
+    R = 1 phase 4 stores y besides out instead: scan_bwd.forward_saving_y says why)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    m64, mm, p, pm, msk = _token_block(pid, BT, BL, P, PP)
+    if HAS_Z:
+        b = m64 // L
+        t = m64 % L
+        zz = tl.load(z_ptr + (b * s_zb + t * s_zt + h * s_zh)[:, None] + p[None, :], mask=msk,
+                     other=0.0).to(tl.float32)
+    if MODE == 2:
+        w = tl.load(w_ptr + h * P + p, mask=pm, other=0.0)
+    acc = tl.zeros([BT, PP], dtype=tl.float32)
+    OT = out_ptr.dtype.element_ty
+    for r in range(R):
+        row = ((m64 * R + r) * H + h)[:, None] * P + p[None, :]
+        y = tl.load(y_ptr + row, mask=msk, other=0.0)
+        if HAS_MO:
+            mo = tl.load(mo_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+        else:
+            mo = 1.0
+        if HAS_Z:
+            if HAS_MZ:
+                u = zz * tl.load(mz_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+            else:
+                u = zz
+            gate = u * _sigmoid(u)
+        else:
+            gate = 1.0
+        if MODE == 1:
+            tl.store(out_ptr + row, _cast(y * gate, OT, INTERP), mask=msk)
+        elif MODE == 0:
+            acc += y * gate * mo
+        else:
+            rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / P + eps)
+            acc += y * rstd[:, None] * w[None, :] * gate * mo
+    if MODE != 1:
+        tl.store(out_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(acc, OT, INTERP), mask=msk)
