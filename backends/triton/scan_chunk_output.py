@@ -24,16 +24,20 @@ Grid: (H * cdiv(P, BP), number of segment slots); heads vary fastest (shared Q/K
 With STATE_SPLIT (ESPLIT) > 1 the entry states come per sub-segment of phases 2-3; a
 segment's is that of its first sub-segment.
 Registers: the N x BP (transposed) state (fp32), two N/2-wide pair halves of q and k per chunk, the
-ROWS x ROWS scores and the ROWS x BP output tile (ROWS = C * pow2(R)).
+ROWS x ROWS scores and the ROWS x BP output tile (ROWS = C * pow2(R)). With PMAJOR the state is
+held BP x N and the products are taken transposed (y^T = vt^T (sc o W)^T + e^{cs} S q^T, S += vw^T
+k): P is the MMA's M, so the state stays a warpgroup-MMA accumulator / operand (MIMO's default;
+scan_fwd.py). With ANG_TOK (MIMO) the angles are computed per token and broadcast to the rank
+rows; with Y_OUT the per-rank y is also stored before the output mode (SISO save_y).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw, _first_slot, _load_state,
-                          _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw,
-                          _sigmoid)
+from .scan_common import (_angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw,
+                          _first_slot, _load_state, _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math,
+                          _scalars_raw, _sigmoid)
 
 MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_common import (_angles_ell, _angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _locate, _mm,
-                          _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
+from .scan_common import (_angles_ell, _angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _locate,
+                          _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
                           _store_state, _widen)
 
 
