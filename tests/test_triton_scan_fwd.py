@@ -97,7 +97,8 @@ def test_pairwise_grid(i, rng):
                STATE_CHUNK=cfg["CHUNK"] * (1, 2, 1, 4)[i % 4],  # phase 2 in longer chunks
                STATE_SPLIT=(1, 2, 4)[(i // 2) % 3],  # phases 2-3 on sub-segments
                PMAJOR=(i // 3) % 2 == 1,  # phase 4's products with P as the rows (the state tile as S)
-               ANG_TOK=i % 4 == 2)  # MIMO: phase 4's angles once per token (rows without ELL)
+               ANG_TOK=i % 4 == 2,  # MIMO: phase 4's angles once per token (rows without ELL)
+               STATE_ANG_TOK=i % 4 == 1)  # ... and phase 2's
     if case.spec.rank > 1 and case.spec.output_mode == "norm_reduce":
         # MIMO's default takes the same-step q'.k' from bf16 operands (upstream's precision): a
         # token whose y cancels there keeps an O(1) error through the scale-invariant norm, which
@@ -179,7 +180,24 @@ def test_wider_states_and_load_orders(N, A, pairing, R, prefetch, rng):
     C = max(1, 16 // sf._rp(spec))
     cfg = dict(sf.default_config(spec, None), CHUNK=C, SEG=2, BLOCK_P=16, num_warps=4, STATE_CHUNK=2 * C,
                PREFETCH=prefetch, STATE_PREFETCH=bool(prefetch), GATES=True, BIAS_RELOAD=prefetch == 2,
-               ELL=prefetch == 1, ANG_TOK=R > 1, PMAJOR=R > 1 and prefetch != 3)
+               ELL=prefetch == 1, ANG_TOK=R > 1, STATE_ANG_TOK=R > 1, PMAJOR=R > 1 and prefetch != 3)
+    rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
+    assert rep.ok, rep.table()
+    seg_rep = compare_segments(case, scratch)
+    assert seg_rep.ok, seg_rep.table()
+
+
+@here
+@pytest.mark.parametrize("ang_tok", [False, True])
+def test_mimo_angle_carry_across_chunks(ang_tok, rng):
+    """MIMO phases 2 and 4 walking several chunks per segment (the angle carry crosses chunks in
+    both), with the angles per (token, rank) row or once per token (ANG_TOK / STATE_ANG_TOK);
+    outputs, final states and the per-segment scratch against the oracle."""
+    spec = ScanSpec(d_state=32, head_dim=16, rank=2, n_angles=8, pairing="half", has_d=True, has_z=True,
+                    final_states=True, input_dtype="bfloat16", **MIMO)
+    case = scan_case(spec, Problem(1, 150, 2, 1, 1), rng)
+    cfg = dict(sf.default_config(spec, None), CHUNK=8, SEG=4, BLOCK_P=16, num_warps=4, STATE_CHUNK=8,
+               STATE_SPLIT=1, ANG_TOK=ang_tok, STATE_ANG_TOK=ang_tok, PMAJOR=ang_tok)
     rep, _, scratch = run_scan(sf.forward, case, cfg, keep=True)
     assert rep.ok, rep.table()
     seg_rep = compare_segments(case, scratch)

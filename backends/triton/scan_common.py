@@ -340,16 +340,9 @@ def _angles_math_tok(raw, dt_ptr, bh, tc, eos, carry, RP: tl.constexpr, NHP: tl.
     [C * RP, NHP] and the new carry; the same values as the per-row path (rank rows > 0 add 0
     there), with 1 / RP of the tanh, cumsum and trig work."""
     C: tl.constexpr = raw.shape[0]
-    AP: tl.constexpr = raw.shape[1]
     tok = tc + tl.arange(0, C)
     dt = tl.load(dt_ptr + bh + tok, mask=tok < eos, other=0.0)
-    ell, new_carry = _angles_ell(raw, dt, carry)
-    c, s = _cos_sin(ell, FAST)
-    if AP < NHP:
-        K: tl.constexpr = NHP // AP
-        first = (tl.arange(0, K) == 0)[None, :, None]
-        c = tl.reshape(tl.where(first, c[:, None, :], 1.0), [C, NHP])
-        s = tl.reshape(tl.where(first, s[:, None, :], 0.0), [C, NHP])
+    c, s, new_carry = _angles_math(raw, dt, carry, C, 1, NHP, FAST)   # per token: [C, NHP]
     c = tl.reshape(tl.broadcast_to(c[:, None, :], [C, RP, NHP]), [C * RP, NHP])
     s = tl.reshape(tl.broadcast_to(s[:, None, :], [C, RP, NHP]), [C * RP, NHP])
     return c, s, new_carry

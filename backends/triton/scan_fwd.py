@@ -470,6 +470,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         INTERP=_interpret()),
         num_warps=config.get("pass_num_warps", 4), num_stages=1))
     split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
+    y_store = y_out is not None and not split   # phase 4 stores y itself (with the split, y_out is its scratch)
     if split:  # raw per-rank y (no gate) into an fp32 scratch, then the epilogue
         ybuf = torch.empty((B, L, R, H, P), dtype=f32, device=dev) if y_out is None else y_out
         out4, mode4, z4, mz4, mo4 = ybuf, _out.MODES["per_rank"], None, None, None
@@ -484,7 +485,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
               ("qb_ptr", t.q_bias), ("kb_ptr", t.k_bias), ("d_ptr", opt(t.d)),
               ("mv_ptr", opt(t.mimo_v)), ("mz_ptr", opt(mz4)), ("mo_ptr", opt(mo4)),
               ("w_ptr", opt(t.norm_weight)), ("erel_ptr", erel), ("cu_ptr", cu), ("out_ptr", out4),
-              ("ell_ptr", ell), ("y_ptr", y_out if y_out is not None and not split else dummy),
+              ("ell_ptr", ell), ("y_ptr", y_out if y_store else dummy),
               ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
               ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
               ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -498,7 +499,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
-                        ANG_TOK=ang_tok, Y_OUT=y_out is not None and not split,
+                        ANG_TOK=ang_tok, Y_OUT=y_store,
                         **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
