@@ -5,7 +5,8 @@ each replayed from a CUDA graph (bench/scan_bwd.py's graph_ms), alternating A, B
     PYTHONPATH=$PWD python bench/scan_bwd_ab.py --b '{"POST_RECOMPUTE": true}' \
         [--a '{"POST_RECOMPUTE": false}'] [--kinds siso,mimo] [--only B4-L4096-H32] [--out f.json]
 
---a / --b: JSON overrides of the backward's default config (the `bwd_config` of mamba3_kernels.scan).
+--a / --b: JSON overrides of the backward's default config (the `bwd_config` of mamba3_kernels.scan);
+--b may be repeated (several candidates, each compared with A; timings alternate A, B1, B2, ...).
 """
 import argparse
 import json
@@ -39,28 +40,32 @@ def compare(ga, gb):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", default="{}")
-    ap.add_argument("--b", required=True)
+    ap.add_argument("--b", required=True, action="append")
     ap.add_argument("--kinds", default="siso,mimo")
     ap.add_argument("--only", default="")
     ap.add_argument("--reps", type=int, default=2, help="graph timings of each, alternating")
     ap.add_argument("--out", default="scan_bwd_ab.json")
     args = ap.parse_args()
-    ca, cb = json.loads(args.a), json.loads(args.b)
+    ca, cbs = json.loads(args.a), [json.loads(b) for b in args.b]
     rows = []
     for kind, label, a, dout in bench_cases(args.kinds, args.only):
-        run_a, run_b = ours_fwd(kind, bwd_config=ca or None), ours_fwd(kind, bwd_config=cb)
-        cmp = compare(grads(run_a, a, dout), grads(run_b, a, dout))
-        ta, tb = [], []
+        run_a = ours_fwd(kind, bwd_config=ca or None)
+        runs = [ours_fwd(kind, bwd_config=cb) for cb in cbs]
+        ga = grads(run_a, a, dout)
+        cmps = [compare(ga, grads(run_b, a, dout)) for run_b in runs]
+        ta, tbs = [], [[] for _ in cbs]
         for _ in range(args.reps):
             ta.append(graph_ms(run_a, a, dout))
-            tb.append(graph_ms(run_b, a, dout))
-        row = dict(kind=kind, shape=label, a=ca, b=cb, a_ms=min(ta), b_ms=min(tb), a_all=ta, b_all=tb,
-                   all_equal=all(c["equal"] for c in cmp.values()), grads=cmp)
-        rows.append(row)
-        print(f"{kind} {label:22s} A {row['a_ms']:.3f} ms  B {row['b_ms']:.3f} ms  "
-              f"B/A {row['b_ms'] / row['a_ms']:.3f}  grads equal: {row['all_equal']}"
-              + ("" if row["all_equal"] else f" (max rel {max(c['max_rel'] for c in cmp.values()):.2e})"),
-              flush=True)
+            for run_b, tb in zip(runs, tbs):
+                tb.append(graph_ms(run_b, a, dout))
+        for cb, cmp, tb in zip(cbs, cmps, tbs):
+            row = dict(kind=kind, shape=label, a=ca, b=cb, a_ms=min(ta), b_ms=min(tb), a_all=ta, b_all=tb,
+                       all_equal=all(c["equal"] for c in cmp.values()), grads=cmp)
+            rows.append(row)
+            print(f"{kind} {label:22s} A {row['a_ms']:.3f} ms  B {row['b_ms']:.3f} ms  "
+                  f"B/A {row['b_ms'] / row['a_ms']:.3f}  grads equal: {row['all_equal']}"
+                  + ("" if row["all_equal"] else f" (max rel {max(c['max_rel'] for c in cmp.values()):.2e})")
+                  + f"  B = {json.dumps(cb)}", flush=True)
     write_report(args.out, rows)
 
 
