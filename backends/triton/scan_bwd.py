@@ -102,8 +102,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
-                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8,
-                CORE_DTHETA=spec.n_angles > 0, CORE_GRADS="operand")
+                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
@@ -142,14 +141,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    for key in ("SPILL_GUARD", "POST_RECOMPUTE", "CORE_DTHETA"):
+    for key in ("SPILL_GUARD", "POST_RECOMPUTE"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
-    if config.get("CORE_GRADS", "float32") not in ("float32", "operand"):
-        raise bad_arg("config.CORE_GRADS", "'float32' or 'operand'", config.get("CORE_GRADS"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "CORE_DTHETA", "CORE_GRADS"})
+                                    "POST_RECOMPUTE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -163,57 +160,6 @@ def op_dtype(spec: ScanSpec, config=None):
     if spec.input_dtype == "float32" or (config or {}).get("OPERANDS") == "float32":
         return F32
     return torch.bfloat16
-
-
-def core_dtheta(spec: ScanSpec, config: dict) -> bool:
-    """Whether the core writes the angle gradient's terms (config CORE_DTHETA, where it can: the
-    Triton core, with angles; post then skips them and reads no qh / ks). The float64 reference
-    core (CORE_IMPL="reference", tests) returns its gradients only: post takes the terms there."""
-    return bool(config.get("CORE_DTHETA", False)) and dtheta_in_core_ok(spec, config)
-
-
-def dtheta_in_core_ok(spec: ScanSpec, config: dict) -> bool:
-    return config.get("CORE_IMPL", "triton") == "triton" and spec.n_angles > 0
-
-
-def core_layout_half(spec: ScanSpec, config: dict) -> bool:
-    """The column layout of the core's operands and state (OPH of prep and post): the inputs'
-    pairing, except that with CORE_DTHETA a half-pairing spec's operands are stored interleaved
-    (the core finds each pair inside one N block; the states it exchanges are permuted to match,
-    `_to_core_cols`)."""
-    return spec.pairing == "half" and not core_dtheta(spec, config)
-
-
-def _core_perm(N: int, dev):
-    """Core column c of the interleaved layout holds the half layout's column perm[c]."""
-    h = torch.arange(N // 2, device=dev)
-    return torch.stack([h, h + N // 2], dim=1).reshape(N)
-
-
-def _to_core_cols(x, spec, config):
-    """(.., N) state tensors in the inputs' column layout -> the core's (see core_layout_half)."""
-    if x is None or spec.pairing != "half" or core_layout_half(spec, config):
-        return x
-    return x[..., _core_perm(spec.d_state, x.device)].contiguous()
-
-
-def _from_core_cols(x, spec, config):
-    if x is None or spec.pairing != "half" or core_layout_half(spec, config):
-        return x
-    out = torch.empty_like(x)
-    out[..., _core_perm(spec.d_state, x.device)] = x
-    return out
-
-
-def core_grad_dtype(spec: ScanSpec, config: dict):
-    """dqh / dks as the core leaves them: fp32, or with CORE_GRADS="operand" the core's operand
-    dtype (half the bytes for 16-bit inputs) where post needs them for dQ, dK, dscale and the
-    biases only: not where post forms the angle terms from them (their reverse cumsum would
-    grow a rounding of dqh / dks like sqrt(L); with CORE_DTHETA the core forms them in fp32)."""
-    if (config.get("CORE_GRADS", "float32") == "operand" and config.get("CORE_IMPL", "triton") == "triton"
-            and (spec.n_angles == 0 or core_dtheta(spec, config))):
-        return op_dtype(spec, config)
-    return F32
 
 
 def needs_y(spec: ScanSpec) -> bool:
@@ -318,7 +264,7 @@ def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
     return out
 
 
-def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu, dtheta=None, grad_dtype=None):
+def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     if config.get("CORE_IMPL", "triton") == "reference":
         return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
     from . import scan_bwd_core as core
@@ -329,7 +275,7 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu, dtheta=None, grad_dtype=N
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
     # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
-                              config=ccfg, want_ds0=True, dvt_partials=True, dtheta=dtheta, grad_dtype=grad_dtype)
+                              config=ccfg, want_ds0=True, dvt_partials=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,7 +359,6 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     PP = max(2, _pow2(P))
     common = dict(R=R, RC=_pow2(R), N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
                   HAS_MV=t.mimo_v is not None, INTERP=interp)
-    oph = core_layout_half(spec, config)
     st = t.state_in
     NSEG, SEGL = seq_segments(config, S, H, L)
     sgrid = (S * NSEG, H)
@@ -457,7 +402,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
-             constexprs=dict(common, OPH=oph), num_warps=nw),
+             constexprs=dict(common), num_warps=nw),
         dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
@@ -474,8 +419,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             DTH_CORE=core_dtheta(spec, config), OPH=oph),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -607,8 +551,7 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
     b = buffers(spec, t, dict(grads, _config=config), device)
     RC = _pow2(R)
     ccfg = dict(_core.default_config(RC, N, P, op_dtype(spec, config)), **(config.get("CORE") or {}))  # as run_core's
-    gdt = core_grad_dtype(spec, config)
-    b["dqh"], b["dks"] = (torch.empty((B, L, RC, H, N), dtype=gdt, device=device) for _ in range(2))
+    b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
     b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
     b["dpend"] = e(S, H) if spec.initial_states else None
     return plan(spec, config, t, b, device=device), ccfg
@@ -689,13 +632,10 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     if st is not None:
         vinit = st.v.to(F32)
         s0 = st.ssm + b["pend"][:, :, None, None] * torch.einsum("shp,hrp,srhn->shpn", vinit, mv, st.k)
-    core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], _to_core_cols(s0, spec, config),
-                    _to_core_cols(g["ssm"], spec, config), t.cu_seqlens,
-                    dtheta=b["dtheta"] if core_dtheta(spec, config) else None,
-                    grad_dtype=core_grad_dtype(spec, config))
+    core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens)
     b["dqh"], b["dks"], b["dvt"] = core["dqh"].contiguous(), core["dks"].contiguous(), core["dvt"].contiguous()
     tm.mark("4 core")
-    ds0 = _from_core_cols(core["ds0"], spec, config)
+    ds0 = core["ds0"]
     if st is not None:
         # d/dpend0 of <ds0, pend0 sum_r vt_init,r k_init,r^T>, consumed by seq_bwd at token 0
         kd = torch.einsum("shpn,srhn->shrp", ds0, st.k)                       # (S, H, R, P)
@@ -807,8 +747,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     if core and L:   # as the GPU would run it: after the core's spill guard (AOT builds standing in)
         _, ks = _core.compile_guarded(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
                                       s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
-                                      arch=arch, angles=A if core_dtheta(spec, config) else 0,
-                                      grad_dtype=core_grad_dtype(spec, config))
+                                      arch=arch)
         for k in ks:
             res.append(dict(k, name="core:" + k["name"]))
     return res

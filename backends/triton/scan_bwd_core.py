@@ -218,38 +218,19 @@ def _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens):
     return B, L, R, H, N, P, S
 
 
-def _check_dtheta(dtheta, B, L, H, N) -> int:
-    """A, the number of angle pairs dq / dkv write dtheta terms for (0: no dtheta)."""
-    if dtheta is None:
-        return 0
-    if (dtheta.dim() != 4 or tuple(dtheta.shape[:3]) != (B, L, H) or not 1 <= dtheta.shape[3] <= N // 2
-            or dtheta.dtype != torch.float32 or not dtheta.is_contiguous()):
-        raise ValueError(f"dtheta: expected a contiguous ({B}, {L}, {H}, A) float32 tensor with 1 <= A <= {N // 2}, "
-                         f"got {tuple(dtheta.shape)} {dtheta.dtype}")
-    return dtheta.shape[3]
-
-
 def n_blocks(N: int, config: dict) -> int:
     """How many BLOCK_N-column blocks the state's N columns are split into (dvt's partials)."""
     return _np(N) // min(config["BLOCK_N"], _np(N))
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, dvt_partials=False, dtheta=None, grad_dtype=None):
+         device=None, poison=False, dvt_partials=False):
     """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
     num_stages, run) and the output dict. Tensors must be contiguous (meta tensors for AOT).
     poison: fill the outputs and every scratch tensor with NaN first (tests). dvt_partials:
     out["dvt"] is dvt's N-block partials (NNB, B, L, R, H, P), left unsummed for a consumer
-    that reads dvt once anyway (the scan backward's post stage sums them as it loads).
-    dtheta: None, or a (B, L, H, A) fp32 tensor (A <= N/2) that dq and dkv fill with the angle
-    gradient's terms of the interleaved pairing (see `_dtheta`, scan_bwd_core_chunk.py): from the
-    fp32 dqh / dks and the operands as multiplied, before the outputs are rounded. grad_dtype:
-    dqh's and dks's dtype (default fp32; the operand dtype halves their bytes)."""
+    that reads dvt once anyway (the scan backward's post stage sums them as it loads)."""
     B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
-    A = _check_dtheta(dtheta, B, L, H, N)
-    gdt = torch.float32 if grad_dtype is None else grad_dtype
-    if gdt not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"grad_dtype: expected torch.float32 or torch.bfloat16, got {gdt}")
     dtype = _NAME[qh.dtype]
     dflt = default_config(R, N, P, dtype)
     config = dict(dflt if config is None else config)
@@ -279,7 +260,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)
-    out = {"dqh": e(B, L, R, H, N, dt=gdt), "dks": e(B, L, R, H, N, dt=gdt), "dadt": e(B, H, L),
+    out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
     if dvt_partials:
         out["dvt"] = dvp = e(NNB, B, L, R, H, P)
@@ -287,9 +268,6 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         out["dvt"] = e(B, L, R, H, P)
         dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials
     dummy = e(1)
-    dth = dummy if dtheta is None else dtheta
-    if poison and dtheta is not None:
-        dtheta.fill_(float("nan"))
     cu = cu_seqlens if varlen else torch.zeros(1, dtype=torch.int32, device=dev)
     opt = lambda x: dummy if x is None else x
     dot = {"DOT_F32": dtype == "float32", "INTERP": _interpret()}
@@ -319,22 +297,22 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         {"name": "scan_bwd_core_dqkv", "kernel": _chunk.scan_bwd_core_dqkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("ent_ptr", ent), ("dx_ptr", dx), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]),
-                  ("dks_ptr", out["dks"]), ("dvp_ptr", dvp), ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("dth_ptr", dth),
+                  ("dks_ptr", out["dks"]), ("dvp_ptr", dvp), ("dcs_ptr", dcs), ("dtc_ptr", dtc),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
-         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, A=A, **dot),
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dq", "kernel": _chunk.scan_bwd_core_dq_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
-                  ("dth_ptr", dth), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
-         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, A=A, **dot),
+                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dq_num_stages", stages)},
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
-                  ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("dth_ptr", dth), ("B", B), ("L", L), ("H", H), ("S", S),
-                  ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
-         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, A=A, **dot),
+                  ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
+                  ("NROW", nrow)],
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
@@ -373,24 +351,22 @@ _GUARD = Guard("scan_bwd_core")
 
 
 def effective_config(config: dict, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0,
-                     dvt_partials, dtheta=None, grad_dtype=None) -> dict:
+                     dvt_partials) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for these operands (GPU builds
     only); remembered per config, shapes and options (`aot.Guard`)."""
     if not _GUARD.active(config, qh.device):
         return config
 
     def spilled_of(c):
-        calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials,
-                        dtheta=dtheta, grad_dtype=grad_dtype)
+        calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials)
         return {k["name"] for k in calls if k["run"] and _GUARD.gpu_spills(k)}
     key = (config, qh.shape, vt.shape, qh.dtype, s0 is None, ds_final is None,
-           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials,
-           None if dtheta is None else dtheta.shape[3], grad_dtype)
+           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials)
     return _GUARD.remembered(key, config, lambda: step_down(config, spilled_of, fallback))
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False, dvt_partials=False, dtheta=None, grad_dtype=None):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
     (B, L, R, H, P); adt (B, H, L) fp32; s0, ds_final (B, H, P, N) fp32 or None. Varlen: B == 1,
     cu_seqlens (S+1,) int32 (empty sequences allowed), s0 / ds_final (S, H, P, N). qh/ks/vt/dy
@@ -398,17 +374,15 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
     dvt (B, L, R, H, P) fp32, dadt (B, H, L) fp32, ds0 (B|S, H, P, N) fp32 or None).
     config: default_config(R, N, P, dtype) when None. poison: NaN-fill outputs and scratch
     before the run (tests: every output element must be written, no scratch read unwritten).
-    dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P); dtheta, grad_dtype:
-    the angle gradient's terms written into dtheta, dqh / dks in grad_dtype (see plan)."""
+    dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P) (see plan)."""
     qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
     s0 = None if s0 is None else s0.contiguous()
     ds_final = None if ds_final is None else ds_final.contiguous()
     if config is None:
         config = default_config(qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
-    config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials,
-                              dtheta, grad_dtype)
+    config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
-                      dvt_partials=dvt_partials, dtheta=dtheta, grad_dtype=grad_dtype)
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)
@@ -432,11 +406,10 @@ def compile_guarded(R: int, N: int, P: int, dtype="bfloat16", config=None, **kw)
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,
-            s0=True, ds_final=True, want_ds0=True, arch="sm_90a", angles=0, grad_dtype=None) -> list:
+            s0=True, ds_final=True, want_ds0=True, arch="sm_90a") -> list:
     """AOT-compile every kernel of the core for `arch` without a GPU (run without
     TRITON_INTERPRET). One dict per kernel: name, registers, spills (local + stack bytes per
-    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors;
-    angles > 0: with the dtheta terms of that many pairs (plan's dtheta), grad_dtype as plan's."""
+    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors."""
     from .aot import build, target
     target(arch)
     dt = _TORCH[_NAME.get(dtype, dtype)]
@@ -446,6 +419,5 @@ def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, 
     e = lambda *s, d=torch.float32: torch.empty(s, dtype=d, device="meta")
     calls, _ = plan(e(B, L, R, H, N, d=dt), e(B, L, R, H, N, d=dt), e(B, L, R, H, P, d=dt), e(B, H, L),
                     e(B, L, R, H, P, d=dt), e(S, H, P, N) if s0 else None, e(S, H, P, N) if ds_final else None,
-                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta",
-                    dtheta=e(B, L, H, angles) if angles else None, grad_dtype=grad_dtype)
+                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta")
     return build(calls, arch)

@@ -103,37 +103,12 @@ def _store_dcs(dcs_ptr, part, B, H, L, b, h, tc, eos, x, C: tl.constexpr, RP: tl
 
 
 @triton.jit
-def _dtheta(grad, opnd, dth_ptr, dth_add: tl.constexpr, b, h, H, L, tc, eos, nb, C: tl.constexpr, RP: tl.constexpr,
-            BN: tl.constexpr, A: tl.constexpr):
-    """The angle-gradient terms of one side (config DTHETA: the scan backward's post then skips
-    them), for this N block's pairs (interleaved pairing: columns 2j, 2j + 1 of the block) below
-    A: x_j = g_1 u_0 - g_0 u_1 per row, with g the fp32 gradient of the operand u as the core
-    multiplied it, summed over the ranks of each token, into dtheta (B, L, H, A) fp32; with
-    dth_add the terms are added to what the other side's kernel stored there."""
-    ROWS: tl.constexpr = C * RP
-    HB: tl.constexpr = BN // 2
-    g0, g1 = tl.split(tl.reshape(grad, [ROWS, HB, 2]))
-    u0, u1 = tl.split(tl.reshape(opnd.to(tl.float32), [ROWS, HB, 2]))
-    x = g1 * u0 - g0 * u1
-    if RP > 1:
-        x = tl.sum(tl.reshape(x, [C, RP, HB]), axis=1)
-    tok = tc + tl.arange(0, C)
-    jj = nb * HB + tl.arange(0, HB)
-    off = ((b.to(tl.int64) * L + tok) * H + h)[:, None] * A + jj[None, :]
-    m = (tok < eos)[:, None] & (jj < A)[None, :]
-    if dth_add:
-        x += tl.load(dth_ptr + off, mask=m, other=0.0)
-    tl.store(dth_ptr + off, x, mask=m)
-
-
-@triton.jit
 def scan_bwd_core_dq_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr, dth_ptr,
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
     B, L, H, S, NSEG,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
-    A: tl.constexpr = 0,
 ):
     NNB: tl.constexpr = NP // BN
     SEGLEN: tl.constexpr = SEG * C
@@ -172,10 +147,7 @@ def scan_bwd_core_dq_kernel(
             gm = _mm(d, tl.trans(v), DT, DOT_F32, INTERP) * dec
             sh, sl = _split(st, DT, INTERP, SPLIT)
             inter = tl.exp(cs)[:, None] * _mm_state(d, sh, sl, DT, DOT_F32, INTERP, SPLIT)
-            dq = _mm(gm, kb, DT, DOT_F32, INTERP) + inter
-            if A > 0:   # config DTHETA: the q side's angle-gradient terms (stored first)
-                _dtheta(dq, qb, dth_ptr, False, b, h, H, L, tc, eos, nb, C, RP, BN, A)
-            _store_tile(dqh_ptr, row, rmask, n, _cast(dq, dqh_ptr.dtype.element_ty, INTERP), N)
+            _store_tile(dqh_ptr, row, rmask, n, _mm(gm, kb, DT, DOT_F32, INTERP) + inter, N)
             # d cs: the state term qh_i . (e^{cs_i} S_c^T dy_i), this N block's share
             _store_dcs(dcs_ptr, nb, B, H, L, b, h, tc, eos, tl.sum(qb.to(tl.float32) * inter, axis=1), C, RP)
             vw = v.to(tl.float32) * tl.exp(T - cs)[:, None]
@@ -185,12 +157,10 @@ def scan_bwd_core_dq_kernel(
 @triton.jit
 def scan_bwd_core_dkv_kernel(
     qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr, dcs_ptr, dtc_ptr,
-    dth_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
-    A: tl.constexpr = 0,
 ):
     NNB: tl.constexpr = NP // BN
     SEGLEN: tl.constexpr = SEG * C
@@ -233,10 +203,7 @@ def scan_bwd_core_dkv_kernel(
             gm = sdv * dec
             sh, sl = _split(st, DT, INTERP, SPLIT)
             inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
-            dk = _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter
-            if A > 0:   # config DTHETA: the k side's terms, added to the q side's (dq ran first)
-                _dtheta(dk, kb, dth_ptr, True, b, h, H, L, tc, eos, nb, C, RP, BN, A)
-            _store_tile(dks_ptr, row, rmask, n, _cast(dk, dks_ptr.dtype.element_ty, INTERP), N)
+            _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
             # dvt (this N block's share: the whole dvt when one block holds N)
             a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
             interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
@@ -256,23 +223,22 @@ def scan_bwd_core_dkv_kernel(
 @triton.jit
 def scan_bwd_core_dqkv_kernel(
     qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, dx_ptr, sch_ptr, dqh_ptr, dks_ptr, dvp_ptr,
-    dcs_ptr, dtc_ptr, dth_ptr,
+    dcs_ptr, dtc_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
-    A: tl.constexpr = 0,
 ):
     """dq's walk, then dkv's, in one program (config FUSED): the chunk entry states S_c that
     the first walk writes and the second reads, and the chunk tiles both load, are still in
     L2 when the segment is short enough (SEG_SCALE < 1)."""
     scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
-                            dth_ptr, B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
-                            SPLIT, USPLIT, A)
-    tl.debug_barrier()   # this program's S_c (and dtheta) stores visible to all its threads before the reads
+                            B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
+                            SPLIT, USPLIT)
+    tl.debug_barrier()   # this program's S_c stores visible to all its threads before the reads
     scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr,
-                             dcs_ptr, dtc_ptr, dth_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN, P, PP, C,
-                             SEG, VARLEN, DOT_F32, INTERP, SPLIT, USPLIT, A)
+                             dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN, P, PP, C, SEG,
+                             VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
 
 
 @triton.jit

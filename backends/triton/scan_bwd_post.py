@@ -90,7 +90,7 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, DTH_CORE: tl.constexpr, OPH: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -132,18 +132,16 @@ def post_kernel(
         for r in range(R):
             grow = ((m64 * R + r) * G + g) * N
             crow = ((m64 * RC + r) * H + h) * N
-            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, OPH)
-            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc);
-            # with DTH_CORE the core added these terms to dtheta already
-            if not DTH_CORE:
-                if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
-                    u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
-                                        j, N, PAIR_HALF)
-                    u0, u1 = _rotated(u0, u1, cs, sn, A)
-                    u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(qh_ptr, crow, mm, j, N, OPH)
-                dtheta += d1 * u0 - d0 * u1
+            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
+            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+            if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
+                u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                                    j, N, PAIR_HALF)
+                u0, u1 = _rotated(u0, u1, cs, sn, A)
+                u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
+            else:
+                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += d1 * u0 - d0 * u1
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
             dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
@@ -169,14 +167,13 @@ def post_kernel(
             kh0, kh1 = _rotated(x0, x1, cs, sn, A)
             grow = ((m64 * R + r2) * G + g) * N
             crow = ((m64 * RC + r2) * H + h) * N
-            f0, f1 = _ld(dks_ptr, crow, mm, j, N, OPH)
+            f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-            if not DTH_CORE:
-                if RECOMPUTE:   # ks = kh * scale as prep stores it
-                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(ks_ptr, crow, mm, j, N, OPH)
-                dtheta += f1 * u0 - f0 * u1
+            if RECOMPUTE:   # ks = kh * scale as prep stores it
+                u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
+            else:
+                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += f1 * u0 - f0 * u1
             d0 = f0 * scale[:, None]
             d1 = f1 * scale[:, None]
             if HAS_KF:
@@ -224,12 +221,8 @@ def post_kernel(
         tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
                  mask=vm)
         if A > 0:
-            dth = dth_ptr + (m64[:, None] * H + h) * A + j[None, :]
-            if not DTH_CORE:
-                tl.store(dth, dtheta, mask=mm[:, None] & (j[None, :] < A))
-            elif HAS_KF:   # the core wrote the rest: add dK_final's terms at sequences' last tokens
-                lm = (mm & is_last)[:, None] & (j[None, :] < A)
-                tl.store(dth, tl.load(dth, mask=lm, other=0.0) + dtheta, mask=lm)
+            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                     mask=mm[:, None] & (j[None, :] < A))
         tl.store(dgam_ptr + sidx, dgamma, mask=mm)
         tl.store(dsc_ptr + sidx, dscale, mask=mm)
 

@@ -197,10 +197,8 @@ def prep_kernel(
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
-    HAS_MV: tl.constexpr, INTERP: tl.constexpr, OPH: tl.constexpr,
+    HAS_MV: tl.constexpr, INTERP: tl.constexpr,
 ):
-    # OPH: the column layout of the stored operands qh / ks: PAIR_HALF (the inputs'), but
-    # interleaved for a half-pairing spec when the core takes dtheta (scan_bwd.core_layout_half)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     g = h // (H // G)
@@ -230,8 +228,8 @@ def prep_kernel(
         q0, q1 = _rotated(q0, q1, cs, sn, A)
         k0, k1 = _rotated(k0, k1, cs, sn, A)
         orow = ((m64 * RC + r) * H + h) * N
-        _store_pairs(qh_ptr, orow, mm, j, q0, q1, N, N // 2, OPH, INTERP)
-        _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, OPH, INTERP)
+        _store_pairs(qh_ptr, orow, mm, j, q0, q1, N, N // 2, PAIR_HALF, INTERP)
+        _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, PAIR_HALF, INTERP)
         if HAS_MV:
             mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
             vt = v * mv[None, :]
