@@ -1,13 +1,13 @@
 """torch.autograd.Function behind `mamba3_kernels.scan` when an input requires grad (issue 5).
 
 Forward: the Triton chunked forward (backends/triton/scan_fwd.py) on the validated bundle.
-Saved for the backward (the default, `save_y=False`): the inputs themselves, as the kernels read
-them (mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
-stride had to be fixed) -- no activation of its own. The per-rank y the output mode's adjoint
-needs (only with Z, MIMO_Out or the norm) is recomputed in the backward by one extra forward.
-`save_y=True` trades memory for that recompute: the forward keeps the per-rank y (fp32, 4 R H P
-bytes per token; SISO: phase 4 stores it besides out, MIMO: a per-rank pass and out from it) and
-the backward reads it (one forward pass less in total). See bench/notes/scan_bwd.md for the bytes per token.
+Saved for the backward: the inputs themselves, as the kernels read them
+(mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
+stride had to be fixed), and with `save_y=True` (the default of mamba3_kernels.scan) the
+per-rank y the output mode's adjoint needs (only with Z, MIMO_Out or the norm; fp32, 4 R H P
+bytes per token; SISO: phase 4 stores it besides out, MIMO: a per-rank pass and out from it).
+`save_y=False` keeps no activation of its own and recomputes y in the backward by one extra
+forward (less memory, one forward pass more). See bench/notes/scan_bwd.md for the bytes per token.
 
 Outputs: out, and with final_states=True the four final states (angle, ssm, k, v), all
 differentiable: their upstream gradients (None = 0) enter the backward at each sequence's last

@@ -59,6 +59,20 @@ def signature(c: dict):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     for name in c["constexprs"]:
         sig[name] = "constexpr"
+    # the signature is read in the kernel's parameter order, every parameter present: a defaulted
+    # constexpr the call leaves out gets its default (the JIT's behaviour); without this the later
+    # constexprs shifted into its place and the build was a different program
+    params = c["kernel"].params
+    for p in params:
+        if p.is_constexpr and p.name not in sig:
+            if not p.has_default:
+                raise ValueError(f"{c['name']}: constexpr {p.name} has no value and no default")
+            sig[p.name] = "constexpr"
+            consts[p.name] = p.default
+    extra = set(sig) - {p.name for p in params}
+    if extra:
+        raise ValueError(f"{c['name']}: arguments {sorted(extra)} are not parameters of the kernel")
+    sig = {p.name: sig[p.name] for p in params}
     return sig, attrs, consts
 
 
