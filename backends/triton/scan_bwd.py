@@ -141,12 +141,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
-    for key in ("SPILL_GUARD", "POST_RECOMPUTE"):
+    for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -359,6 +359,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     PP = max(2, _pow2(P))
     common = dict(R=R, RC=_pow2(R), N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
                   HAS_MV=t.mimo_v is not None, INTERP=interp)
+    hf = bool(config.get("PREP_HEADS_FAST", False))
     st = t.state_in
     NSEG, SEGL = seq_segments(config, S, H, L)
     sgrid = (S * NSEG, H)
@@ -394,7 +395,8 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                              HAS_MO=t.mimo_out is not None, NEED_Y=needs_y(spec),
                              HAS_D=t.d is not None, HAS_MV=t.mimo_v is not None, INTERP=interp),
              num_warps=nw),
-        dict(name="bwd_prep", stage=3, kernel=_prep.prep_kernel, grid=_post.token_grid(B * L, H, BT),
+        dict(name="bwd_prep", stage=3, kernel=_prep.prep_kernel,
+             grid=(triton.cdiv(max(B * L, 1), BT) * H,) if hf else _post.token_grid(B * L, H, BT),
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("theta_ptr", b["theta"]),
                    ("scale_ptr", b["scale"]), ("qh_ptr", b["qh"]), ("ks_ptr", b["ks"]), ("vt_ptr", b["vt"]),
@@ -402,7 +404,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
-             constexprs=dict(common), num_warps=nw),
+             constexprs=dict(common, HEADS_FAST=hf), num_warps=nw),
         dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),

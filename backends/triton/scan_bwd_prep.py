@@ -197,10 +197,14 @@ def prep_kernel(
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
-    HAS_MV: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MV: tl.constexpr, INTERP: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    if HEADS_FAST:   # 1-D grid, heads fastest: a token block's H programs run together (Q / K from L2)
+        pid = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+    else:            # grid (token blocks, H)
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
     g = h // (H // G)
     m = pid * BT + tl.arange(0, BT)
     mm = m < BL
