@@ -423,6 +423,24 @@ def test_post_recompute_matches_reading(name):
     assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
 
 
+@pytest.mark.parametrize("name", ["mimo2-gqa-varlen-states-fp32", "siso-bf16-shared-states"])
+def test_prep_grid_orders_agree(name):
+    """prep's two grid orders (PREP_HEADS_FAST, the default: a 1-D grid with a token block's heads
+    side by side; else (token blocks, H)) give the same gradients bit for bit, within the bounds,
+    across GQA, varlen with an empty sequence and states; a non-bool value names the key."""
+    spec, pr, lens = POST_CASES[name]
+    got = {}
+    for hf in (True, False):
+        rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name)), lengths=lens,
+                                   bwd_config=dict(PREP_HEADS_FAST=hf))
+        check(rows, case)
+        got[hf] = rows
+    assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
+    assert scan_bwd.default_config(spec)["PREP_HEADS_FAST"] is True
+    with pytest.raises(ValueError, match="config.PREP_HEADS_FAST"):
+        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), PREP_HEADS_FAST=1))
+
+
 def test_post_recompute_config():
     """The default recomputes where post's pair tile is small (the H100's bench heads: MIMO R4 N128
     and SISO N64 yes, SISO N128 no); the space offers the other; a non-bool value is an error

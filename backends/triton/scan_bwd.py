@@ -33,7 +33,8 @@ accurate fallback for dAngles at long L; default: the input's 16-bit type as bf1
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
-tuner tries the other). The core's operands carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
+tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config). The core's operands
+carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
@@ -93,7 +94,13 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       capped at 128 registers, it spilled 16 B at N16 P64 R2, AOT 3.9): fwd+bwd on the
       H100 (bench/scan_bwd_ab.py, results/scan_bwd_ab_post_recompute_h100_a8236e1.json, gradients
       bitwise equal both ways) SISO G8 N64 (8 x 32) 2.362 -> 2.303 ms, MIMO R4 N128 (4 x 64)
-      7.61 -> 7.41 and 15.03 -> 14.70; SISO N128 (8 x 64) 3.591 -> 3.683, slower: read there."""
+      7.61 -> 7.41 and 15.03 -> 14.70; SISO N128 (8 x 64) 3.591 -> 3.683, slower: read there.
+    PREP_HEADS_FAST: prep's programs on a 1-D grid with the heads of a token block side by side
+      (the grid (token blocks, H) walked all token blocks of one head first, so every head re-read
+      the group's Q / K from HBM once they outgrew L2: MIMO R4's 32 MB at B4 L4096). H100,
+      gradients bitwise equal (results/scan_bwd_ab_prep_heads_fast_h100_5740b22.json, fwd+bwd graph
+      ms): MIMO R4 B4 L4096 14.44 -> 14.07, B4 L2048 7.28 -> 7.15, SISO B4 L4096 3.544 -> 3.502,
+      G8 N64 2.291 -> 2.283."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
     post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
@@ -102,7 +109,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
                 seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
-                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8)
+                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8, PREP_HEADS_FAST=True)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
