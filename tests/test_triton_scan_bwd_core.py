@@ -187,6 +187,17 @@ def test_core_rank8_and_odd_sizes():
 
 
 @here
+@pytest.mark.parametrize("lengths", [None, [1469, 0, 600]])
+def test_core_dadt_chunk_blocks(lengths):
+    """The dadt kernel takes CB chunks at a time (min(SEG, 1024 / C)); a segment of 128 16-token
+    chunks needs two such blocks, and the second ends inside a chunk (L = 16 * 128 + 21)."""
+    core = _core()
+    cfg = dict(core.default_config(1, 16, 16, "bfloat16"), CHUNK=16, SEG=128)
+    out, ref = _run_case(np.random.default_rng(11), 1, 16 * 128 + 21, 1, 1, 16, 16, lengths=lengths, cfg=cfg)
+    _check(out, ref, "bfloat16", "dadt chunk blocks")
+
+
+@here
 def test_core_deterministic_and_want_ds0():
     import torch
     core = _core()
