@@ -441,21 +441,6 @@ def test_prep_grid_orders_agree(name):
         scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), PREP_HEADS_FAST=1))
 
 
-@pytest.mark.parametrize("name", ["mimo2-gqa-varlen-states-fp32", "siso-bf16-shared-states"])
-def test_post_sub_blocks(name):
-    """POST_SUB: a post program takes several token blocks in turn and sums its bias / MIMO_V
-    partials over them (2-token blocks, 3 per program: the last program partly past the end):
-    every gradient within the bounds (a partial lost or counted twice puts the bias gradients far
-    out); a bad value names the key."""
-    spec, pr, lens = POST_CASES[name]
-    for sub in (1, 3):
-        rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name)), lengths=lens,
-                                   bwd_config=dict(POST_BT=2, POST_SUB=sub))
-        check(rows, case)
-    with pytest.raises(ValueError, match="config.POST_SUB"):
-        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), POST_SUB=0))
-
-
 def test_post_recompute_config():
     """The default recomputes where post's pair tile is small (the H100's bench heads: MIMO R4 N128
     and SISO N64 yes, SISO N128 no); the space offers the other; a non-bool value is an error

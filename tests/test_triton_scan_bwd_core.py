@@ -188,13 +188,13 @@ def test_core_rank8_and_odd_sizes():
 
 @here
 @pytest.mark.parametrize("lengths", [None, [1469, 0, 600]])
-def test_core_dadt_chunk_blocks(lengths):
-    """The dadt kernel takes CB chunks at a time (min(SEG, 1024 / C)); a segment of 128 16-token
-    chunks needs two such blocks, and the second ends inside a chunk (L = 16 * 128 + 21)."""
+def test_core_long_segments(lengths):
+    """Segments of 128 16-token chunks (the automatic SEG stops at 64; a config may ask for more),
+    the last ending inside a chunk (L = 16 * 128 + 21), dense and varlen with an empty sequence."""
     core = _core()
     cfg = dict(core.default_config(1, 16, 16, "bfloat16"), CHUNK=16, SEG=128)
     out, ref = _run_case(np.random.default_rng(11), 1, 16 * 128 + 21, 1, 1, 16, 16, lengths=lengths, cfg=cfg)
-    _check(out, ref, "bfloat16", "dadt chunk blocks")
+    _check(out, ref, "bfloat16", "long segments")
 
 
 @here

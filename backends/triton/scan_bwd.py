@@ -144,9 +144,6 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
-    v = config.get("POST_SUB", 1)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise bad_arg("config.POST_SUB", "an int >= 1", v)
     if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
@@ -156,7 +153,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "POST_SUB"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -370,7 +367,6 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     common = dict(R=R, RC=_pow2(R), N=N, NHP=_nhp(spec), P=P, PP=PP, A=A, BT=BT, PAIR_HALF=spec.pairing == "half",
                   HAS_MV=t.mimo_v is not None, INTERP=interp)
     hf = bool(config.get("PREP_HEADS_FAST", False))
-    PSUB = config.get("POST_SUB", 1)
     st = t.state_in
     NSEG, SEGL = seq_segments(config, S, H, L)
     sgrid = (S * NSEG, H)
@@ -416,7 +412,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, HEADS_FAST=hf), num_warps=nw),
-        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT * PSUB), kernel=_post.post_kernel,
+        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -429,7 +425,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("s_vpart", b["dvt"].stride(0) if b["dvt"] is not None else 0),
-                   ("BL", B * L), ("L", L), ("H", H), ("G", G), ("SUB", PSUB)],
+                   ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
                              HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
@@ -461,7 +457,7 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True) -> dict:
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     BT, PBT = grads["_config"]["BT"], grads["_config"]["POST_BT"]
     nblk = triton.cdiv(B * L, BT)       # 0 without tokens: the partial sums are then empty (= 0)
-    npblk = triton.cdiv(B * L, PBT * grads["_config"].get("POST_SUB", 1))   # post's programs (partial rows)
+    npblk = triton.cdiv(B * L, PBT)
     RC = _pow2(R)   # the core's rank layout: padded ranks must be zero
     z = (lambda *s, dt=F32: torch.zeros(s, dtype=dt, device=device)) if RC != R else \
         (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device))

@@ -160,9 +160,6 @@ def check_config(R: int, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"config.{key}: expected a power of two >= 1, got {v!r}")
-    v = config.get("DADT_CB")   # chunks per step of the dadt kernel (None: min(SEG, 1024 / CHUNK))
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1)):
-        raise ValueError(f"config.DADT_CB: expected None or a power of two >= 1, got {v!r}")
     if config["CHUNK"] * _pow2(R) < 16:
         raise ValueError(f"config.CHUNK: expected >= {16 // _pow2(R)} (C * pow2(R) >= 16 rows), "
                          f"got {config['CHUNK']}")
@@ -323,7 +320,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                   ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
          "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen,
-                        "SUM_DV": not dvt_partials, "CB": config.get("DADT_CB") or max(1, min(_pow2(SEG), 1024 // C))},
+                        "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]
     # FUSED: both walks in one kernel (dqkv) instead of dq then dkv

@@ -247,7 +247,6 @@ def scan_bwd_core_dadt_kernel(
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr,
     SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
-    CB: tl.constexpr = 1,
 ):
     """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks and SUM_DV), and
     dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
@@ -262,26 +261,23 @@ def scan_bwd_core_dadt_kernel(
         rt = rows // RP
         rr = rows % RP
         p = tl.arange(0, PP)
-        if NNB > 1 and SUM_DV:
-            for ci in range(nck):
-                tok = t0 + ci * C + rt
+        for ci in range(nck):
+            tc = t0 + ci * C
+            if NNB > 1 and SUM_DV:
+                tok = tc + rt
                 rmask = (tok < eos) & (rr < R)
                 row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
                 dv = tl.zeros([ROWS, PP], dtype=tl.float32)
                 for i in range(NNB):
                     dv += _tile(dvp_ptr, i * NROW + row, rmask, p, P)
                 _store_tile(dvt_ptr, row, rmask, p, dv, P)
-        # the chunks are independent here: CB of them at a time as one [CB, C] tile
-        bh = (b * H + h).to(tl.int64) * L
-        for c0 in range(0, nck, CB):
-            ci = c0 + tl.arange(0, CB)
-            cm = ci < nck
-            tt = t0 + ci[:, None] * C + tl.arange(0, C)[None, :]
-            m = cm[:, None] & (tt < eos)
-            x = tl.zeros([CB, C], dtype=tl.float32)
+            x = tl.zeros([C], dtype=tl.float32)
+            tt = tc + tl.arange(0, C)
+            m = tt < eos
             for i in range(2 * NNB):
                 x += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
-            dtc = tl.zeros([CB], dtype=tl.float32)
+            dtc = 0.0
             for i in range(NNB):
-                dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h, mask=cm, other=0.0)
-            tl.store(dadt_ptr + bh + tt, tl.cumsum(x, axis=1, reverse=True) + dtc[:, None], mask=m)
+                dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
+            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(x, axis=0, reverse=True) + dtc,
+                     mask=m)

@@ -81,19 +81,12 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _part(ptr, off, x, mask, sb):
-    """A per-program partial sum: stored by the first token block (sb = 0), added to by the rest
-    (the same program's earlier store: its head loop's barrier lies in between)."""
-    tl.store(ptr + off, tl.load(ptr + off, mask=mask & (sb > 0), other=0.0) + x, mask=mask)
-
-
-@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
-    BL, L, H, G, SUB,
+    BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
@@ -102,139 +95,136 @@ def post_kernel(
     pid = tl.program_id(0)
     g = tl.program_id(1)
     HG = H // G
-    # SUB token blocks of BT one after the other: the per-block partial sums of the biases and
-    # MIMO_V (rows of this program, pid) accumulate over them (fewer partials to write and sum)
-    for sb in range(SUB):
-        m = (pid * SUB + sb) * BT + tl.arange(0, BT)
-        mm = m < BL
-        m64 = m.to(tl.int64)
-        b = m64 // L
-        t = m64 % L
-        j = tl.arange(0, NHP)
-        jm = j < (N // 2)
-        c0, c1 = _pair_cols(j, N, PAIR_HALF)
-        p = tl.arange(0, PP)
-        pm = p < P
-        vm = mm[:, None] & pm[None, :]
-        if HAS_KF or HAS_VF:
-            seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
-            is_last = seq_last >= 0
-            sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-        # the heads of group g one after the other: dQ / dK of the group accumulate in place in
-        # this program's own rows (fixed head order: deterministic, no atomics)
-        for hh in range(HG):
-            h = g * HG + hh
-            acc = hh > 0
-            # the previous head's dQ / dK stores, by whichever threads held them, visible to every
-            # thread of the program before it reads them back (the load and store tiles need not
-            # map elements to threads alike)
-            tl.debug_barrier()
-            cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
-                                                       h, H, L, s_vb, s_vt, s_vh, A)
-            if HAS_D:
-                dd = tl.load(d_ptr + h)
+    m = pid * BT + tl.arange(0, BT)
+    mm = m < BL
+    m64 = m.to(tl.int64)
+    b = m64 // L
+    t = m64 % L
+    j = tl.arange(0, NHP)
+    jm = j < (N // 2)
+    c0, c1 = _pair_cols(j, N, PAIR_HALF)
+    p = tl.arange(0, PP)
+    pm = p < P
+    vm = mm[:, None] & pm[None, :]
+    if HAS_KF or HAS_VF:
+        seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
+        is_last = seq_last >= 0
+        sl = tl.where(is_last, seq_last, 0).to(tl.int64)
+    # the heads of group g one after the other: dQ / dK of the group accumulate in place in
+    # this program's own rows (fixed head order: deterministic, no atomics)
+    for hh in range(HG):
+        h = g * HG + hh
+        acc = hh > 0
+        # the previous head's dQ / dK stores, by whichever threads held them, visible to every
+        # thread of the program before it reads them back (the load and store tiles need not
+        # map elements to threads alike)
+        tl.debug_barrier()
+        cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
+                                                   h, H, L, s_vb, s_vt, s_vh, A)
+        if HAS_D:
+            dd = tl.load(d_ptr + h)
+        else:
+            dd = 0.0
+        dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
+        dscale = tl.zeros([BT], dtype=tl.float32)
+        dgamma = tl.zeros([BT], dtype=tl.float32)
+        dv = tl.zeros([BT, PP], dtype=tl.float32)
+        for r in range(R):
+            grow = ((m64 * R + r) * G + g) * N
+            crow = ((m64 * RC + r) * H + h) * N
+            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
+            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+            if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
+                u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                                    j, N, PAIR_HALF)
+                u0, u1 = _rotated(u0, u1, cs, sn, A)
+                u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
             else:
-                dd = 0.0
-            dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
-            dscale = tl.zeros([BT], dtype=tl.float32)
-            dgamma = tl.zeros([BT], dtype=tl.float32)
-            dv = tl.zeros([BT, PP], dtype=tl.float32)
-            for r in range(R):
-                grow = ((m64 * R + r) * G + g) * N
-                crow = ((m64 * RC + r) * H + h) * N
-                d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-                # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-                if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
-                    u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
-                                        j, N, PAIR_HALF)
-                    u0, u1 = _rotated(u0, u1, cs, sn, A)
-                    u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += d1 * u0 - d0 * u1
-                e0 = d0 * cs + d1 * sn
-                e1 = d1 * cs - d0 * sn
-                dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                              other=0.0).to(tl.float32)
-                for r2 in range(R):
-                    if HAS_MV:
-                        mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                        w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
-                    else:
-                        w = tl.sum(dyr * v, axis=1) * gamma
-                    y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                        h * R + r2, j, N, PAIR_HALF)
-                    e0 += w[:, None] * y0
-                    e1 += w[:, None] * y1
-                prow = ((pid * H + h) * R + r) * N
-                _part(pqb_ptr, prow + c0, tl.sum(e0, axis=0), jm, sb)
-                _part(pqb_ptr, prow + c1, tl.sum(e1, axis=0), jm, sb)
-                a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += d1 * u0 - d0 * u1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
+            dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                          other=0.0).to(tl.float32)
             for r2 in range(R):
-                x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                    h * R + r2, j, N, PAIR_HALF)
-                kh0, kh1 = _rotated(x0, x1, cs, sn, A)
-                grow = ((m64 * R + r2) * G + g) * N
-                crow = ((m64 * RC + r2) * H + h) * N
-                f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-                dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-                if RECOMPUTE:   # ks = kh * scale as prep stores it
-                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += f1 * u0 - f0 * u1
-                d0 = f0 * scale[:, None]
-                d1 = f1 * scale[:, None]
-                if HAS_KF:
-                    g0, g1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
-                    dtheta += g1 * kh0 - g0 * kh1
-                    d0 += g0
-                    d1 += g1
-                e0 = d0 * cs + d1 * sn
-                e1 = d1 * cs - d0 * sn
-                vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-                dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-                for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
-                    dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
-                dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
                 if HAS_MV:
                     mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                    vt2 = v * mv2[None, :]
+                    w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
                 else:
-                    vt2 = v
-                dvt += dd * dy2
-                for r in range(R):
-                    y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
-                                        h * R + r, j, N, PAIR_HALF)
-                    dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                                  other=0.0).to(tl.float32)
-                    mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
-                    w = tl.sum(dyr * vt2, axis=1)
-                    dgamma += mqk * w
-                    e0 += (gamma * w)[:, None] * y0
-                    e1 += (gamma * w)[:, None] * y1
-                    dvt += (gamma * mqk)[:, None] * dyr
-                prow = ((pid * H + h) * R + r2) * N
-                _part(pkb_ptr, prow + c0, tl.sum(e0, axis=0), jm, sb)
-                _part(pkb_ptr, prow + c1, tl.sum(e1, axis=0), jm, sb)
-                a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-                if HAS_MV:
-                    dv += dvt * mv2[None, :]
-                    _part(pmv_ptr, ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), pm, sb)
-                else:
-                    dv += dvt
-            if HAS_VF:
-                dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
-                              other=0.0)
-            tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
-                     mask=vm)
-            if A > 0:
-                tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
-                         mask=mm[:, None] & (j[None, :] < A))
-            tl.store(dgam_ptr + sidx, dgamma, mask=mm)
-            tl.store(dsc_ptr + sidx, dscale, mask=mm)
+                    w = tl.sum(dyr * v, axis=1) * gamma
+                y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                    h * R + r2, j, N, PAIR_HALF)
+                e0 += w[:, None] * y0
+                e1 += w[:, None] * y1
+            prow = ((pid * H + h) * R + r) * N
+            tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+        for r2 in range(R):
+            x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                h * R + r2, j, N, PAIR_HALF)
+            kh0, kh1 = _rotated(x0, x1, cs, sn, A)
+            grow = ((m64 * R + r2) * G + g) * N
+            crow = ((m64 * RC + r2) * H + h) * N
+            f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
+            dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+            if RECOMPUTE:   # ks = kh * scale as prep stores it
+                u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
+            else:
+                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += f1 * u0 - f0 * u1
+            d0 = f0 * scale[:, None]
+            d1 = f1 * scale[:, None]
+            if HAS_KF:
+                g0, g1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
+                dtheta += g1 * kh0 - g0 * kh1
+                d0 += g0
+                d1 += g1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
+            vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+            for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
+                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
+            dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
+            if HAS_MV:
+                mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+                vt2 = v * mv2[None, :]
+            else:
+                vt2 = v
+            dvt += dd * dy2
+            for r in range(R):
+                y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
+                                    h * R + r, j, N, PAIR_HALF)
+                dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                              other=0.0).to(tl.float32)
+                mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
+                w = tl.sum(dyr * vt2, axis=1)
+                dgamma += mqk * w
+                e0 += (gamma * w)[:, None] * y0
+                e1 += (gamma * w)[:, None] * y1
+                dvt += (gamma * mqk)[:, None] * dyr
+            prow = ((pid * H + h) * R + r2) * N
+            tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+            if HAS_MV:
+                dv += dvt * mv2[None, :]
+                tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
+            else:
+                dv += dvt
+        if HAS_VF:
+            dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
+                          other=0.0)
+        tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
+                 mask=vm)
+        if A > 0:
+            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                     mask=mm[:, None] & (j[None, :] < A))
+        tl.store(dgam_ptr + sidx, dgamma, mask=mm)
+        tl.store(dsc_ptr + sidx, dscale, mask=mm)
 
 
 @triton.jit
