@@ -11,7 +11,8 @@
                    (the angle cumsum is the one sequential part; the loop carries it wrapped;
                    segments make it parallel: B=1 L=16384 ran 32 programs one token block at a
                    time).
-`prep_kernel`      grid (token blocks, H): the GEMM operands of the core backward, token-parallel,
+`prep_kernel`      grid token blocks x H, heads fastest (HEADS_FAST: a group's Q / K read once from
+                   HBM) or (token blocks, H): the GEMM operands of the core backward, token-parallel,
                    in the operand dtype (bf16 for 16-bit inputs, fp32 for fp32 inputs):
                      qh[t,r] = Rot(theta_t)(Q[t,r,g(h)] + Q_bias[h,r])                 (B,L,R,H,N)
                      ks[t,r] = Rot(theta_t)(K[t,r,g(h)] + K_bias[h,r]) * scale_t        (B,L,R,H,N)
