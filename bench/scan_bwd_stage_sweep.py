@@ -39,8 +39,8 @@ SWEEPS = {   # stage call name -> {config key: values}
     "bwd_post": {"POST_RECOMPUTE": [False, True], "POST_BT": [4, 8, 16, 32], "post_num_warps": [2, 4, 8]},
     "bwd_prep": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
     "bwd_output": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
-    "bwd_seq_fwd": {"SEQ_BT": [32, 64, 128], "seq_num_warps": [4, 8]},
-    "bwd_seq_bwd": {"SEQ_BT": [32, 64, 128], "seq_num_warps": [4, 8]},
+    "bwd_seq_fwd": {"SEQ_BT": [64, 128], "seq_num_warps": [4, 8], "SEQ_PROGRAMS": [528, 1056, 2112]},
+    "bwd_seq_bwd": {"SEQ_BT": [64, 128], "seq_num_warps": [4, 8], "SEQ_PROGRAMS": [528, 1056, 2112]},
 }
 
 

@@ -144,6 +144,9 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
+    v = config.get("SEQ_PROGRAMS", 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise bad_arg("config.SEQ_PROGRAMS", "an int >= 1", v)
     if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
         raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
@@ -153,7 +156,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -323,7 +326,7 @@ def seq_segments(config: dict, S: int, H: int, L: int):
     S * NSEG * H >= SEQ_PROGRAMS where the sequences are long enough."""
     sbt = config["SEQ_BT"]
     nblk = max(1, triton.cdiv(L, sbt))
-    nseg = min(nblk, max(1, triton.cdiv(SEQ_PROGRAMS, max(1, S * H))))
+    nseg = min(nblk, max(1, triton.cdiv(config.get("SEQ_PROGRAMS", SEQ_PROGRAMS), max(1, S * H))))
     segl = sbt * triton.cdiv(nblk, nseg)
     return max(1, triton.cdiv(L, segl)), segl
 
