@@ -316,7 +316,9 @@ def _last_index(B, L, S, cu, dev):
     return last[:B * L]
 
 
-SEQ_PROGRAMS = 4 * 132   # per-sequence stages: about four programs per H100 SM
+SEQ_PROGRAMS = 16 * 132  # per-sequence stages: about sixteen programs per H100 SM (config SEQ_PROGRAMS;
+#   stage sweep, results/scan_bwd_stage_sweep_seq_h100_25ea2a4.json, SISO B4 L4096: seq_fwd 86 -> 69 us,
+#   seq_bwd 119 -> 97 against four per SM)
 
 
 def seq_segments(config: dict, S: int, H: int, L: int):
