@@ -33,8 +33,9 @@ accurate fallback for dAngles at long L; default: the input's 16-bit type as bf1
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
-tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config). The core's operands
-carry pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
+tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), SEQ_PROGRAMS (how
+many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`). The core's operands carry
+pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
