@@ -455,18 +455,14 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     return calls
 
 
-def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True, post_device=None) -> dict:
-    """Every scratch and output tensor of the pipeline (device may be "meta" for AOT). Those
-    that only post and seq_bwd touch (`POST_ONLY`) go on `post_device` when given: the backward
-    makes them "meta" stand-ins first and allocates them after the core (`post_buffers`), so they
-    do not add to the core's peak."""
+def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True, post=True) -> dict:
+    """Every scratch and output tensor of the pipeline (device may be "meta" for AOT); with
+    post=False without post's own (`post_buffers`: the backward allocates those after the core,
+    so they do not add to the core's peak)."""
     B, L, H, P = t.v.shape
-    G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
-    BT, PBT = grads["_config"]["BT"], grads["_config"]["POST_BT"]
-    nblk = triton.cdiv(B * L, BT)       # 0 without tokens: the partial sums are then empty (= 0)
-    npblk = triton.cdiv(B * L, PBT)
+    nblk = triton.cdiv(B * L, grads["_config"]["BT"])   # 0 without tokens: the partial sums are then empty (= 0)
     RC = _pow2(R)   # the core's rank layout: padded ranks must be zero
     z = (lambda *s, dt=F32: torch.zeros(s, dtype=dt, device=device)) if RC != R else \
         (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device))
@@ -491,35 +487,40 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True, post_device=Non
     b["dkf"] = grads.get("k")
     b["dvf"] = grads.get("v")
     b["dthf"] = grads.get("angle") if A else None
-    gdt = idt if G == H else F32     # post accumulates a group's heads in place (fp32 when G < H)
-    pe = e if post_device is None else (lambda *s, dt=F32: torch.empty(s, dtype=dt, device=post_device))
-    b["dq"], b["dk"] = pe(B, L, R, G, N, dt=gdt), pe(B, L, R, G, N, dt=gdt)
-    b["dv"] = pe(B, L, H, P, dt=idt)
-    b["dtheta"] = pe(B, L, H, max(A, 1))
-    b["dgamma"], b["dscale"] = pe(B, H, L), pe(B, H, L)
-    b["pqb"], b["pkb"] = pe(npblk, H, R, N), pe(npblk, H, R, N)
-    b["pmv"] = pe(npblk, H, R, P) if t.mimo_v is not None else None
     b["pd"] = e(nblk, H) if t.d is not None else None    # from the output stage (BT blocks)
-    b["ddt"] = pe(B, H, L)
-    b["dtrap"] = pe(B, H, L) if t.trap is not None else None
-    b["dang"] = pe(B, L, H, max(A, 1))
     b["dpend"] = e(S, H) if t.state_in is not None else None
-    b["dthi"] = pe(S, H, max(A, 1)) if t.state_in is not None else None
     NSEG, _ = seq_segments(grads["_config"], S, H, L)
     b["ftot"], b["fcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
-    b["btot"], b["bcarry"] = pe(S * NSEG, H, max(A, 1)), pe(S * NSEG, H, max(A, 1))
     b["nblk"] = nblk
+    if post:
+        b.update(post_buffers(spec, t, grads, device))
     return b
 
 
-POST_ONLY = ("dq", "dk", "dv", "dtheta", "dgamma", "dscale", "pqb", "pkb", "pmv", "ddt", "dtrap", "dang", "dthi",
-             "btot", "bcarry")
-
-
 def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
-    """The `POST_ONLY` buffers, allocated on `device` (after the core: see `buffers`)."""
-    b = buffers(spec, t, grads, "meta", with_y=False, post_device=device)
-    return {k: b[k] for k in POST_ONLY}
+    """The buffers only post and seq_bwd touch (see `buffers`)."""
+    B, L, H, P = t.v.shape
+    G = t.q.shape[3]
+    R, N, A = spec.rank, spec.d_state, spec.n_angles
+    S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
+    npblk = triton.cdiv(B * L, grads["_config"]["POST_BT"])
+    NSEG, _ = seq_segments(grads["_config"], S, H, L)
+    e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
+    idt = t.v.dtype
+    gdt = idt if G == H else F32     # post accumulates a group's heads in place (fp32 when G < H)
+    b = {}
+    b["dq"], b["dk"] = e(B, L, R, G, N, dt=gdt), e(B, L, R, G, N, dt=gdt)
+    b["dv"] = e(B, L, H, P, dt=idt)
+    b["dtheta"] = e(B, L, H, max(A, 1))
+    b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
+    b["pqb"], b["pkb"] = e(npblk, H, R, N), e(npblk, H, R, N)
+    b["pmv"] = e(npblk, H, R, P) if t.mimo_v is not None else None
+    b["ddt"] = e(B, H, L)
+    b["dtrap"] = e(B, H, L) if t.trap is not None else None
+    b["dang"] = e(B, L, H, max(A, 1))
+    b["dthi"] = e(S, H, max(A, 1)) if t.state_in is not None else None
+    b["btot"], b["bcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
+    return b
 
 
 def launch(c: dict) -> None:
@@ -640,9 +641,10 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     g["_y"] = y
     tm.mark("1 recompute y")
     config = g["_config"] = effective_config(spec, config, t, g)
-    b = buffers(spec, t, g, dev, post_device="meta")   # post's own buffers after the core (peak memory)
+    b = buffers(spec, t, g, dev, post=False)   # post's own buffers after the core (peak memory)
     b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
-    calls = {c["name"]: c for c in plan(spec, config, t, b)}
+    # stages 0-3 with "meta" stand-ins for post's buffers (their calls are planned, not launched, here)
+    calls = {c["name"]: c for c in plan(spec, config, t, dict(b, **post_buffers(spec, t, g, "meta")))}
     if A:
         launch(calls["bwd_seq_fwd_sums"])
         init = t.state_in.angle if t.state_in is not None else None
