@@ -412,14 +412,20 @@ def test_post_recompute_matches_reading(name):
     """POST_RECOMPUTE (post recomputes the core's operands qh / ks instead of reading prep's
     copies) gives the reading path's gradients bit for bit (every gradient's error against the
     oracle equal to the last bit, on the same inputs), both within the bounds."""
+    _same_gradients_both_ways(name, "POST_RECOMPUTE")
+
+
+def _same_gradients_both_ways(name, key):
+    """POST_CASES[name] with the bool config `key` off and on: both within the bounds, every
+    gradient's error against the oracle equal to the last bit (the same gradients)."""
     spec, pr, lens = POST_CASES[name]
     got = {}
-    for rec in (False, True):
-        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), POST_RECOMPUTE=rec))
+    for on in (False, True):
+        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), **{key: on}))
         rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name)), lengths=lens,
-                                   bwd_config=dict(POST_RECOMPUTE=rec))
+                                   bwd_config={key: on})
         check(rows, case)
-        got[rec] = rows
+        got[on] = rows
     assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
 
 
@@ -428,14 +434,8 @@ def test_prep_grid_orders_agree(name):
     """prep's two grid orders (PREP_HEADS_FAST, the default: a 1-D grid with a token block's heads
     side by side; else (token blocks, H)) give the same gradients bit for bit, within the bounds,
     across GQA, varlen with an empty sequence and states; a non-bool value names the key."""
-    spec, pr, lens = POST_CASES[name]
-    got = {}
-    for hf in (True, False):
-        rows, case = run_grad_case(spec, Problem(*pr), np.random.default_rng(len(name)), lengths=lens,
-                                   bwd_config=dict(PREP_HEADS_FAST=hf))
-        check(rows, case)
-        got[hf] = rows
-    assert got[True] == got[False], [(a, b) for a, b in zip(got[False], got[True]) if a != b]
+    _same_gradients_both_ways(name, "PREP_HEADS_FAST")
+    spec = POST_CASES[name][0]
     assert scan_bwd.default_config(spec)["PREP_HEADS_FAST"] is True
     with pytest.raises(ValueError, match="config.PREP_HEADS_FAST"):
         scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), PREP_HEADS_FAST=1))
