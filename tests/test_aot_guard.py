@@ -200,3 +200,22 @@ def test_memo_key(monkeypatch):
     for _ in range(2):
         assert g.remembered((cfg,), cfg, lambda: calls.append(1) or dict(cfg, x=1)) == dict(cfg, x=1)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("name", ["scan_bwd", "scan_bwd save_y"])
+def test_stage_decision_keeps_the_callers_core_overrides(name, gpu_gate, monkeypatch):
+    """The stage guards remember one decision for every config that differs only in its core
+    overrides (CORE: the stages do not read them), but each call must run its own CORE: a
+    remembered decision once carried the first call's CORE to every later one (the tuner's core
+    candidates all ran one core config)."""
+    guard, d, spills, want = GUARDS[name]()
+    built = _stand_in(monkeypatch, spills)
+    first = guard(dict(d, CORE={"CHUNK": 16}))
+    assert first == dict(want, CORE={"CHUNK": 16})
+    n = len(built)
+    for core_cfg in ({"BLOCK_N": 128}, None):
+        got = guard(dict(d, CORE=core_cfg))
+        assert got == dict(want, CORE=core_cfg), got
+    got = guard({k: v for k, v in d.items() if k != "CORE"})
+    assert "CORE" not in got and got == {k: v for k, v in want.items() if k != "CORE"}
+    assert len(built) == n and len(aot._DECIDED) == 1   # one decision, reused

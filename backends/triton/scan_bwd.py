@@ -233,8 +233,9 @@ def save_y_config(spec: ScanSpec, config: dict, t, y) -> dict:
     if not _GUARD.active(config, t.v.device):
         return config
     from .scan_fwd import _layout
-    return _GUARD.remembered(("save_y", spec, _without_core(config), _layout(t)), config,
-                             lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
+    decided = _GUARD.remembered(("save_y", spec, _without_core(config), _layout(t)), config,
+                                lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
+    return _with_core(decided, config)
 
 
 def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
@@ -604,6 +605,22 @@ def _without_core(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "CORE"}
 
 
+_NO_CORE = object()
+
+
+def _with_core(decided: dict, config: dict) -> dict:
+    """A stage guard's remembered decision with the caller's own core overrides: the decision is
+    shared by every config that differs only in CORE (the stages do not read it), so the CORE it
+    was first decided with must not come back with it (that ran every later core override as
+    the first one: the tuner's core candidates all timed one core config)."""
+    if decided.get("CORE", _NO_CORE) == config.get("CORE", _NO_CORE):
+        return decided
+    out = _without_core(decided)
+    if "CORE" in config:
+        out["CORE"] = config["CORE"]
+    return out
+
+
 def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds
     only); remembered per spec, config (the core's overrides aside) and tensor layout
@@ -611,8 +628,9 @@ def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
     if not _GUARD.active(config, t.v.device):
         return config
     from .scan_fwd import _layout
-    return _GUARD.remembered((spec, _without_core(config), _layout(t), grads.get("_y") is not None), config,
-                             lambda: spill_free(spec, config, t, grads, _GUARD.gpu_spills, t.v.device))
+    decided = _GUARD.remembered((spec, _without_core(config), _layout(t), grads.get("_y") is not None), config,
+                                lambda: spill_free(spec, config, t, grads, _GUARD.gpu_spills, t.v.device))
+    return _with_core(decided, config)
 
 
 def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:
