@@ -174,7 +174,7 @@ def test_core_bf16_precision_modes(inter, update, scratch):
     core = _core()
     rng = np.random.default_rng(11)
     cfg = dict(core.default_config(2, 32, 48, "bfloat16"), SEG=2, BLOCK_N=16, BLOCK_P=16, CHUNK=8,
-               INTER=inter, UPDATE=update, SCRATCH=scratch, CHUNK_SCRATCH=scratch)
+               INTER=inter, UPDATE=update, SCRATCH=scratch)
     out, ref = _run_case(rng, 1, 53, 2, 2, 32, 48, "bfloat16", True, True, cfg=cfg)
     _check(out, ref, "bfloat16", (inter, update, scratch))
 
@@ -283,7 +283,7 @@ def test_core_argument_errors():
                            v.expand(1, 4, 3, 2, 16))
     with pytest.raises(ValueError, match="config.CHUNK"):
         core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), CHUNK=8))
-    for key in ("INTER", "UPDATE", "SCRATCH", "CHUNK_SCRATCH"):
+    for key in ("INTER", "UPDATE", "SCRATCH"):
         with pytest.raises(ValueError, match=f"config.{key}"):
             core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: "tf32"}))
     for key in ("num_stages", "local_num_stages", "dq_num_stages", "dkv_num_stages"):

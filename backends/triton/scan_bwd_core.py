@@ -21,17 +21,19 @@ Phases (a split-sequence scan over segments of SEG chunks of C tokens, as the fo
   3 dq, dkv     (scan_bwd_core_chunk.py)  grid (H * N-blocks, slots): each program walks its
                 segment with the state (dq: forwards) or adjoint (dkv: backwards) in
                 registers: dqh, dks, dvt (or its N-block partials), the per-token partials of
-                d loss / d cs and the per-chunk d loss / d T
+                d loss / d cs, the per-chunk terms of d loss / d T's recurrence, and (dq) the
+                last chunk's entry state (d T's boundary term)
   4 dadt        (scan_bwd_core_chunk.py)  grid (H, slots): dvt from its partials, and per
-                chunk dadt = in-chunk reverse cumsum of d cs + d T
+                chunk (walking backwards) d T by its recurrence and dadt = in-chunk reverse
+                cumsum of d cs + d T
 Every (batch, head, segment) is a program, so B * H small still fills the GPU; the P x N
-scratch states move once per segment, except each chunk's entry state S_c, which dq writes and
-dkv reads once for dadt's state term (scan_bwd_core_chunk.py says why). Deterministic: no
-atomics; the partial sums over P / N blocks are added in a fixed order.
+scratch states move once per segment (no per-chunk state: scan_bwd_core_chunk.py says how d T
+does without one). Deterministic: no atomics; the partial sums over P / N blocks are added in
+a fixed order.
 
-Scratch (bf16 for bf16 operands): 4 P x N states per segment, one per chunk, fp32 partials of
-d cs (2 per N block and token), d T (per N block and chunk), and with N split in NNB > 1 blocks
-the NNB partials of dvt.
+Scratch (SCRATCH dtype): 5 P x N states per segment (lf, lb, ent, dx and the last chunk's entry
+state); fp32 partials of d cs (2 per N block and token), X_c (per N block and chunk), and with N
+split in NNB > 1 blocks the NNB partials of dvt.
 
 Config keys (`default_config`, `space`):
   CHUNK    tokens per chunk C (C * pow2(R) >= 16 rows)
@@ -41,9 +43,8 @@ Config keys (`default_config`, `space`):
   PASS_BLOCK_P rows of P per state-passing program
   num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages (local, dq, dkv; each
   overridden by local_num_stages / dq_num_stages / dkv_num_stages)
-  SCRATCH  dtype of the per-segment scratch states lf, lb, ent, dx ("bfloat16" or "float32";
-           GEMM operands in the input dtype anyway; fp32 inputs keep fp32)
-  CHUNK_SCRATCH dtype of the per-chunk entry states S_c (read only for dadt's <D_c, S_c>)
+  SCRATCH  dtype of the per-segment scratch states lf, lb, ent, dx, S_last ("bfloat16" or
+           "float32"; GEMM operands in the input dtype anyway; fp32 inputs keep fp32)
   INTER    "float32": the three inter-chunk products with the carried state / adjoint (dq:
            dy S_c; dkv: vt D_c, ks D_c^T) on its bf16 hi + lo halves (two bf16 MMAs, fp32-accurate
            as the other operand is exact bf16); "bfloat16": the state rounded to bf16, one MMA
@@ -52,8 +53,8 @@ Config keys (`default_config`, `space`):
            (INTER and UPDATE only act on bf16 operands; missing precision keys take the defaults)
   SEG_SCALE optional factor on the automatic SEG (tuning)
   FUSED    True: dq's and dkv's walks in one kernel (dqkv; same grid, dkv_num_stages), so a
-           program reads back the S_c it wrote and re-reads the chunk tiles it loaded while
-           they may still be in L2 (short segments: SEG_SCALE < 1). A tuning candidate, not
+           program re-reads the chunk tiles it loaded while they may still be in L2 (short
+           segments: SEG_SCALE < 1). A tuning candidate, not
            the default: built spill-free by Triton 3.6 on the benchmark heads (AOT), not yet
            timed on a GPU (bench/core_fused_check.py, bench/scan_bwd_seg_sweep.py --core FUSED=..)
 """
@@ -93,7 +94,7 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
     Precision (bf16): INTER, UPDATE and the segment SCRATCH in fp32 (split bf16 MMAs: the
     angle gradient's pair cancellation needs the q side and the k side of every inter-chunk
     pair to agree; bf16 rounding there made dAngles grow ~sqrt(L): module-like L = 1024
-    1.4e-2 -> 3.4e-3, bench/notes/scan_bwd_core.md); CHUNK_SCRATCH stays bf16 (dadt only).
+    1.4e-2 -> 3.4e-3, bench/notes/scan_bwd_core.md).
     Spill-free on the AOT grids at the same tiles (dq 176-229, dkv 216-252 registers).
 
     bf16: the local and dq kernels software-pipelined by Triton (num_stages 2: the next chunk's
@@ -117,7 +118,7 @@ def default_config(R: int, N: int, P: int, dtype="bfloat16") -> dict:
             "num_warps": 8 if f32 else 4, "local_num_warps": 4, "pass_num_warps": 4, "num_stages": 1,
             "local_num_stages": 1 if f32 else 2, "dq_num_stages": 1 if f32 else 2,
             "dkv_num_stages": 1 if f32 else 2, "SPILL_GUARD": True,
-            "SCRATCH": "float32", "CHUNK_SCRATCH": "float32" if f32 else "bfloat16",
+            "SCRATCH": "float32",
             "INTER": "float32", "UPDATE": "float32"}
 
 
@@ -172,7 +173,7 @@ def check_config(R: int, config: dict) -> None:
     for key in ("INTER", "UPDATE"):
         if config.get(key, "bfloat16") not in DTYPES:
             raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
-    for key in ("SCRATCH", "CHUNK_SCRATCH"):
+    for key in ("SCRATCH",):
         if config.get(key, "bfloat16") not in DTYPES:
             raise ValueError(f"config.{key}: expected one of {DTYPES}, got {config.get(key)!r}")
     for key in ("SPILL_GUARD", "FUSED"):
@@ -234,7 +235,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dtype = _NAME[qh.dtype]
     dflt = default_config(R, N, P, dtype)
     config = dict(dflt if config is None else config)
-    for key in ("SCRATCH", "CHUNK_SCRATCH", "INTER", "UPDATE"):   # precision keys: default if missing
+    for key in ("SCRATCH", "INTER", "UPDATE"):   # precision keys: default if missing
         config.setdefault(key, dflt[key])
     check_config(R, config)
     dev = device if device is not None else qh.device
@@ -256,10 +257,10 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     lf, lb, ent, dx = (e(nslots, H, P, N, dt=sdt) for _ in range(4))
     tot = e(2, nslots, H)
     nch = nslots * SEG
-    sch = e(nch, H, P, N, dt=_TORCH[config["CHUNK_SCRATCH"]])
+    sx = e(nslots, H, P, N, dt=sdt)   # each segment's last-chunk entry state (dq), for d T's boundary (dadt)
     dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
-    dtc = e(NNB, nch, H)
+    dtc = e(NNB, nch, H)      # X_c per N block and chunk (dkv)
     out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
     if dvt_partials:
@@ -296,30 +297,32 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "num_warps": config.get("pass_num_warps", 4), "num_stages": 1},
         {"name": "scan_bwd_core_dqkv", "kernel": _chunk.scan_bwd_core_dqkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
-         "args": [*tok, ("ent_ptr", ent), ("dx_ptr", dx), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]),
+         "args": [*tok, ("ent_ptr", ent), ("dx_ptr", dx), ("sx_ptr", sx), ("dqh_ptr", out["dqh"]),
                   ("dks_ptr", out["dks"]), ("dvp_ptr", dvp), ("dcs_ptr", dcs), ("dtc_ptr", dtc),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dq", "kernel": _chunk.scan_bwd_core_dq_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
-         "args": [*tok, ("ent_ptr", ent), ("sch_ptr", sch), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
+         "args": [*tok, ("ent_ptr", ent), ("sx_ptr", sx), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dq_num_stages", stages)},
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
-         "args": [*tok, ("dx_ptr", dx), ("sch_ptr", sch), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
-                  ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
-                  ("NROW", nrow)],
+         "args": [*tok, ("dx_ptr", dx), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
+                  ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S),
+                  ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
          "args": [("dvp_ptr", dvp), ("dvt_ptr", out["dvt"]), ("dcs_ptr", dcs),
-                  ("dtc_ptr", dtc), ("cu_ptr", cu), ("dadt_ptr", out["dadt"]),
-                  ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
-         "constexprs": {"R": R, "RP": RP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB, "VARLEN": varlen,
+                  ("dtc_ptr", dtc), ("dx_ptr", dx), ("sx_ptr", sx), ("adt_ptr", adt), ("cu_ptr", cu),
+                  ("dadt_ptr", out["dadt"]), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
+                  ("NROW", nrow)],
+         "constexprs": {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB,
+                        "VARLEN": varlen,
                         "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]

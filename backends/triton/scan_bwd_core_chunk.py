@@ -15,23 +15,33 @@ and on T = cs_last also through S_{c+1} = e^T S_c + sum_j e^{T - cs_j} vt_j ks_j
 
     d cs_i = qh_i . dqh_i - vt_i . dvt_i          (= row sum - column sum of the in-chunk
                                                      W = A o (dy vt^T), plus the two state terms)
-    d T    = e^T <D_c, S_c> + sum_j ks_j . (e^{T - cs_j} D_c^T vt_j)
+    d T    = e^T <D_c, S_c> + X_c = <D_c, S_{c+1}>,   X_c = sum_j x_j,  x_j = vt_j . (e^{T - cs_j} D_c ks_j)
     dadt_u = sum_{t >= u in the chunk} d cs_t + d T                      (kernel dadt)
 
 Only in-chunk sums: the sequence-long reverse cumsum of d cs (mathematically the same) cancels
 catastrophically (its partial sums are O(1) differences of O(L) terms, and bf16 GEMM errors do
-not cancel), so d T is computed from the states themselves.
+not cancel), so d T is computed from the states themselves. No program holds both S_c and D_c,
+and storing every S_c (P x N per chunk) cost the walks a store and a load per chunk; instead
+d T follows its own recurrence backwards over the segment's chunks. With D_{c-1} = e^{T_c} D_c +
+Lb_c (Lb_c = sum_i e^{cs_i} dy_i qh_i^T):
+
+    d T_{c-1} = <D_{c-1}, S_c> = e^{T_c} <D_c, S_c> + <Lb_c, S_c> = d T_c - X_c + Y_c,
+    Y_c = sum_i qh_i . (e^{cs_i} S_c^T dy_i)         (the state terms of dq's d cs partials)
+
+from d T_last = e^{T_last} <D_last, S_last> + X_last (dadt, from phase 2's exit adjoint D_last
+and the last chunk's entry state S_last, which dq stores). X_c and Y_c are products with the state / adjoint at the INTER precision
+(fp32-accurate by default), so the segment-long recurrence adds errors of that size, not of
+bf16 GEMM size.
 
 The dq kernel walks the segment forwards from its entry state (phase 2's ent; S_c <- e^T S_c +
-(vt e^{T - cs})^T ks) and writes every chunk's entry state S_c (scratch sch); the dkv kernel
-walks it backwards from its exit adjoint (phase 2's dx; D_{c-1} = e^T D_c + (dy e^{cs})^T qh)
-and reads S_c for d T.
+(vt e^{T - cs})^T ks) and stores S_last; the dkv kernel walks it backwards from its
+exit adjoint (phase 2's dx; D_{c-1} = e^T D_c + (dy e^{cs})^T qh).
 
 Tiles: dq and dkv hold the whole P and a block of BN columns of N (state tile P x BN). Their
 N-reducing outputs (dqh, dks) are per block; dvt and the d cs / d T partials reduce over N:
 with one block (BN >= N, the default up to P x N = 64 x 128 for bf16) dkv writes dvt itself,
 else per-block partials (scratch dvp) that the dadt kernel adds in a fixed order (no atomics),
-as it adds the d cs partials of dq's blocks and the d T partials of dkv's.
+as it adds the d cs partials of dq's blocks and the X_c partials of dkv's.
 
 Grids: dq, dkv (H * cdiv(N, BN), segment slots); dadt (H, segment slots). Config FUSED: one
 kernel dqkv runs both walks in each program, dq's then dkv's (it calls the two kernels' bodies
@@ -104,7 +114,7 @@ def _store_dcs(dcs_ptr, part, B, H, L, b, h, tc, eos, x, C: tl.constexpr, RP: tl
 
 @triton.jit
 def scan_bwd_core_dq_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sx_ptr, dqh_ptr, dcs_ptr,
     B, L, H, S, NSEG,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
@@ -132,8 +142,11 @@ def scan_bwd_core_dq_kernel(
         tmask = (p < P)[:, None] & (n < N)[None, :]
         st = tl.load(ent_ptr + (slot * H + h).to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
         for ci in range(nck):
-            tl.store(sch_ptr + ((slot * SEG + ci) * H + h).to(tl.int64) * P * N + tile,
-                     _cast(st, sch_ptr.dtype.element_ty, INTERP), mask=tmask)
+            # the last chunk's entry state S_last, for d T's boundary term (dadt). A store masked to
+            # the last chunk, at the top of the body: after the loop (or at the bottom) it cost
+            # ptxas ~50 registers (AOT, triton 3.6 and 3.9)
+            tl.store(sx_ptr + (slot * H + h).to(tl.int64) * P * N + tile, _cast(st, sx_ptr.dtype.element_ty, INTERP),
+                     mask=tmask & (tl.full([1, 1], ci, tl.int32) == nck - 1))
             tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
@@ -156,7 +169,7 @@ def scan_bwd_core_dq_kernel(
 
 @triton.jit
 def scan_bwd_core_dkv_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr, dcs_ptr, dtc_ptr,
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dks_ptr, dvp_ptr, dcs_ptr, dtc_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
@@ -185,10 +198,7 @@ def scan_bwd_core_dkv_kernel(
         st = tl.load(dx_ptr + (slot * H + h).to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
         for k in range(nck):
             ci = nck - 1 - k
-            # <D_c, S_c> first, before the chunk's other tiles are live (registers)
             cidx = (slot * SEG + ci) * H + h
-            sc = tl.load(sch_ptr + cidx.to(tl.int64) * P * N + tile, mask=tmask, other=0.0).to(tl.float32)
-            xds = tl.sum(tl.sum(st * sc, axis=1), axis=0)
             tc = t0 + ci * C
             tok = tc + rt
             rmask = (tok < eos) & (rr < R)
@@ -199,57 +209,59 @@ def scan_bwd_core_dkv_kernel(
             kb = _tile(ks_ptr, row, rmask, n, N)
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
-            gm = sdv * dec
+            # both inter-chunk terms first, so the state's (hi, lo) halves die before the chunk's
+            # score tiles are live (registers); they are then the intra-chunk MMAs' accumulators
             sh, sl = _split(st, DT, INTERP, SPLIT)
             inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
-            _store_tile(dks_ptr, row, rmask, n, _mm(tl.trans(gm), qb, DT, DOT_F32, INTERP) + inter, N)
+            interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
+            sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
+            gm = sdv * dec
+            _store_tile(dks_ptr, row, rmask, n, _mma(tl.trans(gm), qb, inter, DT, DOT_F32, INTERP), N)
             # dvt (this N block's share: the whole dvt when one block holds N)
             a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
-            interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
-            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mm(tl.trans(a), d, DT, DOT_F32, INTERP) + interv, P)
             # d cs (this N block's share): row sum - column sum of the in-chunk W = A o (dy vt^T) in
             # fp32 (the in-chunk reverse cumsum then telescopes exactly), minus the state term
             # x_j = vt_j . (e^{T - cs_j} D_c ks_j), whose chunk sum goes to d T
-            w = a * sdv
             x = tl.sum(v.to(tl.float32) * interv, axis=1)
+            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mma(tl.trans(a), d, interv, DT, DOT_F32, INTERP), P)
+            w = a * sdv
             _store_dcs(dcs_ptr, NNB + nb, B, H, L, b, h, tc, eos, tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
-            dtc = tl.exp(T) * xds + tl.sum(x, axis=0)
-            tl.store(dtc_ptr + nb * NCH * H + cidx, dtc)
+            tl.store(dtc_ptr + nb * NCH * H + cidx, tl.sum(x, axis=0))   # X_c (d T's recurrence, dadt)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
             st = _update(dw, qb, st * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
 
 
 @triton.jit
 def scan_bwd_core_dqkv_kernel(
-    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, dx_ptr, sch_ptr, dqh_ptr, dks_ptr, dvp_ptr,
+    qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, dx_ptr, sx_ptr, dqh_ptr, dks_ptr, dvp_ptr,
     dcs_ptr, dtc_ptr,
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
 ):
-    """dq's walk, then dkv's, in one program (config FUSED): the chunk entry states S_c that
-    the first walk writes and the second reads, and the chunk tiles both load, are still in
-    L2 when the segment is short enough (SEG_SCALE < 1)."""
-    scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sch_ptr, dqh_ptr, dcs_ptr,
+    """dq's walk, then dkv's, in one program (config FUSED): the chunk tiles both load are
+    still in L2 when the segment is short enough (SEG_SCALE < 1)."""
+    scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sx_ptr, dqh_ptr, dcs_ptr,
                             B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
                             SPLIT, USPLIT)
-    tl.debug_barrier()   # this program's S_c stores visible to all its threads before the reads
-    scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, sch_ptr, dks_ptr, dvp_ptr,
-                             dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN, P, PP, C, SEG,
-                             VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
+    scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dks_ptr, dvp_ptr,
+                             dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN,
+                             P, PP, C, SEG, VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
 
 
 @triton.jit
 def scan_bwd_core_dadt_kernel(
-    dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, cu_ptr, dadt_ptr,
+    dvp_ptr, dvt_ptr, dcs_ptr, dtc_ptr, dx_ptr, sx_ptr, adt_ptr, cu_ptr, dadt_ptr,
     B, L, H, S, NSEG, NCH, NROW,
-    R: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr,
-    SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
+    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+    C: tl.constexpr, SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
 ):
-    """Per chunk: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks and SUM_DV), and
-    dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + sum_nb dtc[nb, chunk]."""
+    """Per chunk, walking the segment backwards: dvt = sum_nb dvp[nb] (when N is split in
+    NNB > 1 blocks and SUM_DV), and dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t]
+    + d T_c, with d T_c = <D_c, S_{c+1}> by its recurrence (module docstring): d T_last =
+    e^{T_last} <D_last, S_last> + X_last and d T_{c-1} = d T_c - X_c + Y_c (X_c: dkv's dtc,
+    summed over N blocks; Y_c: the chunk sum of dq's d cs parts)."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
     h = tl.program_id(0)
@@ -261,7 +273,25 @@ def scan_bwd_core_dadt_kernel(
         rt = rows // RP
         rr = rows % RP
         p = tl.arange(0, PP)
-        for ci in range(nck):
+        # d T_last = e^{T_last} <D_last, S_last> + X_last (D_last: phase 2's exit adjoint dx;
+        # S_last: the last chunk's entry state, stored by dq), in 16-row slices of P
+        bh = (b * H + h).to(tl.int64) * L
+        tl_ = t0 + (nck - 1) * C
+        _cs, t_last = _chunk_decay(adt_ptr, bh, tl_, eos, C, RP)
+        nn = tl.arange(0, NP)
+        base = (slot * H + h).to(tl.int64) * P * N
+        ds = 0.0
+        for j in range(PP // 16):
+            pr = j * 16 + tl.arange(0, 16)
+            off = base + pr[:, None] * N + nn[None, :]
+            m2 = (pr < P)[:, None] & (nn < N)[None, :]
+            ds += tl.sum(tl.sum(tl.load(dx_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                                * tl.load(sx_ptr + off, mask=m2, other=0.0).to(tl.float32), axis=1), axis=0)
+        dtc = tl.exp(t_last) * ds
+        for i in range(NNB):
+            dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + nck - 1) * H + h)
+        for k in range(nck):
+            ci = nck - 1 - k
             tc = t0 + ci * C
             if NNB > 1 and SUM_DV:
                 tok = tc + rt
@@ -271,13 +301,16 @@ def scan_bwd_core_dadt_kernel(
                 for i in range(NNB):
                     dv += _tile(dvp_ptr, i * NROW + row, rmask, p, P)
                 _store_tile(dvt_ptr, row, rmask, p, dv, P)
-            x = tl.zeros([C], dtype=tl.float32)
+            xq = tl.zeros([C], dtype=tl.float32)   # dq's parts: the state terms qh_i . (e^{cs_i} S_c^T dy_i)
+            xk = tl.zeros([C], dtype=tl.float32)   # dkv's parts
             tt = tc + tl.arange(0, C)
             m = tt < eos
-            for i in range(2 * NNB):
-                x += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
-            dtc = 0.0
             for i in range(NNB):
-                dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
-            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(x, axis=0, reverse=True) + dtc,
+                xq += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
+                xk += tl.load(dcs_ptr + (((NNB + i) * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
+            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(xq + xk, axis=0, reverse=True) + dtc,
                      mask=m)
+            xc = 0.0
+            for i in range(NNB):
+                xc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
+            dtc = dtc - xc + tl.sum(xq, axis=0)
