@@ -245,6 +245,7 @@ def scan_bwd_core_dqkv_kernel(
     scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sx_ptr, dqh_ptr, dcs_ptr,
                             B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
                             SPLIT, USPLIT)
+    tl.debug_barrier()   # the two walks apart (without it ptxas interleaves them: 8 B spilled at R = 4)
     scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dks_ptr, dvp_ptr,
                              dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN,
                              P, PP, C, SEG, VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
