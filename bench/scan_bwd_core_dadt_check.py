@@ -7,7 +7,6 @@ longest segments the automatic SEG picks (64 chunks) and beyond, strong and weak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
