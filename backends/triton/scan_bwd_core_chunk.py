@@ -209,16 +209,16 @@ def scan_bwd_core_dkv_kernel(
             kb = _tile(ks_ptr, row, rmask, n, N)
             cs, T = _chunk_decay(adt_ptr, bh, tc, eos, C, RP)
             dec = tl.where(causal, tl.exp(tl.minimum(cs[:, None] - cs[None, :], 0.0)), 0.0)
-            # both inter-chunk terms first, so the state's (hi, lo) halves die before the chunk's
-            # score tiles are live (registers); they are then the intra-chunk MMAs' accumulators
-            sh, sl = _split(st, DT, INTERP, SPLIT)
-            inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
-            interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
             sdv = _mm(d, tl.trans(v), DT, DOT_F32, INTERP)
             gm = sdv * dec
+            sh, sl = _split(st, DT, INTERP, SPLIT)
+            # the inter-chunk terms are the intra-chunk MMAs' accumulators. (Taking both inter-chunk
+            # terms first, so that sh / sl die earlier, spilled dkv at R = 2 and 4 under triton 3.6.)
+            inter = tl.exp(T - cs)[:, None] * _mm_state(v, sh, sl, DT, DOT_F32, INTERP, SPLIT)
             _store_tile(dks_ptr, row, rmask, n, _mma(tl.trans(gm), qb, inter, DT, DOT_F32, INTERP), N)
             # dvt (this N block's share: the whole dvt when one block holds N)
             a = _mm(qb, tl.trans(kb), DT, DOT_F32, INTERP) * dec
+            interv = tl.exp(T - cs)[:, None] * _mm_state(kb, tl.trans(sh), tl.trans(sl), DT, DOT_F32, INTERP, SPLIT)
             # d cs (this N block's share): row sum - column sum of the in-chunk W = A o (dy vt^T) in
             # fp32 (the in-chunk reverse cumsum then telescopes exactly), minus the state term
             # x_j = vt_j . (e^{T - cs_j} D_c ks_j), whose chunk sum goes to d T
@@ -265,6 +265,7 @@ def scan_bwd_core_dadt_kernel(
     summed over N blocks; Y_c: the chunk sum of dq's d cs parts)."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
+    BPX: tl.constexpr = min(PP, max(1, 4096 // NP))
     h = tl.program_id(0)
     slot = tl.program_id(1)
     b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
@@ -275,16 +276,14 @@ def scan_bwd_core_dadt_kernel(
         rr = rows % RP
         p = tl.arange(0, PP)
         # d T_last = e^{T_last} <D_last, S_last> + X_last (D_last: phase 2's exit adjoint dx;
-        # S_last: the last chunk's entry state, stored by dq), in 16-row slices of P
-        bh = (b * H + h).to(tl.int64) * L
-        tl_ = t0 + (nck - 1) * C
-        _cs, t_last = _chunk_decay(adt_ptr, bh, tl_, eos, C, RP)
+        # S_last: the last chunk's entry state, stored by dq)
+        tt = t0 + (nck - 1) * C + tl.arange(0, C)
+        t_last = tl.sum(tl.load(adt_ptr + (b * H + h).to(tl.int64) * L + tt, mask=tt < eos, other=0.0), axis=0)
         nn = tl.arange(0, NP)
-        base = (slot * H + h).to(tl.int64) * P * N
         ds = 0.0
-        for j in range(PP // 16):
-            pr = j * 16 + tl.arange(0, 16)
-            off = base + pr[:, None] * N + nn[None, :]
+        for j in tl.static_range(0, PP, BPX):   # P in slices of at most 4096 elements
+            pr = j + tl.arange(0, BPX)
+            off = (slot * H + h).to(tl.int64) * P * N + pr[:, None] * N + nn[None, :]
             m2 = (pr < P)[:, None] & (nn < N)[None, :]
             ds += tl.sum(tl.sum(tl.load(dx_ptr + off, mask=m2, other=0.0).to(tl.float32)
                                 * tl.load(sx_ptr + off, mask=m2, other=0.0).to(tl.float32), axis=1), axis=0)
