@@ -180,20 +180,6 @@ def test_core_bf16_precision_modes(inter, update, scratch):
 
 
 @here
-@pytest.mark.parametrize("bn,dq_bn", [(16, 32), (32, 16)])
-def test_core_dq_block_n(bn, dq_bn):
-    """dq's own N block (DQ_BLOCK_N) unlike dkv's: the d cs partials of the two walks are laid
-    out by each one's block count, and dadt reads them so, over several segments, varlen with an
-    empty sequence, dense with states."""
-    core = _core()
-    cfg = dict(core.default_config(1, 32, 16, "bfloat16"), SEG=2, BLOCK_N=bn, DQ_BLOCK_N=dq_bn, CHUNK=16)
-    out, ref = _run_case(np.random.default_rng(12), 2, 77, 1, 2, 32, 16, cfg=cfg)
-    _check(out, ref, "bfloat16", ("dense", bn, dq_bn))
-    out, ref = _run_case(np.random.default_rng(13), 1, 0, 2, 2, 32, 16, lengths=[40, 0, 53], cfg=dict(cfg, CHUNK=8))
-    _check(out, ref, "bfloat16", ("varlen", bn, dq_bn))
-
-
-@here
 def test_core_rank8_and_odd_sizes():
     rng = np.random.default_rng(8)
     out, ref = _run_case(rng, 1, 11, 8, 1, 24, 40, "float32")
@@ -297,12 +283,6 @@ def test_core_argument_errors():
                            v.expand(1, 4, 3, 2, 16))
     with pytest.raises(ValueError, match="config.CHUNK"):
         core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), CHUNK=8))
-    for bad in (8, 48, True, "64"):
-        with pytest.raises(ValueError, match="config.DQ_BLOCK_N: expected None or a power of two >= 16"):
-            core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), DQ_BLOCK_N=bad))
-    with pytest.raises(ValueError, match="config.DQ_BLOCK_N: expected None or BLOCK_N"):
-        core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 32, 16), BLOCK_N=16, DQ_BLOCK_N=32,
-                                                        FUSED=True))
     for key in ("INTER", "UPDATE", "SCRATCH"):
         with pytest.raises(ValueError, match=f"config.{key}"):
             core.core_backward(q, q, v, adt, v, config=dict(core.default_config(1, 16, 16), **{key: "tf32"}))

@@ -39,8 +39,6 @@ Config keys (`default_config`, `space`):
   CHUNK    tokens per chunk C (C * pow2(R) >= 16 rows)
   SEG      chunks per segment; 0 = chosen per call from B, H, L (about four programs per SM)
   BLOCK_N  columns of N per dq / dkv program (their state tile is P x BLOCK_N)
-  DQ_BLOCK_N optional: dq's own (None = BLOCK_N); dq's state tile is the smaller one (no
-           adjoint-side operand tiles), so it may hold more of N than dkv
   BLOCK_P  rows of P per local-state program (tile BLOCK_P x N)
   PASS_BLOCK_P rows of P per state-passing program
   num_warps (dq, dkv), local_num_warps, pass_num_warps, num_stages (local, dq, dkv; each
@@ -163,13 +161,6 @@ def check_config(R: int, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"config.{key}: expected a power of two >= 1, got {v!r}")
-    dq_bn = config.get("DQ_BLOCK_N")
-    if dq_bn is not None:
-        if not isinstance(dq_bn, int) or isinstance(dq_bn, bool) or dq_bn < 16 or dq_bn & (dq_bn - 1):
-            raise ValueError(f"config.DQ_BLOCK_N: expected None or a power of two >= 16, got {dq_bn!r}")
-        if config.get("FUSED") and dq_bn != config["BLOCK_N"]:
-            raise ValueError(f"config.DQ_BLOCK_N: expected None or BLOCK_N ({config['BLOCK_N']}) with FUSED "
-                             f"(one grid for both walks), got {dq_bn}")
     if config["CHUNK"] * _pow2(R) < 16:
         raise ValueError(f"config.CHUNK: expected >= {16 // _pow2(R)} (C * pow2(R) >= 16 rows), "
                          f"got {config['CHUNK']}")
@@ -252,8 +243,6 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     C = config["CHUNK"]
     BN, BP, PBP = min(config["BLOCK_N"], NP), min(config["BLOCK_P"], PP), min(config["PASS_BLOCK_P"], PP)
     NNB = n_blocks(N, config)
-    BNQ = min(config.get("DQ_BLOCK_N") or BN, NP)   # dq's own N block (config DQ_BLOCK_N)
-    NQB = NP // BNQ
     SEG = _seg(config, B, L, H, H * NNB)
     SEGLEN = SEG * C
     varlen = cu_seqlens is not None
@@ -269,7 +258,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     tot = e(2, nslots, H)
     nch = nslots * SEG
     sx = e(nslots, H, P, N, dt=sdt)   # each segment's last-chunk entry state (dq), for d T's boundary (dadt)
-    dcs = e(NQB + NNB, B, H, L)   # d cs partials: dq's N blocks, then dkv's
+    dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)      # X_c per N block and chunk (dkv)
     out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
@@ -314,17 +303,17 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
          "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dq", "kernel": _chunk.scan_bwd_core_dq_kernel, "run": run,
-         "grid": _chunk.grid(H, NP, BNQ, nslots),
+         "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("ent_ptr", ent), ("sx_ptr", sx), ("dqh_ptr", out["dqh"]), ("dcs_ptr", dcs),
                   ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg)],
-         "constexprs": dict(shape, BN=BNQ, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dq_num_stages", stages)},
         {"name": "scan_bwd_core_dkv", "kernel": _chunk.scan_bwd_core_dkv_kernel, "run": run,
          "grid": _chunk.grid(H, NP, BN, nslots),
          "args": [*tok, ("dx_ptr", dx), ("dks_ptr", out["dks"]), ("dvp_ptr", dvp),
                   ("dcs_ptr", dcs), ("dtc_ptr", dtc), ("B", B), ("L", L), ("H", H), ("S", S),
                   ("NSEG", nseg), ("NCH", nch), ("NROW", nrow)],
-         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, QP=NQB, **dot),
+         "constexprs": dict(shape, BN=BN, PP=PP, SPLIT=split, USPLIT=usplit, **dot),
          "num_warps": config["num_warps"], "num_stages": config.get("dkv_num_stages", stages)},
         {"name": "scan_bwd_core_dadt", "kernel": _chunk.scan_bwd_core_dadt_kernel, "run": run,
          "grid": _chunk.dadt_grid(H, nslots),
@@ -333,7 +322,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                   ("dadt_ptr", out["dadt"]), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
                   ("NROW", nrow)],
          "constexprs": {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB,
-                        "VARLEN": varlen, "QP": NQB,
+                        "VARLEN": varlen,
                         "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]

@@ -174,7 +174,6 @@ def scan_bwd_core_dkv_kernel(
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr,
     P: tl.constexpr, PP: tl.constexpr, C: tl.constexpr, SEG: tl.constexpr, VARLEN: tl.constexpr,
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, USPLIT: tl.constexpr,
-    QP: tl.constexpr = 0,
 ):
     NNB: tl.constexpr = NP // BN
     SEGLEN: tl.constexpr = SEG * C
@@ -226,9 +225,7 @@ def scan_bwd_core_dkv_kernel(
             x = tl.sum(v.to(tl.float32) * interv, axis=1)
             _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mma(tl.trans(a), d, interv, DT, DOT_F32, INTERP), P)
             w = a * sdv
-            # dcs parts: dq's first (QP of them: its own N blocks; 0 = as many as dkv's), then dkv's
-            _store_dcs(dcs_ptr, (QP if QP > 0 else NNB) + nb, B, H, L, b, h, tc, eos,
-                       tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
+            _store_dcs(dcs_ptr, NNB + nb, B, H, L, b, h, tc, eos, tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
             tl.store(dtc_ptr + nb * NCH * H + cidx, tl.sum(x, axis=0))   # X_c (d T's recurrence, dadt)
             dw = d.to(tl.float32) * tl.exp(cs)[:, None]
             st = _update(dw, qb, st * tl.exp(T), DT, DOT_F32, INTERP, USPLIT)
@@ -260,7 +257,6 @@ def scan_bwd_core_dadt_kernel(
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     C: tl.constexpr, SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
-    QP: tl.constexpr = 0,
 ):
     """Per chunk, walking the segment backwards: dvt = sum_nb dvp[nb] (when N is split in
     NNB > 1 blocks and SUM_DV), and dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t]
@@ -270,7 +266,6 @@ def scan_bwd_core_dadt_kernel(
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
     BPX: tl.constexpr = min(PP, max(1, 4096 // NP))
-    NQB: tl.constexpr = QP if QP > 0 else NNB   # dq's N blocks (config DQ_BLOCK_N)
     h = tl.program_id(0)
     slot = tl.program_id(1)
     b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
@@ -310,10 +305,9 @@ def scan_bwd_core_dadt_kernel(
             xk = tl.zeros([C], dtype=tl.float32)   # dkv's parts
             tt = tc + tl.arange(0, C)
             m = tt < eos
-            for i in range(NQB):
-                xq += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
             for i in range(NNB):
-                xk += tl.load(dcs_ptr + (((NQB + i) * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
+                xq += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
+                xk += tl.load(dcs_ptr + (((NNB + i) * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
             tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(xq + xk, axis=0, reverse=True) + dtc,
                      mask=m)
             xc = 0.0
