@@ -39,7 +39,7 @@ exit adjoint (phase 2's dx; D_{c-1} = e^T D_c + (dy e^{cs})^T qh).
 
 Tiles: dq and dkv hold the whole P and a block of BN columns of N (state tile P x BN). Their
 N-reducing outputs (dqh, dks) are per block; dvt and the d cs / d T partials reduce over N:
-with one block (BN >= N, the default up to P x N = 64 x 128 for bf16) dkv writes dvt itself,
+with one block (BN >= N: bf16 defaults at N <= 64, `default_config`) dkv writes dvt itself,
 else per-block partials (scratch dvp) that the dadt kernel adds in a fixed order (no atomics),
 as it adds the d cs partials of dq's blocks and the X_c partials of dkv's.
 
