@@ -95,9 +95,9 @@ def _core():
 
 
 def _run_case(rng, B, L, R, H, N, P, dtype="bfloat16", s0=True, dsf=True, lengths=None, cfg=None,
-              want_ds0=True):
+              want_ds0=True, adt_scale=1.0):
     """Run the kernels (poisoned outputs) and the reference on the rounded operands; return
-    (kernel outputs, reference outputs)."""
+    (kernel outputs, reference outputs). adt_scale: the log-decays times this (weak decay < 1)."""
     import torch
     core = _core()
     tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
@@ -105,6 +105,7 @@ def _run_case(rng, B, L, R, H, N, P, dtype="bfloat16", s0=True, dsf=True, length
     if cu is not None:
         B, L = 1, int(cu[-1])
     x = _inputs(rng, B, L, R, H, N, P, S=None if cu is None else len(lengths), s0=s0, dsf=dsf)
+    x["adt"] = x["adt"] * adt_scale
     t = {k: None if v is None else torch.as_tensor(v, dtype=torch.float32) for k, v in x.items()}
     for k in ("qh", "ks", "vt", "dy"):
         t[k] = t[k].to(tdt)
@@ -195,6 +196,18 @@ def test_core_long_segments(lengths):
     cfg = dict(core.default_config(1, 16, 16, "bfloat16"), CHUNK=16, SEG=128)
     out, ref = _run_case(np.random.default_rng(11), 1, 16 * 128 + 21, 1, 1, 16, 16, lengths=lengths, cfg=cfg)
     _check(out, ref, "bfloat16", "long segments")
+
+
+@here
+def test_core_dadt_long_segments_weak_decay():
+    """dadt's d T recurrence over a 64-chunk segment with weak decay (long memory: the chunk
+    state terms are large and nearly cancel): its terms are fp32-accurate, so dadt stays far
+    below the bf16 bound (~1e-5 here); the per-chunk bf16 state scratch it replaced gave ~1e-3."""
+    core = _core()
+    cfg = dict(core.default_config(1, 32, 16, "bfloat16"), CHUNK=16, SEG=64)
+    out, ref = _run_case(np.random.default_rng(21), 1, 16 * 64 + 40, 1, 1, 32, 16, cfg=cfg, adt_scale=0.01)
+    errs = _check(out, ref, "bfloat16", "weak decay")
+    assert errs["dadt"] <= 2e-4, errs
 
 
 @here
