@@ -211,6 +211,21 @@ def test_core_dadt_long_segments_weak_decay():
 
 
 @here
+@pytest.mark.parametrize("cfgx,L,lengths", [({"CHUNK": 64, "SEG": 128}, 64 * 66 + 7, None),
+                                            ({"CHUNK": 16, "SEG": 3}, 16 * 7 + 5, None),
+                                            ({"CHUNK": 16, "SEG": 5}, 0, [40, 0, 95, 16])])
+def test_core_dadt_chunk_blocks(cfgx, L, lengths):
+    """dadt takes a segment's chunks as [SB, C] tiles, SB = min(pow2(SEG), 256 / C), carrying
+    d T from tile to tile: many tiles per segment (64-token chunks, 128-chunk segments), a
+    segment length that is not a power of two, dense and varlen with an empty sequence."""
+    core = _core()
+    cfg = dict(core.default_config(1, 16, 16, "bfloat16"), **cfgx)
+    out, ref = _run_case(np.random.default_rng(3), 1, L, 1, 1, 16, 16, cfg=cfg, lengths=lengths, adt_scale=0.05)
+    errs = _check(out, ref, "bfloat16", str(cfgx))
+    assert errs["dadt"] <= 2e-4, errs
+
+
+@here
 def test_core_deterministic_and_want_ds0():
     import torch
     core = _core()

@@ -321,7 +321,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                   ("dadt_ptr", out["dadt"]), ("B", B), ("L", L), ("H", H), ("S", S), ("NSEG", nseg), ("NCH", nch),
                   ("NROW", nrow)],
          "constexprs": {"R": R, "RP": RP, "N": N, "NP": NP, "P": P, "PP": PP, "C": C, "SEG": SEG, "NNB": NNB,
-                        "VARLEN": varlen,
+                        "VARLEN": varlen, "SEGP": triton.next_power_of_2(SEG),
                         "SUM_DV": not dvt_partials},
          "num_warps": 4, "num_stages": 1},
     ]

@@ -257,15 +257,19 @@ def scan_bwd_core_dadt_kernel(
     B, L, H, S, NSEG, NCH, NROW,
     R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
     C: tl.constexpr, SEG: tl.constexpr, NNB: tl.constexpr, VARLEN: tl.constexpr, SUM_DV: tl.constexpr = True,
+    SEGP: tl.constexpr = 1,
 ):
-    """Per chunk, walking the segment backwards: dvt = sum_nb dvp[nb] (when N is split in
-    NNB > 1 blocks and SUM_DV), and dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t]
-    + d T_c, with d T_c = <D_c, S_{c+1}> by its recurrence (module docstring): d T_last =
-    e^{T_last} <D_last, S_last> + X_last and d T_{c-1} = d T_c - X_c + Y_c (X_c: dkv's dtc,
-    summed over N blocks; Y_c: the chunk sum of dq's d cs parts)."""
+    """Per segment: dvt = sum_nb dvp[nb] (when N is split in NNB > 1 blocks and SUM_DV), and
+    dadt_u = sum_{t >= u in u's chunk} sum_parts dcs[part, t] + d T_c, with d T_c = <D_c, S_{c+1}>
+    by its recurrence (module docstring) d T_{c-1} = d T_c - X_c + Y_c from d T_last =
+    e^{T_last} <D_last, S_last> + X_last (X_c: dkv's dtc, summed over N blocks; Y_c: the chunk
+    sum of dq's d cs parts), taken as a reverse cumsum over the segment's chunks, [SB, C] tiles
+    of SB chunks at a time (a serial walk over the chunks took 74 us at SISO B4 L4096)."""
     SEGLEN: tl.constexpr = SEG * C
     ROWS: tl.constexpr = C * RP
     BPX: tl.constexpr = min(PP, max(1, 4096 // NP))
+    SB: tl.constexpr = min(SEGP, max(1, 256 // C))   # chunks per tile (SEGP: pow2 >= SEG; 512 / 4096
+    # tokens per tile spilled 8 B at 96 registers under 3.6, R 2 N 256: a ptxas quirk, not pressure)
     h = tl.program_id(0)
     slot = tl.program_id(1)
     b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
@@ -277,8 +281,8 @@ def scan_bwd_core_dadt_kernel(
         p = tl.arange(0, PP)
         # d T_last = e^{T_last} <D_last, S_last> + X_last (D_last: phase 2's exit adjoint dx;
         # S_last: the last chunk's entry state, stored by dq)
-        tt = t0 + (nck - 1) * C + tl.arange(0, C)
-        t_last = tl.sum(tl.load(adt_ptr + (b * H + h).to(tl.int64) * L + tt, mask=tt < eos, other=0.0), axis=0)
+        tl_ = t0 + (nck - 1) * C + tl.arange(0, C)
+        t_last = tl.sum(tl.load(adt_ptr + (b * H + h).to(tl.int64) * L + tl_, mask=tl_ < eos, other=0.0), axis=0)
         nn = tl.arange(0, NP)
         ds = 0.0
         for j in tl.static_range(0, PP, BPX):   # P in slices of at most 4096 elements
@@ -287,30 +291,35 @@ def scan_bwd_core_dadt_kernel(
             m2 = (pr < P)[:, None] & (nn < N)[None, :]
             ds += tl.sum(tl.sum(tl.load(dx_ptr + off, mask=m2, other=0.0).to(tl.float32)
                                 * tl.load(sx_ptr + off, mask=m2, other=0.0).to(tl.float32), axis=1), axis=0)
-        dtc = tl.exp(t_last) * ds
-        for i in range(NNB):
-            dtc += tl.load(dtc_ptr + (i * NCH + slot * SEG + nck - 1) * H + h)
-        for k in range(nck):
-            ci = nck - 1 - k
-            tc = t0 + ci * C
-            if NNB > 1 and SUM_DV:
-                tok = tc + rt
+        if NNB > 1 and SUM_DV:   # dvt from its N-block partials, chunk by chunk
+            for ci in range(nck):
+                tok = t0 + ci * C + rt
                 rmask = (tok < eos) & (rr < R)
                 row = ((b.to(tl.int64) * L + tok) * R + rr) * H + h
                 dv = tl.zeros([ROWS, PP], dtype=tl.float32)
                 for i in range(NNB):
                     dv += _tile(dvp_ptr, i * NROW + row, rmask, p, P)
                 _store_tile(dvt_ptr, row, rmask, p, dv, P)
-            xq = tl.zeros([C], dtype=tl.float32)   # dq's parts: the state terms qh_i . (e^{cs_i} S_c^T dy_i)
-            xk = tl.zeros([C], dtype=tl.float32)   # dkv's parts
-            tt = tc + tl.arange(0, C)
-            m = tt < eos
+        # the segment's chunks SB at a time as [SB, C] tiles (256 tokens), last block first: the
+        # d cs parts of dq (xq: the state terms qh_i . (e^{cs_i} S_c^T dy_i)) and of dkv (xk), X_c
+        # (xc), Y_c - X_c (dlt), and d T_c = d T_last + sum_{c < c' <= last} (Y_c' - X_c') as a
+        # reverse cumsum over chunks, carried from tile to tile in g
+        g = tl.exp(t_last) * ds
+        for i in range(NNB):
+            g += tl.load(dtc_ptr + (i * NCH + slot * SEG + nck - 1) * H + h)   # + X_last: d T_last
+        for kb in range(tl.cdiv(nck, SB)):
+            ck = (tl.cdiv(nck, SB) - 1 - kb) * SB + tl.arange(0, SB)
+            tt = t0 + ck[:, None] * C + tl.arange(0, C)[None, :]
+            m = (ck < nck)[:, None] & (tt < eos)
+            xq = tl.zeros([SB, C], dtype=tl.float32)
+            xk = tl.zeros([SB, C], dtype=tl.float32)
+            xc = tl.zeros([SB], dtype=tl.float32)
             for i in range(NNB):
                 xq += tl.load(dcs_ptr + ((i * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
                 xk += tl.load(dcs_ptr + (((NNB + i) * B + b) * H + h).to(tl.int64) * L + tt, mask=m, other=0.0)
-            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt, tl.cumsum(xq + xk, axis=0, reverse=True) + dtc,
-                     mask=m)
-            xc = 0.0
-            for i in range(NNB):
-                xc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ci) * H + h)
-            dtc = dtc - xc + tl.sum(xq, axis=0)
+                xc += tl.load(dtc_ptr + (i * NCH + slot * SEG + ck) * H + h, mask=ck < nck, other=0.0)
+            dlt = tl.sum(xq, axis=1) - xc
+            dtc = g + tl.cumsum(dlt, axis=0, reverse=True) - dlt
+            tl.store(dadt_ptr + (b * H + h).to(tl.int64) * L + tt,
+                     tl.cumsum(xq + xk, axis=1, reverse=True) + dtc[:, None], mask=m)
+            g += tl.sum(dlt, axis=0)
