@@ -29,9 +29,9 @@ Lb_c (Lb_c = sum_i e^{cs_i} dy_i qh_i^T):
     Y_c = sum_i qh_i . (e^{cs_i} S_c^T dy_i)         (the state terms of dq's d cs partials)
 
 from d T_last = e^{T_last} <D_last, S_last> + X_last (dadt, from phase 2's exit adjoint D_last
-and the last chunk's entry state S_last, which dq stores). X_c and Y_c are products with the state / adjoint at the INTER precision
-(fp32-accurate by default), so the segment-long recurrence adds errors of that size, not of
-bf16 GEMM size.
+and the last chunk's entry state S_last, which dq stores). X_c and Y_c are products with the
+state / adjoint at the INTER precision (fp32-accurate by default), so the segment-long
+recurrence adds errors of that size, not of bf16 GEMM size.
 
 The dq kernel walks the segment forwards from its entry state (phase 2's ent; S_c <- e^T S_c +
 (vt e^{T - cs})^T ks) and stores S_last; the dkv kernel walks it backwards from its
@@ -245,7 +245,7 @@ def scan_bwd_core_dqkv_kernel(
     scan_bwd_core_dq_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, ent_ptr, sx_ptr, dqh_ptr, dcs_ptr,
                             B, L, H, S, NSEG, R, RP, N, NP, BN, P, PP, C, SEG, VARLEN, DOT_F32, INTERP,
                             SPLIT, USPLIT)
-    tl.debug_barrier()   # the two walks apart (without it ptxas interleaves them: 8 B spilled at R = 4)
+    tl.debug_barrier()   # kept between the walks: without it the R = 4 build spilled 8 B (AOT, triton 3.9)
     scan_bwd_core_dkv_kernel(qh_ptr, ks_ptr, vt_ptr, dy_ptr, adt_ptr, cu_ptr, dx_ptr, dks_ptr, dvp_ptr,
                              dcs_ptr, dtc_ptr, B, L, H, S, NSEG, NCH, NROW, R, RP, N, NP, BN,
                              P, PP, C, SEG, VARLEN, DOT_F32, INTERP, SPLIT, USPLIT)
