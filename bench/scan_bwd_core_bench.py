@@ -32,13 +32,13 @@ from mamba3_kernels.reference.compare import rel_l2
 DEVICE = "cuda"
 
 
-def inputs(B, L, R, H, N, P, dtype, S=None, states=True, seed=0, device=None):
+def inputs(B, L, R, H, N, P, dtype, S=None, states=True, seed=0, device=None, adt_scale=1.0):
     device = device or DEVICE
     g = torch.Generator(device="cpu").manual_seed(seed)
     X = B if S is None else S
     r = lambda *s: torch.randn(*s, generator=g)
     t = {"qh": r(B, L, R, H, N) / N ** 0.5, "ks": r(B, L, R, H, N) / N ** 0.5, "vt": r(B, L, R, H, P),
-         "dy": r(B, L, R, H, P), "adt": -(torch.rand(B, H, L, generator=g) * 0.99 + 0.01),
+         "dy": r(B, L, R, H, P), "adt": -(torch.rand(B, H, L, generator=g) * 0.99 + 0.01) * adt_scale,
          "s0": r(X, H, P, N) if states else None, "ds_final": r(X, H, P, N) if states else None}
     t = {k: None if v is None else v.to(device) for k, v in t.items()}
     for k in ("qh", "ks", "vt", "dy"):
@@ -46,12 +46,12 @@ def inputs(B, L, R, H, N, P, dtype, S=None, states=True, seed=0, device=None):
     return t
 
 
-def check(name, B, L, R, H, N, P, dtype, cfg=None, lengths=None, states=True):
+def check(name, B, L, R, H, N, P, dtype, cfg=None, lengths=None, states=True, adt_scale=1.0):
     cu = None
     if lengths is not None:
         cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         B, L = 1, int(cu[-1])
-    t = inputs(B, L, R, H, N, P, dtype, None if cu is None else len(lengths), states)
+    t = inputs(B, L, R, H, N, P, dtype, None if cu is None else len(lengths), states, adt_scale=adt_scale)
     cut = None if cu is None else torch.as_tensor(cu, device=DEVICE)
     args = (t["qh"], t["ks"], t["vt"], t["adt"], t["dy"], t["s0"], t["ds_final"], cut)
     out = core.core_backward(*args, config=cfg, poison=True)

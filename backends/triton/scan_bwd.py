@@ -228,14 +228,12 @@ def forward_saving_y(spec: ScanSpec, t, problem=None, fwd_config=None, config=No
 
 def save_y_config(spec: ScanSpec, config: dict, t, y) -> dict:
     """`config`, or with SPILL_GUARD its fallback for save_y's output kernel (`save_y_spill_free`;
-    GPU builds only), remembered per spec, config (the core's overrides aside) and tensor layout
-    (`aot.Guard`)."""
+    GPU builds only), remembered per spec, config and tensor layout (`aot.Guard`)."""
     if not _GUARD.active(config, t.v.device):
         return config
     from .scan_fwd import _layout
-    decided = _GUARD.remembered(("save_y", spec, _without_core(config), _layout(t)), config,
-                                lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
-    return _with_core(decided, config)
+    return _GUARD.remembered(("save_y", spec, config, _layout(t)), config,
+                             lambda: save_y_spill_free(spec, config, t, y, _GUARD.gpu_spills))
 
 
 def save_y_call(spec: ScanSpec, config: dict, t, y) -> dict:
@@ -600,37 +598,17 @@ def spill_free(spec: ScanSpec, config: dict, t, grads: dict, spills, device) -> 
 _GUARD = Guard("scan_bwd")   # the stage guard and save_y's
 
 
-def _without_core(config: dict) -> dict:
-    """`config` without the core's overrides: what the stage guards remember their decision by."""
-    return {k: v for k, v in config.items() if k != "CORE"}
-
-
-_NO_CORE = object()
-
-
-def _with_core(decided: dict, config: dict) -> dict:
-    """A stage guard's remembered decision with the caller's own core overrides: the decision is
-    shared by every config that differs only in CORE (the stages do not read it), so the CORE it
-    was first decided with must not come back with it (that ran every later core override as
-    the first one: the tuner's core candidates all timed one core config)."""
-    if decided.get("CORE", _NO_CORE) == config.get("CORE", _NO_CORE):
-        return decided
-    out = _without_core(decided)
-    if "CORE" in config:
-        out["CORE"] = config["CORE"]
-    return out
-
-
 def effective_config(spec: ScanSpec, config: dict, t, grads: dict) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (GPU builds
-    only); remembered per spec, config (the core's overrides aside) and tensor layout
-    (`aot.Guard`)."""
+    only); remembered per spec, config and tensor layout (`aot.Guard`)."""
     if not _GUARD.active(config, t.v.device):
         return config
     from .scan_fwd import _layout
-    decided = _GUARD.remembered((spec, _without_core(config), _layout(t), grads.get("_y") is not None), config,
-                                lambda: spill_free(spec, config, t, grads, _GUARD.gpu_spills, t.v.device))
-    return _with_core(decided, config)
+    # keyed by the whole config, CORE included: post's build depends on the core's N blocks (the
+    # dvt partials it sums), and a decision shared across CORE overrides once handed every later
+    # call the first call's CORE (the tuner's core candidates all ran one core config)
+    return _GUARD.remembered((spec, config, _layout(t), grads.get("_y") is not None), config,
+                             lambda: spill_free(spec, config, t, grads, _GUARD.gpu_spills, t.v.device))
 
 
 def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, timings=None) -> dict:

@@ -144,7 +144,7 @@ def scan_bwd_core_dq_kernel(
         for ci in range(nck):
             # the last chunk's entry state S_last, for d T's boundary term (dadt). A store masked to
             # the last chunk, at the top of the body: after the loop (or at the bottom) it cost
-            # ptxas ~50 registers (AOT, triton 3.6 and 3.9)
+            # ptxas ~50 registers (AOT, triton 3.6 and 3.9); the mask's tensor form is for the interpreter
             tl.store(sx_ptr + (slot * H + h).to(tl.int64) * P * N + tile, _cast(st, sx_ptr.dtype.element_ty, INTERP),
                      mask=tmask & (tl.full([1, 1], ci, tl.int32) == nck - 1))
             tc = t0 + ci * C
