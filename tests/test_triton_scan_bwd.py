@@ -66,17 +66,56 @@ def run_grad_case(spec, problem, rng, lengths=None, short_forms=False, bwd_confi
     ref = adjoint.backward(to_numpy(dout), None if dfin is None else States(*(to_numpy(x) for x in dfin)),
                            **case.seen, **spec_options(spec))
     bound = BOUNDS[spec.input_dtype]["grad_rel_l2"]
-    rows = []
+    got = {}
     for n, x in leaves.items():
         assert x.grad is not None, f"{n}: no gradient"
         assert x.grad.shape == x.shape and x.grad.dtype == x.dtype, n
-        rows.append((n, rel_l2(to_numpy(x.grad), ref[n]), bound))
+        got[n] = (to_numpy(x.grad), ref[n])
     if st is not None:
         for i, nm in enumerate(("angle", "ssm", "k", "v")):
             g = st[i].grad
             assert g is not None and g.shape == st[i].shape, f"initial_states.{nm}"
-            rows.append((f"initial_states.{nm}", rel_l2(to_numpy(g), ref["initial_states"][i]), bound))
+            got[f"initial_states.{nm}"] = (to_numpy(g), ref["initial_states"][i])
+    rows = [(n, rel_l2(x, r), bound) for n, (x, r) in got.items()]
+    if any(e > b for _, e, b in rows) and spec.input_dtype in ROUNDOFF:
+        floor = noise_floor(spec, case, to_numpy(dout), dfin, ref, rng)
+        rows = [(n, e, max(b, FLOOR_FACTOR * floor[n])) for n, e, b in rows]
     return rows, case
+
+
+# The problem-derived tolerance (DESIGN.md: FlashAttention's tests derive theirs from a
+# same-precision reference): some gradients of the bf16 scan are ill-conditioned on some inputs,
+# not by a kernel's fault. With the fused pre-gate norm (scale-invariant), dy is orthogonal to y:
+# dQ at a token whose pre-norm y is small (a sequence's first tokens, where q'.k' nearly cancels)
+# and dADT where a large initial state dominates y are differences of large terms, and the bf16
+# operands' rounding (the forward's y and the core's, upstream's precision) leaves 1-5 % there:
+# one such token put dQ of a 29-token case at 2.27e-2. So a gradient over the fixed bound passes
+# only if the oracle itself moves by at least 1 / FLOOR_FACTOR of the kernel's error when its
+# inputs q, k, v and the upstream gradient are perturbed by one unit roundoff of the input dtype
+# (relative, Gaussian; the largest change over three draws): the same-precision spread. On
+# well-conditioned inputs that spread is ~2-5e-3, so the effective bound stays the fixed one there;
+# a wrong kernel (errors of order 1) fails either way.
+ROUNDOFF = {"bfloat16": 2.0 ** -9, "float16": 2.0 ** -12}
+FLOOR_FACTOR = 4.0
+
+
+def noise_floor(spec, case, dout, dfin, ref, rng, draws=3):
+    """{gradient name: the largest rel_l2 change of the oracle's gradient over `draws`
+    perturbations of q, k, v and dout by one unit roundoff of spec.input_dtype}."""
+    u = ROUNDOFF[spec.input_dtype]
+    jig = lambda x: x * (1.0 + u * rng.standard_normal(np.shape(x)))  # noqa: E731
+    dfin_np = None if dfin is None else States(*(to_numpy(x) for x in dfin))
+    floor = {}
+    for _ in range(draws):
+        seen = dict(case.seen, q=jig(case.seen["q"]), k=jig(case.seen["k"]), v=jig(case.seen["v"]))
+        alt = adjoint.backward(jig(dout), dfin_np, **seen, **spec_options(spec))
+        pairs = [(n, alt[n], ref[n]) for n in ref if n != "initial_states" and ref[n] is not None]
+        if ref.get("initial_states") is not None:
+            pairs += [(f"initial_states.{nm}", a, r) for nm, a, r in
+                      zip(("angle", "ssm", "k", "v"), alt["initial_states"], ref["initial_states"])]
+        for n, a, r in pairs:
+            floor[n] = max(floor.get(n, 0.0), rel_l2(a, r))
+    return floor
 
 
 def check(rows, case):
@@ -125,9 +164,7 @@ CASES = {
     "bench-mimo4-N128-P64-norm": (_spec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half",
                                         output_mode="norm_reduce", final_states=True, input_dtype="bfloat16",
                                         has_d=False, **MIMO), (1, 29, 2, 1, 1), None),
-    # (29 tokens: the pre-gate norm amplifies the bf16 forward's error on a token whose pre-norm
-    # vector is small; at 13 tokens one such token put dQ at 2.04e-2 for 1 seed in ~45, the norm-free
-    # mode 3.5e-3 on the same inputs, fp32 core operands 1.98e-2: the norm's conditioning, not the core)
+    # (the norm's ill-conditioned tokens: see noise_floor)
     "mimo2-varlen-all-empty": (_spec(rank=2, varlen=True, initial_states=True, final_states=True, **MIMO),
                                (1, 0, 2, 1, 2), [0, 0]),
 }
