@@ -107,9 +107,8 @@ def dq_walk(B, L, H, N, P, C, SEGC, threads=128, stages=2):
 def build(B, L, H, N, P, C, SEGC, threads=128, stages=2, arch=None):
     from tvm.target import Target
     if arch is None:
-        import torch
-        from tvm.contrib import nvcc
-        arch = "sm_" + nvcc.get_target_arch(torch.cuda.get_device_capability())
+        from mamba3_kernels.backends.tilelang.step import device_arch
+        arch = device_arch()
     target = {"kind": "cuda", "arch": arch}
     with Target(target):
         return tilelang.compile(dq_walk(B, L, H, N, P, C, SEGC, threads, stages), target=target,
