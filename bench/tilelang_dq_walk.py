@@ -104,14 +104,124 @@ def dq_walk(B, L, H, N, P, C, SEGC, threads=128, stages=2):
     return main
 
 
-def build(B, L, H, N, P, C, SEGC, threads=128, stages=2, arch=None):
+def dkv_walk(B, L, H, N, P, C, SEGC, threads=128, stages=2):
+    """The dkv walk (backwards over a segment's chunks from its exit adjoint D = phase 2's dx):
+
+        sdv    = dy vt^T;  gm = sdv o decay;  a = (qh ks^T) o decay     (strictly causal)
+        inter  = e^{T - cs_j} vt_j D        (D split bf16 hi + lo)
+        dks    = gm^T qh + inter;   interv = e^{T - cs_j} ks_j D^T;   dvt = a^T dy + interv
+        x_j    = vt_j . interv_j;   dcs = rowsum(a o sdv) - colsum(a o sdv) - x;   dtc_c = sum_j x_j
+        D     <- e^T D + (dy e^{cs})^T qh   (dy e^{cs} split hi + lo)
+    Grid (segment slots, H); outputs dks, dvt (fp32), dcs (dkv's share), dtc (per chunk)."""
+    NSEG = L // (SEGC * C)
+    NSLOT = B * NSEG
+    bf16, f32 = "bfloat16", "float32"
+
+    @T.prim_func
+    def main(QH: T.Tensor((B, L, H, N), bf16), KS: T.Tensor((B, L, H, N), bf16),
+             VT: T.Tensor((B, L, H, P), bf16), DY: T.Tensor((B, L, H, P), bf16),
+             CS: T.Tensor((B, H, L), f32), DX: T.Tensor((NSLOT, H, P, N), f32),
+             DKS: T.Tensor((B, L, H, N), f32), DVT: T.Tensor((B, L, H, P), f32), DCS: T.Tensor((B, H, L), f32),
+             DTC: T.Tensor((NSLOT * SEGC, H), f32)):
+        with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
+            q_s = T.alloc_shared([C, N], bf16)
+            k_s = T.alloc_shared([C, N], bf16)
+            v_s = T.alloc_shared([C, P], bf16)
+            d_s = T.alloc_shared([C, P], bf16)
+            cs_s = T.alloc_shared([C], f32)
+            gm_s = T.alloc_shared([C, C], bf16)
+            a_s = T.alloc_shared([C, C], bf16)
+            sh_s = T.alloc_shared([P, N], bf16)
+            sl_s = T.alloc_shared([P, N], bf16)
+            wh_s = T.alloc_shared([C, P], bf16)
+            wl_s = T.alloc_shared([C, P], bf16)
+            st = T.alloc_fragment([P, N], f32)
+            sdv = T.alloc_fragment([C, C], f32)
+            am = T.alloc_fragment([C, C], f32)
+            w = T.alloc_fragment([C, C], f32)
+            accv = T.alloc_fragment([C, P], f32)
+            acck = T.alloc_fragment([C, N], f32)
+            xv = T.alloc_fragment([C, P], f32)
+            x = T.alloc_fragment([C], f32)
+            rs = T.alloc_fragment([C], f32)
+            cl = T.alloc_fragment([C], f32)
+            xs = T.alloc_fragment([1], f32)
+            r_s = T.alloc_shared([C], f32)
+            c_s = T.alloc_shared([C], f32)
+            x_s = T.alloc_shared([C], f32)
+            b = slot // NSEG
+            t0 = (slot % NSEG) * (SEGC * C)
+            T.copy(DX[slot, h, :, :], st)
+            for kk in T.Pipelined(SEGC, num_stages=stages):
+                ci = SEGC - 1 - kk
+                tc = t0 + ci * C
+                T.copy(QH[b, tc:tc + C, h, :], q_s)
+                T.copy(KS[b, tc:tc + C, h, :], k_s)
+                T.copy(VT[b, tc:tc + C, h, :], v_s)
+                T.copy(DY[b, tc:tc + C, h, :], d_s)
+                T.copy(CS[b, h, tc:tc + C], cs_s)
+                for p, n in T.Parallel(P, N):
+                    sh_s[p, n] = T.cast(st[p, n], bf16)
+                for p, n in T.Parallel(P, N):
+                    sl_s[p, n] = T.cast(st[p, n] - T.cast(sh_s[p, n], f32), bf16)
+                T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
+                T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    am[i, j] = T.if_then_else(i > j, am[i, j] * T.exp(cs_s[i] - cs_s[j]), 0.0)
+                for i, j in T.Parallel(C, C):
+                    w[i, j] = am[i, j] * sdv[i, j]
+                for i, j in T.Parallel(C, C):
+                    sdv[i, j] = T.if_then_else(i > j, sdv[i, j] * T.exp(cs_s[i] - cs_s[j]), 0.0)
+                T.copy(sdv, gm_s)
+                T.copy(am, a_s)
+                T.reduce_sum(w, rs, dim=1)
+                T.reduce_sum(w, cl, dim=0)
+                # dks = gm^T qh + e^{T - cs} vt D
+                T.gemm(v_s, sh_s, acck, clear_accum=True)
+                T.gemm(v_s, sl_s, acck)
+                for j, n in T.Parallel(C, N):
+                    acck[j, n] = acck[j, n] * T.exp(cs_s[C - 1] - cs_s[j])
+                T.gemm(gm_s, q_s, acck, transpose_A=True)
+                T.copy(acck, DKS[b, tc:tc + C, h, :])
+                # dvt = a^T dy + e^{T - cs} ks D^T
+                T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
+                T.gemm(k_s, sl_s, accv, transpose_B=True)
+                for j, p in T.Parallel(C, P):
+                    accv[j, p] = accv[j, p] * T.exp(cs_s[C - 1] - cs_s[j])
+                for j, p in T.Parallel(C, P):
+                    xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
+                T.reduce_sum(xv, x, dim=1)
+                T.gemm(a_s, d_s, accv, transpose_A=True)
+                T.copy(accv, DVT[b, tc:tc + C, h, :])
+                T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
+                T.copy(cl, c_s)
+                T.copy(x, x_s)
+                for i in T.Parallel(C):
+                    DCS[b, h, tc + i] = r_s[i] - c_s[i] - x_s[i]
+                T.reduce_sum(x, xs, dim=0)
+                DTC[slot * SEGC + ci, h] = xs[0]
+                # D <- e^T D + (dy e^{cs})^T qh
+                for i, p in T.Parallel(C, P):
+                    wh_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i]), bf16)
+                for i, p in T.Parallel(C, P):
+                    wl_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i]) - T.cast(wh_s[i, p], f32), bf16)
+                for p, n in T.Parallel(P, N):
+                    st[p, n] = st[p, n] * T.exp(cs_s[C - 1])
+                T.gemm(wh_s, q_s, st, transpose_A=True)
+                T.gemm(wl_s, q_s, st, transpose_A=True)
+
+    return main
+
+
+def build(B, L, H, N, P, C, SEGC, threads=128, stages=2, arch=None, which="dq"):
     from tvm.target import Target
     if arch is None:
         from mamba3_kernels.backends.tilelang.step import device_arch
         arch = device_arch()
     target = {"kind": "cuda", "arch": arch}
     with Target(target):
-        return tilelang.compile(dq_walk(B, L, H, N, P, C, SEGC, threads, stages), target=target,
+        prog = (dq_walk if which == "dq" else dkv_walk)(B, L, H, N, P, C, SEGC, threads, stages)
+        return tilelang.compile(prog, target=target,
                                 execution_backend="tvm_ffi")
 
 
@@ -136,19 +246,20 @@ def gpu(args):
     dy = torch.randn(B, L, 1, H, P, device=dev).to(bf)
     adt = -torch.rand(B, H, L, device=dev) * 0.05
     s0 = torch.randn(B, H, P, N, device=dev)
+    dsf = torch.randn(B, H, P, N, device=dev)
     cfg = dict(core.default_config(1, N, P, "bfloat16"), SEG=seglen // 32)
-    cfg = core.effective_config(cfg, qh, ks, vt, adt, dy, s0, None, None, True, False)
-    calls, out = core.plan(qh, ks, vt, adt, dy, s0, None, None, cfg, True)
+    cfg = core.effective_config(cfg, qh, ks, vt, adt, dy, s0, dsf, None, True, False)
+    calls, out = core.plan(qh, ks, vt, adt, dy, s0, dsf, None, cfg, True)
     for c in calls:
         if c["run"]:
             core.launch(c)
     torch.cuda.synchronize()
-    dq_call = next(c for c in calls if c["name"] == "scan_bwd_core_dq")
-    ent = dict(dq_call["args"])["ent_ptr"]
-    dcs_tr = dict(dq_call["args"])["dcs_ptr"]
+    call = {c["name"].replace("scan_bwd_core_", ""): c for c in calls}
+    ent, dx = dict(call["dq"]["args"])["ent_ptr"], dict(call["dkv"]["args"])["dx_ptr"]
     nnb = core.n_blocks(N, cfg)
-    dqh_tr = out["dqh"][:, :, 0].clone()
-    dcs_tr = dcs_tr[:nnb].sum(0).clone()
+    dcs_all, dtc_all = dict(call["dq"]["args"])["dcs_ptr"], dict(call["dkv"]["args"])["dtc_ptr"]
+    triton_out = dict(dqh=out["dqh"][:, :, 0], dcs_q=dcs_all[:nnb].sum(0), dks=out["dks"][:, :, 0],
+                      dvt=out["dvt"][:, :, 0], dcs_kv=dcs_all[nnb:].sum(0), dtc=dtc_all.sum(0))
 
     def timed(fn, reps=20, iters=10):
         """Median us per call: CUDA events around `iters` back-to-back calls, `reps` times (the
@@ -168,59 +279,89 @@ def gpu(args):
         return ts[len(ts) // 2]
 
     def reference(C, heads=(0, 5)):
-        """float64 dqh and dcs (chunks of C) for batch row 0 and `heads`, from the same ent."""
+        """float64 outputs of both walks with chunks of C, batch row 0, `heads` (same ent / dx):
+        {name: {h: tensor}} for dqh, dcs_q, dks, dvt, dcs_kv, dtc (per chunk of the row's segments)."""
         nseg = L // seglen
-        out = {}
+        tri = torch.tril(torch.ones(C, C, device=dev, dtype=torch.float64), -1)
+        r = {n: {} for n in ("dqh", "dcs_q", "dks", "dvt", "dcs_kv", "dtc")}
         for h in heads:
-            dq_r = torch.zeros(L, N, dtype=torch.float64, device=dev)
-            dcs_r = torch.zeros(L, dtype=torch.float64, device=dev)
+            o = dict(dqh=torch.zeros(L, N), dcs_q=torch.zeros(L), dks=torch.zeros(L, N), dvt=torch.zeros(L, P),
+                     dcs_kv=torch.zeros(L), dtc=torch.zeros(L // C))
+            o = {n: x.double().to(dev) for n, x in o.items()}
             for sg in range(nseg):
-                S = ent[sg, h].double()
-                for c0 in range(sg * seglen, (sg + 1) * seglen, C):
+                S, D = ent[sg, h].double(), dx[sg, h].double()
+                starts = list(range(sg * seglen, (sg + 1) * seglen, C))
+                ops = []
+                for c0 in starts:
                     sl = slice(c0, c0 + C)
                     q, k = qh[0, sl, 0, h].double(), ks[0, sl, 0, h].double()
                     v, d = vt[0, sl, 0, h].double(), dy[0, sl, 0, h].double()
                     cs = torch.cumsum(adt[0, h, sl].double(), 0)
-                    dec = torch.exp(cs[:, None] - cs[None, :]) * torch.tril(torch.ones(C, C, device=dev), -1).double()
+                    dec = torch.exp(cs[:, None] - cs[None, :]) * tri
+                    ops.append((sl, q, k, v, d, cs, dec))
                     inter = torch.exp(cs)[:, None] * (d @ S)
-                    dq_r[sl] = ((d @ v.T) * dec) @ k + inter
-                    dcs_r[sl] = (q * inter).sum(1)
+                    o["dqh"][sl] = ((d @ v.T) * dec) @ k + inter
+                    o["dcs_q"][sl] = (q * inter).sum(1)
                     S = S * torch.exp(cs[-1]) + (v * torch.exp(cs[-1] - cs)[:, None]).T @ k
-            out[h] = (dq_r, dcs_r)
-        return out
+                for sl, q, k, v, d, cs, dec in reversed(ops):
+                    e = torch.exp(cs[-1] - cs)[:, None]
+                    sdv = d @ v.T
+                    a = (q @ k.T) * dec
+                    o["dks"][sl] = ((sdv * dec).T @ q) + e * (v @ D)
+                    interv = e * (k @ D.T)
+                    x = (v * interv).sum(1)
+                    o["dvt"][sl] = a.T @ d + interv
+                    w = a * sdv
+                    o["dcs_kv"][sl] = w.sum(1) - w.sum(0) - x
+                    o["dtc"][sl.start // C] = x.sum()
+                    D = D * torch.exp(cs[-1]) + (d * torch.exp(cs)[:, None]).T @ q
+            for n in r:
+                r[n][h] = o[n]
+        return r
 
-    def check(dqh, dcs, ref, nnb_dcs=None):
-        """rel_l2 of dqh and dcs against `reference` (batch row 0, its heads)."""
+    def errors(got, ref):
+        """rel_l2 per output and head against `reference` (got: {name: tensor in kernel layout})."""
         e = {}
-        for h, (dq_r, dcs_r) in ref.items():
-            e[f"dqh_h{h}"] = _rel(dqh[0, :, h], dq_r)
-            if dcs is not None:
-                e[f"dcs_h{h}"] = _rel(dcs[0, h], dcs_r)
+        for n, g in got.items():
+            for h, rv in ref[n].items():
+                x = g[0, :, h] if n in ("dqh", "dks", "dvt") else (g[0, h] if n != "dtc" else g[:len(rv), h])
+                e[f"{n}_h{h}"] = _rel(x, rv)
         return e
 
-    rows = [dict(impl="triton_dq", config={k: v for k, v in cfg.items() if k in ("CHUNK", "SEG", "BLOCK_N", "num_warps")},
-                 errors=check(dqh_tr.view(B, L, H, N), dcs_tr, reference(32)),
-                 us=timed(lambda: core.launch(dq_call)))]
-    print(rows[-1], flush=True)
+    keep = ("CHUNK", "SEG", "BLOCK_N", "num_warps", "dq_num_stages", "dkv_num_stages")
+    ref32 = reference(32)
+    rows = []
+    for w, names in (("dq", ("dqh", "dcs_q")), ("dkv", ("dks", "dvt", "dcs_kv", "dtc"))):
+        tro = {n: triton_out[n] for n in names}
+        rows.append(dict(impl=f"triton_{w}", config={k: cfg[k] for k in keep if k in cfg},
+                         errors=errors(tro, ref32), us=timed(lambda: core.launch(call[w]))))
+        print(rows[-1], flush=True)
     q3, k3, v3, d3 = (x[:, :, 0].contiguous() for x in (qh, ks, vt, dy))
     refs = {}
-    for C, threads, stages in args.variants:
-        row = dict(impl="tilelang_dq", C=C, threads=threads, stages=stages)
+    for which, C, threads, stages in args.variants:
+        row = dict(impl=f"tilelang_{which}", C=C, threads=threads, stages=stages)
         try:
             t = time.time()
-            kern = build(B, L, H, N, P, C, seglen // C, threads, stages)
+            kern = build(B, L, H, N, P, C, seglen // C, threads, stages, which=which)
             row["compile_s"] = round(time.time() - t, 1)
             csx = torch.cumsum(adt.view(B, H, L // C, C), -1).view(B, H, L).contiguous()
-            dqh = torch.full((B, L, H, N), float("nan"), device=dev)
-            dcs = torch.full((B, H, L), float("nan"), device=dev)
-            kern(q3, k3, v3, d3, csx, ent, dqh, dcs)
+            nan = lambda *sh: torch.full(sh, float("nan"), device=dev)  # noqa: E731
+            if which == "dq":
+                got = dict(dqh=nan(B, L, H, N), dcs_q=nan(B, H, L))
+                argv = (q3, k3, v3, d3, csx, ent, got["dqh"], got["dcs_q"])
+            else:
+                got = dict(dks=nan(B, L, H, N), dvt=nan(B, L, H, P), dcs_kv=nan(B, H, L), dtc=nan(B * L // C, H))
+                argv = (q3, k3, v3, d3, csx, dx, got["dks"], got["dvt"], got["dcs_kv"], got["dtc"])
+            kern(*argv)
             torch.cuda.synchronize()
-            row["nan"] = bool(torch.isnan(dqh).any() or torch.isnan(dcs).any())
+            row["nan"] = any(bool(torch.isnan(x).any()) for x in got.values())
             if C not in refs:
                 refs[C] = reference(C)
-            row["errors"] = check(dqh, dcs, refs[C])
-            row["dqh_rel_vs_triton"] = _rel(dqh, dqh_tr)
-            row["us"] = timed(lambda: kern(q3, k3, v3, d3, csx, ent, dqh, dcs))
+            row["errors"] = errors(got, refs[C])
+            for n in ("dqh", "dks", "dvt"):
+                if n in got:
+                    row[f"{n}_rel_vs_triton"] = _rel(got[n], triton_out[n])
+            row["us"] = timed(lambda: kern(*argv))
         except Exception as e:   # report and go on to the next variant
             row["error"] = repr(e)[:600]
         print(row, flush=True)
@@ -235,15 +376,18 @@ def main():
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--H", type=int, default=32)
     ap.add_argument("--seglen", type=int, default=512)
-    ap.add_argument("--variants", type=json.loads, default=[[64, 128, 2], [64, 128, 1], [64, 256, 2]])
+    ap.add_argument("--variants", type=json.loads,
+                    default=[["dq", 64, 256, 2], ["dq", 64, 256, 3], ["dq", 128, 256, 2], ["dkv", 64, 256, 2],
+                             ["dkv", 64, 256, 3]],
+                    help="[which, C, threads, stages] per TileLang build")
     ap.add_argument("--out", default="tilelang_dq_walk.json")
     args = ap.parse_args()
     if args.aot:
-        for C, threads, stages in args.variants:
+        for which, C, threads, stages in args.variants:
             t = time.time()
-            k = build(2, 1024, 4, 128, 64, C, 512 // C, threads, stages, arch="sm_90a")
+            k = build(2, 1024, 4, 128, 64, C, 512 // C, threads, stages, arch="sm_90a", which=which)
             src = k.get_kernel_source()
-            print(C, threads, stages, f"built in {time.time() - t:.1f} s", len(src), "chars of CUDA",
+            print(which, C, threads, stages, f"built in {time.time() - t:.1f} s", len(src), "chars of CUDA",
                   "wgmma" in src, flush=True)
         return
     gpu(args)
