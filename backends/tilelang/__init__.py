@@ -1,4 +1,6 @@
-"""TileLang backend: the decode step (SPEC §5); the chunked forward/backward are not written yet.
+"""TileLang backend: the decode step (SPEC §5), and the backward core's dq / dkv walks
+(scan_bwd_core_chunk.py, with scan_bwd_core.py pairing them with the Triton core's other
+kernels; not yet wired into `scan`: see that module). No chunked forward yet.
 
 Protocol: see backends/__init__.py. Imports without tilelang installed: tilelang is imported
 only inside the functions that need it and by `step.py`, which holds the kernel.

@@ -1,0 +1,101 @@
+"""Backward core with the TileLang walks: Triton phases 1, 2 and dadt, TileLang dq and dkv.
+
+`core_backward` has the signature and outputs of backends/triton/scan_bwd_core.core_backward
+(SPEC §8, §9; the math in backends/triton/scan_bwd_core_chunk.py): it takes the Triton core's
+plan at 64-token chunks and one N block (config `hybrid_config`), launches the Triton local
+(chunk states) and pass (entry states, exit adjoints) kernels, replaces the dq and dkv walks by
+the TileLang ones (scan_bwd_core_chunk.py: 1.58x / 1.38x the Triton walks at SISO B4 L4096 in
+the standalone run), then runs the Triton dadt kernel over their d cs shares and X_c.
+
+Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); checked against
+the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU. Not wired into
+`mamba3_kernels.scan` until that GPU test has passed on the H100 (issue 5's next step).
+Scope: `supports` (R = 1, N, P <= 128, bf16 operands).
+"""
+from mamba3_kernels.backends.triton import scan_bwd_core as tcore
+
+from . import scan_bwd_core_chunk as walks
+
+
+def supports(R: int, N: int, P: int, dtype: str) -> tuple:
+    return walks.supports(R, N, P, dtype)
+
+
+def hybrid_config(N: int, P: int, base=None) -> dict:
+    """The Triton core config the TileLang walks pair with: 64-token chunks (the walks' C, so
+    dadt's chunk sums match theirs), one N block (dkv writes dvt whole), fp32 INTER / UPDATE /
+    SCRATCH (the walks' precision). `base`: other Triton keys (SEG, the local / pass / dadt warps)."""
+    cfg = dict(tcore.default_config(1, N, P, "bfloat16") if base is None else base)
+    cfg.update(CHUNK=walks.C, BLOCK_N=tcore._np(N), INTER="float32", UPDATE="float32", SCRATCH="float32",
+               FUSED=False)
+    return cfg
+
+
+def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
+         device=None, poison=False, arch=None):
+    """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
+    TileLang call is a dict with name, run and `launch` (a no-argument callable)."""
+    B, L, R, H, N = qh.shape
+    P = vt.shape[-1]
+    ok, why = supports(R, N, P, {"torch.bfloat16": "bfloat16"}.get(str(qh.dtype), str(qh.dtype)))
+    if not ok:
+        raise ValueError(f"qh: {why}")
+    cfg = hybrid_config(N, P, config)
+    calls, out = tcore.plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, cfg, want_ds0, device=device,
+                            poison=poison)
+    by = {c["name"]: c for c in calls}
+    dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
+    SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
+    dev = qh.device if device is None else device
+    slots = walks.slot_table(B, L, SEG, cu_seqlens, device=dev)
+    run = by["scan_bwd_core_dq"]["run"]
+    v3 = lambda x: x.view(x.shape[0], x.shape[1], H, x.shape[-1])  # noqa: E731  (B, L, 1, H, X) -> (B, L, H, X)
+    nch = dkv_args["dtc_ptr"].shape[1]
+
+    def arch_of():
+        if arch is not None:
+            return arch
+        from .step import device_arch
+        return device_arch()
+
+    def dq():
+        k = walks.build("dq", H, N, P, SEG, arch_of())
+        k(v3(qh), v3(ks), v3(vt), v3(dy), adt, slots, dq_args["ent_ptr"], dq_args["sx_ptr"], v3(out["dqh"]),
+          dq_args["dcs_ptr"])
+
+    def dkv():
+        k = walks.build("dkv", H, N, P, SEG, arch_of())
+        k(v3(qh), v3(ks), v3(vt), v3(dy), adt, slots, dkv_args["dx_ptr"], v3(out["dks"]),
+          v3(dkv_args["dvp_ptr"]), dkv_args["dcs_ptr"], dkv_args["dtc_ptr"].view(nch, H))
+
+    new = []
+    for c in calls:
+        if c["name"] == "scan_bwd_core_dq":
+            new.append({"name": "tilelang_core_dq", "run": run, "launch": dq})
+        elif c["name"] == "scan_bwd_core_dkv":
+            new.append({"name": "tilelang_core_dkv", "run": run, "launch": dkv})
+        else:
+            new.append(c)
+    return new, out
+
+
+def launch(c: dict) -> None:
+    if "launch" in c:
+        c["launch"]()
+    else:
+        tcore.launch(c)
+
+
+def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
+                  want_ds0=True, poison=False):
+    """backends/triton/scan_bwd_core.core_backward with the TileLang walks (module docstring).
+    config: Triton core keys for the kernels that stay Triton's (`hybrid_config` fixes CHUNK,
+    BLOCK_N and the precision keys)."""
+    qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
+    s0 = None if s0 is None else s0.contiguous()
+    ds_final = None if ds_final is None else ds_final.contiguous()
+    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison)
+    for c in calls:
+        if c["run"]:
+            launch(c)
+    return out

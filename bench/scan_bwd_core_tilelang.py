@@ -1,0 +1,75 @@
+"""The backward core with the TileLang walks (backends/tilelang/scan_bwd_core.py) against the
+Triton core on the same operands: GPU time of the whole core (local, pass, dq, dkv, dadt; CUDA
+events around back-to-back calls, median; eager, since the TileLang kernels launch through
+tvm-ffi) and every output's rel_l2 between the two (both approximate the same float64 result;
+the GPU test checks each against the oracle). Shapes: the SISO benchmark heads (B, L, H, N, P).
+
+    PYTHONPATH=$PWD python bench/scan_bwd_core_tilelang.py [--out f.json]   (carry .carry/tilelang)
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import use_checkout, write_report  # noqa: E402
+
+use_checkout()
+SHAPES = [("B4-L4096-H32", 4, 4096, 32, 128, 64), ("B8-L2048-H32", 8, 2048, 32, 128, 64),
+          ("B1-L16384-H32", 1, 16384, 32, 128, 64), ("B4-L4096-H32-N64", 4, 4096, 32, 64, 64)]
+
+
+def timed(fn, reps=15, iters=5):
+    for _ in range(2):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(e) * 1000 / iters)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    import tilelang
+
+    from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb
+    from mamba3_kernels.backends.triton import scan_bwd_core as tcore
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="scan_bwd_core_tilelang.json")
+    args = ap.parse_args()
+    rows = []
+    for label, B, L, H, N, P in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = lambda *s, k=1.0: (torch.randn(*s, device="cuda", generator=g) * k).to(torch.bfloat16)  # noqa: E731
+        qh, ks = bf(B, L, 1, H, N), bf(B, L, 1, H, N, k=0.3)
+        vt, dy = bf(B, L, 1, H, P), bf(B, L, 1, H, P)
+        adt = -torch.rand(B, H, L, device="cuda", generator=g) * 0.1
+        s0 = torch.randn(B, H, P, N, device="cuda", generator=g)
+        dsf = torch.randn(B, H, P, N, device="cuda", generator=g)
+        a = (qh, ks, vt, adt, dy, s0, dsf)
+        row = dict(shape=label, B=B, L=L, H=H, N=N, P=P)
+        try:
+            t_out = tcore.core_backward(*a)
+            h_out = hyb.core_backward(*a)
+            torch.cuda.synchronize()
+            row["rel_vs_triton"] = {k: float((h_out[k].double() - t_out[k].double()).norm() / t_out[k].double().norm())
+                                    for k in ("dqh", "dks", "dvt", "dadt", "ds0")}
+            row["triton_core_us"] = timed(lambda: tcore.core_backward(*a))
+            row["tilelang_walks_core_us"] = timed(lambda: hyb.core_backward(*a))
+            row["speedup"] = row["triton_core_us"] / row["tilelang_walks_core_us"]
+        except Exception as e:  # report and go on
+            row["error"] = repr(e)[:800]
+        print(row, flush=True)
+        rows.append(row)
+    write_report(args.out, rows, tilelang=tilelang.__version__)
+
+
+if __name__ == "__main__":
+    main()

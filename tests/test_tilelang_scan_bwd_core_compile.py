@@ -1,0 +1,105 @@
+"""TileLang walks of the backward core (backends/tilelang/scan_bwd_core_chunk.py): built for
+sm_90a on the CPU (no GPU), no spills, tensor-core products present; the Triton kernels they
+pair with (local, pass, dadt at the hybrid config: 64-token chunks, one N block) AOT-compiled
+without spills; the slot table against the Triton core's slot numbering (dense and varlen);
+`supports`. GPU correctness: tests/test_tilelang_scan_bwd_core_gpu.py."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+tilelang = pytest.importorskip("tilelang", reason="tilelang not importable: TileLang compile tests skipped")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+os.environ.setdefault("TILELANG_CACHE_DIR", str(ROOT / ".cache" / "tilelang"))
+
+from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb  # noqa: E402
+from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks  # noqa: E402
+
+
+def _nvcc_ok():
+    import shutil
+    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+@pytest.mark.skipif(not _nvcc_ok(), reason="no nvcc: TileLang cannot build cubins here")
+@pytest.mark.parametrize("which", ["dq", "dkv"])
+@pytest.mark.parametrize("H,N,P,SEG", [(32, 128, 64, 8), (32, 64, 64, 16), (4, 64, 128, 1), (4, 128, 128, 2)])
+def test_walk_builds_without_spills(which, H, N, P, SEG):
+    r = walks.compile(which, H, N, P, SEG)
+    assert "wgmma" in r["source"], "no tensor-core product in the generated code"
+    assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
+    assert r["spills"] == 0 and r["stack"] == 0, f"{which} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
+
+
+@pytest.mark.parametrize("N,P", [(128, 64), (64, 64)])
+def test_triton_kernels_of_the_hybrid_config_build_without_spills(N, P):
+    """local, pass and dadt at hybrid_config (a subprocess without TRITON_INTERPRET: AOT and the
+    interpreter do not share a process)."""
+    pytest.importorskip("triton")
+    code = (
+        "import json\n"
+        "from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb\n"
+        "from mamba3_kernels.backends.triton import scan_bwd_core as tcore\n"
+        f"rows = tcore.compile(1, {N}, {P}, 'bfloat16', hyb.hybrid_config({N}, {P}), B=2, L=1024, H=4)\n"
+        "print(json.dumps([{k: r[k] for k in ('name', 'registers', 'spills')} for r in rows]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
+    kept = ("scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dadt")
+    assert set(kept) <= set(rows), sorted(rows)
+    for name in kept:
+        assert rows[name]["spills"] == 0, f"{name} at the hybrid config spills {rows[name]['spills']} B"
+
+
+def _triton_slots(B, L, SEG, C, lengths=None):
+    """The Triton core's `_locate` in Python: (b, end, start) per slot."""
+    seglen = SEG * C
+    if lengths is None:
+        nseg = -(-L // seglen)
+        return [(s // nseg, L, (s % nseg) * seglen) for s in range(B * nseg)]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    S = len(lengths)
+    out = []
+    for slot in range(cu[-1] // seglen + S):
+        lo, hi = 0, S - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cu[mid] // seglen + mid <= slot:
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append((0, cu[lo + 1], cu[lo] + (slot - (cu[lo] // seglen + lo)) * seglen))
+    return out
+
+
+@pytest.mark.parametrize("B,L,SEG,lengths", [(3, 1000, 2, None), (2, 128, 1, None), (1, 0, 1, [0, 0]),
+                                             (1, 300, 1, [65, 0, 127, 1, 107]), (1, 700, 4, [700])])
+def test_slot_table_matches_the_triton_slots(B, L, SEG, lengths):
+    cu = None if lengths is None else torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    got = walks.slot_table(B, L, SEG, cu).tolist()
+    want = _triton_slots(B, L, SEG, walks.C, lengths)
+    owned = lambda rows: [tuple(r) for r in rows if r[2] < r[1]]  # noqa: E731  (slots past a sequence are skipped)
+    assert len(got) == len(want)
+    assert owned(got) == owned(want)
+
+
+def test_supports():
+    assert walks.supports(1, 128, 64, "bfloat16") == (True, "")
+    for args, word in (((2, 128, 64, "bfloat16"), "rank"), ((1, 256, 64, "bfloat16"), "N=256"),
+                       ((1, 128, 48, "bfloat16"), "P=48"), ((1, 32, 64, "bfloat16"), "N=32"), ((1, 128, 64, "float32"), "float32")):
+        ok, why = walks.supports(*args)
+        assert not ok and word in why, (args, why)
+    with pytest.raises(ValueError, match="rank 2"):
+        q = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
+        v = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
+        hyb.plan(q, q, v, torch.zeros(1, 1, 4), v, device="meta")
