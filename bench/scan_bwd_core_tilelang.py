@@ -2,7 +2,7 @@
 Triton core on the same operands: GPU time of the whole core (local, pass, dq, dkv, dadt; CUDA
 events around back-to-back calls, median; eager, since the TileLang kernels launch through
 tvm-ffi) and every output's rel_l2 between the two (both approximate the same float64 result;
-the GPU test checks each against the oracle). Shapes: the SISO benchmark heads (B, L, H, N, P).
+the GPU test checks each against the oracle). Shapes: the benchmark's core shapes, SISO and MIMO R4.
 
     PYTHONPATH=$PWD python bench/scan_bwd_core_tilelang.py [--out f.json]   (carry .carry/tilelang)
 """
@@ -16,8 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import use_checkout, write_report  # noqa: E402
 
 use_checkout()
-SHAPES = [("B4-L4096-H32", 4, 4096, 32, 128, 64), ("B8-L2048-H32", 8, 2048, 32, 128, 64),
-          ("B1-L16384-H32", 1, 16384, 32, 128, 64), ("B4-L4096-H32-N64", 4, 4096, 32, 64, 64)]
+SHAPES = [("B4-L4096-H32", 1, 4, 4096, 32, 128, 64), ("B8-L2048-H32", 1, 8, 2048, 32, 128, 64),
+          ("B1-L16384-H32", 1, 1, 16384, 32, 128, 64), ("B4-L4096-H32-N64", 1, 4, 4096, 32, 64, 64),
+          ("R4-B4-L2048-H32", 4, 4, 2048, 32, 128, 64), ("R4-B4-L4096-H32", 4, 4, 4096, 32, 128, 64)]
 
 
 def timed(fn, reps=15, iters=5):
@@ -45,16 +46,16 @@ def main():
     ap.add_argument("--out", default="scan_bwd_core_tilelang.json")
     args = ap.parse_args()
     rows = []
-    for label, B, L, H, N, P in SHAPES:
+    for label, R, B, L, H, N, P in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         bf = lambda *s, k=1.0: (torch.randn(*s, device="cuda", generator=g) * k).to(torch.bfloat16)  # noqa: E731
-        qh, ks = bf(B, L, 1, H, N), bf(B, L, 1, H, N, k=0.3)
-        vt, dy = bf(B, L, 1, H, P), bf(B, L, 1, H, P)
+        qh, ks = bf(B, L, R, H, N), bf(B, L, R, H, N, k=0.3)
+        vt, dy = bf(B, L, R, H, P), bf(B, L, R, H, P)
         adt = -torch.rand(B, H, L, device="cuda", generator=g) * 0.1
         s0 = torch.randn(B, H, P, N, device="cuda", generator=g)
         dsf = torch.randn(B, H, P, N, device="cuda", generator=g)
         a = (qh, ks, vt, adt, dy, s0, dsf)
-        row = dict(shape=label, B=B, L=L, H=H, N=N, P=P)
+        row = dict(shape=label, R=R, B=B, L=L, H=H, N=N, P=P)
         try:
             t_out = tcore.core_backward(*a)
             h_out = hyb.core_backward(*a)

@@ -29,16 +29,18 @@ def _nvcc_ok():
 
 @pytest.mark.skipif(not _nvcc_ok(), reason="no nvcc: TileLang cannot build cubins here")
 @pytest.mark.parametrize("which", ["dq", "dkv"])
-@pytest.mark.parametrize("H,N,P,SEG", [(32, 128, 64, 8), (32, 64, 64, 16), (4, 64, 128, 1), (4, 128, 128, 2)])
-def test_walk_builds_without_spills(which, H, N, P, SEG):
-    r = walks.compile(which, H, N, P, SEG)
+@pytest.mark.parametrize("R,H,N,P,SEG", [(1, 32, 128, 64, 8), (1, 32, 64, 64, 16), (1, 4, 64, 128, 1),
+                                         (1, 4, 128, 128, 2), (2, 32, 128, 64, 8), (4, 32, 128, 64, 16),
+                                         (8, 4, 64, 64, 4)])
+def test_walk_builds_without_spills(which, R, H, N, P, SEG):
+    r = walks.compile(which, R, H, N, P, SEG)
     assert "wgmma" in r["source"], "no tensor-core product in the generated code"
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
-    assert r["spills"] == 0 and r["stack"] == 0, f"{which} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
+    assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
 
 
-@pytest.mark.parametrize("N,P", [(128, 64), (64, 64)])
-def test_triton_kernels_of_the_hybrid_config_build_without_spills(N, P):
+@pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (4, 128, 64)])
+def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P):
     """local, pass and dadt at hybrid_config (a subprocess without TRITON_INTERPRET: AOT and the
     interpreter do not share a process)."""
     pytest.importorskip("triton")
@@ -46,7 +48,7 @@ def test_triton_kernels_of_the_hybrid_config_build_without_spills(N, P):
         "import json\n"
         "from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb\n"
         "from mamba3_kernels.backends.triton import scan_bwd_core as tcore\n"
-        f"rows = tcore.compile(1, {N}, {P}, 'bfloat16', hyb.hybrid_config({N}, {P}), B=2, L=1024, H=4)\n"
+        f"rows = tcore.compile({R}, {N}, {P}, 'bfloat16', hyb.hybrid_config({R}, {N}, {P}), B=2, L=1024, H=4)\n"
         "print(json.dumps([{k: r[k] for k in ('name', 'registers', 'spills')} for r in rows]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -59,9 +61,9 @@ def test_triton_kernels_of_the_hybrid_config_build_without_spills(N, P):
         assert rows[name]["spills"] == 0, f"{name} at the hybrid config spills {rows[name]['spills']} B"
 
 
-def _triton_slots(B, L, SEG, C, lengths=None):
+def _triton_slots(B, L, SEG, TOK, lengths=None):
     """The Triton core's `_locate` in Python: (b, end, start) per slot."""
-    seglen = SEG * C
+    seglen = SEG * TOK
     if lengths is None:
         nseg = -(-L // seglen)
         return [(s // nseg, L, (s % nseg) * seglen) for s in range(B * nseg)]
@@ -82,12 +84,13 @@ def _triton_slots(B, L, SEG, C, lengths=None):
     return out
 
 
-@pytest.mark.parametrize("B,L,SEG,lengths", [(3, 1000, 2, None), (2, 128, 1, None), (1, 0, 1, [0, 0]),
-                                             (1, 300, 1, [65, 0, 127, 1, 107]), (1, 700, 4, [700])])
-def test_slot_table_matches_the_triton_slots(B, L, SEG, lengths):
+@pytest.mark.parametrize("B,L,SEG,lengths,R", [(3, 1000, 2, None, 1), (2, 128, 1, None, 1), (1, 0, 1, [0, 0], 1),
+                                               (1, 300, 1, [65, 0, 127, 1, 107], 1), (1, 700, 4, [700], 1),
+                                               (1, 300, 2, [65, 0, 127, 1, 107], 4), (2, 100, 3, None, 2)])
+def test_slot_table_matches_the_triton_slots(B, L, SEG, lengths, R):
     cu = None if lengths is None else torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    got = walks.slot_table(B, L, SEG, cu).tolist()
-    want = _triton_slots(B, L, SEG, walks.C, lengths)
+    got = walks.slot_table(B, L, SEG, walks.tokens(R), cu).tolist()
+    want = _triton_slots(B, L, SEG, walks.tokens(R), lengths)
     owned = lambda rows: [tuple(r) for r in rows if r[2] < r[1]]  # noqa: E731  (slots past a sequence are skipped)
     assert len(got) == len(want)
     assert owned(got) == owned(want)
@@ -95,11 +98,12 @@ def test_slot_table_matches_the_triton_slots(B, L, SEG, lengths):
 
 def test_supports():
     assert walks.supports(1, 128, 64, "bfloat16") == (True, "")
-    for args, word in (((2, 128, 64, "bfloat16"), "rank"), ((1, 256, 64, "bfloat16"), "N=256"),
+    assert walks.supports(4, 128, 64, "bfloat16") == (True, "")
+    for args, word in (((3, 128, 64, "bfloat16"), "rank"), ((1, 256, 64, "bfloat16"), "N=256"),
                        ((1, 128, 48, "bfloat16"), "P=48"), ((1, 32, 64, "bfloat16"), "N=32"), ((1, 128, 64, "float32"), "float32")):
         ok, why = walks.supports(*args)
         assert not ok and word in why, (args, why)
-    with pytest.raises(ValueError, match="rank 2"):
+    with pytest.raises(ValueError, match="N=16"):
         q = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
         v = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
         hyb.plan(q, q, v, torch.zeros(1, 1, 4), v, device="meta")

@@ -4,7 +4,7 @@ and against the Triton core on the same inputs. Outputs and scratch poisoned (Na
 run; every output compared (dqh, dks, dvt, dadt, ds0; rel_l2 <= 2e-2, DESIGN.md's bf16 bound);
 two runs bitwise equal. Shapes: L a multiple of the 64-token chunk and not, L = 1, several
 segments per sequence, varlen with empty sequences and a sequence shorter than a chunk, N / P in
-{64, 128}, with and without s0 / ds_final, want_ds0 False. Fresh random inputs per run (seed
+{64, 128}, R in {1, 2, 4, 8}, with and without s0 / ds_final, want_ds0 False. Fresh random inputs per run (seed
 printed on failure). Skipped without a GPU or without tilelang."""
 import os
 
@@ -20,22 +20,26 @@ tilelang = pytest.importorskip("tilelang", reason="tilelang not importable: Tile
 os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
 
 CASES = [
-    # (id, B, L, H, N, P, s0, ds_final, lengths, config overrides)
-    ("dense-L4096-N128-P64", 2, 4096, 4, 128, 64, True, True, None, {}),
-    ("dense-L1000-segs", 2, 1000, 3, 128, 64, True, True, None, {"SEG": 2}),
-    ("dense-L1", 2, 1, 2, 128, 64, True, True, None, {}),
-    ("dense-L130-noS0", 1, 130, 2, 64, 64, False, True, None, {"SEG": 1}),
-    ("dense-L333-noDSF-P128", 2, 333, 2, 128, 128, True, False, None, {}),
-    ("varlen-empties", 1, None, 3, 128, 64, True, True, [65, 0, 127, 1, 700, 0], {"SEG": 2}),
-    ("varlen-N64", 1, None, 2, 64, 64, False, False, [300, 64, 5], {}),
+    # (id, R, B, L, H, N, P, s0, ds_final, lengths, config overrides)
+    ("R1-dense-L4096-N128-P64", 1, 2, 4096, 4, 128, 64, True, True, None, {}),
+    ("R1-dense-L1000-segs", 1, 2, 1000, 3, 128, 64, True, True, None, {"SEG": 2}),
+    ("R1-dense-L1", 1, 2, 1, 2, 128, 64, True, True, None, {}),
+    ("R1-dense-L130-noS0", 1, 1, 130, 2, 64, 64, False, True, None, {"SEG": 1}),
+    ("R1-dense-L333-noDSF-P128", 1, 2, 333, 2, 128, 128, True, False, None, {}),
+    ("R1-varlen-empties", 1, 1, None, 3, 128, 64, True, True, [65, 0, 127, 1, 700, 0], {"SEG": 2}),
+    ("R1-varlen-N64", 1, 1, None, 2, 64, 64, False, False, [300, 64, 5], {}),
+    ("R4-dense-L2048", 4, 2, 2048, 3, 128, 64, True, True, None, {}),
+    ("R4-dense-L77-segs", 4, 1, 77, 2, 128, 64, True, True, None, {"SEG": 2}),
+    ("R2-varlen-empties", 2, 1, None, 2, 64, 128, False, True, [33, 0, 1, 100], {"SEG": 1}),
+    ("R8-dense-L100", 8, 1, 100, 2, 64, 64, True, False, None, {}),
 ]
 
 
-def _inputs(rng, B, L, H, N, P, S, s0, dsf):
+def _inputs(rng, B, L, R, H, N, P, S, s0, dsf):
     bf = lambda x: torch.as_tensor(x, dtype=torch.float32).to(torch.bfloat16).cuda()  # noqa: E731
     f32 = lambda x: torch.as_tensor(x, dtype=torch.float32).cuda()  # noqa: E731
-    return dict(qh=bf(rng.standard_normal((B, L, 1, H, N))), ks=bf(rng.standard_normal((B, L, 1, H, N)) * 0.3),
-                vt=bf(rng.standard_normal((B, L, 1, H, P))), dy=bf(rng.standard_normal((B, L, 1, H, P))),
+    return dict(qh=bf(rng.standard_normal((B, L, R, H, N))), ks=bf(rng.standard_normal((B, L, R, H, N)) * 0.3),
+                vt=bf(rng.standard_normal((B, L, R, H, P))), dy=bf(rng.standard_normal((B, L, R, H, P))),
                 adt=f32(-rng.uniform(0.005, 0.5, (B, H, L))),
                 s0=f32(rng.standard_normal((S, H, P, N))) if s0 else None,
                 ds_final=f32(rng.standard_normal((S, H, P, N))) if dsf else None)
@@ -45,15 +49,15 @@ def _inputs(rng, B, L, H, N, P, S, s0, dsf):
 def test_tilelang_walks_vs_oracle(case, rng):
     from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb
     from mamba3_kernels.backends.triton import scan_bwd_core as tcore
-    name, B, L, H, N, P, s0, dsf, lengths, over = case
+    name, R, B, L, H, N, P, s0, dsf, lengths, over = case
     cu = None
     if lengths is not None:
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32).cuda()
         B, L = 1, int(sum(lengths))
     S = B if lengths is None else len(lengths)
-    x = _inputs(rng, B, L, H, N, P, S, s0, dsf)
+    x = _inputs(rng, B, L, R, H, N, P, S, s0, dsf)
     args = (x["qh"], x["ks"], x["vt"], x["adt"], x["dy"], x["s0"], x["ds_final"], cu)
-    cfg = dict(tcore.default_config(1, N, P, "bfloat16"), **over)
+    cfg = dict(tcore.default_config(R, N, P, "bfloat16"), **over)
     out = hyb.core_backward(*args, config=cfg, poison=True)
     again = hyb.core_backward(*args, config=cfg, poison=True)
     tri = tcore.core_backward(*args, poison=True)
@@ -79,7 +83,7 @@ def test_tilelang_walks_vs_oracle(case, rng):
 
 def test_tilelang_walks_want_ds0_false(rng):
     from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb
-    x = _inputs(rng, 1, 200, 2, 128, 64, 1, True, True)
+    x = _inputs(rng, 1, 200, 1, 2, 128, 64, 1, True, True)
     out = hyb.core_backward(x["qh"], x["ks"], x["vt"], x["adt"], x["dy"], x["s0"], x["ds_final"], None,
                             want_ds0=False, poison=True)
     assert out["ds0"] is None

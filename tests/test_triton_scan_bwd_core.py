@@ -181,16 +181,17 @@ def test_core_bf16_precision_modes(inter, update, scratch):
 
 
 @here
-@pytest.mark.parametrize("lengths,seg", [(None, 2), ([70, 0, 5, 64], 1)])
-def test_core_at_the_tilelang_walks_config(lengths, seg):
+@pytest.mark.parametrize("R,lengths,seg", [(1, None, 2), (1, [70, 0, 5, 64], 1), (4, [20, 0, 3, 33], 1),
+                                           (2, None, 2)])
+def test_core_at_the_tilelang_walks_config(R, lengths, seg):
     """The Triton core at the config the TileLang walks pair with (backends/tilelang/
-    scan_bwd_core.hybrid_config: 64-token chunks, one N block): its local / pass / dadt kernels
+    scan_bwd_core.hybrid_config: 64-row chunks, one N block): its local / pass / dadt kernels
     run there beside the TileLang walks, so here the whole Triton core runs at it against the
     oracle (dense with a partial last chunk and two segments; varlen with an empty and a short
     sequence)."""
     from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb
-    cfg = dict(hyb.hybrid_config(64, 64), SEG=seg)
-    out, ref = _run_case(np.random.default_rng(64), 1, 150, 1, 2, 64, 64, lengths=lengths, cfg=cfg)
+    cfg = dict(hyb.hybrid_config(R, 64, 64), SEG=seg)
+    out, ref = _run_case(np.random.default_rng(64 + R), 1, 150 // R, R, 2, 64, 64, lengths=lengths, cfg=cfg)
     _check(out, ref, "bfloat16", "tilelang walks config")
 
 

@@ -10,7 +10,7 @@ the standalone run), then runs the Triton dadt kernel over their d cs shares and
 Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); checked against
 the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU. Not wired into
 `mamba3_kernels.scan` until that GPU test has passed on the H100 (issue 5's next step).
-Scope: `supports` (R = 1, N, P <= 128, bf16 operands).
+Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 operands).
 """
 from mamba3_kernels.backends.triton import scan_bwd_core as tcore
 
@@ -21,13 +21,13 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     return walks.supports(R, N, P, dtype)
 
 
-def hybrid_config(N: int, P: int, base=None) -> dict:
-    """The Triton core config the TileLang walks pair with: 64-token chunks (the walks' C, so
-    dadt's chunk sums match theirs), one N block (dkv writes dvt whole), fp32 INTER / UPDATE /
+def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
+    """The Triton core config the TileLang walks pair with: their chunks (64 rows: 64 / R tokens,
+    so dadt's chunk sums match theirs), one N block (dkv writes dvt whole), fp32 INTER / UPDATE /
     SCRATCH (the walks' precision). `base`: other Triton keys (SEG, the local / pass / dadt warps)."""
-    cfg = dict(tcore.default_config(1, N, P, "bfloat16") if base is None else base)
-    cfg.update(CHUNK=walks.C, BLOCK_N=tcore._np(N), INTER="float32", UPDATE="float32", SCRATCH="float32",
-               FUSED=False)
+    cfg = dict(tcore.default_config(R, N, P, "bfloat16") if base is None else base)
+    cfg.update(CHUNK=walks.tokens(R), BLOCK_N=tcore._np(N), INTER="float32", UPDATE="float32",
+               SCRATCH="float32", FUSED=False)
     return cfg
 
 
@@ -40,16 +40,15 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     ok, why = supports(R, N, P, {"torch.bfloat16": "bfloat16"}.get(str(qh.dtype), str(qh.dtype)))
     if not ok:
         raise ValueError(f"qh: {why}")
-    cfg = hybrid_config(N, P, config)
+    cfg = hybrid_config(R, N, P, config)
     calls, out = tcore.plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, cfg, want_ds0, device=device,
                             poison=poison)
     by = {c["name"]: c for c in calls}
     dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
     SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
     dev = qh.device if device is None else device
-    slots = walks.slot_table(B, L, SEG, cu_seqlens, device=dev)
+    slots = walks.slot_table(B, L, SEG, walks.tokens(R), cu_seqlens, device=dev)
     run = by["scan_bwd_core_dq"]["run"]
-    v3 = lambda x: x.view(x.shape[0], x.shape[1], H, x.shape[-1])  # noqa: E731  (B, L, 1, H, X) -> (B, L, H, X)
     nch = dkv_args["dtc_ptr"].shape[1]
 
     def arch_of():
@@ -59,14 +58,13 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         return device_arch()
 
     def dq():
-        k = walks.build("dq", H, N, P, SEG, arch_of())
-        k(v3(qh), v3(ks), v3(vt), v3(dy), adt, slots, dq_args["ent_ptr"], dq_args["sx_ptr"], v3(out["dqh"]),
-          dq_args["dcs_ptr"])
+        k = walks.build("dq", R, H, N, P, SEG, arch_of())
+        k(qh, ks, vt, dy, adt, slots, dq_args["ent_ptr"], dq_args["sx_ptr"], out["dqh"], dq_args["dcs_ptr"])
 
     def dkv():
-        k = walks.build("dkv", H, N, P, SEG, arch_of())
-        k(v3(qh), v3(ks), v3(vt), v3(dy), adt, slots, dkv_args["dx_ptr"], v3(out["dks"]),
-          v3(dkv_args["dvp_ptr"]), dkv_args["dcs_ptr"], dkv_args["dtc_ptr"].view(nch, H))
+        k = walks.build("dkv", R, H, N, P, SEG, arch_of())
+        k(qh, ks, vt, dy, adt, slots, dkv_args["dx_ptr"], out["dks"], dkv_args["dvp_ptr"], dkv_args["dcs_ptr"],
+          dkv_args["dtc_ptr"].view(nch, H))
 
     new = []
     for c in calls:

@@ -1,16 +1,19 @@
-"""Backward core, phases 3 and 4 in TileLang: the dq and dkv walks (SISO), 64-token chunks.
+"""Backward core, phases 3 and 4 in TileLang: the dq and dkv walks, 64-row chunks.
 
 The same computation as backends/triton/scan_bwd_core_chunk.py (its docstring has the math and
 SPEC §8, §9; reference/core_adjoint.py the float64 form), laid out for Hopper: a chunk of C = 64
-tokens is one wgmma M tile, a program is two warpgroups (256 threads), the state (dq) or adjoint
-(dkv) of its (segment, head) is a P x N fp32 accumulator fragment, its bf16 hi / lo halves go
-to shared memory for the products that read it (the Triton core's INTER / UPDATE fp32 splits),
-and `T.Pipelined` stages the next chunk's qh / ks / vt / dy tiles while this one computes.
-Per chunk c (cs the in-chunk inclusive cumsum of adt, T its total, rows past the sequence's end
+rows (TOK = 64 / R tokens of R ranks each, row i = token i // R, rank i % R: the core's
+(B, L, R, H, .) layout read as rows) is one wgmma M tile, a program is two warpgroups (256
+threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
+fragment, its bf16 hi / lo halves go to shared memory for the products that read it (the Triton
+core's INTER / UPDATE fp32 splits), and `T.Pipelined` stages the next chunk's qh / ks / vt / dy
+tiles while this one computes. Per chunk c (cs the in-chunk inclusive cumsum of adt over tokens,
+a row taking its token's, T the chunk's total, causal by token, rows past the sequence's end
 zeroed as the Triton kernels' masked loads do):
 
-  dq    gm = (dy vt^T) o e^{cs_i - cs_j}[i > j];  inter = e^{cs} dy S
-        dqh = gm ks + inter;  d cs (dq's share) = qh . inter;  S <- e^T S + (vt e^{T - cs})^T ks
+  dq    gm = (dy vt^T) o e^{cs_i - cs_j}[t_i > t_j];  inter = e^{cs} dy S
+        dqh = gm ks + inter;  d cs (dq's share, summed over a token's ranks) = qh . inter
+        S <- e^T S + (vt e^{T - cs})^T ks
         the entry state of a segment's last chunk is stored (S_last: dadt's boundary term)
   dkv   sdv = dy vt^T;  a = (qh ks^T) o decay;  dks = (sdv o decay)^T qh + e^{T - cs} vt D
         interv = e^{T - cs} ks D^T;  dvt = a^T dy + interv;  x = rowsum(vt o interv)
@@ -19,27 +22,32 @@ zeroed as the Triton kernels' masked loads do):
 
 Measured standalone (bench/tilelang_dq_walk.py, H100, SISO B4 L4096 H32 N128 P64, 512-token
 segments): dq 326 us vs the Triton kernel's 516, dkv 535 vs 736; errors vs float64 as the
-Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt).
+Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). R > 1: built (sm_90a, CPU), not yet run.
 
-Scope: R = 1, N and P in {64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1:
-dkv writes dvt whole), bf16 operands, the core's fp32 INTER / UPDATE precision. Grid: (segment
-slots, H), slots as the Triton core's (`_locate`: dense b * NSEG + segment; varlen by a search of
-cu_seqlens, one spare slot per sequence). The other core kernels (local, pass, dadt) stay
-Triton's, run at CHUNK = 64 (`scan_bwd_core.py`, `core_backward_tilelang`), since the d cs shares
-and X_c depend on the chunking. Shapes B, L, the slot count and S are dynamic (one build per
-(H, N, P, SEG, varlen, threads, stages)).
+Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4), N and P in
+{64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1: dkv writes dvt whole), bf16
+operands, the core's fp32 INTER / UPDATE precision. Grid: (segment slots, H), slots numbered as
+the Triton core's (`slot_table`). The other core kernels (local, pass, dadt) stay Triton's, run
+at CHUNK = TOK tokens (`scan_bwd_core.py`), since the d cs shares and X_c depend on the
+chunking. B, L and the slot count are dynamic: one build per (R, H, N, P, SEG, threads, stages).
 """
 import functools
 
-C = 64           # tokens per chunk: one wgmma M tile
+C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
+RANKS = (1, 2, 4, 8)
+
+
+def tokens(R: int) -> int:
+    """Tokens per chunk at rank count R."""
+    return C // R
 
 
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     """(ok, reason) for the walks' scope."""
-    if R != 1:
-        return False, f"rank {R}: the TileLang walks take R = 1 only"
+    if R not in RANKS:
+        return False, f"rank {R}: the TileLang walks take the core's R in {RANKS}"
     if N not in (64, 128) or P not in (64, 128):
         return False, (f"N={N}, P={P}: the TileLang walks take N, P in (64, 128) (the state's wgmma "
                        "tiles over two warpgroups; smaller need another warp partition)")
@@ -48,25 +56,71 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     return True, ""
 
 
+def _macros(T, R, TOK, N, P):
+    """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows, the partial
+    chunk's zeroing, cs per token, d cs per token (a token's ranks summed)."""
+    bf16 = "bfloat16"
+
+    @T.macro
+    def load(X, b, tc, eos, h, x_s, W):
+        if R == 1:
+            T.copy(X[b, tc:tc + TOK, 0, h, :], x_s)
+        else:   # (a T.view of x_s as (TOK, R, W) as the copy's target conflicts with x_s's own
+            # swizzled layout where x_s is a transposed wgmma operand: element-wise, with the
+            # partial chunk's zeroing folded in, as the pipeline planner wants one write per stage)
+            for i, n in T.Parallel(C, W):
+                x_s[i, n] = T.if_then_else(tc + i // R < eos, X[b, tc + i // R, i % R, h, n], T.cast(0, bf16))
+
+    @T.macro
+    def zero_tail(q_s, k_s, v_s, d_s, tc, eos):   # R = 1 (R > 1 zeroes as it loads)
+        for i, n in T.Parallel(C, N):
+            q_s[i, n] = T.if_then_else(tc + i // R < eos, q_s[i, n], T.cast(0, bf16))
+            k_s[i, n] = T.if_then_else(tc + i // R < eos, k_s[i, n], T.cast(0, bf16))
+        for i, p in T.Parallel(C, P):
+            v_s[i, p] = T.if_then_else(tc + i // R < eos, v_s[i, p], T.cast(0, bf16))
+            d_s[i, p] = T.if_then_else(tc + i // R < eos, d_s[i, p], T.cast(0, bf16))
+
+    @T.macro
+    def cumsum(ADT, b, h, tc, eos, tri, csf, cs_s):
+        for i, j in T.Parallel(TOK, TOK):
+            tri[i, j] = T.if_then_else((j <= i) & (tc + j < eos), ADT[b, h, tc + j], 0.0)
+        T.reduce_sum(tri, csf, dim=1)
+        T.copy(csf, cs_s)
+
+    def ranksum(rows_s, t):   # plain Python: the sum expression over a token's R rows
+        return functools.reduce(lambda a, r: a + rows_s[t * R + r], range(1, R), rows_s[t * R])
+
+    @T.macro
+    def store_dcs(DCS, part, b, h, tc, eos, rows_s):
+        for t in T.Parallel(TOK):
+            if tc + t < eos:
+                DCS[part, b, h, tc + t] = ranksum(rows_s, t)
+
+    return load, zero_tail, cumsum, store_dcs
+
+
 @functools.lru_cache(maxsize=None)
-def dq_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
+def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     """The dq walk: grid (NSLOT, H); DCS is the core's d cs scratch (2, B, H, L), dq writes part 0."""
     import tilelang.language as T
     B, L, NSLOT = T.dynamic("B L NSLOT")
     bf16, f32 = "bfloat16", "float32"
+    TOK = tokens(R)
+    load, zero_tail, cumsum, store_dcs = _macros(T, R, TOK, N, P)
 
     @T.prim_func
-    def main(QH: T.Tensor((B, L, H, N), bf16), KS: T.Tensor((B, L, H, N), bf16),
-             VT: T.Tensor((B, L, H, P), bf16), DY: T.Tensor((B, L, H, P), bf16),
+    def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
+             VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
              ADT: T.Tensor((B, H, L), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
              ENT: T.Tensor((NSLOT, H, P, N), f32), SX: T.Tensor((NSLOT, H, P, N), f32),
-             DQH: T.Tensor((B, L, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
+             DQH: T.Tensor((B, L, R, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
             q_s = T.alloc_shared([C, N], bf16)
             k_s = T.alloc_shared([C, N], bf16)
             v_s = T.alloc_shared([C, P], bf16)
             d_s = T.alloc_shared([C, P], bf16)
-            cs_s = T.alloc_shared([C], f32)
+            cs_s = T.alloc_shared([TOK], f32)
+            rows_s = T.alloc_shared([C], f32)
             gm_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)
             sl_s = T.alloc_shared([P, N], bf16)
@@ -74,8 +128,8 @@ def dq_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
             wl_s = T.alloc_shared([C, P], bf16)
             st = T.alloc_fragment([P, N], f32)
             gm = T.alloc_fragment([C, C], f32)
-            tri = T.alloc_fragment([C, C], f32)
-            csf = T.alloc_fragment([C], f32)
+            tri = T.alloc_fragment([TOK, TOK], f32)
+            csf = T.alloc_fragment([TOK], f32)
             acc = T.alloc_fragment([C, N], f32)
             prod = T.alloc_fragment([C, N], f32)
             dcs = T.alloc_fragment([C], f32)
@@ -83,32 +137,23 @@ def dq_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
             # hoisted past it by TileLang's warp specialisation (the kernel compiled to nothing)
             if SLOT[slot, 2] < SLOT[slot, 1]:
                 T.copy(ENT[slot, h, :, :], st)
-                for ci in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], C), SEG), num_stages=stages):
+                for ci in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], TOK), SEG), num_stages=stages):
                     b = SLOT[slot, 0]
                     eos = SLOT[slot, 1]
-                    nck = T.min(T.ceildiv(eos - SLOT[slot, 2], C), SEG)
-                    tc = SLOT[slot, 2] + ci * C
-                    T.copy(QH[b, tc:tc + C, h, :], q_s)
-                    T.copy(KS[b, tc:tc + C, h, :], k_s)
-                    T.copy(VT[b, tc:tc + C, h, :], v_s)
-                    T.copy(DY[b, tc:tc + C, h, :], d_s)
-                    if tc + C > eos:   # a sequence's partial last chunk: rows past its end are zero
-                        for i, n in T.Parallel(C, N):
-                            q_s[i, n] = T.if_then_else(tc + i < eos, q_s[i, n], T.cast(0, bf16))
-                            k_s[i, n] = T.if_then_else(tc + i < eos, k_s[i, n], T.cast(0, bf16))
-                        for i, p in T.Parallel(C, P):
-                            v_s[i, p] = T.if_then_else(tc + i < eos, v_s[i, p], T.cast(0, bf16))
-                            d_s[i, p] = T.if_then_else(tc + i < eos, d_s[i, p], T.cast(0, bf16))
-                    # cs: the in-chunk inclusive cumsum of adt (0 past the end)
-                    for i, j in T.Parallel(C, C):
-                        tri[i, j] = T.if_then_else((j <= i) & (tc + j < eos), ADT[b, h, tc + j], 0.0)
-                    T.reduce_sum(tri, csf, dim=1)
-                    T.copy(csf, cs_s)
+                    nck = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG)
+                    tc = SLOT[slot, 2] + ci * TOK
+                    load(QH, b, tc, eos, h, q_s, N)
+                    load(KS, b, tc, eos, h, k_s, N)
+                    load(VT, b, tc, eos, h, v_s, P)
+                    load(DY, b, tc, eos, h, d_s, P)
+                    if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
+                        zero_tail(q_s, k_s, v_s, d_s, tc, eos)
+                    cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
                     if ci == nck - 1:   # S_last, for dadt's boundary term
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        gm[i, j] = T.if_then_else(i > j, gm[i, j] * T.exp(cs_s[i] - cs_s[j]), 0.0)
+                        gm[i, j] = T.if_then_else(i // R > j // R, gm[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
                     T.copy(gm, gm_s)
                     for p, n in T.Parallel(P, N):
                         sh_s[p, n] = T.cast(st[p, n], bf16)
@@ -117,24 +162,23 @@ def dq_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(d_s, sh_s, acc, clear_accum=True)
                     T.gemm(d_s, sl_s, acc)
                     for i, n in T.Parallel(C, N):
-                        acc[i, n] = acc[i, n] * T.exp(cs_s[i])
+                        acc[i, n] = acc[i, n] * T.exp(cs_s[i // R])
                     for i, n in T.Parallel(C, N):
                         prod[i, n] = acc[i, n] * T.cast(q_s[i, n], f32)
                     T.reduce_sum(prod, dcs, dim=1)
-                    for i in T.Parallel(C):
-                        if tc + i < eos:
-                            DCS[0, b, h, tc + i] = dcs[i]
+                    T.copy(dcs, rows_s)
+                    store_dcs(DCS, 0, b, h, tc, eos, rows_s)
                     T.gemm(gm_s, k_s, acc)
                     for i, n in T.Parallel(C, N):
-                        if tc + i < eos:
-                            DQH[b, tc + i, h, n] = acc[i, n]
+                        if tc + i // R < eos:
+                            DQH[b, tc + i // R, i % R, h, n] = acc[i, n]
                     for i, p in T.Parallel(C, P):
-                        wh_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[C - 1] - cs_s[i]), bf16)
+                        wh_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[TOK - 1] - cs_s[i // R]), bf16)
                     for i, p in T.Parallel(C, P):
-                        wl_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[C - 1] - cs_s[i])
+                        wl_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[TOK - 1] - cs_s[i // R])
                                             - T.cast(wh_s[i, p], f32), bf16)
                     for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * T.exp(cs_s[C - 1])
+                        st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
                     T.gemm(wh_s, k_s, st, transpose_A=True)
                     T.gemm(wl_s, k_s, st, transpose_A=True)
 
@@ -142,25 +186,27 @@ def dq_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
+def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H)."""
     import tilelang.language as T
     B, L, NSLOT, NCH = T.dynamic("B L NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
+    TOK = tokens(R)
+    load, zero_tail, cumsum, store_dcs = _macros(T, R, TOK, N, P)
 
     @T.prim_func
-    def main(QH: T.Tensor((B, L, H, N), bf16), KS: T.Tensor((B, L, H, N), bf16),
-             VT: T.Tensor((B, L, H, P), bf16), DY: T.Tensor((B, L, H, P), bf16),
+    def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
+             VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
              ADT: T.Tensor((B, H, L), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
-             DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, H, N), f32),
-             DVT: T.Tensor((B, L, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
+             DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, R, H, N), f32),
+             DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
              DTC: T.Tensor((NCH, H), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
             q_s = T.alloc_shared([C, N], bf16)
             k_s = T.alloc_shared([C, N], bf16)
             v_s = T.alloc_shared([C, P], bf16)
             d_s = T.alloc_shared([C, P], bf16)
-            cs_s = T.alloc_shared([C], f32)
+            cs_s = T.alloc_shared([TOK], f32)
             gm_s = T.alloc_shared([C, C], bf16)
             a_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)
@@ -174,8 +220,8 @@ def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
             sdv = T.alloc_fragment([C, C], f32)
             am = T.alloc_fragment([C, C], f32)
             w = T.alloc_fragment([C, C], f32)
-            tri = T.alloc_fragment([C, C], f32)
-            csf = T.alloc_fragment([C], f32)
+            tri = T.alloc_fragment([TOK, TOK], f32)
+            csf = T.alloc_fragment([TOK], f32)
             accv = T.alloc_fragment([C, P], f32)
             acck = T.alloc_fragment([C, N], f32)
             xv = T.alloc_fragment([C, P], f32)
@@ -183,30 +229,20 @@ def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
             rs = T.alloc_fragment([C], f32)
             cl = T.alloc_fragment([C], f32)
             xs = T.alloc_fragment([1], f32)
-            # (b, end, start) of the slot read inline: values bound before this `if` were
-            # hoisted past it by TileLang's warp specialisation (the kernel compiled to nothing)
-            if SLOT[slot, 2] < SLOT[slot, 1]:
+            if SLOT[slot, 2] < SLOT[slot, 1]:   # (read inline: see dq_program)
                 T.copy(DX[slot, h, :, :], st)
-                for kk in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], C), SEG), num_stages=stages):
+                for kk in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], TOK), SEG), num_stages=stages):
                     b = SLOT[slot, 0]
                     eos = SLOT[slot, 1]
-                    ci = T.min(T.ceildiv(eos - SLOT[slot, 2], C), SEG) - 1 - kk
-                    tc = SLOT[slot, 2] + ci * C
-                    T.copy(QH[b, tc:tc + C, h, :], q_s)
-                    T.copy(KS[b, tc:tc + C, h, :], k_s)
-                    T.copy(VT[b, tc:tc + C, h, :], v_s)
-                    T.copy(DY[b, tc:tc + C, h, :], d_s)
-                    if tc + C > eos:   # a sequence's partial last chunk: rows past its end are zero
-                        for i, n in T.Parallel(C, N):
-                            q_s[i, n] = T.if_then_else(tc + i < eos, q_s[i, n], T.cast(0, bf16))
-                            k_s[i, n] = T.if_then_else(tc + i < eos, k_s[i, n], T.cast(0, bf16))
-                        for i, p in T.Parallel(C, P):
-                            v_s[i, p] = T.if_then_else(tc + i < eos, v_s[i, p], T.cast(0, bf16))
-                            d_s[i, p] = T.if_then_else(tc + i < eos, d_s[i, p], T.cast(0, bf16))
-                    for i, j in T.Parallel(C, C):
-                        tri[i, j] = T.if_then_else((j <= i) & (tc + j < eos), ADT[b, h, tc + j], 0.0)
-                    T.reduce_sum(tri, csf, dim=1)
-                    T.copy(csf, cs_s)
+                    ci = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG) - 1 - kk
+                    tc = SLOT[slot, 2] + ci * TOK
+                    load(QH, b, tc, eos, h, q_s, N)
+                    load(KS, b, tc, eos, h, k_s, N)
+                    load(VT, b, tc, eos, h, v_s, P)
+                    load(DY, b, tc, eos, h, d_s, P)
+                    if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
+                        zero_tail(q_s, k_s, v_s, d_s, tc, eos)
+                    cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
                     for p, n in T.Parallel(P, N):
                         sh_s[p, n] = T.cast(st[p, n], bf16)
                     for p, n in T.Parallel(P, N):
@@ -214,11 +250,11 @@ def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        am[i, j] = T.if_then_else(i > j, am[i, j] * T.exp(cs_s[i] - cs_s[j]), 0.0)
+                        am[i, j] = T.if_then_else(i // R > j // R, am[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
                     for i, j in T.Parallel(C, C):
                         w[i, j] = am[i, j] * sdv[i, j]
                     for i, j in T.Parallel(C, C):
-                        sdv[i, j] = T.if_then_else(i > j, sdv[i, j] * T.exp(cs_s[i] - cs_s[j]), 0.0)
+                        sdv[i, j] = T.if_then_else(i // R > j // R, sdv[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
                     T.copy(sdv, gm_s)
                     T.copy(am, a_s)
                     T.reduce_sum(w, rs, dim=1)
@@ -226,36 +262,37 @@ def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(v_s, sh_s, acck, clear_accum=True)
                     T.gemm(v_s, sl_s, acck)
                     for j, n in T.Parallel(C, N):
-                        acck[j, n] = acck[j, n] * T.exp(cs_s[C - 1] - cs_s[j])
+                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[j // R])
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
                     for j, n in T.Parallel(C, N):
-                        if tc + j < eos:
-                            DKS[b, tc + j, h, n] = acck[j, n]
+                        if tc + j // R < eos:
+                            DKS[b, tc + j // R, j % R, h, n] = acck[j, n]
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):
-                        accv[j, p] = accv[j, p] * T.exp(cs_s[C - 1] - cs_s[j])
+                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[j // R])
                     for j, p in T.Parallel(C, P):
                         xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
                     T.reduce_sum(xv, x, dim=1)
                     T.gemm(a_s, d_s, accv, transpose_A=True)
                     for j, p in T.Parallel(C, P):
-                        if tc + j < eos:
-                            DVT[b, tc + j, h, p] = accv[j, p]
+                        if tc + j // R < eos:
+                            DVT[b, tc + j // R, j % R, h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
                     for i in T.Parallel(C):
-                        if tc + i < eos:
-                            DCS[1, b, h, tc + i] = r_s[i] - c_s[i] - x_s[i]
+                        r_s[i] = r_s[i] - c_s[i] - x_s[i]
+                    store_dcs(DCS, 1, b, h, tc, eos, r_s)
                     T.reduce_sum(x, xs, dim=0)
                     DTC[slot * SEG + ci, h] = xs[0]
                     for i, p in T.Parallel(C, P):
-                        wh_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i]), bf16)
+                        wh_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i // R]), bf16)
                     for i, p in T.Parallel(C, P):
-                        wl_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i]) - T.cast(wh_s[i, p], f32), bf16)
+                        wl_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i // R])
+                                            - T.cast(wh_s[i, p], f32), bf16)
                     for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * T.exp(cs_s[C - 1])
+                        st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
                     T.gemm(wh_s, q_s, st, transpose_A=True)
                     T.gemm(wl_s, q_s, st, transpose_A=True)
 
@@ -263,24 +300,25 @@ def dkv_program(H, N, P, SEG, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def build(which: str, H: int, N: int, P: int, SEG: int, arch: str, threads=THREADS, stages=STAGES):
+def build(which: str, R: int, H: int, N: int, P: int, SEG: int, arch: str, threads=THREADS, stages=STAGES):
     """The compiled walk ('dq' or 'dkv') for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
     target = {"kind": "cuda", "arch": arch}
-    prog = (dq_program if which == "dq" else dkv_program)(H, N, P, SEG, threads, stages)
+    prog = (dq_program if which == "dq" else dkv_program)(R, H, N, P, SEG, threads, stages)
     with Target(target):
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
 
-def slot_table(B: int, L: int, SEG: int, cu_seqlens=None, device=None):
-    """(NSLOT, 3) int32 (batch row, sequence end, segment start) per segment slot, the Triton
+def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None):
+    """(NSLOT, 3) int32 (batch row, sequence end, segment start) per segment slot (SEG chunks of
+    TOK tokens), the Triton
     core's slot numbering (`scan_common._locate`): dense slot = b * cdiv(L, SEGLEN) + segment;
     varlen (B = 1) sequence i owns slots cu[i] // SEGLEN + i + [0, cdiv(len_i, SEGLEN)); a slot
     past its sequence's segments has start >= end (skipped). Built on the device (searchsorted,
     no host sync)."""
     import torch
-    seglen = SEG * C
+    seglen = SEG * TOK
     if cu_seqlens is None:
         nseg = -(-L // seglen)
         s = torch.arange(B * nseg, device=device, dtype=torch.int64)
@@ -293,13 +331,13 @@ def slot_table(B: int, L: int, SEG: int, cu_seqlens=None, device=None):
     return torch.stack([torch.zeros_like(s), cu[seq + 1], cu[seq] + (s - first[seq]) * seglen], 1).to(torch.int32).contiguous()
 
 
-def compile(which: str, H: int, N: int, P: int, SEG: int, arch: str = "sm_90a", threads=THREADS,
+def compile(which: str, R: int, H: int, N: int, P: int, SEG: int, arch: str = "sm_90a", threads=THREADS,
             stages=STAGES) -> dict:
     """Build a walk for `arch` without a GPU: {"name", "registers", "spills" (local bytes per
     thread), "stack", "source", "cubin_path"}."""
     from . import resource_usage
     from .step import find_cubin
-    k = build(which, H, N, P, SEG, arch, threads, stages)
+    k = build(which, R, H, N, P, SEG, arch, threads, stages)
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
     res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path}
