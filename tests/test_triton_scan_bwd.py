@@ -299,6 +299,27 @@ def _simple_args(rng, requires=True):
     return t
 
 
+def test_tilelang_core_impl_says_where_it_cannot_run(rng):
+    """CORE_IMPL "tilelang" on a spec its walks take (bf16, N = P = 64), on a machine where
+    TileLang cannot run (no GPU here): a clear error naming config.CORE_IMPL and why, from the
+    backward (the forward ran), no gradient written."""
+    from mamba3_kernels.backends import tilelang as tlb
+    if tlb.available()[0]:
+        pytest.skip("TileLang runs here: the GPU test covers CORE_IMPL 'tilelang'")
+    spec = ScanSpec(d_state=64, head_dim=64, n_angles=8, input_dtype="bfloat16")
+    from mamba3_kernels.reference.inputs import random_scan_inputs
+    a = random_scan_inputs(spec, Problem(1, 5, 2, 1, 1), rng)
+    t = {n: (None if x is None else torch.as_tensor(x, dtype=torch.float32)) for n, x in a.items()
+         if n not in ("initial_states", "cu_seqlens")}
+    for n in ("q", "k", "v"):
+        t[n] = t[n].to(torch.bfloat16)
+    t["v"].requires_grad_(True)
+    out = m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))
+    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' where TileLang runs"):
+        out.float().sum().backward()
+    assert t["v"].grad is None
+
+
 def test_no_grad_path_is_forward_only(rng):
     """Nothing requiring grad, or under no_grad: a plain tensor without a graph."""
     t = _simple_args(rng)
@@ -321,6 +342,8 @@ def test_errors_name_the_argument(rng):
         m3.scan(**t, bwd_config=dict(BT=3))
     with pytest.raises(ValueError, match="^config.CORE_IMPL"):
         m3.scan(**t, bwd_config=dict(CORE_IMPL="cuda"))
+    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' only where its walks apply.*N=8"):
+        m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # fp32 N=8 P=4: outside the walks' scope
     with pytest.raises(ValueError, match=r"^config: expected keys .*\['CHUNK'\]"):
         m3.scan(**t, bwd_config=dict(CHUNK=16))
     t["q"] = t["q"].to(torch.float16).requires_grad_(True)

@@ -32,9 +32,10 @@ def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, arch=None):
+         device=None, poison=False, arch=None, dvt_partials=False):
     """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
-    TileLang call is a dict with name, run and `launch` (a no-argument callable)."""
+    TileLang call is a dict with name, run and `launch` (a no-argument callable). dvt_partials:
+    out["dvt"] as the Triton core's (1, B, L, R, H, P) partials (one N block)."""
     B, L, R, H, N = qh.shape
     P = vt.shape[-1]
     ok, why = supports(R, N, P, {"torch.bfloat16": "bfloat16"}.get(str(qh.dtype), str(qh.dtype)))
@@ -42,7 +43,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         raise ValueError(f"qh: {why}")
     cfg = hybrid_config(R, N, P, config)
     calls, out = tcore.plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, cfg, want_ds0, device=device,
-                            poison=poison)
+                            poison=poison, dvt_partials=dvt_partials)
     by = {c["name"]: c for c in calls}
     dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
     SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
@@ -63,8 +64,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
 
     def dkv():
         k = walks.build("dkv", R, H, N, P, SEG, arch_of())
-        k(qh, ks, vt, dy, adt, slots, dkv_args["dx_ptr"], out["dks"], dkv_args["dvp_ptr"], dkv_args["dcs_ptr"],
-          dkv_args["dtc_ptr"].view(nch, H))
+        k(qh, ks, vt, dy, adt, slots, dkv_args["dx_ptr"], out["dks"], dkv_args["dvp_ptr"].view(B, L, R, H, P),
+          dkv_args["dcs_ptr"], dkv_args["dtc_ptr"].view(nch, H))
 
     new = []
     for c in calls:
@@ -85,14 +86,15 @@ def launch(c: dict) -> None:
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """backends/triton/scan_bwd_core.core_backward with the TileLang walks (module docstring).
     config: Triton core keys for the kernels that stay Triton's (`hybrid_config` fixes CHUNK,
     BLOCK_N and the precision keys)."""
     qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
     s0 = None if s0 is None else s0.contiguous()
     ds_final = None if ds_final is None else ds_final.contiguous()
-    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison)
+    calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)

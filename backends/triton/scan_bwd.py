@@ -27,8 +27,9 @@ Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
-the core's own default config, or None), CORE_IMPL ("triton", or "reference": the float64 NumPy
-core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
+the core's own default config, or None), CORE_IMPL ("triton"; "tilelang": the core's dq / dkv
+walks in TileLang, backends/tilelang/scan_bwd_core.py, where `supports` holds; or "reference": the
+float64 NumPy core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
 accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
@@ -148,8 +149,14 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     v = config.get("SEQ_PROGRAMS", 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise bad_arg("config.SEQ_PROGRAMS", "an int >= 1", v)
-    if config.get("CORE_IMPL", "triton") not in ("triton", "reference"):
-        raise bad_arg("config.CORE_IMPL", "'triton' or 'reference'", config.get("CORE_IMPL"))
+    if config.get("CORE_IMPL", "triton") not in ("triton", "reference", "tilelang"):
+        raise bad_arg("config.CORE_IMPL", "'triton', 'tilelang' or 'reference'", config.get("CORE_IMPL"))
+    if config.get("CORE_IMPL") == "tilelang":
+        from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
+        ok, why = _tl.supports(_pow2(spec.rank), spec.d_state, spec.head_dim,
+                               "float32" if op_dtype(spec, config) == F32 else "bfloat16")
+        if not ok:
+            raise bad_arg("config.CORE_IMPL", "'tilelang' only where its walks apply", why)
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
     for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
@@ -274,16 +281,35 @@ def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
     return out
 
 
+def core_config(config: dict, RC: int, N: int, P: int, dtype) -> dict:
+    """The core's config under the backward's `config`: the core's default with config.CORE's
+    overrides; with CORE_IMPL "tilelang", the Triton config its walks pair with
+    (backends/tilelang/scan_bwd_core.hybrid_config: 64-row chunks, one N block)."""
+    from . import scan_bwd_core as core
+    ccfg = dict(core.default_config(RC, N, P, dtype), **(config.get("CORE") or {}))
+    if config.get("CORE_IMPL") == "tilelang":
+        from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
+        ccfg = _tl.hybrid_config(RC, N, P, ccfg)
+    return ccfg
+
+
 def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
-    if config.get("CORE_IMPL", "triton") == "reference":
+    impl = config.get("CORE_IMPL", "triton")
+    if impl == "reference":
         return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
     from . import scan_bwd_core as core
-    ccfg = None
-    if config.get("CORE"):   # partial overrides on top of the core's default
-        R, N, P = qh.shape[2], qh.shape[4], vt.shape[4]
-        ccfg = dict(core.default_config(R, N, P, qh.dtype), **config["CORE"])
+    R, N, P = qh.shape[2], qh.shape[4], vt.shape[4]
+    ccfg = core_config(config, R, N, P, qh.dtype) if (config.get("CORE") or impl == "tilelang") else None
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
     # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
+    if impl == "tilelang":   # the dq / dkv walks in TileLang, the rest of the core Triton's
+        from mamba3_kernels.backends import tilelang as _tlb
+        from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
+        ok, why = _tlb.available()
+        if not ok:
+            raise bad_arg("config.CORE_IMPL", "'tilelang' where TileLang runs (importable, a GPU)", why)
+        return _tl.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu, config=ccfg,
+                                 want_ds0=True, dvt_partials=True)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
                               config=ccfg, want_ds0=True, dvt_partials=True)
 
@@ -579,7 +605,7 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
     e = lambda *s: torch.empty(s, dtype=F32, device=device)  # noqa: E731
     b = buffers(spec, t, dict(grads, _config=config), device)
     RC = _pow2(R)
-    ccfg = dict(_core.default_config(RC, N, P, op_dtype(spec, config)), **(config.get("CORE") or {}))  # as run_core's
+    ccfg = core_config(config, RC, N, P, op_dtype(spec, config))   # as run_core's
     b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
     b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
     b["dpend"] = e(S, H) if spec.initial_states else None
