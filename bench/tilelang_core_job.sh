@@ -8,7 +8,7 @@
 # On the device, repo root, carry [".carry/tilelang"]: MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
 set -uo pipefail
 source .carry/tilelang/activate.sh > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} MAMBA3_EXPERIMENTAL_TILELANG_CORE=1
 { nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
   python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
 c=${MAMBA3_COMMIT:-unknown}

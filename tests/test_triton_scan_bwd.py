@@ -10,6 +10,8 @@ Triton core (scan_bwd_core), post and the per-sequence kernels.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -299,13 +301,14 @@ def _simple_args(rng, requires=True):
     return t
 
 
-def test_tilelang_core_impl_says_where_it_cannot_run(rng):
+def test_tilelang_core_impl_says_where_it_cannot_run(rng, monkeypatch):
     """CORE_IMPL "tilelang" on a spec its walks take (bf16, N = P = 64), on a machine where
     TileLang cannot run (no GPU here): a clear error naming config.CORE_IMPL and why, from the
     backward (the forward ran), no gradient written."""
     from mamba3_kernels.backends import tilelang as tlb
     if tlb.available()[0]:
         pytest.skip("TileLang runs here: the GPU test covers CORE_IMPL 'tilelang'")
+    monkeypatch.setenv(scan_bwd.EXPERIMENTAL_TILELANG_CORE, "1")
     spec = ScanSpec(d_state=64, head_dim=64, n_angles=8, input_dtype="bfloat16")
     from mamba3_kernels.reference.inputs import random_scan_inputs
     a = random_scan_inputs(spec, Problem(1, 5, 2, 1, 1), rng)
@@ -342,8 +345,14 @@ def test_errors_name_the_argument(rng):
         m3.scan(**t, bwd_config=dict(BT=3))
     with pytest.raises(ValueError, match="^config.CORE_IMPL"):
         m3.scan(**t, bwd_config=dict(CORE_IMPL="cuda"))
-    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' only where its walks apply.*N=8"):
-        m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # fp32 N=8 P=4: outside the walks' scope
+    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'triton' or 'reference' .'tilelang' is experimental"):
+        m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # not without MAMBA3_EXPERIMENTAL_TILELANG_CORE=1
+    os.environ[scan_bwd.EXPERIMENTAL_TILELANG_CORE] = "1"
+    try:
+        with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' only where its walks apply.*N=8"):
+            m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # fp32 N=8 P=4: outside the walks' scope
+    finally:
+        del os.environ[scan_bwd.EXPERIMENTAL_TILELANG_CORE]
     with pytest.raises(ValueError, match=r"^config: expected keys .*\['CHUNK'\]"):
         m3.scan(**t, bwd_config=dict(CHUNK=16))
     t["q"] = t["q"].to(torch.float16).requires_grad_(True)

@@ -28,8 +28,9 @@ Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
 the core's own default config, or None), CORE_IMPL ("triton"; "tilelang": the core's dq / dkv
-walks in TileLang, backends/tilelang/scan_bwd_core.py, where `supports` holds; or "reference": the
-float64 NumPy core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
+walks in TileLang, backends/tilelang/scan_bwd_core.py, where `supports` holds, experimental: only
+with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until GPU-validated; or "reference": the float64 NumPy
+core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
 accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
@@ -41,6 +42,7 @@ pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -54,6 +56,9 @@ from . import scan_bwd_prep as _prep
 from .aot import Guard, step_down
 
 F32 = torch.float32
+# CORE_IMPL "tilelang" runs only with this set to 1 until its GPU validation has passed
+# (tests/test_tilelang_scan_bwd_core_gpu.py, tests/test_scan_bwd_gpu.py -k tilelang)
+EXPERIMENTAL_TILELANG_CORE = "MAMBA3_EXPERIMENTAL_TILELANG_CORE"
 
 
 def supports(spec: ScanSpec):
@@ -152,6 +157,10 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("CORE_IMPL", "triton") not in ("triton", "reference", "tilelang"):
         raise bad_arg("config.CORE_IMPL", "'triton', 'tilelang' or 'reference'", config.get("CORE_IMPL"))
     if config.get("CORE_IMPL") == "tilelang":
+        if os.environ.get(EXPERIMENTAL_TILELANG_CORE) != "1":
+            raise bad_arg("config.CORE_IMPL", f"'triton' or 'reference' ('tilelang' is experimental: built and "
+                          f"unit-tested, not yet validated on a GPU; set {EXPERIMENTAL_TILELANG_CORE}=1 to run it)",
+                          "tilelang")
         from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
         ok, why = _tl.supports(_pow2(spec.rank), spec.d_state, spec.head_dim,
                                "float32" if op_dtype(spec, config) == F32 else "bfloat16")
