@@ -36,6 +36,25 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes / statistics.median(ts)
 
 
+def events_us(fn, reps: int = 20, iters: int = 10, warmup: int = 3) -> float:
+    """Median microseconds per call of `fn`: CUDA events around `iters` back-to-back calls,
+    `reps` times (eager: for kernels that launch outside torch's CUDA graph capture, or whose
+    launch cost is part of the question)."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(e) * 1000 / iters)
+    return statistics.median(ts)
+
+
 def write_report(path: str, rows: list, **extra) -> None:
     """JSON {meta: GPU name, torch, triton, commit (MAMBA3_COMMIT), **extra; rows} at `path`."""
     import torch

@@ -13,28 +13,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import use_checkout, write_report  # noqa: E402
+from common import events_us, use_checkout, write_report  # noqa: E402
 
 use_checkout()
 SHAPES = [("B4-L4096-H32", 1, 4, 4096, 32, 128, 64), ("B8-L2048-H32", 1, 8, 2048, 32, 128, 64),
           ("B1-L16384-H32", 1, 1, 16384, 32, 128, 64), ("B4-L4096-H32-N64", 1, 4, 4096, 32, 64, 64),
           ("R4-B4-L2048-H32", 4, 4, 2048, 32, 128, 64), ("R4-B4-L4096-H32", 4, 4, 4096, 32, 128, 64)]
-
-
-def timed(fn, reps=15, iters=5):
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(e) * 1000 / iters)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def main():
@@ -62,8 +46,8 @@ def main():
             torch.cuda.synchronize()
             row["rel_vs_triton"] = {k: float((h_out[k].double() - t_out[k].double()).norm() / t_out[k].double().norm())
                                     for k in ("dqh", "dks", "dvt", "dadt", "ds0")}
-            row["triton_core_us"] = timed(lambda: tcore.core_backward(*a))
-            row["tilelang_walks_core_us"] = timed(lambda: hyb.core_backward(*a))
+            row["triton_core_us"] = events_us(lambda: tcore.core_backward(*a), reps=15, iters=5)
+            row["tilelang_walks_core_us"] = events_us(lambda: hyb.core_backward(*a), reps=15, iters=5)
             row["speedup"] = row["triton_core_us"] / row["tilelang_walks_core_us"]
         except Exception as e:  # report and go on
             row["error"] = repr(e)[:800]

@@ -41,7 +41,7 @@ def _rel(a, b):
 def gpu(args):
     import torch
 
-    from common import use_checkout, write_report
+    from common import events_us, use_checkout, write_report
     use_checkout()
     from mamba3_kernels.backends.triton import scan_bwd_core as core
     torch.manual_seed(0)
@@ -69,23 +69,6 @@ def gpu(args):
     dcs_all, dtc_all = dict(call["dq"]["args"])["dcs_ptr"], dict(call["dkv"]["args"])["dtc_ptr"]
     triton_out = dict(dqh=out["dqh"][:, :, 0], dcs_q=dcs_all[:nnb].sum(0), dks=out["dks"][:, :, 0],
                       dvt=out["dvt"][:, :, 0], dcs_kv=dcs_all[nnb:].sum(0), dtc=dtc_all.sum(0))
-
-    def timed(fn, reps=20, iters=10):
-        """Median us per call: CUDA events around `iters` back-to-back calls, `reps` times (the
-        inputs, ~400 MB, stream from HBM; the TileLang call goes through tvm-ffi, so no graph)."""
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(e) * 1000 / iters)
-        ts.sort()
-        return ts[len(ts) // 2]
 
     def reference(C, heads=(0, 5)):
         """float64 outputs of both walks with chunks of C, batch row 0, `heads` (same ent / dx):
@@ -143,7 +126,7 @@ def gpu(args):
     for w, names in (("dq", ("dqh", "dcs_q")), ("dkv", ("dks", "dvt", "dcs_kv", "dtc"))):
         tro = {n: triton_out[n] for n in names}
         rows.append(dict(impl=f"triton_{w}", config={k: cfg[k] for k in keep if k in cfg},
-                         errors=errors(tro, ref32), us=timed(lambda: core.launch(call[w]))))
+                         errors=errors(tro, ref32), us=events_us(lambda: core.launch(call[w]))))
         print(rows[-1], flush=True)
     from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
     refs = {}
@@ -176,7 +159,7 @@ def gpu(args):
             for n in ("dqh", "dks", "dvt"):
                 if n in g:
                     row[f"{n}_rel_vs_triton"] = _rel(g[n], triton_out[n])
-            row["us"] = timed(lambda: kern(*argv))
+            row["us"] = events_us(lambda: kern(*argv))
         except Exception as e:   # report and go on to the next variant
             row["error"] = repr(e)[:600]
         print(row, flush=True)

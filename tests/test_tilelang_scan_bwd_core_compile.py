@@ -5,7 +5,6 @@ without spills; the slot table against the Triton core's slot numbering (dense a
 `supports`. GPU correctness: tests/test_tilelang_scan_bwd_core_gpu.py."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,20 +13,15 @@ import torch
 
 tilelang = pytest.importorskip("tilelang", reason="tilelang not importable: TileLang compile tests skipped")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-os.environ.setdefault("TILELANG_CACHE_DIR", str(ROOT / ".cache" / "tilelang"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tilelang_support import NO_NVCC, ROOT, nvcc_ok, setup_env  # noqa: E402
 
+setup_env()
 from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb  # noqa: E402
 from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks  # noqa: E402
 
 
-def _nvcc_ok():
-    import shutil
-    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
-
-
-@pytest.mark.skipif(not _nvcc_ok(), reason="no nvcc: TileLang cannot build cubins here")
+@pytest.mark.skipif(not nvcc_ok(), reason=NO_NVCC)
 @pytest.mark.parametrize("which", ["dq", "dkv"])
 @pytest.mark.parametrize("R,H,N,P,SEG", [(1, 32, 128, 64, 8), (1, 32, 64, 64, 16), (1, 4, 64, 128, 1),
                                          (1, 4, 128, 128, 2), (2, 32, 128, 64, 8), (4, 32, 128, 64, 16),

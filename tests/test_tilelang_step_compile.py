@@ -8,7 +8,7 @@ size M are dynamic, so neither needs its own compile. Each case checks that the 
 holding `mamba3_step_kernel` and records registers / stack / local-memory (spill) bytes.
 """
 import os
-import pathlib
+import sys
 
 import pytest
 
@@ -16,19 +16,13 @@ from mamba3_kernels.spec import Problem, ScanSpec
 
 tilelang = pytest.importorskip("tilelang", reason="tilelang not importable: TileLang compile tests skipped")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-os.environ.setdefault("TILELANG_CACHE_DIR", str(ROOT / ".cache" / "tilelang"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tilelang_support import NO_NVCC, nvcc_ok, setup_env  # noqa: E402
 
+setup_env()
 from mamba3_kernels.backends import tilelang as TLB  # noqa: E402
 
-
-def _nvcc_ok():
-    import shutil
-    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
-
-
-pytestmark = pytest.mark.skipif(not _nvcc_ok(), reason="no nvcc: TileLang cannot build cubins here")
+pytestmark = pytest.mark.skipif(not nvcc_ok(), reason=NO_NVCC)
 
 
 def S(**kw):

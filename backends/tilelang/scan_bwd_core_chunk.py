@@ -57,8 +57,9 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
 
 
 def _macros(T, R, TOK, N, P):
-    """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows, the partial
-    chunk's zeroing, cs per token, d cs per token (a token's ranks summed)."""
+    """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows with the
+    partial chunk's zeroing and cs per token, the state's bf16 split, the state update, d cs per
+    token (a token's ranks summed)."""
     bf16 = "bfloat16"
 
     @T.macro
@@ -87,6 +88,40 @@ def _macros(T, R, TOK, N, P):
         T.reduce_sum(tri, csf, dim=1)
         T.copy(csf, cs_s)
 
+    @T.macro
+    def chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s):
+        """The chunk's four tiles (rows past the end zero) and its per-token cs."""
+        load(QH, b, tc, eos, h, q_s, N)
+        load(KS, b, tc, eos, h, k_s, N)
+        load(VT, b, tc, eos, h, v_s, P)
+        load(DY, b, tc, eos, h, d_s, P)
+        if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
+            zero_tail(q_s, k_s, v_s, d_s, tc, eos)
+        cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
+
+    @T.macro
+    def split(st, sh_s, sl_s):
+        """The fp32 state / adjoint as bf16 hi + lo in shared memory (INTER's fp32-accurate split)."""
+        for p, n in T.Parallel(P, N):
+            sh_s[p, n] = T.cast(st[p, n], bf16)
+        for p, n in T.Parallel(P, N):
+            sl_s[p, n] = T.cast(st[p, n] - T.cast(sh_s[p, n], "float32"), bf16)
+
+    @T.macro
+    def update(st, x_s, y_s, cs_s, wh_s, wl_s, reverse):
+        """st <- e^T st + (x o w)^T y with w = e^{T - cs} (dq: x = vt, y = ks) or e^{cs} (dkv
+        walking backwards: x = dy, y = qh), x o w split bf16 hi + lo (UPDATE's fp32 split)."""
+        for i, p in T.Parallel(C, P):
+            wh_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
+                cs_s[i // R] if reverse else cs_s[TOK - 1] - cs_s[i // R]), bf16)
+        for i, p in T.Parallel(C, P):
+            wl_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
+                cs_s[i // R] if reverse else cs_s[TOK - 1] - cs_s[i // R]) - T.cast(wh_s[i, p], "float32"), bf16)
+        for p, n in T.Parallel(P, N):
+            st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
+        T.gemm(wh_s, y_s, st, transpose_A=True)
+        T.gemm(wl_s, y_s, st, transpose_A=True)
+
     def ranksum(rows_s, t):   # plain Python: the sum expression over a token's R rows
         return functools.reduce(lambda a, r: a + rows_s[t * R + r], range(1, R), rows_s[t * R])
 
@@ -96,7 +131,7 @@ def _macros(T, R, TOK, N, P):
             if tc + t < eos:
                 DCS[part, b, h, tc + t] = ranksum(rows_s, t)
 
-    return load, zero_tail, cumsum, store_dcs
+    return chunk_in, split, update, store_dcs
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +141,7 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     B, L, NSLOT = T.dynamic("B L NSLOT")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
-    load, zero_tail, cumsum, store_dcs = _macros(T, R, TOK, N, P)
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -142,23 +177,14 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     nck = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG)
                     tc = SLOT[slot, 2] + ci * TOK
-                    load(QH, b, tc, eos, h, q_s, N)
-                    load(KS, b, tc, eos, h, k_s, N)
-                    load(VT, b, tc, eos, h, v_s, P)
-                    load(DY, b, tc, eos, h, d_s, P)
-                    if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
-                        zero_tail(q_s, k_s, v_s, d_s, tc, eos)
-                    cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
+                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s)
                     if ci == nck - 1:   # S_last, for dadt's boundary term
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
                         gm[i, j] = T.if_then_else(i // R > j // R, gm[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
                     T.copy(gm, gm_s)
-                    for p, n in T.Parallel(P, N):
-                        sh_s[p, n] = T.cast(st[p, n], bf16)
-                    for p, n in T.Parallel(P, N):
-                        sl_s[p, n] = T.cast(st[p, n] - T.cast(sh_s[p, n], f32), bf16)
+                    split(st, sh_s, sl_s)
                     T.gemm(d_s, sh_s, acc, clear_accum=True)
                     T.gemm(d_s, sl_s, acc)
                     for i, n in T.Parallel(C, N):
@@ -172,15 +198,7 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     for i, n in T.Parallel(C, N):
                         if tc + i // R < eos:
                             DQH[b, tc + i // R, i % R, h, n] = acc[i, n]
-                    for i, p in T.Parallel(C, P):
-                        wh_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[TOK - 1] - cs_s[i // R]), bf16)
-                    for i, p in T.Parallel(C, P):
-                        wl_s[i, p] = T.cast(T.cast(v_s[i, p], f32) * T.exp(cs_s[TOK - 1] - cs_s[i // R])
-                                            - T.cast(wh_s[i, p], f32), bf16)
-                    for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
-                    T.gemm(wh_s, k_s, st, transpose_A=True)
-                    T.gemm(wl_s, k_s, st, transpose_A=True)
+                    update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
 
@@ -192,7 +210,7 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     B, L, NSLOT, NCH = T.dynamic("B L NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
-    load, zero_tail, cumsum, store_dcs = _macros(T, R, TOK, N, P)
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -236,17 +254,8 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     ci = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG) - 1 - kk
                     tc = SLOT[slot, 2] + ci * TOK
-                    load(QH, b, tc, eos, h, q_s, N)
-                    load(KS, b, tc, eos, h, k_s, N)
-                    load(VT, b, tc, eos, h, v_s, P)
-                    load(DY, b, tc, eos, h, d_s, P)
-                    if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
-                        zero_tail(q_s, k_s, v_s, d_s, tc, eos)
-                    cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
-                    for p, n in T.Parallel(P, N):
-                        sh_s[p, n] = T.cast(st[p, n], bf16)
-                    for p, n in T.Parallel(P, N):
-                        sl_s[p, n] = T.cast(st[p, n] - T.cast(sh_s[p, n], f32), bf16)
+                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s)
+                    split(st, sh_s, sl_s)
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
@@ -286,15 +295,7 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     store_dcs(DCS, 1, b, h, tc, eos, r_s)
                     T.reduce_sum(x, xs, dim=0)
                     DTC[slot * SEG + ci, h] = xs[0]
-                    for i, p in T.Parallel(C, P):
-                        wh_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i // R]), bf16)
-                    for i, p in T.Parallel(C, P):
-                        wl_s[i, p] = T.cast(T.cast(d_s[i, p], f32) * T.exp(cs_s[i // R])
-                                            - T.cast(wh_s[i, p], f32), bf16)
-                    for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
-                    T.gemm(wh_s, q_s, st, transpose_A=True)
-                    T.gemm(wl_s, q_s, st, transpose_A=True)
+                    update(st, d_s, q_s, cs_s, wh_s, wl_s, True)
 
     return main
 
