@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import events_us  # noqa: E402
 
 from mamba3_kernels.backends.triton import scan_bwd_core as core
 from mamba3_kernels.reference import core_adjoint as ca
@@ -71,17 +73,7 @@ def check(name, B, L, R, H, N, P, dtype, cfg=None, lengths=None, states=True, ad
 
 
 def _events_ms(fn, reps=15, warm=3):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
+    return events_us(fn, reps=reps, iters=1, warmup=warm) / 1000
 
 
 def time_config(t, cfg, per_kernel=False):
