@@ -101,3 +101,46 @@ def test_supports():
         q = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
         v = torch.zeros(1, 4, 2, 1, 16, dtype=torch.bfloat16)
         hyb.plan(q, q, v, torch.zeros(1, 1, 4), v, device="meta")
+
+
+_DT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
+
+
+@pytest.mark.parametrize("R,lengths,s0,dvt_partials", [(1, None, True, True), (1, [65, 0, 127, 1], False, False),
+                                                       (2, None, False, True), (4, [9, 0, 40], True, True),
+                                                       (8, None, True, False)])
+def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_partials):
+    """The integration without a GPU: every TileLang call of `plan` (meta tensors) passes, in the
+    prim_func's parameter order, tensors of its dtype and shape (each symbolic size bound to one
+    value across parameters: B, L and the slot count as the Triton core's scratch has them),
+    contiguous; X_c's rows are the slots' chunks."""
+    B, L, H, N, P = 2, 333, 3, 128, 64
+    cu = None
+    if lengths is not None:
+        B, L = 1, sum(lengths)
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    e = lambda *s, d=torch.bfloat16: torch.empty(s, dtype=d, device="meta")  # noqa: E731
+    st = e(B if cu is None else len(lengths), H, P, N, d=torch.float32) if s0 else None
+    calls, out = hyb.plan(e(B, L, R, H, N), e(B, L, R, H, N), e(B, L, R, H, P), e(B, H, L, d=torch.float32),
+                          e(B, L, R, H, P), st, st, None if cu is None else cu.to("meta"), device="meta",
+                          dvt_partials=dvt_partials)
+    tl_calls = [c for c in calls if "tilelang" in c]
+    assert [c["name"] for c in tl_calls] == ["tilelang_core_dq", "tilelang_core_dkv"]
+    assert not any(c["name"] in ("scan_bwd_core_dq", "scan_bwd_core_dkv") for c in calls)
+    for c in tl_calls:
+        f = hyb.program(c)
+        bufs = [f.buffer_map[p] for p in f.params]
+        assert [b.name for b in bufs] == [n for n, _ in c["args"]], c["name"]
+        bound = {}
+        for buf, (name, x) in zip(bufs, c["args"]):
+            assert x.dtype == _DT[str(buf.dtype)], f"{c['name']} {name}: {x.dtype} vs {buf.dtype}"
+            assert x.is_contiguous(), f"{c['name']} {name}: not contiguous"
+            assert x.dim() == len(buf.shape), f"{c['name']} {name}: {tuple(x.shape)} vs {list(buf.shape)}"
+            for dim, want in zip(x.shape, buf.shape):
+                if hasattr(want, "value"):
+                    assert dim == want.value, f"{c['name']} {name}: {tuple(x.shape)} vs {list(buf.shape)}"
+                else:
+                    assert bound.setdefault(want.name, dim) == dim, f"{c['name']} {name}: {want.name} {dim} vs {bound}"
+        assert bound["B"] == B and bound["L"] == L
+        if c["name"] == "tilelang_core_dkv":
+            assert bound["NCH"] == bound["NSLOT"] * c["tilelang"]["SEG"]

@@ -34,8 +34,10 @@ def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
          device=None, poison=False, arch=None, dvt_partials=False):
     """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
-    TileLang call is a dict with name, run and `launch` (a no-argument callable). dvt_partials:
-    out["dvt"] as the Triton core's (1, B, L, R, H, P) partials (one N block)."""
+    TileLang call is a dict with name, run, `tilelang` (which walk, R, H, N, P, SEG, arch: the
+    build key) and `args` ((parameter name, tensor) in the prim_func's order; `program` gives the
+    prim_func to check them against). dvt_partials: out["dvt"] as the Triton core's
+    (1, B, L, R, H, P) partials (one N block)."""
     B, L, R, H, N = qh.shape
     P = vt.shape[-1]
     ok, why = supports(R, N, P, {"torch.bfloat16": "bfloat16"}.get(str(qh.dtype), str(qh.dtype)))
@@ -51,38 +53,39 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     slots = walks.slot_table(B, L, SEG, walks.tokens(R), cu_seqlens, device=dev)
     run = by["scan_bwd_core_dq"]["run"]
     nch = dkv_args["dtc_ptr"].shape[1]
+    key = dict(R=R, H=H, N=N, P=P, SEG=SEG, arch=arch)
+    tok = [("QH", qh), ("KS", ks), ("VT", vt), ("DY", dy), ("ADT", adt), ("SLOT", slots)]
+    dq = {"name": "tilelang_core_dq", "run": run, "tilelang": dict(key, which="dq"),
+          "args": tok + [("ENT", dq_args["ent_ptr"]), ("SX", dq_args["sx_ptr"]), ("DQH", out["dqh"]),
+                         ("DCS", dq_args["dcs_ptr"])]}
+    dkv = {"name": "tilelang_core_dkv", "run": run, "tilelang": dict(key, which="dkv"),
+           "args": tok + [("DX", dkv_args["dx_ptr"]), ("DKS", out["dks"]),
+                          ("DVT", dkv_args["dvp_ptr"].view(B, L, R, H, P)), ("DCS", dkv_args["dcs_ptr"]),
+                          ("DTC", dkv_args["dtc_ptr"].view(nch, H))]}
+    swap = {"scan_bwd_core_dq": dq, "scan_bwd_core_dkv": dkv}
+    return [swap.get(c["name"], c) for c in calls], out
 
-    def arch_of():
-        if arch is not None:
-            return arch
-        from .step import device_arch
-        return device_arch()
 
-    def dq():
-        k = walks.build("dq", R, H, N, P, SEG, arch_of())
-        k(qh, ks, vt, dy, adt, slots, dq_args["ent_ptr"], dq_args["sx_ptr"], out["dqh"], dq_args["dcs_ptr"])
-
-    def dkv():
-        k = walks.build("dkv", R, H, N, P, SEG, arch_of())
-        k(qh, ks, vt, dy, adt, slots, dkv_args["dx_ptr"], out["dks"], dkv_args["dvp_ptr"].view(B, L, R, H, P),
-          dkv_args["dcs_ptr"], dkv_args["dtc_ptr"].view(nch, H))
-
-    new = []
-    for c in calls:
-        if c["name"] == "scan_bwd_core_dq":
-            new.append({"name": "tilelang_core_dq", "run": run, "launch": dq})
-        elif c["name"] == "scan_bwd_core_dkv":
-            new.append({"name": "tilelang_core_dkv", "run": run, "launch": dkv})
-        else:
-            new.append(c)
-    return new, out
+def program(c: dict):
+    """The TileLang prim_func of a TileLang call (its signature: what `args` must match)."""
+    t = c["tilelang"]
+    prog = walks.dq_program if t["which"] == "dq" else walks.dkv_program
+    return prog(t["R"], t["H"], t["N"], t["P"], t["SEG"])
 
 
 def launch(c: dict) -> None:
-    if "launch" in c:
-        c["launch"]()
-    else:
+    """Launch a call of `plan`: a TileLang walk (built for the current device on first use) or a
+    Triton kernel."""
+    if "tilelang" not in c:
         tcore.launch(c)
+        return
+    t = c["tilelang"]
+    arch = t["arch"]
+    if arch is None:
+        from .step import device_arch
+        arch = device_arch()
+    k = walks.build(t["which"], t["R"], t["H"], t["N"], t["P"], t["SEG"], arch)
+    k(*[x for _, x in c["args"]])
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
