@@ -5,6 +5,7 @@ without spills; the slot table against the Triton core's slot numbering (dense a
 `supports`. GPU correctness: tests/test_tilelang_scan_bwd_core_gpu.py."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,9 @@ from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks  # noq
 def test_walk_builds_without_spills(which, R, H, N, P, SEG):
     r = walks.compile(which, R, H, N, P, SEG)
     assert "wgmma" in r["source"], "no tensor-core product in the generated code"
+    body = r["source"].split("main_kernel(", 2)[-1]   # the definition, past both signatures
+    for name in ("QH", "KS", "VT", "DY", "ADT", "SLOT"):   # (a T.copy outside a macro is dropped silently)
+        assert re.search(rf"\b{name}(_desc\b| \+|\[)", body), f"{which} R{R}: the kernel never reads {name}"
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
     assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
 

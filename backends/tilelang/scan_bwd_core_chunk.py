@@ -2,9 +2,10 @@
 
 The same computation as backends/triton/scan_bwd_core_chunk.py (its docstring has the math and
 SPEC §8, §9; reference/core_adjoint.py the float64 form), laid out for Hopper: a chunk of C = 64
-rows (TOK = 64 / R tokens of R ranks each, row i = token i // R, rank i % R: the core's
-(B, L, R, H, .) layout read as rows) is one wgmma M tile, a program is two warpgroups (256
-threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
+rows is one wgmma M tile (TOK = 64 / R tokens of R ranks each, rank-major: row i = token i % TOK
+of rank i // TOK, so each rank's tokens are one block copy from the core's (B, L, R, H, .)
+layout; the products do not care about the order of rows as long as every operand and output
+shares it), a program is two warpgroups (256 threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
 fragment, its bf16 hi / lo halves go to shared memory for the products that read it (the Triton
 core's INTER / UPDATE fp32 splits), and `T.Pipelined` stages the next chunk's qh / ks / vt / dy
 tiles while this one computes. Per chunk c (cs the in-chunk inclusive cumsum of adt over tokens,
@@ -22,7 +23,9 @@ zeroed as the Triton kernels' masked loads do):
 
 Measured standalone (bench/tilelang_dq_walk.py, H100, SISO B4 L4096 H32 N128 P64, 512-token
 segments): dq 326 us vs the Triton kernel's 516, dkv 535 vs 736; errors vs float64 as the
-Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). R > 1: built (sm_90a, CPU), not yet run.
+Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). R > 1: built (sm_90a, CPU), not yet run;
+there TileLang lowers the per-rank copies to synchronous loads (no TMA, no warp specialisation,
+so no prefetch of the next chunk), unlike R = 1's bulk copies: expect less than R = 1's gain.
 
 Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4), N and P in
 {64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1: dkv writes dvt whole), bf16
@@ -44,6 +47,16 @@ def tokens(R: int) -> int:
     return C // R
 
 
+def _row_token(i, R: int):
+    """Row i's token within the chunk (rank-major rows); the plain index at R = 1."""
+    return i if R == 1 else i % tokens(R)
+
+
+def _row_rank(i, R: int):
+    """Row i's rank (rank-major rows); 0 at R = 1."""
+    return 0 if R == 1 else i // tokens(R)
+
+
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     """(ok, reason) for the walks' scope."""
     if R not in RANKS:
@@ -63,23 +76,23 @@ def _macros(T, R, TOK, N, P):
     bf16 = "bfloat16"
 
     @T.macro
-    def load(X, b, tc, eos, h, x_s, W):
+    def load(X, b, tc, h, x_s):
+        # (T.copy calls in a plain Python helper are dropped without a word: they must sit in
+        # the macro itself)
         if R == 1:
             T.copy(X[b, tc:tc + TOK, 0, h, :], x_s)
-        else:   # (a T.view of x_s as (TOK, R, W) as the copy's target conflicts with x_s's own
-            # swizzled layout where x_s is a transposed wgmma operand: element-wise, with the
-            # partial chunk's zeroing folded in, as the pipeline planner wants one write per stage)
-            for i, n in T.Parallel(C, W):
-                x_s[i, n] = T.if_then_else(tc + i // R < eos, X[b, tc + i // R, i % R, h, n], T.cast(0, bf16))
+        else:
+            for r in T.unroll(R):   # rank r's TOK tokens: rows r * TOK .. (r + 1) * TOK - 1
+                T.copy(X[b, tc:tc + TOK, r, h, :], x_s[r * TOK:(r + 1) * TOK, :])
 
     @T.macro
-    def zero_tail(q_s, k_s, v_s, d_s, tc, eos):   # R = 1 (R > 1 zeroes as it loads)
+    def zero_tail(q_s, k_s, v_s, d_s, tc, eos):
         for i, n in T.Parallel(C, N):
-            q_s[i, n] = T.if_then_else(tc + i // R < eos, q_s[i, n], T.cast(0, bf16))
-            k_s[i, n] = T.if_then_else(tc + i // R < eos, k_s[i, n], T.cast(0, bf16))
+            q_s[i, n] = T.if_then_else(tc + _row_token(i, R) < eos, q_s[i, n], T.cast(0, bf16))
+            k_s[i, n] = T.if_then_else(tc + _row_token(i, R) < eos, k_s[i, n], T.cast(0, bf16))
         for i, p in T.Parallel(C, P):
-            v_s[i, p] = T.if_then_else(tc + i // R < eos, v_s[i, p], T.cast(0, bf16))
-            d_s[i, p] = T.if_then_else(tc + i // R < eos, d_s[i, p], T.cast(0, bf16))
+            v_s[i, p] = T.if_then_else(tc + _row_token(i, R) < eos, v_s[i, p], T.cast(0, bf16))
+            d_s[i, p] = T.if_then_else(tc + _row_token(i, R) < eos, d_s[i, p], T.cast(0, bf16))
 
     @T.macro
     def cumsum(ADT, b, h, tc, eos, tri, csf, cs_s):
@@ -91,11 +104,11 @@ def _macros(T, R, TOK, N, P):
     @T.macro
     def chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s):
         """The chunk's four tiles (rows past the end zero) and its per-token cs."""
-        load(QH, b, tc, eos, h, q_s, N)
-        load(KS, b, tc, eos, h, k_s, N)
-        load(VT, b, tc, eos, h, v_s, P)
-        load(DY, b, tc, eos, h, d_s, P)
-        if R == 1 and tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
+        load(QH, b, tc, h, q_s)
+        load(KS, b, tc, h, k_s)
+        load(VT, b, tc, h, v_s)
+        load(DY, b, tc, h, d_s)
+        if tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
             zero_tail(q_s, k_s, v_s, d_s, tc, eos)
         cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
 
@@ -113,17 +126,17 @@ def _macros(T, R, TOK, N, P):
         walking backwards: x = dy, y = qh), x o w split bf16 hi + lo (UPDATE's fp32 split)."""
         for i, p in T.Parallel(C, P):
             wh_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[i // R] if reverse else cs_s[TOK - 1] - cs_s[i // R]), bf16)
+                cs_s[_row_token(i, R)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R)]), bf16)
         for i, p in T.Parallel(C, P):
             wl_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[i // R] if reverse else cs_s[TOK - 1] - cs_s[i // R]) - T.cast(wh_s[i, p], "float32"), bf16)
+                cs_s[_row_token(i, R)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R)]) - T.cast(wh_s[i, p], "float32"), bf16)
         for p, n in T.Parallel(P, N):
             st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
         T.gemm(wh_s, y_s, st, transpose_A=True)
         T.gemm(wl_s, y_s, st, transpose_A=True)
 
     def ranksum(rows_s, t):   # plain Python: the sum expression over a token's R rows
-        return functools.reduce(lambda a, r: a + rows_s[t * R + r], range(1, R), rows_s[t * R])
+        return functools.reduce(lambda a, r: a + rows_s[r * TOK + t], range(1, R), rows_s[t])
 
     @T.macro
     def store_dcs(DCS, part, b, h, tc, eos, rows_s):
@@ -182,13 +195,13 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        gm[i, j] = T.if_then_else(i // R > j // R, gm[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
+                        gm[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), gm[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
                     T.copy(gm, gm_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, sh_s, acc, clear_accum=True)
                     T.gemm(d_s, sl_s, acc)
                     for i, n in T.Parallel(C, N):
-                        acc[i, n] = acc[i, n] * T.exp(cs_s[i // R])
+                        acc[i, n] = acc[i, n] * T.exp(cs_s[_row_token(i, R)])
                     for i, n in T.Parallel(C, N):
                         prod[i, n] = acc[i, n] * T.cast(q_s[i, n], f32)
                     T.reduce_sum(prod, dcs, dim=1)
@@ -196,8 +209,8 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     store_dcs(DCS, 0, b, h, tc, eos, rows_s)
                     T.gemm(gm_s, k_s, acc)
                     for i, n in T.Parallel(C, N):
-                        if tc + i // R < eos:
-                            DQH[b, tc + i // R, i % R, h, n] = acc[i, n]
+                        if tc + _row_token(i, R) < eos:
+                            DQH[b, tc + _row_token(i, R), _row_rank(i, R), h, n] = acc[i, n]
                     update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
@@ -259,11 +272,11 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        am[i, j] = T.if_then_else(i // R > j // R, am[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
+                        am[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), am[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
                     for i, j in T.Parallel(C, C):
                         w[i, j] = am[i, j] * sdv[i, j]
                     for i, j in T.Parallel(C, C):
-                        sdv[i, j] = T.if_then_else(i // R > j // R, sdv[i, j] * T.exp(cs_s[i // R] - cs_s[j // R]), 0.0)
+                        sdv[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), sdv[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
                     T.copy(sdv, gm_s)
                     T.copy(am, a_s)
                     T.reduce_sum(w, rs, dim=1)
@@ -271,22 +284,22 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(v_s, sh_s, acck, clear_accum=True)
                     T.gemm(v_s, sl_s, acck)
                     for j, n in T.Parallel(C, N):
-                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[j // R])
+                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R)])
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
                     for j, n in T.Parallel(C, N):
-                        if tc + j // R < eos:
-                            DKS[b, tc + j // R, j % R, h, n] = acck[j, n]
+                        if tc + _row_token(j, R) < eos:
+                            DKS[b, tc + _row_token(j, R), _row_rank(j, R), h, n] = acck[j, n]
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):
-                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[j // R])
+                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R)])
                     for j, p in T.Parallel(C, P):
                         xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
                     T.reduce_sum(xv, x, dim=1)
                     T.gemm(a_s, d_s, accv, transpose_A=True)
                     for j, p in T.Parallel(C, P):
-                        if tc + j // R < eos:
-                            DVT[b, tc + j // R, j % R, h, p] = accv[j, p]
+                        if tc + _row_token(j, R) < eos:
+                            DVT[b, tc + _row_token(j, R), _row_rank(j, R), h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
