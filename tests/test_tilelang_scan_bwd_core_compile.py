@@ -37,10 +37,17 @@ def test_walk_builds_without_spills(which, R, H, N, P, SEG):
     assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
 
 
-@pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (4, 128, 64)])
-def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P):
-    """local, pass and dadt at hybrid_config (a subprocess without TRITON_INTERPRET: AOT and the
-    interpreter do not share a process)."""
+_PYTHONS = [("triton-ci", sys.executable)] + (
+    [("triton-3.6", os.environ["MAMBA3_TRITON36_PYTHON"])] if os.environ.get("MAMBA3_TRITON36_PYTHON") else [])
+
+
+@pytest.mark.parametrize("python", _PYTHONS, ids=[p[0] for p in _PYTHONS])
+@pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (4, 128, 64), (8, 64, 64), (1, 128, 128)])
+def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P, python):
+    """local, pass and dadt at hybrid_config, under this environment's Triton and (with
+    MAMBA3_TRITON36_PYTHON, as `make test` sets it) the GPU image's 3.6, in a subprocess without
+    TRITON_INTERPRET (AOT and the interpreter do not share a process). The hybrid core runs them
+    without the Triton core's spill guard, so a spill here would reach the GPU."""
     pytest.importorskip("triton")
     code = (
         "import json\n"
@@ -50,13 +57,15 @@ def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P):
         "print(json.dumps([{k: r[k] for k in ('name', 'registers', 'spills')} for r in rows]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if python[0] == "triton-3.6":
+        env["TRITON_CACHE_DIR"] = str(ROOT / ".cache" / "triton36")
+    out = subprocess.run([python[1], "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
     kept = ("scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dadt")
     assert set(kept) <= set(rows), sorted(rows)
     for name in kept:
-        assert rows[name]["spills"] == 0, f"{name} at the hybrid config spills {rows[name]['spills']} B"
+        assert rows[name]["spills"] == 0, f"{name} at the hybrid config spills {rows[name]['spills']} B ({python[0]})"
 
 
 def _triton_slots(B, L, SEG, TOK, lengths=None):

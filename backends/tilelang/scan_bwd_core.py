@@ -7,6 +7,8 @@ plan at 64-token chunks and one N block (config `hybrid_config`), launches the T
 the TileLang ones (scan_bwd_core_chunk.py: 1.58x / 1.38x the Triton walks at SISO B4 L4096 in
 the standalone run), then runs the Triton dadt kernel over their d cs shares and X_c.
 
+The Triton kernels run at `hybrid_config` without the Triton core's spill guard: the compile
+test builds them spill-free under CI's Triton and the GPU image's 3.6 (local 82-130 registers).
 Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); checked against
 the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU. Not wired into
 `mamba3_kernels.scan` until that GPU test has passed on the H100 (issue 5's next step).
