@@ -2,10 +2,12 @@
 
 The same computation as backends/triton/scan_bwd_core_chunk.py (its docstring has the math and
 SPEC §8, §9; reference/core_adjoint.py the float64 form), laid out for Hopper: a chunk of C = 64
-rows is one wgmma M tile (TOK = 64 / R tokens of R ranks each, rank-major: row i = token i % TOK
-of rank i // TOK, so each rank's tokens are one block copy from the core's (B, L, R, H, .)
-layout; the products do not care about the order of rows as long as every operand and output
-shares it), a program is two warpgroups (256 threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
+rows is one wgmma M tile (TOK = 64 / R tokens of R ranks each; the products do not care about
+the order of rows as long as every operand and output of a kernel shares it: dq stages a chunk
+as [TOK, R, W] by one TMA copy and reads it as token-major rows, dkv, whose dy and qh tiles are
+both wgmma A and B operands (which a view of a staged tile cannot serve in TileLang 0.1.15),
+copies each rank's tokens as a block, rank-major rows), a program is two warpgroups (256
+threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
 fragment, its bf16 hi / lo halves go to shared memory for the products that read it (the Triton
 core's INTER / UPDATE fp32 splits), and `T.Pipelined` stages the next chunk's qh / ks / vt / dy
 tiles while this one computes. Per chunk c (cs the in-chunk inclusive cumsum of adt over tokens,
@@ -24,8 +26,8 @@ zeroed as the Triton kernels' masked loads do):
 Measured standalone (bench/tilelang_dq_walk.py, H100, SISO B4 L4096 H32 N128 P64, 512-token
 segments): dq 326 us vs the Triton kernel's 516, dkv 535 vs 736; errors vs float64 as the
 Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). R > 1: built (sm_90a, CPU), not yet run;
-there TileLang lowers the per-rank copies to synchronous loads (no TMA, no warp specialisation,
-so no prefetch of the next chunk), unlike R = 1's bulk copies: expect less than R = 1's gain.
+dq gets TMA and a producer warpgroup as at R = 1, dkv's per-rank copies lower to synchronous
+loads (no prefetch of the next chunk): expect less than R = 1's gain from dkv.
 
 Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4), N and P in
 {64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1: dkv writes dvt whole), bf16
@@ -47,14 +49,16 @@ def tokens(R: int) -> int:
     return C // R
 
 
-def _row_token(i, R: int):
-    """Row i's token within the chunk (rank-major rows); the plain index at R = 1."""
-    return i if R == 1 else i % tokens(R)
+def _row_token(i, R: int, staged: bool):
+    """Row i's token within the chunk: token-major rows (ranks inner) where the tiles are staged
+    as [TOK, R, W] (`staged`), rank-major rows (a rank's tokens together) where each rank is its
+    own copy; the plain index at R = 1."""
+    return i if R == 1 else (i // R if staged else i % tokens(R))
 
 
-def _row_rank(i, R: int):
-    """Row i's rank (rank-major rows); 0 at R = 1."""
-    return 0 if R == 1 else i // tokens(R)
+def _row_rank(i, R: int, staged: bool):
+    """Row i's rank (see _row_token); 0 at R = 1."""
+    return 0 if R == 1 else (i % R if staged else i // tokens(R))
 
 
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
@@ -69,30 +73,34 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     return True, ""
 
 
-def _macros(T, R, TOK, N, P):
+def _macros(T, R, TOK, N, P, staged):
     """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows with the
     partial chunk's zeroing and cs per token, the state's bf16 split, the state update, d cs per
     token (a token's ranks summed)."""
     bf16 = "bfloat16"
 
     @T.macro
-    def load(X, b, tc, h, x_s):
-        # (T.copy calls in a plain Python helper are dropped without a word: they must sit in
-        # the macro itself)
+    def load(X, b, tc, h, x_t):
+        # x_t: the [C, W] tile, or where `staged` (R > 1) its [TOK, R, W] staging buffer (the tile
+        # is a view of it): one bulk (TMA) copy of the chunk's TOK x R rows; unstaged R > 1: one
+        # copy per rank (lowered to plain loads). (T.copy calls in a plain Python helper are
+        # dropped without a word: they must sit in the macro itself.)
         if R == 1:
-            T.copy(X[b, tc:tc + TOK, 0, h, :], x_s)
+            T.copy(X[b, tc:tc + TOK, 0, h, :], x_t)
+        elif staged:
+            T.copy(X[b, tc:tc + TOK, :, h, :], x_t)
         else:
             for r in T.unroll(R):   # rank r's TOK tokens: rows r * TOK .. (r + 1) * TOK - 1
-                T.copy(X[b, tc:tc + TOK, r, h, :], x_s[r * TOK:(r + 1) * TOK, :])
+                T.copy(X[b, tc:tc + TOK, r, h, :], x_t[r * TOK:(r + 1) * TOK, :])
 
     @T.macro
     def zero_tail(q_s, k_s, v_s, d_s, tc, eos):
         for i, n in T.Parallel(C, N):
-            q_s[i, n] = T.if_then_else(tc + _row_token(i, R) < eos, q_s[i, n], T.cast(0, bf16))
-            k_s[i, n] = T.if_then_else(tc + _row_token(i, R) < eos, k_s[i, n], T.cast(0, bf16))
+            q_s[i, n] = T.if_then_else(tc + _row_token(i, R, staged) < eos, q_s[i, n], T.cast(0, bf16))
+            k_s[i, n] = T.if_then_else(tc + _row_token(i, R, staged) < eos, k_s[i, n], T.cast(0, bf16))
         for i, p in T.Parallel(C, P):
-            v_s[i, p] = T.if_then_else(tc + _row_token(i, R) < eos, v_s[i, p], T.cast(0, bf16))
-            d_s[i, p] = T.if_then_else(tc + _row_token(i, R) < eos, d_s[i, p], T.cast(0, bf16))
+            v_s[i, p] = T.if_then_else(tc + _row_token(i, R, staged) < eos, v_s[i, p], T.cast(0, bf16))
+            d_s[i, p] = T.if_then_else(tc + _row_token(i, R, staged) < eos, d_s[i, p], T.cast(0, bf16))
 
     @T.macro
     def cumsum(ADT, b, h, tc, eos, tri, csf, cs_s):
@@ -102,12 +110,13 @@ def _macros(T, R, TOK, N, P):
         T.copy(csf, cs_s)
 
     @T.macro
-    def chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s):
-        """The chunk's four tiles (rows past the end zero) and its per-token cs."""
-        load(QH, b, tc, h, q_s)
-        load(KS, b, tc, h, k_s)
-        load(VT, b, tc, h, v_s)
-        load(DY, b, tc, h, d_s)
+    def chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s):
+        """The chunk's four tiles (rows past the end zero; `tiles`: what the copies write, see
+        `load`) and its per-token cs."""
+        load(QH, b, tc, h, tiles[0])
+        load(KS, b, tc, h, tiles[1])
+        load(VT, b, tc, h, tiles[2])
+        load(DY, b, tc, h, tiles[3])
         if tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
             zero_tail(q_s, k_s, v_s, d_s, tc, eos)
         cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
@@ -126,17 +135,18 @@ def _macros(T, R, TOK, N, P):
         walking backwards: x = dy, y = qh), x o w split bf16 hi + lo (UPDATE's fp32 split)."""
         for i, p in T.Parallel(C, P):
             wh_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[_row_token(i, R)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R)]), bf16)
+                cs_s[_row_token(i, R, staged)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R, staged)]), bf16)
         for i, p in T.Parallel(C, P):
             wl_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[_row_token(i, R)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R)]) - T.cast(wh_s[i, p], "float32"), bf16)
+                cs_s[_row_token(i, R, staged)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R, staged)]) - T.cast(wh_s[i, p], "float32"), bf16)
         for p, n in T.Parallel(P, N):
             st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
         T.gemm(wh_s, y_s, st, transpose_A=True)
         T.gemm(wl_s, y_s, st, transpose_A=True)
 
     def ranksum(rows_s, t):   # plain Python: the sum expression over a token's R rows
-        return functools.reduce(lambda a, r: a + rows_s[r * TOK + t], range(1, R), rows_s[t])
+        row = (lambda r: t * R + r) if staged else (lambda r: r * TOK + t)
+        return functools.reduce(lambda a, r: a + rows_s[row(r)], range(1, R), rows_s[row(0)])
 
     @T.macro
     def store_dcs(DCS, part, b, h, tc, eos, rows_s):
@@ -154,7 +164,8 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     B, L, NSLOT = T.dynamic("B L NSLOT")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
-    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    staged = True   # R > 1: tiles staged [TOK, R, W] by one TMA copy (dq's operand roles allow the views)
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -163,10 +174,19 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
              ENT: T.Tensor((NSLOT, H, P, N), f32), SX: T.Tensor((NSLOT, H, P, N), f32),
              DQH: T.Tensor((B, L, R, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
-            q_s = T.alloc_shared([C, N], bf16)
-            k_s = T.alloc_shared([C, N], bf16)
-            v_s = T.alloc_shared([C, P], bf16)
-            d_s = T.alloc_shared([C, P], bf16)
+            if R == 1 or not staged:
+                q_s = T.alloc_shared([C, N], bf16)
+                k_s = T.alloc_shared([C, N], bf16)
+                v_s = T.alloc_shared([C, P], bf16)
+                d_s = T.alloc_shared([C, P], bf16)
+                tiles = (q_s, k_s, v_s, d_s)
+            else:   # staged as [TOK, R, W] (one TMA box per chunk), used as [C, W] rows
+                tiles = (T.alloc_shared([TOK, R, N], bf16), T.alloc_shared([TOK, R, N], bf16),
+                         T.alloc_shared([TOK, R, P], bf16), T.alloc_shared([TOK, R, P], bf16))
+                q_s = T.view(tiles[0], (C, N))
+                k_s = T.view(tiles[1], (C, N))
+                v_s = T.view(tiles[2], (C, P))
+                d_s = T.view(tiles[3], (C, P))
             cs_s = T.alloc_shared([TOK], f32)
             rows_s = T.alloc_shared([C], f32)
             gm_s = T.alloc_shared([C, C], bf16)
@@ -190,18 +210,18 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     nck = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG)
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s)
+                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s)
                     if ci == nck - 1:   # S_last, for dadt's boundary term
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        gm[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), gm[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
+                        gm[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), gm[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
                     T.copy(gm, gm_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, sh_s, acc, clear_accum=True)
                     T.gemm(d_s, sl_s, acc)
                     for i, n in T.Parallel(C, N):
-                        acc[i, n] = acc[i, n] * T.exp(cs_s[_row_token(i, R)])
+                        acc[i, n] = acc[i, n] * T.exp(cs_s[_row_token(i, R, staged)])
                     for i, n in T.Parallel(C, N):
                         prod[i, n] = acc[i, n] * T.cast(q_s[i, n], f32)
                     T.reduce_sum(prod, dcs, dim=1)
@@ -209,8 +229,8 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     store_dcs(DCS, 0, b, h, tc, eos, rows_s)
                     T.gemm(gm_s, k_s, acc)
                     for i, n in T.Parallel(C, N):
-                        if tc + _row_token(i, R) < eos:
-                            DQH[b, tc + _row_token(i, R), _row_rank(i, R), h, n] = acc[i, n]
+                        if tc + _row_token(i, R, staged) < eos:
+                            DQH[b, tc + _row_token(i, R, staged), _row_rank(i, R, staged), h, n] = acc[i, n]
                     update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
@@ -223,7 +243,10 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     B, L, NSLOT, NCH = T.dynamic("B L NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
-    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    # (dkv reads dy as a wgmma A and B operand, qh likewise: a view of a staged tile cannot take
+    # both swizzles in TileLang 0.1.15, so dkv keeps one copy per rank, rank-major rows)
+    staged = False
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -233,10 +256,19 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
              DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
              DTC: T.Tensor((NCH, H), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
-            q_s = T.alloc_shared([C, N], bf16)
-            k_s = T.alloc_shared([C, N], bf16)
-            v_s = T.alloc_shared([C, P], bf16)
-            d_s = T.alloc_shared([C, P], bf16)
+            if R == 1 or not staged:
+                q_s = T.alloc_shared([C, N], bf16)
+                k_s = T.alloc_shared([C, N], bf16)
+                v_s = T.alloc_shared([C, P], bf16)
+                d_s = T.alloc_shared([C, P], bf16)
+                tiles = (q_s, k_s, v_s, d_s)
+            else:   # staged as [TOK, R, W] (one TMA box per chunk), used as [C, W] rows
+                tiles = (T.alloc_shared([TOK, R, N], bf16), T.alloc_shared([TOK, R, N], bf16),
+                         T.alloc_shared([TOK, R, P], bf16), T.alloc_shared([TOK, R, P], bf16))
+                q_s = T.view(tiles[0], (C, N))
+                k_s = T.view(tiles[1], (C, N))
+                v_s = T.view(tiles[2], (C, P))
+                d_s = T.view(tiles[3], (C, P))
             cs_s = T.alloc_shared([TOK], f32)
             gm_s = T.alloc_shared([C, C], bf16)
             a_s = T.alloc_shared([C, C], bf16)
@@ -267,16 +299,16 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     ci = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG) - 1 - kk
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, q_s, k_s, v_s, d_s, tri, csf, cs_s)
+                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        am[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), am[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
+                        am[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), am[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
                     for i, j in T.Parallel(C, C):
                         w[i, j] = am[i, j] * sdv[i, j]
                     for i, j in T.Parallel(C, C):
-                        sdv[i, j] = T.if_then_else(_row_token(i, R) > _row_token(j, R), sdv[i, j] * T.exp(cs_s[_row_token(i, R)] - cs_s[_row_token(j, R)]), 0.0)
+                        sdv[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), sdv[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
                     T.copy(sdv, gm_s)
                     T.copy(am, a_s)
                     T.reduce_sum(w, rs, dim=1)
@@ -284,22 +316,22 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(v_s, sh_s, acck, clear_accum=True)
                     T.gemm(v_s, sl_s, acck)
                     for j, n in T.Parallel(C, N):
-                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R)])
+                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R, staged)])
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
                     for j, n in T.Parallel(C, N):
-                        if tc + _row_token(j, R) < eos:
-                            DKS[b, tc + _row_token(j, R), _row_rank(j, R), h, n] = acck[j, n]
+                        if tc + _row_token(j, R, staged) < eos:
+                            DKS[b, tc + _row_token(j, R, staged), _row_rank(j, R, staged), h, n] = acck[j, n]
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):
-                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R)])
+                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R, staged)])
                     for j, p in T.Parallel(C, P):
                         xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
                     T.reduce_sum(xv, x, dim=1)
                     T.gemm(a_s, d_s, accv, transpose_A=True)
                     for j, p in T.Parallel(C, P):
-                        if tc + _row_token(j, R) < eos:
-                            DVT[b, tc + _row_token(j, R), _row_rank(j, R), h, p] = accv[j, p]
+                        if tc + _row_token(j, R, staged) < eos:
+                            DVT[b, tc + _row_token(j, R, staged), _row_rank(j, R, staged), h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
