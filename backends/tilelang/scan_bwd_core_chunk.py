@@ -79,6 +79,9 @@ def _macros(T, R, TOK, N, P, staged):
     token (a token's ranks summed)."""
     bf16 = "bfloat16"
 
+    def tok(i):   # plain Python: row i's token (an index expression)
+        return _row_token(i, R, staged)
+
     @T.macro
     def load(X, b, tc, h, x_t):
         # x_t: the [C, W] tile, or where `staged` (R > 1) its [TOK, R, W] staging buffer (the tile
@@ -96,11 +99,11 @@ def _macros(T, R, TOK, N, P, staged):
     @T.macro
     def zero_tail(q_s, k_s, v_s, d_s, tc, eos):
         for i, n in T.Parallel(C, N):
-            q_s[i, n] = T.if_then_else(tc + _row_token(i, R, staged) < eos, q_s[i, n], T.cast(0, bf16))
-            k_s[i, n] = T.if_then_else(tc + _row_token(i, R, staged) < eos, k_s[i, n], T.cast(0, bf16))
+            q_s[i, n] = T.if_then_else(tc + tok(i) < eos, q_s[i, n], T.cast(0, bf16))
+            k_s[i, n] = T.if_then_else(tc + tok(i) < eos, k_s[i, n], T.cast(0, bf16))
         for i, p in T.Parallel(C, P):
-            v_s[i, p] = T.if_then_else(tc + _row_token(i, R, staged) < eos, v_s[i, p], T.cast(0, bf16))
-            d_s[i, p] = T.if_then_else(tc + _row_token(i, R, staged) < eos, d_s[i, p], T.cast(0, bf16))
+            v_s[i, p] = T.if_then_else(tc + tok(i) < eos, v_s[i, p], T.cast(0, bf16))
+            d_s[i, p] = T.if_then_else(tc + tok(i) < eos, d_s[i, p], T.cast(0, bf16))
 
     @T.macro
     def cumsum(ADT, b, h, tc, eos, tri, csf, cs_s):
@@ -129,16 +132,17 @@ def _macros(T, R, TOK, N, P, staged):
         for p, n in T.Parallel(P, N):
             sl_s[p, n] = T.cast(st[p, n] - T.cast(sh_s[p, n], "float32"), bf16)
 
+    def weighted(x_s, cs_s, i, p, reverse):   # plain Python: x_ip e^{cs_i} (reverse) or x_ip e^{T - cs_i}
+        return T.cast(x_s[i, p], "float32") * T.exp(cs_s[tok(i)] if reverse else cs_s[TOK - 1] - cs_s[tok(i)])
+
     @T.macro
     def update(st, x_s, y_s, cs_s, wh_s, wl_s, reverse):
         """st <- e^T st + (x o w)^T y with w = e^{T - cs} (dq: x = vt, y = ks) or e^{cs} (dkv
         walking backwards: x = dy, y = qh), x o w split bf16 hi + lo (UPDATE's fp32 split)."""
         for i, p in T.Parallel(C, P):
-            wh_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[_row_token(i, R, staged)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R, staged)]), bf16)
+            wh_s[i, p] = T.cast(weighted(x_s, cs_s, i, p, reverse), bf16)
         for i, p in T.Parallel(C, P):
-            wl_s[i, p] = T.cast(T.cast(x_s[i, p], "float32") * T.exp(
-                cs_s[_row_token(i, R, staged)] if reverse else cs_s[TOK - 1] - cs_s[_row_token(i, R, staged)]) - T.cast(wh_s[i, p], "float32"), bf16)
+            wl_s[i, p] = T.cast(weighted(x_s, cs_s, i, p, reverse) - T.cast(wh_s[i, p], "float32"), bf16)
         for p, n in T.Parallel(P, N):
             st[p, n] = st[p, n] * T.exp(cs_s[TOK - 1])
         T.gemm(wh_s, y_s, st, transpose_A=True)
@@ -166,6 +170,8 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     TOK = tokens(R)
     staged = True   # R > 1: tiles staged [TOK, R, W] by one TMA copy (dq's operand roles allow the views)
     chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
+    tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R, staged=staged)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -215,13 +221,13 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        gm[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), gm[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
+                        gm[i, j] = T.if_then_else(tok(i) > tok(j), gm[i, j] * T.exp(cs_s[tok(i)] - cs_s[tok(j)]), 0.0)
                     T.copy(gm, gm_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, sh_s, acc, clear_accum=True)
                     T.gemm(d_s, sl_s, acc)
                     for i, n in T.Parallel(C, N):
-                        acc[i, n] = acc[i, n] * T.exp(cs_s[_row_token(i, R, staged)])
+                        acc[i, n] = acc[i, n] * T.exp(cs_s[tok(i)])
                     for i, n in T.Parallel(C, N):
                         prod[i, n] = acc[i, n] * T.cast(q_s[i, n], f32)
                     T.reduce_sum(prod, dcs, dim=1)
@@ -229,8 +235,8 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     store_dcs(DCS, 0, b, h, tc, eos, rows_s)
                     T.gemm(gm_s, k_s, acc)
                     for i, n in T.Parallel(C, N):
-                        if tc + _row_token(i, R, staged) < eos:
-                            DQH[b, tc + _row_token(i, R, staged), _row_rank(i, R, staged), h, n] = acc[i, n]
+                        if tc + tok(i) < eos:
+                            DQH[b, tc + tok(i), rank(i), h, n] = acc[i, n]
                     update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
@@ -247,6 +253,8 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     # both swizzles in TileLang 0.1.15, so dkv keeps one copy per rank, rank-major rows)
     staged = False
     chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
+    tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R, staged=staged)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -304,11 +312,11 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        am[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), am[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
+                        am[i, j] = T.if_then_else(tok(i) > tok(j), am[i, j] * T.exp(cs_s[tok(i)] - cs_s[tok(j)]), 0.0)
                     for i, j in T.Parallel(C, C):
                         w[i, j] = am[i, j] * sdv[i, j]
                     for i, j in T.Parallel(C, C):
-                        sdv[i, j] = T.if_then_else(_row_token(i, R, staged) > _row_token(j, R, staged), sdv[i, j] * T.exp(cs_s[_row_token(i, R, staged)] - cs_s[_row_token(j, R, staged)]), 0.0)
+                        sdv[i, j] = T.if_then_else(tok(i) > tok(j), sdv[i, j] * T.exp(cs_s[tok(i)] - cs_s[tok(j)]), 0.0)
                     T.copy(sdv, gm_s)
                     T.copy(am, a_s)
                     T.reduce_sum(w, rs, dim=1)
@@ -316,22 +324,22 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     T.gemm(v_s, sh_s, acck, clear_accum=True)
                     T.gemm(v_s, sl_s, acck)
                     for j, n in T.Parallel(C, N):
-                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R, staged)])
+                        acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[tok(j)])
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
                     for j, n in T.Parallel(C, N):
-                        if tc + _row_token(j, R, staged) < eos:
-                            DKS[b, tc + _row_token(j, R, staged), _row_rank(j, R, staged), h, n] = acck[j, n]
+                        if tc + tok(j) < eos:
+                            DKS[b, tc + tok(j), rank(j), h, n] = acck[j, n]
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):
-                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[_row_token(j, R, staged)])
+                        accv[j, p] = accv[j, p] * T.exp(cs_s[TOK - 1] - cs_s[tok(j)])
                     for j, p in T.Parallel(C, P):
                         xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
                     T.reduce_sum(xv, x, dim=1)
                     T.gemm(a_s, d_s, accv, transpose_A=True)
                     for j, p in T.Parallel(C, P):
-                        if tc + _row_token(j, R, staged) < eos:
-                            DVT[b, tc + _row_token(j, R, staged), _row_rank(j, R, staged), h, p] = accv[j, p]
+                        if tc + tok(j) < eos:
+                            DVT[b, tc + tok(j), rank(j), h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
@@ -374,7 +382,8 @@ def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None)
     s = torch.arange(L // seglen + S, device=cu.device, dtype=torch.int64)
     first = cu[:-1] // seglen + torch.arange(S, device=cu.device)
     seq = (torch.searchsorted(first, s, right=True) - 1).clamp(min=0)
-    return torch.stack([torch.zeros_like(s), cu[seq + 1], cu[seq] + (s - first[seq]) * seglen], 1).to(torch.int32).contiguous()
+    table = torch.stack([torch.zeros_like(s), cu[seq + 1], cu[seq] + (s - first[seq]) * seglen], 1)
+    return table.to(torch.int32).contiguous()
 
 
 def compile(which: str, R: int, H: int, N: int, P: int, SEG: int, arch: str = "sm_90a", threads=THREADS,
