@@ -2,18 +2,22 @@
 
 `core_backward` has the signature and outputs of backends/triton/scan_bwd_core.core_backward
 (SPEC §8, §9; the math in backends/triton/scan_bwd_core_chunk.py): it takes the Triton core's
-plan at 64-token chunks and one N block (config `hybrid_config`), launches the Triton local
-(chunk states) and pass (entry states, exit adjoints) kernels, replaces the dq and dkv walks by
+plan at the walks' 64-row chunks (64 / R tokens) and one N block (config `hybrid_config`),
+launches the Triton local (chunk states) and pass (entry states, exit adjoints) kernels,
+replaces the dq and dkv walks by
 the TileLang ones (scan_bwd_core_chunk.py: 1.58x / 1.38x the Triton walks at SISO B4 L4096 in
 the standalone run), then runs the Triton dadt kernel over their d cs shares and X_c.
 
 The Triton kernels run at `hybrid_config` without the Triton core's spill guard: the compile
 test builds them spill-free under CI's Triton and the GPU image's 3.6 (local 82-130 registers).
 Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); checked against
-the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU. Not wired into
-`mamba3_kernels.scan` until that GPU test has passed on the H100 (issue 5's next step).
+the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU (not yet run). The
+scan backward reaches it with bwd_config CORE_IMPL "tilelang", which runs only with
+MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until that GPU test has passed (backends/triton/scan_bwd.py).
 Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 operands).
 """
+import functools
+
 from mamba3_kernels.backends.triton import scan_bwd_core as tcore
 
 from . import scan_bwd_core_chunk as walks
@@ -82,12 +86,19 @@ def launch(c: dict) -> None:
         tcore.launch(c)
         return
     t = c["tilelang"]
-    arch = t["arch"]
-    if arch is None:
-        from .step import device_arch
-        arch = device_arch()
+    arch = t["arch"] or _arch(c["args"][0][1].device.index)
     k = walks.build(t["which"], t["R"], t["H"], t["N"], t["P"], t["SEG"], arch)
     k(*[x for _, x in c["args"]])
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index) -> str:
+    """The sm_XY[a] target of a CUDA device, looked up once per device (not per launch)."""
+    import torch
+
+    from .step import device_arch
+    with torch.cuda.device(device_index):
+        return device_arch()
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
@@ -95,9 +106,7 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
     """backends/triton/scan_bwd_core.core_backward with the TileLang walks (module docstring).
     config: Triton core keys for the kernels that stay Triton's (`hybrid_config` fixes CHUNK,
     BLOCK_N and the precision keys)."""
-    qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
-    s0 = None if s0 is None else s0.contiguous()
-    ds_final = None if ds_final is None else ds_final.contiguous()
+    qh, ks, vt, adt, dy, s0, ds_final = tcore.contiguous_operands(qh, ks, vt, adt, dy, s0, ds_final)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
                       dvt_partials=dvt_partials)
     for c in calls:

@@ -307,8 +307,7 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     if impl == "reference":
         return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
     from . import scan_bwd_core as core
-    R, N, P = qh.shape[2], qh.shape[4], vt.shape[4]
-    ccfg = core_config(config, R, N, P, qh.dtype) if (config.get("CORE") or impl == "tilelang") else None
+    ccfg = core_config(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
     # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
     if impl == "tilelang":   # the dq / dkv walks in TileLang, the rest of the core Triton's

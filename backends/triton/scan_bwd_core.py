@@ -367,6 +367,11 @@ def effective_config(config: dict, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens
     return _GUARD.remembered(key, config, lambda: step_down(config, spilled_of, fallback))
 
 
+def contiguous_operands(*xs):
+    """The core's tensor operands made contiguous (None stays None): what `plan` requires."""
+    return tuple(None if x is None else x.contiguous() for x in xs)
+
+
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
                   want_ds0=True, poison=False, dvt_partials=False):
     """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
@@ -377,9 +382,7 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
     config: default_config(R, N, P, dtype) when None. poison: NaN-fill outputs and scratch
     before the run (tests: every output element must be written, no scratch read unwritten).
     dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P) (see plan)."""
-    qh, ks, vt, adt, dy = (x.contiguous() for x in (qh, ks, vt, adt, dy))
-    s0 = None if s0 is None else s0.contiguous()
-    ds_final = None if ds_final is None else ds_final.contiguous()
+    qh, ks, vt, adt, dy, s0, ds_final = contiguous_operands(qh, ks, vt, adt, dy, s0, ds_final)
     if config is None:
         config = default_config(qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials)
