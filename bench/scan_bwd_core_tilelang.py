@@ -1,7 +1,7 @@
 """The backward core with the TileLang walks (backends/tilelang/scan_bwd_core.py) against the
 Triton core on the same operands: GPU time of the whole core (local, pass, dq, dkv, dadt; CUDA
 events around back-to-back calls, median; eager, since the TileLang kernels launch through
-tvm-ffi) and every output's rel_l2 between the two (both approximate the same float64 result;
+tvm-ffi), each kernel of both plans alone, and every output's rel_l2 between the two (both approximate the same float64 result;
 the GPU test checks each against the oracle). Shapes: the benchmark's core shapes, SISO and MIMO R4.
 
     PYTHONPATH=$PWD python bench/scan_bwd_core_tilelang.py [--out f.json]   (carry .carry/tilelang)
@@ -49,6 +49,10 @@ def main():
             row["triton_core_us"] = events_us(lambda: tcore.core_backward(*a), reps=15, iters=5)
             row["tilelang_walks_core_us"] = events_us(lambda: hyb.core_backward(*a), reps=15, iters=5)
             row["speedup"] = row["triton_core_us"] / row["tilelang_walks_core_us"]
+            for name, mod in (("triton", tcore), ("tilelang", hyb)):   # each kernel of the plan alone
+                calls, _ = mod.plan(*tcore.contiguous_operands(*a))
+                row[f"{name}_kernels_us"] = {c["name"]: round(events_us(lambda c=c: mod.launch(c), reps=15, iters=5), 1)
+                                             for c in calls if c["run"]}
         except Exception as e:  # report and go on
             row["error"] = repr(e)[:800]
         print(row, flush=True)

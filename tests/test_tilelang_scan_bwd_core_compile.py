@@ -24,17 +24,16 @@ from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks  # noq
 
 @pytest.mark.skipif(not nvcc_ok(), reason=NO_NVCC)
 @pytest.mark.parametrize("which", ["dq", "dkv"])
-@pytest.mark.parametrize("R,H,N,P,SEG", [(1, 32, 128, 64, 8), (1, 32, 64, 64, 16), (1, 4, 64, 128, 1),
-                                         (1, 4, 128, 128, 2), (2, 32, 128, 64, 8), (4, 32, 128, 64, 16),
-                                         (8, 4, 64, 64, 4)])
-def test_walk_builds_without_spills(which, R, H, N, P, SEG):
-    r = walks.compile(which, R, H, N, P, SEG)
+@pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (1, 64, 128), (1, 128, 128), (2, 128, 64),
+                                   (4, 128, 64), (8, 64, 64)])
+def test_walk_builds_without_spills(which, R, N, P):
+    r = walks.compile(which, R, N, P)
     assert "wgmma" in r["source"], "no tensor-core product in the generated code"
     body = r["source"].split("main_kernel(", 2)[-1]   # the definition, past both signatures
-    for name in ("QH", "KS", "VT", "DY", "ADT", "SLOT"):   # (a T.copy outside a macro is dropped silently)
+    for name in ("QH", "KS", "VT", "DY", "CS", "SLOT"):   # (a T.copy outside a macro is dropped silently)
         assert re.search(rf"\b{name}(_desc\b| \+|\[)", body), f"{which} R{R}: the kernel never reads {name}"
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
-    assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} H{H} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
+    assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
 
 
 _PYTHONS = [("triton-ci", sys.executable)] + (
@@ -138,6 +137,7 @@ def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_parti
                           e(B, L, R, H, P), st, st, None if cu is None else cu.to("meta"), device="meta",
                           dvt_partials=dvt_partials)
     tl_calls = [c for c in calls if "tilelang" in c]
+    seg = next(c for c in calls if c["name"] == "scan_bwd_core_cs")["constexprs"]["SEG"]
     assert [c["name"] for c in tl_calls] == ["tilelang_core_dq", "tilelang_core_dkv"]
     assert not any(c["name"] in ("scan_bwd_core_dq", "scan_bwd_core_dkv") for c in calls)
     for c in tl_calls:
@@ -154,6 +154,6 @@ def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_parti
                     assert dim == want.value, f"{c['name']} {name}: {tuple(x.shape)} vs {list(buf.shape)}"
                 else:
                     assert bound.setdefault(want.name, dim) == dim, f"{c['name']} {name}: {want.name} {dim} vs {bound}"
-        assert bound["B"] == B and bound["L"] == L
-        if c["name"] == "tilelang_core_dkv":
-            assert bound["NCH"] == bound["NSLOT"] * c["tilelang"]["SEG"]
+        assert bound["B"] == B and bound["L"] == L and bound["H"] == H
+        # the walks read SEG (chunks per slot) as NCH // NSLOT: the cs table's rows are the slots' chunks
+        assert bound["NCH"] == bound["NSLOT"] * seg, (c["name"], bound, seg)

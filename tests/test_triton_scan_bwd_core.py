@@ -196,6 +196,43 @@ def test_core_at_the_tilelang_walks_config(R, lengths, seg):
 
 
 @here
+@pytest.mark.parametrize("R,B,L,lengths,seg", [(1, 2, 150, None, 2), (1, 1, None, [70, 0, 5, 64, 129], 1),
+                                               (4, 1, None, [20, 0, 3, 33], 2), (8, 2, 19, None, 1)])
+def test_cs_table_of_the_tilelang_walks(R, B, L, lengths, seg):
+    """The cs kernel (scan_bwd_core_states.scan_bwd_core_cs_kernel), which gives the TileLang walks
+    each chunk's in-chunk decay cumsum as one row: every row a walk reads (the slot table's
+    chunks) against numpy's cumsum over the chunk's tokens, positions past the sequence's end
+    holding its total (the walks read the chunk total T at position C - 1)."""
+    import torch
+    from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb
+    from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
+    from mamba3_kernels.backends.triton import scan_bwd_core as tcore
+    cu = None
+    if lengths is not None:
+        B, L = 1, sum(lengths)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    H, N, P, TOK = 2, 64, 64, walks.tokens(R)
+    rng = np.random.default_rng(zlib.crc32(f"cs{R}{L}".encode()))
+    adt = torch.tensor(-rng.uniform(0.01, 1.0, (B, H, L)), dtype=torch.float32)
+    z = lambda w: torch.zeros(B, L, R, H, w, dtype=torch.bfloat16)  # noqa: E731
+    calls, _ = hyb.plan(z(N), z(N), z(P), adt, z(P), None, None, cu, dict(tcore.default_config(R, N, P), SEG=seg),
+                        poison=True, arch="sm_90a")
+    c = next(c for c in calls if c["name"] == "scan_bwd_core_cs")
+    tcore.launch(c)
+    cs = dict(c["args"])["cs_ptr"].numpy()
+    slots = walks.slot_table(B, L, seg, TOK, cu).numpy()
+    a = adt.numpy().astype(np.float64)
+    seen = 0
+    for slot, (b, end, start) in enumerate(slots):
+        for ci in range(min(-(-(end - start) // TOK), seg) if start < end else 0):
+            tc = start + ci * TOK
+            want = np.cumsum(np.pad(a[b, :, tc:min(tc + TOK, end)], ((0, 0), (0, max(0, tc + TOK - end)))), -1)
+            np.testing.assert_allclose(cs[slot * seg + ci], want, rtol=1e-5, atol=1e-5, err_msg=f"slot {slot} chunk {ci}")
+            seen += 1
+    assert seen == sum(-(-n // TOK) for n in (lengths or [L] * B)), seen
+
+
+@here
 def test_core_rank8_and_odd_sizes():
     rng = np.random.default_rng(8)
     out, ref = _run_case(rng, 1, 11, 8, 1, 24, 40, "float32")

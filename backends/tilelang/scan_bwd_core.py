@@ -18,7 +18,10 @@ Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 oper
 """
 import functools
 
+import torch
+
 from mamba3_kernels.backends.triton import scan_bwd_core as tcore
+from mamba3_kernels.backends.triton import scan_bwd_core_states as tstates
 
 from . import scan_bwd_core_chunk as walks
 
@@ -40,7 +43,7 @@ def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
          device=None, poison=False, arch=None, dvt_partials=False):
     """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
-    TileLang call is a dict with name, run, `tilelang` (which walk, R, H, N, P, SEG, arch: the
+    TileLang call is a dict with name, run, `tilelang` (which walk, R, N, P, arch: the
     build key) and `args` ((parameter name, tensor) in the prim_func's order; `program` gives the
     prim_func to check them against). dvt_partials: out["dvt"] as the Triton core's
     (1, B, L, R, H, P) partials (one N block)."""
@@ -59,8 +62,17 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     slots = walks.slot_table(B, L, SEG, walks.tokens(R), cu_seqlens, device=dev)
     run = by["scan_bwd_core_dq"]["run"]
     nch = dkv_args["dtc_ptr"].shape[1]
-    key = dict(R=R, H=H, N=N, P=P, SEG=SEG, arch=arch)
-    tok = [("QH", qh), ("KS", ks), ("VT", vt), ("DY", dy), ("ADT", adt), ("SLOT", slots)]
+    key = dict(R=R, N=N, P=P, arch=arch)
+    TOK = walks.tokens(R)
+    cs = (torch.full if poison else torch.empty)((nch, H, TOK), *((float("nan"),) if poison else ()),
+                                                 dtype=torch.float32, device=dev)
+    cs_call = {"name": "scan_bwd_core_cs", "kernel": tstates.scan_bwd_core_cs_kernel, "run": run,
+               "grid": tstates.cs_grid(H, slots.shape[0]),
+               "args": [("adt_ptr", adt), ("cu_ptr", dq_args["cu_ptr"]), ("cs_ptr", cs), ("L", L), ("H", H),
+                        ("S", dq_args["S"]), ("NSEG", dq_args["NSEG"])],
+               "constexprs": {"C": TOK, "SEG": SEG, "VARLEN": cu_seqlens is not None},
+               "num_warps": 1, "num_stages": 1}
+    tok = [("QH", qh), ("KS", ks), ("VT", vt), ("DY", dy), ("CS", cs), ("SLOT", slots)]
     dq = {"name": "tilelang_core_dq", "run": run, "tilelang": dict(key, which="dq"),
           "args": tok + [("ENT", dq_args["ent_ptr"]), ("SX", dq_args["sx_ptr"]), ("DQH", out["dqh"]),
                          ("DCS", dq_args["dcs_ptr"])]}
@@ -68,15 +80,15 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
            "args": tok + [("DX", dkv_args["dx_ptr"]), ("DKS", out["dks"]),
                           ("DVT", dkv_args["dvp_ptr"].view(B, L, R, H, P)), ("DCS", dkv_args["dcs_ptr"]),
                           ("DTC", dkv_args["dtc_ptr"].view(nch, H))]}
-    swap = {"scan_bwd_core_dq": dq, "scan_bwd_core_dkv": dkv}
-    return [swap.get(c["name"], c) for c in calls], out
+    swap = {"scan_bwd_core_dq": [cs_call, dq], "scan_bwd_core_dkv": [dkv]}
+    return [x for c in calls for x in swap.get(c["name"], [c])], out
 
 
 def program(c: dict):
     """The TileLang prim_func of a TileLang call (its signature: what `args` must match)."""
     t = c["tilelang"]
     prog = walks.dq_program if t["which"] == "dq" else walks.dkv_program
-    return prog(t["R"], t["H"], t["N"], t["P"], t["SEG"])
+    return prog(t["R"], t["N"], t["P"])
 
 
 def launch(c: dict) -> None:
@@ -87,15 +99,13 @@ def launch(c: dict) -> None:
         return
     t = c["tilelang"]
     arch = t["arch"] or _arch(c["args"][0][1].device.index)
-    k = walks.build(t["which"], t["R"], t["H"], t["N"], t["P"], t["SEG"], arch)
+    k = walks.build(t["which"], t["R"], t["N"], t["P"], arch)
     k(*[x for _, x in c["args"]])
 
 
 @functools.lru_cache(maxsize=None)
 def _arch(device_index) -> str:
     """The sm_XY[a] target of a CUDA device, looked up once per device (not per launch)."""
-    import torch
-
     from .step import device_arch
     with torch.cuda.device(device_index):
         return device_arch()

@@ -34,7 +34,8 @@ Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4),
 operands, the core's fp32 INTER / UPDATE precision. Grid: (segment slots, H), slots numbered as
 the Triton core's (`slot_table`). The other core kernels (local, pass, dadt) stay Triton's, run
 at CHUNK = TOK tokens (`scan_bwd_core.py`), since the d cs shares and X_c depend on the
-chunking. B, L and the slot count are dynamic: one build per (R, H, N, P, SEG, threads, stages).
+chunking. B, L, H, the slot and chunk counts are dynamic (SEG, chunks per slot, is the chunk
+count over the slot count): one build per (R, N, P, threads, stages).
 """
 import functools
 
@@ -106,23 +107,17 @@ def _macros(T, R, TOK, N, P, staged):
             d_s[i, p] = T.if_then_else(tc + tok(i) < eos, d_s[i, p], T.cast(0, bf16))
 
     @T.macro
-    def cumsum(ADT, b, h, tc, eos, tri, csf, cs_s):
-        for i, j in T.Parallel(TOK, TOK):
-            tri[i, j] = T.if_then_else((j <= i) & (tc + j < eos), ADT[b, h, tc + j], 0.0)
-        T.reduce_sum(tri, csf, dim=1)
-        T.copy(csf, cs_s)
-
-    @T.macro
-    def chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s):
+    def chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, chunk, tiles, q_s, k_s, v_s, d_s, cs_s):
         """The chunk's four tiles (rows past the end zero; `tiles`: what the copies write, see
-        `load`) and its per-token cs."""
+        `load`) and its per-token cs (row `chunk` of the Triton cs table: a block-wide cumsum
+        per chunk in the kernel cost the dq walk 56 % of its time on the H100)."""
         load(QH, b, tc, h, tiles[0])
         load(KS, b, tc, h, tiles[1])
         load(VT, b, tc, h, tiles[2])
         load(DY, b, tc, h, tiles[3])
+        T.copy(CS[chunk, h, :], cs_s)
         if tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
             zero_tail(q_s, k_s, v_s, d_s, tc, eos)
-        cumsum(ADT, b, h, tc, eos, tri, csf, cs_s)
 
     @T.macro
     def split(st, sh_s, sl_s):
@@ -162,12 +157,13 @@ def _macros(T, R, TOK, N, P, staged):
 
 
 @functools.lru_cache(maxsize=None)
-def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
+def dq_program(R, N, P, threads=THREADS, stages=STAGES):
     """The dq walk: grid (NSLOT, H); DCS is the core's d cs scratch (2, B, H, L), dq writes part 0."""
     import tilelang.language as T
-    B, L, NSLOT = T.dynamic("B L NSLOT")
+    B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
+    SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     staged = True   # R > 1: tiles staged [TOK, R, W] by one TMA copy (dq's operand roles allow the views)
     chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
     tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
@@ -176,7 +172,7 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
              VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
-             ADT: T.Tensor((B, H, L), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
+             CS: T.Tensor((NCH, H, TOK), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
              ENT: T.Tensor((NSLOT, H, P, N), f32), SX: T.Tensor((NSLOT, H, P, N), f32),
              DQH: T.Tensor((B, L, R, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
@@ -202,8 +198,6 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
             wl_s = T.alloc_shared([C, P], bf16)
             st = T.alloc_fragment([P, N], f32)
             gm = T.alloc_fragment([C, C], f32)
-            tri = T.alloc_fragment([TOK, TOK], f32)
-            csf = T.alloc_fragment([TOK], f32)
             acc = T.alloc_fragment([C, N], f32)
             prod = T.alloc_fragment([C, N], f32)
             dcs = T.alloc_fragment([C], f32)
@@ -216,7 +210,7 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     nck = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG)
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s)
+                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, tiles, q_s, k_s, v_s, d_s, cs_s)
                     if ci == nck - 1:   # S_last, for dadt's boundary term
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
@@ -243,12 +237,13 @@ def dq_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
+def dkv_program(R, N, P, threads=THREADS, stages=STAGES):
     """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H)."""
     import tilelang.language as T
-    B, L, NSLOT, NCH = T.dynamic("B L NSLOT NCH")
+    B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
+    SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     # (dkv reads dy as a wgmma A and B operand, qh likewise: a view of a staged tile cannot take
     # both swizzles in TileLang 0.1.15, so dkv keeps one copy per rank, rank-major rows)
     staged = False
@@ -259,7 +254,7 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
              VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
-             ADT: T.Tensor((B, H, L), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
+             CS: T.Tensor((NCH, H, TOK), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
              DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, R, H, N), f32),
              DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
              DTC: T.Tensor((NCH, H), f32)):
@@ -291,8 +286,6 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
             sdv = T.alloc_fragment([C, C], f32)
             am = T.alloc_fragment([C, C], f32)
             w = T.alloc_fragment([C, C], f32)
-            tri = T.alloc_fragment([TOK, TOK], f32)
-            csf = T.alloc_fragment([TOK], f32)
             accv = T.alloc_fragment([C, P], f32)
             acck = T.alloc_fragment([C, N], f32)
             xv = T.alloc_fragment([C, P], f32)
@@ -307,7 +300,7 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
                     eos = SLOT[slot, 1]
                     ci = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG) - 1 - kk
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, ADT, b, tc, eos, h, tiles, q_s, k_s, v_s, d_s, tri, csf, cs_s)
+                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, tiles, q_s, k_s, v_s, d_s, cs_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
@@ -354,12 +347,12 @@ def dkv_program(R, H, N, P, SEG, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def build(which: str, R: int, H: int, N: int, P: int, SEG: int, arch: str, threads=THREADS, stages=STAGES):
+def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=STAGES):
     """The compiled walk ('dq' or 'dkv') for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
     target = {"kind": "cuda", "arch": arch}
-    prog = (dq_program if which == "dq" else dkv_program)(R, H, N, P, SEG, threads, stages)
+    prog = (dq_program if which == "dq" else dkv_program)(R, N, P, threads, stages)
     with Target(target):
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
@@ -386,13 +379,13 @@ def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None)
     return table.to(torch.int32).contiguous()
 
 
-def compile(which: str, R: int, H: int, N: int, P: int, SEG: int, arch: str = "sm_90a", threads=THREADS,
+def compile(which: str, R: int, N: int, P: int, arch: str = "sm_90a", threads=THREADS,
             stages=STAGES) -> dict:
     """Build a walk for `arch` without a GPU: {"name", "registers", "spills" (local bytes per
     thread), "stack", "source", "cubin_path"}."""
     from . import resource_usage
     from .step import find_cubin
-    k = build(which, R, H, N, P, SEG, arch, threads, stages)
+    k = build(which, R, N, P, arch, threads, stages)
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
     res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path}

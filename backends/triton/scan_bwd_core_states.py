@@ -21,6 +21,9 @@ With b the inclusive decay cumsum of adt inside the segment and T its total (b a
   Unused work is skipped: Lf of a sequence's last segment (S_final itself is not needed: dadt
   takes its share through the chunk-level d T terms), Lb of its first segment without dS0.
 
+Also the cs table (scan_bwd_core_cs_kernel): every chunk's in-chunk decay cumsum as one row, for
+the TileLang walks (backends/tilelang/scan_bwd_core.py), which load it instead of summing adt.
+
 Grids: phase 1 (H * cdiv(P, BP), segment slots, 2); phase 2 (H * cdiv(P, BP2), sequences, 2).
 States are (slots, H, P, N) in the scratch dtype (row-major P x N), each program holding a
 BP x pow2(N) fp32 tile.
@@ -39,6 +42,10 @@ def local_grid(H: int, P: int, BP: int, nslots: int):
 
 def pass_grid(H: int, P: int, BP: int, S: int):
     return (H * triton.cdiv(P, BP), S, 2)
+
+
+def cs_grid(H: int, nslots: int):
+    return (H, nslots)
 
 
 @triton.jit
@@ -141,6 +148,26 @@ def scan_bwd_core_local_kernel(
                  mask=(p < P)[:, None] & (n < N)[None, :])
         if pb == 0:
             tl.store(tot_ptr + (role * NSLOT + slot) * H + h, ttot)
+
+
+@triton.jit
+def scan_bwd_core_cs_kernel(adt_ptr, cu_ptr, cs_ptr, L, H, S, NSEG, C: tl.constexpr, SEG: tl.constexpr,
+                            VARLEN: tl.constexpr):
+    """Every chunk's in-chunk inclusive decay cumsum as a table cs[slot * SEG + ci, h, 0:C], for
+    walks that load it as one tile (the TileLang walks: a TMA copy, where an in-kernel cumsum
+    costs a block-wide reduction per chunk): positions past the sequence's end repeat its
+    total (adt = 0 there), so cs[..., C - 1] is the chunk's total T. Chunks past a sequence's
+    end are left unwritten (no walk reads them). Grid (H, segment slots)."""
+    h = tl.program_id(0)
+    slot = tl.program_id(1)
+    b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEG * C, VARLEN)
+    t = tl.arange(0, C)
+    bh = (b * H + h).to(tl.int64) * L
+    for ci in range(SEG):
+        tc = t0 + ci * C
+        if tc < eos:
+            a = tl.load(adt_ptr + bh + tc + t, mask=tc + t < eos, other=0.0)
+            tl.store(cs_ptr + ((slot * SEG + ci) * H + h).to(tl.int64) * C + t, tl.cumsum(a, axis=0))
 
 
 @triton.jit
