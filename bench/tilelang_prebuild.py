@@ -3,16 +3,22 @@ this machine's GPU in parallel, one process per build, so that the tests and ben
 load them from TileLang's on-disk kernel cache instead of compiling one at a time (about 17 s
 each through nvcc; a device call's minutes are counted).
 
-    PYTHONPATH=$PWD python bench/tilelang_prebuild.py [--jobs 14] [--keys '[["dq", 1, 128, 64], ...]']
+    PYTHONPATH=$PWD python bench/tilelang_prebuild.py [--jobs 14] [--all | --keys '[["dq", 1, 128, 64], ...]']
 
-Default keys: every build in the walks' scope (dq and dkv x R in {1, 2, 4, 8} x N, P in
-{64, 128}, at the default threads and stages). Prints one line per build (seconds, or the error).
+Default keys: the (R, N, P) the GPU tests and benchmarks use (USED), both walks; --all: every
+build in the walks' scope (R in {1, 2, 4, 8} x N, P in {64, 128}). Default threads and stages.
+Prints one line per build (seconds, or the error).
 """
 import argparse
 import itertools
 import json
 import multiprocessing as mp
 import time
+
+# (R, N, P) of tests/test_tilelang_scan_bwd_core_gpu.py, tests/test_scan_bwd_gpu.py -k tilelang
+# (the core's R: MIMO rank 3 runs at 4), bench/tilelang_dq_walk.py, bench/scan_bwd_core_tilelang.py
+# and bench/scan_bwd_ab.py's SISO / MIMO shapes
+USED = [(1, 128, 64), (1, 64, 64), (1, 128, 128), (2, 64, 128), (4, 128, 64), (8, 64, 64)]
 
 
 def _build(key):
@@ -32,9 +38,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--keys", type=json.loads, default=None, help="[[which, R, N, P], ...]")
+    ap.add_argument("--all", action="store_true")
     args = ap.parse_args()
-    keys = [tuple(k) for k in args.keys] if args.keys else list(
-        itertools.product(("dq", "dkv"), walks.RANKS, (64, 128), (64, 128)))
+    if args.keys:
+        keys = [tuple(k) for k in args.keys]
+    elif args.all:
+        keys = list(itertools.product(("dq", "dkv"), walks.RANKS, (64, 128), (64, 128)))
+    else:
+        keys = [(w, *k) for w in ("dq", "dkv") for k in USED]
     t = time.time()
     with mp.get_context("spawn").Pool(min(args.jobs, len(keys))) as pool:
         for key, s, err in pool.imap_unordered(_build, keys):
