@@ -33,6 +33,8 @@ def test_walk_builds_without_spills(which, R, N, P):
     for name in ("QH", "KS", "VT", "DY", "CS", "SLOT"):   # (a T.copy outside a macro is dropped silently)
         assert re.search(rf"\b{name}(_desc\b| \+|\[)", body), f"{which} R{R}: the kernel never reads {name}"
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
+    # (a launch asking for more than the H100's shared memory fails: N = P = 128 at 2 stages did)
+    assert r["dynamic_smem"] and r["dynamic_smem"] <= walks.SMEM_MAX, f"{which} R{R} N{N} P{P}: {r['dynamic_smem']} B shared"
     assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
 
 

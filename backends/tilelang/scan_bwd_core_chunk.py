@@ -42,6 +42,13 @@ import functools
 C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
+SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
+
+
+def default_stages(N: int, P: int) -> int:
+    """Pipeline stages: STAGES, but 1 at N = P = 128, where two stages of the four tiles need
+    239,360 B of shared memory (over SMEM_MAX: the launch fails)."""
+    return 1 if N == 128 and P == 128 else STAGES
 RANKS = (1, 2, 4, 8)
 
 
@@ -157,13 +164,14 @@ def _macros(T, R, TOK, N, P, staged):
 
 
 @functools.lru_cache(maxsize=None)
-def dq_program(R, N, P, threads=THREADS, stages=STAGES):
+def dq_program(R, N, P, threads=THREADS, stages=None):
     """The dq walk: grid (NSLOT, H); DCS is the core's d cs scratch (2, B, H, L), dq writes part 0."""
     import tilelang.language as T
     B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
+    stages = default_stages(N, P) if stages is None else stages
     staged = True   # R > 1: tiles staged [TOK, R, W] by one TMA copy (dq's operand roles allow the views)
     chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
     tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
@@ -237,13 +245,14 @@ def dq_program(R, N, P, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def dkv_program(R, N, P, threads=THREADS, stages=STAGES):
+def dkv_program(R, N, P, threads=THREADS, stages=None):
     """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H)."""
     import tilelang.language as T
     B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
+    stages = default_stages(N, P) if stages is None else stages
     # (dkv reads dy as a wgmma A and B operand, qh likewise: a view of a staged tile cannot take
     # both swizzles in TileLang 0.1.15, so dkv keeps one copy per rank, rank-major rows)
     staged = False
@@ -347,7 +356,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=STAGES):
 
 
 @functools.lru_cache(maxsize=None)
-def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=STAGES):
+def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=None):
     """The compiled walk ('dq' or 'dkv') for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
@@ -380,14 +389,26 @@ def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None)
 
 
 def compile(which: str, R: int, N: int, P: int, arch: str = "sm_90a", threads=THREADS,
-            stages=STAGES) -> dict:
+            stages=None) -> dict:
     """Build a walk for `arch` without a GPU: {"name", "registers", "spills" (local bytes per
-    thread), "stack", "source", "cubin_path"}."""
+    thread), "stack", "dynamic_smem" (bytes the launch asks for; None if not found), "source",
+    "cubin_path"}."""
     from . import resource_usage
     from .step import find_cubin
     k = build(which, R, N, P, arch, threads, stages)
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
-    res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path}
+    res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path,
+           "dynamic_smem": dynamic_smem(k.get_host_source())}
     res.update(resource_usage(path) if path else {})
     return res
+
+
+def dynamic_smem(host_source: str):
+    """The dynamic shared memory (bytes) a TileLang kernel's launch asks for, read from its tvm-ffi
+    host code: the last integer packed before the call of main_kernel (after grid and block
+    dims). None if the host code has another form."""
+    import re
+    i = host_source.find("TVMFFIFunctionCall(main_kernel_packed")
+    vals = re.findall(r"v_int64\) = \(?\(int64_t\)(\d+)\)?;", host_source[:i]) if i >= 0 else []
+    return int(vals[-2]) if len(vals) >= 2 and vals[-1] == "0" else None
