@@ -2,13 +2,14 @@
 # Device calls validating and timing the TileLang walks of the backward core. Every part first
 # builds all the walks in parallel (bench/tilelang_prebuild.py: TileLang's disk cache then serves
 # the rest; a fresh machine has an empty cache).
-#   PART=tests  tests/test_tilelang_scan_bwd_core_gpu.py (the core vs the float64 core oracle) and
-#               tests/test_scan_bwd_gpu.py -k tilelang (every scan gradient with CORE_IMPL "tilelang")
-#   PART=bench  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096),
-#               bench/scan_bwd_core_tilelang.py (the whole core and each kernel, SISO and MIMO),
-#               bench/scan_bwd_ab.py --b CORE_IMPL tilelang (fwd+bwd from CUDA graphs, vs the Triton core)
+# PART lists the steps (default "tests"):
+#   tests  tests/test_tilelang_scan_bwd_core_gpu.py (the core vs the float64 core oracle) and
+#          tests/test_scan_bwd_gpu.py -k tilelang (every scan gradient with CORE_IMPL "tilelang")
+#   walks  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096)
+#   core   bench/scan_bwd_core_tilelang.py (the whole core and each kernel, SISO and MIMO)
+#   ab     bench/scan_bwd_ab.py --b CORE_IMPL tilelang (fwd+bwd from CUDA graphs, vs the Triton core)
 # On the device, repo root, carry [".carry/tilelang"]:
-#   PART=tests MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
+#   PART="tests walks core" MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
 set -uo pipefail
 source .carry/tilelang/activate.sh > /dev/null 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} MAMBA3_EXPERIMENTAL_TILELANG_CORE=1
@@ -17,17 +18,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} MAMBA3_EXPERIMENTAL_TI
 c=${MAMBA3_COMMIT:-unknown}
 timeout ${T0:-120} python bench/tilelang_prebuild.py > $OUT/prebuild_$c.log 2>&1
 tail -1 $OUT/prebuild_$c.log
-if [ "${PART:-tests}" = tests ]; then   # the two test files side by side (Triton's JIT cache starts empty)
-  timeout ${T1:-480} python -m pytest -q tests/test_tilelang_scan_bwd_core_gpu.py -rA --durations=0 \
+for part in ${PART:-tests}; do case $part in
+tests)   # the two test files side by side (Triton's JIT cache starts empty)
+  timeout ${T1:-300} python -m pytest -q tests/test_tilelang_scan_bwd_core_gpu.py -rA --durations=0 \
       > $OUT/gpu_tests_tilelang_core_$c.log 2>&1 &
-  timeout ${T2:-480} python -m pytest -q tests/test_scan_bwd_gpu.py -k tilelang -rA --durations=0 \
+  timeout ${T2:-300} python -m pytest -q tests/test_scan_bwd_gpu.py -k tilelang -rA --durations=0 \
       > $OUT/gpu_tests_scan_bwd_tilelang_$c.log 2>&1 &
   wait
-  for f in $OUT/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|FAILED|Error" $f | tail -15; done
-else
+  for f in $OUT/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|FAILED|Error" $f | tail -15; done;;
+walks)
   timeout ${T3:-90} python bench/tilelang_dq_walk.py --out $OUT/tilelang_walks_h100_$c.json > $OUT/walks_$c.log 2>&1
+  grep -o "'impl': '[a-z_]*'\|'us': [0-9.]*" $OUT/walks_$c.log;;
+core)
   timeout ${T4:-150} python bench/scan_bwd_core_tilelang.py --out $OUT/scan_bwd_core_tilelang_h100_$c.json > $OUT/core_$c.log 2>&1
-  timeout ${T5:-240} python bench/scan_bwd_ab.py --b '{"CORE_IMPL": "tilelang"}' --kinds ${KINDS:-siso,mimo} \
+  grep speedup $OUT/core_$c.log | cut -c1-300;;
+ab)
+  timeout ${T5:-400} python bench/scan_bwd_ab.py --b '{"CORE_IMPL": "tilelang"}' --kinds ${KINDS:-siso,mimo} \
       --out $OUT/scan_bwd_ab_tilelang_core_h100_$c.json > $OUT/ab_$c.log 2>&1
-  grep -o "'impl': '[a-z_]*'\|'us': [0-9.]*" $OUT/walks_$c.log; grep speedup $OUT/core_$c.log | cut -c1-300; tail -12 $OUT/ab_$c.log
-fi
+  tail -12 $OUT/ab_$c.log;;
+esac; done

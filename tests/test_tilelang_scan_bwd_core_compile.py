@@ -33,9 +33,38 @@ def test_walk_builds_without_spills(which, R, N, P):
     for name in ("QH", "KS", "VT", "DY", "CS", "SLOT"):   # (a T.copy outside a macro is dropped silently)
         assert re.search(rf"\b{name}(_desc\b| \+|\[)", body), f"{which} R{R}: the kernel never reads {name}"
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
+    bad = misaligned_tma_destinations(r["source"])
+    assert not bad, f"{which} R{R}: TMA copies into shared memory at offsets not a multiple of 128 B: {bad}"
     # (a launch asking for more than the H100's shared memory fails: N = P = 128 at 2 stages did)
     assert r["dynamic_smem"] and r["dynamic_smem"] <= walks.SMEM_MAX, f"{which} R{R} N{N} P{P}: {r['dynamic_smem']} B shared"
     assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
+
+
+_BYTES = {"float": 4, "bfloat16_t": 2, "half_t": 2, "int": 4}
+_TMA_DST = r"tma_load\(\w+, [^,]+, \(&\(\(\((\w+)\*\)\w+\)\[(.*?)\]\)\)"   # (type, offset) of the destination
+
+
+def misaligned_tma_destinations(src: str) -> list:
+    """The tma_load destinations of generated CUDA whose shared-memory offset is not a multiple of
+    128 bytes (the bulk tensor copy's requirement: a 64-byte step, the cs row at R = 4, faulted
+    with "misaligned shared address" on the H100): every integer term of the offset expression
+    (each `x * k` and `+ k`), times the element size, must be a multiple of 128."""
+    bad = []
+    n = len(re.findall(r"tma_load\(", src))
+    assert n == len(re.findall(_TMA_DST, src)), "a tma_load whose destination the check cannot parse"
+    for m in re.finditer(_TMA_DST, src):
+        size = _BYTES[m.group(1)]
+        consts = [int(k) for k in re.findall(r"[*+] \(?(\d+)\)?", m.group(2))]
+        if any(k * size % 128 for k in consts):
+            bad.append(m.group(0)[:160])
+    return bad
+
+
+def test_misaligned_tma_destinations_are_found():
+    ok = "tl::tma_load(CS_desc, mbarrier[0], (&(((float*)cs_s)[((ci & 1) * 32)])), 0, 1, 2);"
+    assert misaligned_tma_destinations(ok) == []
+    assert misaligned_tma_destinations(ok.replace("* 32", "* 16")) != []
+    assert misaligned_tma_destinations(ok.replace("* 32)", "* 32) + 8")) != []
 
 
 _PYTHONS = [("triton-ci", sys.executable)] + (

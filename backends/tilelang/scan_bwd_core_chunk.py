@@ -43,6 +43,9 @@ C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
 SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
+CS_ROW = 32      # floats per staged cs row: a TMA copy's shared destination must be 128-byte
+                 # aligned, and the pipeline's second buffer starts one row on (16 floats at
+                 # R = 4 faulted: "misaligned shared address" on the H100)
 
 
 def default_stages(N: int, P: int) -> int:
@@ -122,7 +125,7 @@ def _macros(T, R, TOK, N, P, staged):
         load(KS, b, tc, h, tiles[1])
         load(VT, b, tc, h, tiles[2])
         load(DY, b, tc, h, tiles[3])
-        T.copy(CS[chunk, h, :], cs_s)
+        T.copy(CS[chunk, h, :], cs_s[0:TOK])
         if tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
             zero_tail(q_s, k_s, v_s, d_s, tc, eos)
 
@@ -197,7 +200,7 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
                 k_s = T.view(tiles[1], (C, N))
                 v_s = T.view(tiles[2], (C, P))
                 d_s = T.view(tiles[3], (C, P))
-            cs_s = T.alloc_shared([TOK], f32)
+            cs_s = T.alloc_shared([CS_ROW], f32)   # (padded: see CS_ROW)
             rows_s = T.alloc_shared([C], f32)
             gm_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)
@@ -281,7 +284,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None):
                 k_s = T.view(tiles[1], (C, N))
                 v_s = T.view(tiles[2], (C, P))
                 d_s = T.view(tiles[3], (C, P))
-            cs_s = T.alloc_shared([TOK], f32)
+            cs_s = T.alloc_shared([CS_ROW], f32)   # (padded: see CS_ROW)
             gm_s = T.alloc_shared([C, C], bf16)
             a_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)
