@@ -74,16 +74,22 @@ _PYTHONS = [("triton-ci", sys.executable)] + (
 @pytest.mark.parametrize("python", _PYTHONS, ids=[p[0] for p in _PYTHONS])
 @pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (4, 128, 64), (8, 64, 64), (1, 128, 128)])
 def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P, python):
-    """local, pass and dadt at hybrid_config, under this environment's Triton and (with
+    """local, pass, cs and dadt (the hybrid plan's Triton calls), under this environment's Triton and (with
     MAMBA3_TRITON36_PYTHON, as `make test` sets it) the GPU image's 3.6, in a subprocess without
     TRITON_INTERPRET (AOT and the interpreter do not share a process). The hybrid core runs them
     without the Triton core's spill guard, so a spill here would reach the GPU."""
     pytest.importorskip("triton")
     code = (
-        "import json\n"
+        "import json, torch\n"
         "from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb\n"
-        "from mamba3_kernels.backends.triton import scan_bwd_core as tcore\n"
-        f"rows = tcore.compile({R}, {N}, {P}, 'bfloat16', hyb.hybrid_config({R}, {N}, {P}), B=2, L=1024, H=4)\n"
+        "from mamba3_kernels.backends.triton.aot import build, target\n"
+        "target('sm_90a')\n"
+        "e = lambda *s, d=torch.bfloat16: torch.empty(s, dtype=d, device='meta')\n"
+        f"B, L, H, R, N, P = 2, 1024, 4, {R}, {N}, {P}\n"
+        "st = e(B, H, P, N, d=torch.float32)\n"
+        "calls, _ = hyb.plan(e(B, L, R, H, N), e(B, L, R, H, N), e(B, L, R, H, P), e(B, H, L, d=torch.float32),\n"
+        "                    e(B, L, R, H, P), st, st, device='meta', arch='sm_90a')\n"
+        "rows = build([c for c in calls if 'tilelang' not in c], 'sm_90a')\n"
         "print(json.dumps([{k: r[k] for k in ('name', 'registers', 'spills')} for r in rows]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -92,7 +98,7 @@ def test_triton_kernels_of_the_hybrid_config_build_without_spills(R, N, P, pytho
     out = subprocess.run([python[1], "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["name"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
-    kept = ("scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_dadt")
+    kept = ("scan_bwd_core_local", "scan_bwd_core_pass", "scan_bwd_core_cs", "scan_bwd_core_dadt")
     assert set(kept) <= set(rows), sorted(rows)
     for name in kept:
         assert rows[name]["spills"] == 0, f"{name} at the hybrid config spills {rows[name]['spills']} B ({python[0]})"

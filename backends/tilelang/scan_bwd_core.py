@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from mamba3_kernels.backends.triton import _pow2
 from mamba3_kernels.backends.triton import scan_bwd_core as tcore
 from mamba3_kernels.backends.triton import scan_bwd_core_states as tstates
 
@@ -70,8 +71,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                "grid": tstates.cs_grid(H, slots.shape[0]),
                "args": [("adt_ptr", adt), ("cu_ptr", dq_args["cu_ptr"]), ("cs_ptr", cs), ("L", L), ("H", H),
                         ("S", dq_args["S"]), ("NSEG", dq_args["NSEG"])],
-               "constexprs": {"C": TOK, "SEG": SEG, "VARLEN": cu_seqlens is not None},
-               "num_warps": 1, "num_stages": 1}
+               "constexprs": {"C": TOK, "SEG": SEG, "SEGP": _pow2(SEG), "VARLEN": cu_seqlens is not None},
+               "num_warps": 4, "num_stages": 1}
     tok = [("QH", qh), ("KS", ks), ("VT", vt), ("DY", dy), ("CS", cs), ("SLOT", slots)]
     dq = {"name": "tilelang_core_dq", "run": run, "tilelang": dict(key, which="dq"),
           "args": tok + [("ENT", dq_args["ent_ptr"]), ("SX", dq_args["sx_ptr"]), ("DQH", out["dqh"]),

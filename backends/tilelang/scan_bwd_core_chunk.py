@@ -43,9 +43,9 @@ C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
 SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
-CS_ROW = 32      # floats per staged cs row: a TMA copy's shared destination must be 128-byte
-                 # aligned, and the pipeline's second buffer starts one row on (16 floats at
-                 # R = 4 faulted: "misaligned shared address" on the H100)
+CS_ROW = 32      # least floats per staged cs row (TOK = 64 / R of them used): a TMA copy's shared
+                 # destination must be 128-byte aligned, and the pipeline's second buffer starts
+                 # one row on (16-float rows at R = 4 faulted: "misaligned shared address")
 
 
 def default_stages(N: int, P: int) -> int:
@@ -200,7 +200,7 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
                 k_s = T.view(tiles[1], (C, N))
                 v_s = T.view(tiles[2], (C, P))
                 d_s = T.view(tiles[3], (C, P))
-            cs_s = T.alloc_shared([CS_ROW], f32)   # (padded: see CS_ROW)
+            cs_s = T.alloc_shared([max(TOK, CS_ROW)], f32)   # (at least CS_ROW: see there)
             rows_s = T.alloc_shared([C], f32)
             gm_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)
@@ -284,7 +284,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None):
                 k_s = T.view(tiles[1], (C, N))
                 v_s = T.view(tiles[2], (C, P))
                 d_s = T.view(tiles[3], (C, P))
-            cs_s = T.alloc_shared([CS_ROW], f32)   # (padded: see CS_ROW)
+            cs_s = T.alloc_shared([max(TOK, CS_ROW)], f32)   # (at least CS_ROW: see there)
             gm_s = T.alloc_shared([C, C], bf16)
             a_s = T.alloc_shared([C, C], bf16)
             sh_s = T.alloc_shared([P, N], bf16)

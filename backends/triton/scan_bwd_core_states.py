@@ -152,22 +152,23 @@ def scan_bwd_core_local_kernel(
 
 @triton.jit
 def scan_bwd_core_cs_kernel(adt_ptr, cu_ptr, cs_ptr, L, H, S, NSEG, C: tl.constexpr, SEG: tl.constexpr,
-                            VARLEN: tl.constexpr):
+                            SEGP: tl.constexpr, VARLEN: tl.constexpr):
     """Every chunk's in-chunk inclusive decay cumsum as a table cs[slot * SEG + ci, h, 0:C], for
     walks that load it as one tile (the TileLang walks: a TMA copy, where an in-kernel cumsum
     costs a block-wide reduction per chunk): positions past the sequence's end repeat its
     total (adt = 0 there), so cs[..., C - 1] is the chunk's total T. Chunks past a sequence's
-    end are left unwritten (no walk reads them). Grid (H, segment slots)."""
+    end are left unwritten (no walk reads them). Grid (H, segment slots); a program's SEG
+    chunks as one [SEGP, C] tile."""
     h = tl.program_id(0)
     slot = tl.program_id(1)
     b, _seq, _seg, _bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEG * C, VARLEN)
-    t = tl.arange(0, C)
-    bh = (b * H + h).to(tl.int64) * L
-    for ci in range(SEG):
-        tc = t0 + ci * C
-        if tc < eos:
-            a = tl.load(adt_ptr + bh + tc + t, mask=tc + t < eos, other=0.0)
-            tl.store(cs_ptr + ((slot * SEG + ci) * H + h).to(tl.int64) * C + t, tl.cumsum(a, axis=0))
+    ci = tl.arange(0, SEGP)
+    tc = t0 + ci * C
+    tok = tc[:, None] + tl.arange(0, C)[None, :]
+    a = tl.load(adt_ptr + (b * H + h).to(tl.int64) * L + tok, mask=tok < eos, other=0.0)
+    row = (slot * SEG + ci) * H + h
+    tl.store(cs_ptr + row.to(tl.int64)[:, None] * C + tl.arange(0, C)[None, :], tl.cumsum(a, axis=1),
+             mask=((ci < SEG) & (tc < eos))[:, None])
 
 
 @triton.jit
