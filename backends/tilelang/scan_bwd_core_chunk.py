@@ -3,10 +3,8 @@
 The same computation as backends/triton/scan_bwd_core_chunk.py (its docstring has the math and
 SPEC §8, §9; reference/core_adjoint.py the float64 form), laid out for Hopper: a chunk of C = 64
 rows is one wgmma M tile (TOK = 64 / R tokens of R ranks each; the products do not care about
-the order of rows as long as every operand and output of a kernel shares it: dq stages a chunk
-as [TOK, R, W] by one TMA copy and reads it as token-major rows, dkv, whose dy and qh tiles are
-both wgmma A and B operands (which a view of a staged tile cannot serve in TileLang 0.1.15),
-copies each rank's tokens as a block, rank-major rows), a program is two warpgroups (256
+the order of rows as long as every operand and output of a kernel shares it: rows are
+rank-major, each rank's tokens one copy), a program is two warpgroups (256
 threads), the state (dq) or adjoint (dkv) of its (segment, head) is a P x N fp32 accumulator
 fragment, its bf16 hi / lo halves go to shared memory for the products that read it (the Triton
 core's INTER / UPDATE fp32 splits), and `T.Pipelined` stages the next chunk's qh / ks / vt / dy
@@ -23,11 +21,11 @@ zeroed as the Triton kernels' masked loads do):
         d cs (dkv's share) = rowsum(a o sdv) - colsum(a o sdv) - x;  X_c = sum x
         D <- e^T D + (dy e^{cs})^T qh
 
-Measured standalone (bench/tilelang_dq_walk.py, H100, SISO B4 L4096 H32 N128 P64, 512-token
-segments): dq 326 us vs the Triton kernel's 516, dkv 535 vs 736; errors vs float64 as the
-Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). R > 1: built (sm_90a, CPU), not yet run;
-dq gets TMA and a producer warpgroup as at R = 1, dkv's per-rank copies lower to synchronous
-loads (no prefetch of the next chunk): expect less than R = 1's gain from dkv.
+Measured (H100, bench/results/tilelang_walks_h100_6afcd7e.json, scan_bwd_core_tilelang_h100_*):
+SISO B4 L4096 H32 N128 P64, 512-token segments: dq 351 us vs the Triton kernel's 512, dkv 549
+vs 737; errors vs float64 as the Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks / dvt). At
+N = 64 dkv is slower than Triton's (469 vs 396 us). R > 1: per-rank copies lower to synchronous
+loads (no TMA, no prefetch of the next chunk); dkv at R = 4 B4 L2048: 1160 vs 1505 us.
 
 Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4), N and P in
 {64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1: dkv writes dvt whole), bf16
@@ -43,7 +41,7 @@ C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
 SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
-CS_ROW = 32      # least floats per staged cs row (TOK = 64 / R of them used): a TMA copy's shared
+CS_ROW = 32      # least floats per cs row in shared memory (TOK = 64 / R of them used): a TMA copy's shared
                  # destination must be 128-byte aligned, and the pipeline's second buffer starts
                  # one row on (16-float rows at R = 4 faulted: "misaligned shared address")
 
@@ -60,16 +58,15 @@ def tokens(R: int) -> int:
     return C // R
 
 
-def _row_token(i, R: int, staged: bool):
-    """Row i's token within the chunk: token-major rows (ranks inner) where the tiles are staged
-    as [TOK, R, W] (`staged`), rank-major rows (a rank's tokens together) where each rank is its
-    own copy; the plain index at R = 1."""
-    return i if R == 1 else (i // R if staged else i % tokens(R))
+def _row_token(i, R: int):
+    """Row i's token within the chunk: rows are rank-major (rank r's TOK tokens are rows
+    r * TOK .. (r + 1) * TOK - 1, one copy per rank); the plain index at R = 1."""
+    return i if R == 1 else i % tokens(R)
 
 
-def _row_rank(i, R: int, staged: bool):
+def _row_rank(i, R: int):
     """Row i's rank (see _row_token); 0 at R = 1."""
-    return 0 if R == 1 else (i % R if staged else i // tokens(R))
+    return 0 if R == 1 else i // tokens(R)
 
 
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
@@ -84,25 +81,26 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     return True, ""
 
 
-def _macros(T, R, TOK, N, P, staged):
+def _macros(T, R, TOK, N, P):
     """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows with the
     partial chunk's zeroing and cs per token, the state's bf16 split, the state update, d cs per
     token (a token's ranks summed)."""
     bf16 = "bfloat16"
 
     def tok(i):   # plain Python: row i's token (an index expression)
-        return _row_token(i, R, staged)
+        return _row_token(i, R)
 
     @T.macro
     def load(X, b, tc, h, x_t):
-        # x_t: the [C, W] tile, or where `staged` (R > 1) its [TOK, R, W] staging buffer (the tile
-        # is a view of it): one bulk (TMA) copy of the chunk's TOK x R rows; unstaged R > 1: one
-        # copy per rank (lowered to plain loads). (T.copy calls in a plain Python helper are
-        # dropped without a word: they must sit in the macro itself.)
+        # the [C, W] tile: one bulk (TMA) copy of the chunk at R = 1, one copy per rank at R > 1
+        # (lowered to plain loads: no prefetch). (T.copy calls in a plain Python helper are
+        # dropped without a word: they must sit in the macro itself.) A chunk staged as
+        # [TOK, R, W] by one TMA copy and read through a [C, W] view was tried for dq: TileLang
+        # 0.1.15 kept one staging buffer under a 2-stage pipeline (no (ci & 1) offset: the next
+        # chunk's copy raced the products; dq wrong at R = 4 on the H100 whenever a slot had
+        # several chunks).
         if R == 1:
             T.copy(X[b, tc:tc + TOK, 0, h, :], x_t)
-        elif staged:
-            T.copy(X[b, tc:tc + TOK, :, h, :], x_t)
         else:
             for r in T.unroll(R):   # rank r's TOK tokens: rows r * TOK .. (r + 1) * TOK - 1
                 T.copy(X[b, tc:tc + TOK, r, h, :], x_t[r * TOK:(r + 1) * TOK, :])
@@ -117,14 +115,14 @@ def _macros(T, R, TOK, N, P, staged):
             d_s[i, p] = T.if_then_else(tc + tok(i) < eos, d_s[i, p], T.cast(0, bf16))
 
     @T.macro
-    def chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, chunk, tiles, q_s, k_s, v_s, d_s, cs_s):
-        """The chunk's four tiles (rows past the end zero; `tiles`: what the copies write, see
-        `load`) and its per-token cs (row `chunk` of the Triton cs table: a block-wide cumsum
-        per chunk in the kernel cost the dq walk 56 % of its time on the H100)."""
-        load(QH, b, tc, h, tiles[0])
-        load(KS, b, tc, h, tiles[1])
-        load(VT, b, tc, h, tiles[2])
-        load(DY, b, tc, h, tiles[3])
+    def chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, chunk, q_s, k_s, v_s, d_s, cs_s):
+        """The chunk's four tiles (rows past the end zero) and its per-token cs (row `chunk` of
+        the Triton cs table: a block-wide cumsum per chunk in the kernel cost the dq walk 56 %
+        of its time on the H100)."""
+        load(QH, b, tc, h, q_s)
+        load(KS, b, tc, h, k_s)
+        load(VT, b, tc, h, v_s)
+        load(DY, b, tc, h, d_s)
         T.copy(CS[chunk, h, :], cs_s[0:TOK])
         if tc + TOK > eos:   # a sequence's partial last chunk: rows past its end are zero
             zero_tail(q_s, k_s, v_s, d_s, tc, eos)
@@ -154,8 +152,7 @@ def _macros(T, R, TOK, N, P, staged):
         T.gemm(wl_s, y_s, st, transpose_A=True)
 
     def ranksum(rows_s, t):   # plain Python: the sum expression over a token's R rows
-        row = (lambda r: t * R + r) if staged else (lambda r: r * TOK + t)
-        return functools.reduce(lambda a, r: a + rows_s[row(r)], range(1, R), rows_s[row(0)])
+        return functools.reduce(lambda a, r: a + rows_s[r * TOK + t], range(1, R), rows_s[t])
 
     @T.macro
     def store_dcs(DCS, part, b, h, tc, eos, rows_s):
@@ -175,10 +172,9 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     stages = default_stages(N, P) if stages is None else stages
-    staged = True   # R > 1: tiles staged [TOK, R, W] by one TMA copy (dq's operand roles allow the views)
-    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
-    tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
-    rank = functools.partial(_row_rank, R=R, staged=staged)
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    tok = functools.partial(_row_token, R=R)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -187,19 +183,10 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
              ENT: T.Tensor((NSLOT, H, P, N), f32), SX: T.Tensor((NSLOT, H, P, N), f32),
              DQH: T.Tensor((B, L, R, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
-            if R == 1 or not staged:
-                q_s = T.alloc_shared([C, N], bf16)
-                k_s = T.alloc_shared([C, N], bf16)
-                v_s = T.alloc_shared([C, P], bf16)
-                d_s = T.alloc_shared([C, P], bf16)
-                tiles = (q_s, k_s, v_s, d_s)
-            else:   # staged as [TOK, R, W] (one TMA box per chunk), used as [C, W] rows
-                tiles = (T.alloc_shared([TOK, R, N], bf16), T.alloc_shared([TOK, R, N], bf16),
-                         T.alloc_shared([TOK, R, P], bf16), T.alloc_shared([TOK, R, P], bf16))
-                q_s = T.view(tiles[0], (C, N))
-                k_s = T.view(tiles[1], (C, N))
-                v_s = T.view(tiles[2], (C, P))
-                d_s = T.view(tiles[3], (C, P))
+            q_s = T.alloc_shared([C, N], bf16)   # the chunk's rows (see _row_token)
+            k_s = T.alloc_shared([C, N], bf16)
+            v_s = T.alloc_shared([C, P], bf16)
+            d_s = T.alloc_shared([C, P], bf16)
             cs_s = T.alloc_shared([max(TOK, CS_ROW)], f32)   # (at least CS_ROW: see there)
             rows_s = T.alloc_shared([C], f32)
             gm_s = T.alloc_shared([C, C], bf16)
@@ -221,7 +208,7 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
                     eos = SLOT[slot, 1]
                     nck = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG)
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, tiles, q_s, k_s, v_s, d_s, cs_s)
+                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, q_s, k_s, v_s, d_s, cs_s)
                     if ci == nck - 1:   # S_last, for dadt's boundary term
                         T.copy(st, SX[slot, h, :, :])
                     T.gemm(d_s, v_s, gm, transpose_B=True, clear_accum=True)
@@ -256,12 +243,9 @@ def dkv_program(R, N, P, threads=THREADS, stages=None):
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     stages = default_stages(N, P) if stages is None else stages
-    # (dkv reads dy as a wgmma A and B operand, qh likewise: a view of a staged tile cannot take
-    # both swizzles in TileLang 0.1.15, so dkv keeps one copy per rank, rank-major rows)
-    staged = False
-    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P, staged)
-    tok = functools.partial(_row_token, R=R, staged=staged)     # row -> token, rank
-    rank = functools.partial(_row_rank, R=R, staged=staged)
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    tok = functools.partial(_row_token, R=R)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -271,19 +255,10 @@ def dkv_program(R, N, P, threads=THREADS, stages=None):
              DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
              DTC: T.Tensor((NCH, H), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
-            if R == 1 or not staged:
-                q_s = T.alloc_shared([C, N], bf16)
-                k_s = T.alloc_shared([C, N], bf16)
-                v_s = T.alloc_shared([C, P], bf16)
-                d_s = T.alloc_shared([C, P], bf16)
-                tiles = (q_s, k_s, v_s, d_s)
-            else:   # staged as [TOK, R, W] (one TMA box per chunk), used as [C, W] rows
-                tiles = (T.alloc_shared([TOK, R, N], bf16), T.alloc_shared([TOK, R, N], bf16),
-                         T.alloc_shared([TOK, R, P], bf16), T.alloc_shared([TOK, R, P], bf16))
-                q_s = T.view(tiles[0], (C, N))
-                k_s = T.view(tiles[1], (C, N))
-                v_s = T.view(tiles[2], (C, P))
-                d_s = T.view(tiles[3], (C, P))
+            q_s = T.alloc_shared([C, N], bf16)   # the chunk's rows (see _row_token)
+            k_s = T.alloc_shared([C, N], bf16)
+            v_s = T.alloc_shared([C, P], bf16)
+            d_s = T.alloc_shared([C, P], bf16)
             cs_s = T.alloc_shared([max(TOK, CS_ROW)], f32)   # (at least CS_ROW: see there)
             gm_s = T.alloc_shared([C, C], bf16)
             a_s = T.alloc_shared([C, C], bf16)
@@ -312,7 +287,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None):
                     eos = SLOT[slot, 1]
                     ci = T.min(T.ceildiv(eos - SLOT[slot, 2], TOK), SEG) - 1 - kk
                     tc = SLOT[slot, 2] + ci * TOK
-                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, tiles, q_s, k_s, v_s, d_s, cs_s)
+                    chunk_in(QH, KS, VT, DY, CS, b, tc, eos, h, slot * SEG + ci, q_s, k_s, v_s, d_s, cs_s)
                     split(st, sh_s, sl_s)
                     T.gemm(d_s, v_s, sdv, transpose_B=True, clear_accum=True)
                     T.gemm(q_s, k_s, am, transpose_B=True, clear_accum=True)
