@@ -323,6 +323,42 @@ def test_tilelang_core_impl_says_where_it_cannot_run(rng, monkeypatch):
     assert t["v"].grad is None
 
 
+def test_tilelang_core_at_rank_over_one_is_gated(rng, monkeypatch):
+    """CORE_IMPL "tilelang" at R > 1 (inside the walks' scope) only with
+    MAMBA3_EXPERIMENTAL_TILELANG_CORE=1: otherwise a clear error naming config.CORE_IMPL, raised
+    before the forward runs."""
+    monkeypatch.delenv(scan_bwd.EXPERIMENTAL_TILELANG_CORE, raising=False)
+    spec = ScanSpec(d_state=64, head_dim=64, rank=2, n_angles=8, input_dtype="bfloat16", pairing="half")
+    from mamba3_kernels.reference.inputs import random_scan_inputs
+    a = random_scan_inputs(spec, Problem(1, 5, 2, 1, 1), rng)
+    t = {n: (None if x is None else torch.as_tensor(x, dtype=torch.float32)) for n, x in a.items()
+         if n not in ("initial_states", "cu_seqlens")}
+    t["q"], t["k"], t["v"] = (t[n].to(torch.bfloat16) for n in ("q", "k", "v"))
+    t["v"].requires_grad_(True)
+    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'triton', 'auto' or 'reference' at R=2"):
+        m3.scan(**t, pairing="half", bwd_config=dict(CORE_IMPL="tilelang"))
+
+
+@pytest.mark.parametrize("runs", [True, False])
+def test_core_impl_auto_takes_tilelang_only_where_validated(runs, monkeypatch):
+    """CORE_IMPL "auto" (the default) resolves to "tilelang" only at one rank, N = 128, P in
+    {64, 128}, bf16 operands, where TileLang runs; "triton" everywhere else; explicit values
+    are kept."""
+    monkeypatch.setattr(scan_bwd, "_TILELANG_RUNS", runs)
+    bf, f32 = torch.bfloat16, torch.float32
+    assert scan_bwd.default_config(ScanSpec(d_state=128, head_dim=64))["CORE_IMPL"] == "auto"
+    impl = lambda rc, n, p, dt, c="auto": scan_bwd.core_impl({"CORE_IMPL": c}, rc, n, p, dt)  # noqa: E731
+    assert impl(1, 128, 64, bf) == ("tilelang" if runs else "triton")
+    assert impl(1, 128, 128, bf) == ("tilelang" if runs else "triton")
+    assert scan_bwd.core_impl({}, 1, 128, 64, bf) == impl(1, 128, 64, bf)   # no key: auto
+    for args in ((2, 128, 64, bf), (1, 64, 64, bf), (1, 128, 32, bf), (1, 128, 64, f32), (1, 256, 64, bf)):
+        assert impl(*args) == "triton", args
+    for c in ("triton", "tilelang", "reference"):
+        assert impl(1, 128, 64, bf, c) == c
+    cfg = scan_bwd.core_config({"CORE_IMPL": "auto"}, 1, 128, 64, bf)   # the hybrid's chunks iff tilelang
+    assert (cfg["CHUNK"] == 64) == runs
+
+
 def test_no_grad_path_is_forward_only(rng):
     """Nothing requiring grad, or under no_grad: a plain tensor without a graph."""
     t = _simple_args(rng)
@@ -345,14 +381,8 @@ def test_errors_name_the_argument(rng):
         m3.scan(**t, bwd_config=dict(BT=3))
     with pytest.raises(ValueError, match="^config.CORE_IMPL"):
         m3.scan(**t, bwd_config=dict(CORE_IMPL="cuda"))
-    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'triton' or 'reference' .'tilelang' is experimental"):
-        m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # not without MAMBA3_EXPERIMENTAL_TILELANG_CORE=1
-    os.environ[scan_bwd.EXPERIMENTAL_TILELANG_CORE] = "1"
-    try:
-        with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' only where its walks apply.*N=8"):
-            m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # fp32 N=8 P=4: outside the walks' scope
-    finally:
-        del os.environ[scan_bwd.EXPERIMENTAL_TILELANG_CORE]
+    with pytest.raises(ValueError, match="^config.CORE_IMPL: expected 'tilelang' only where its walks apply.*N=8"):
+        m3.scan(**t, bwd_config=dict(CORE_IMPL="tilelang"))   # fp32 N=8 P=4: outside the walks' scope
     with pytest.raises(ValueError, match=r"^config: expected keys .*\['CHUNK'\]"):
         m3.scan(**t, bwd_config=dict(CHUNK=16))
     t["q"] = t["q"].to(torch.float16).requires_grad_(True)

@@ -4,16 +4,22 @@
 (SPEC §8, §9; the math in backends/triton/scan_bwd_core_chunk.py): it takes the Triton core's
 plan at the walks' 64-row chunks (64 / R tokens) and one N block (config `hybrid_config`),
 launches the Triton local (chunk states) and pass (entry states, exit adjoints) kernels,
-replaces the dq and dkv walks by
-the TileLang ones (scan_bwd_core_chunk.py: 1.58x / 1.38x the Triton walks at SISO B4 L4096 in
-the standalone run), then runs the Triton dadt kernel over their d cs shares and X_c.
+the Triton cs kernel (each chunk's decay cumsum as a table row the walks load), replaces the dq
+and dkv walks by the TileLang ones (scan_bwd_core_chunk.py), then runs the Triton dadt kernel
+over their d cs shares and X_c. H100, SISO B4 L4096 H32 N128 P64: the whole core 1622 -> 1236 us
+(walks 506 / 747 -> 346 / 558 us; bench/results/scan_bwd_core_tilelang_h100_af511f5.json);
+MIMO R4 1.28-1.33x; at N = 64 slower (852 -> 953 us).
 
 The Triton kernels run at `hybrid_config` without the Triton core's spill guard: the compile
 test builds them spill-free under CI's Triton and the GPU image's 3.6 (local 82-130 registers).
-Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); checked against
-the float64 core oracle by tests/test_tilelang_scan_bwd_core_gpu.py on a GPU (not yet run). The
-scan backward reaches it with bwd_config CORE_IMPL "tilelang", which runs only with
-MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until that GPU test has passed (backends/triton/scan_bwd.py).
+Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); on the H100 the
+R = 1 core cases of tests/test_tilelang_scan_bwd_core_gpu.py pass against the float64 oracle
+(dense, varlen with empties, L = 1, partial chunks, N 64, P 128), and every scan gradient with it
+(tests/test_scan_bwd_gpu.py -k tilelang: SISO and MIMO R 2 / 3 / 4, one chunk per slot). The
+scan backward takes it by default at R = 1, N = 128 (CORE_IMPL "auto", scan_bwd.auto_tilelang);
+at R > 1 only with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until the R > 1 core cases (several
+chunks per slot) have been seen to pass (the whole core at R = 4 matches the Triton core's
+outputs to 7e-4 at B4 L2048 H32, but that is not the oracle test).
 Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 operands).
 """
 import functools

@@ -27,10 +27,11 @@ Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
-the core's own default config, or None), CORE_IMPL ("triton"; "tilelang": the core's dq / dkv
-walks in TileLang, backends/tilelang/scan_bwd_core.py, where `supports` holds, experimental: only
-with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until GPU-validated; or "reference": the float64 NumPy
-core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
+the core's own default config, or None), CORE_IMPL ("auto", the default: "tilelang" where
+`auto_tilelang` holds, else "triton"; "triton"; "tilelang": the core's dq / dkv walks in
+TileLang, backends/tilelang/scan_bwd_core.py, where its `supports` holds; at R > 1 experimental,
+only with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1, until the R > 1 GPU core tests have been seen to
+pass; or "reference": the float64 NumPy core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
 accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
 POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
@@ -56,9 +57,41 @@ from . import scan_bwd_prep as _prep
 from .aot import Guard, step_down
 
 F32 = torch.float32
-# CORE_IMPL "tilelang" runs only with this set to 1 until its GPU validation has passed
-# (tests/test_tilelang_scan_bwd_core_gpu.py, tests/test_scan_bwd_gpu.py -k tilelang)
+# CORE_IMPL "tilelang" at R > 1 runs only with this set to 1: its GPU core tests at R > 1 with
+# several chunks per slot have not yet been seen to pass (tests/test_tilelang_scan_bwd_core_gpu.py)
 EXPERIMENTAL_TILELANG_CORE = "MAMBA3_EXPERIMENTAL_TILELANG_CORE"
+CORE_IMPLS = ("auto", "triton", "tilelang", "reference")
+
+
+def auto_tilelang(RC: int, N: int, P: int, dtype) -> bool:
+    """CORE_IMPL "auto" takes the TileLang walks where they are GPU-validated and faster: one rank
+    (RC = 1), N = 128, P in {64, 128}, bf16 operands, TileLang able to run here. H100
+    (bench/results/scan_bwd_ab_tilelang_core_h100_af511f5.json, fwd+bwd from CUDA graphs): SISO
+    N128 P64 B4 L4096 3.327 -> 3.023 ms, B8 L2048 3.289 -> 2.915, B1 L16384 3.441 -> 3.117; at
+    N = 64 (G8) 2.227 -> 2.272, slower (the TileLang dkv walk: 465 vs 392 us), so not there."""
+    if RC != 1 or N != 128 or P not in (64, 128) or dtype not in (torch.bfloat16, "bfloat16"):
+        return False
+    return _tilelang_runs()
+
+
+def _tilelang_runs() -> bool:
+    """Whether TileLang can run here (importable, a GPU), asked once per process."""
+    global _TILELANG_RUNS
+    if _TILELANG_RUNS is None:
+        from mamba3_kernels.backends import tilelang as _tlb
+        _TILELANG_RUNS = bool(_tlb.available()[0])
+    return _TILELANG_RUNS
+
+
+_TILELANG_RUNS = None
+
+
+def core_impl(config: dict, RC: int, N: int, P: int, dtype) -> str:
+    """The core implementation `config` runs at these sizes: CORE_IMPL with "auto" resolved."""
+    impl = config.get("CORE_IMPL", "auto")
+    if impl == "auto":
+        return "tilelang" if auto_tilelang(RC, N, P, dtype) else "triton"
+    return impl
 
 
 def supports(spec: ScanSpec):
@@ -115,7 +148,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     post_bt = max(4, min(32, pw // w))
     return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
                 SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
-                seq_num_warps=8, CORE=None, CORE_IMPL="triton", SPILL_GUARD=True,
+                seq_num_warps=8, CORE=None, CORE_IMPL="auto", SPILL_GUARD=True,
                 POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8, PREP_HEADS_FAST=True)
 
 
@@ -154,18 +187,18 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     v = config.get("SEQ_PROGRAMS", 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise bad_arg("config.SEQ_PROGRAMS", "an int >= 1", v)
-    if config.get("CORE_IMPL", "triton") not in ("triton", "reference", "tilelang"):
-        raise bad_arg("config.CORE_IMPL", "'triton', 'tilelang' or 'reference'", config.get("CORE_IMPL"))
+    if config.get("CORE_IMPL", "auto") not in CORE_IMPLS:
+        raise bad_arg("config.CORE_IMPL", "'auto', 'triton', 'tilelang' or 'reference'", config.get("CORE_IMPL"))
     if config.get("CORE_IMPL") == "tilelang":
-        if os.environ.get(EXPERIMENTAL_TILELANG_CORE) != "1":
-            raise bad_arg("config.CORE_IMPL", f"'triton' or 'reference' ('tilelang' is experimental: built and "
-                          f"unit-tested, not yet validated on a GPU; set {EXPERIMENTAL_TILELANG_CORE}=1 to run it)",
-                          "tilelang")
         from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
         ok, why = _tl.supports(_pow2(spec.rank), spec.d_state, spec.head_dim,
                                "float32" if op_dtype(spec, config) == F32 else "bfloat16")
         if not ok:
             raise bad_arg("config.CORE_IMPL", "'tilelang' only where its walks apply", why)
+        if spec.rank > 1 and os.environ.get(EXPERIMENTAL_TILELANG_CORE) != "1":
+            raise bad_arg("config.CORE_IMPL", f"'triton', 'auto' or 'reference' at R={spec.rank} ('tilelang' at "
+                          f"R > 1 is experimental: its GPU core tests with several chunks per slot are pending; "
+                          f"set {EXPERIMENTAL_TILELANG_CORE}=1 to run it)", "tilelang")
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
     for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
@@ -292,18 +325,18 @@ def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
 
 def core_config(config: dict, RC: int, N: int, P: int, dtype) -> dict:
     """The core's config under the backward's `config`: the core's default with config.CORE's
-    overrides; with CORE_IMPL "tilelang", the Triton config its walks pair with
-    (backends/tilelang/scan_bwd_core.hybrid_config: 64-row chunks, one N block)."""
+    overrides; where the core runs the TileLang walks (`core_impl`), the Triton config they pair
+    with (backends/tilelang/scan_bwd_core.hybrid_config: 64-row chunks, one N block)."""
     from . import scan_bwd_core as core
     ccfg = dict(core.default_config(RC, N, P, dtype), **(config.get("CORE") or {}))
-    if config.get("CORE_IMPL") == "tilelang":
+    if core_impl(config, RC, N, P, dtype) == "tilelang":
         from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
         ccfg = _tl.hybrid_config(RC, N, P, ccfg)
     return ccfg
 
 
 def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
-    impl = config.get("CORE_IMPL", "triton")
+    impl = core_impl(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     if impl == "reference":
         return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
     from . import scan_bwd_core as core
