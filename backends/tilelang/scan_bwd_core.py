@@ -71,8 +71,9 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     nch = dkv_args["dtc_ptr"].shape[1]
     key = dict(R=R, N=N, P=P, arch=arch)
     TOK = walks.tokens(R)
-    cs = (torch.full if poison else torch.empty)((nch, H, TOK), *((float("nan"),) if poison else ()),
-                                                 dtype=torch.float32, device=dev)
+    cs = torch.empty((nch, H, TOK), dtype=torch.float32, device=dev)   # the cs table (Triton cs kernel)
+    if poison:
+        cs.fill_(float("nan"))
     cs_call = {"name": "scan_bwd_core_cs", "kernel": tstates.scan_bwd_core_cs_kernel, "run": run,
                "grid": tstates.cs_grid(H, slots.shape[0]),
                "args": [("adt_ptr", adt), ("cu_ptr", dq_args["cu_ptr"]), ("cs_ptr", cs), ("L", L), ("H", H),

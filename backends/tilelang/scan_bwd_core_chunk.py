@@ -40,6 +40,7 @@ import functools
 C = 64           # rows per chunk: one wgmma M tile
 THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads spills)
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
+RANKS = (1, 2, 4, 8)
 SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
 CS_ROW = 32      # least floats per cs row in shared memory (TOK = 64 / R of them used): a TMA copy's shared
                  # destination must be 128-byte aligned, and the pipeline's second buffer starts
@@ -50,7 +51,6 @@ def default_stages(N: int, P: int) -> int:
     """Pipeline stages: STAGES, but 1 at N = P = 128, where two stages of the four tiles need
     239,360 B of shared memory (over SMEM_MAX: the launch fails)."""
     return 1 if N == 128 and P == 128 else STAGES
-RANKS = (1, 2, 4, 8)
 
 
 def tokens(R: int) -> int:
