@@ -1,7 +1,9 @@
 """TileLang walks of the backward core (backends/tilelang/scan_bwd_core_chunk.py): built for
-sm_90a on the CPU (no GPU), no spills, tensor-core products present; the Triton kernels they
-pair with (local, pass, dadt at the hybrid config: 64-token chunks, one N block) AOT-compiled
-without spills; the slot table against the Triton core's slot numbering (dense and varlen);
+sm_90a on the CPU (no GPU), no spills, tensor-core products present, every input read, every
+TMA destination 128-byte aligned, the launch's dynamic shared memory within the H100's 227 KB
+(the last two failed on the GPU before these checks existed); the Triton kernels they pair with
+(local, pass, cs, dadt at the hybrid config: 64-row chunks, one N block) AOT-compiled without
+spills; the slot table against the Triton core's slot numbering (dense and varlen);
 `supports`. GPU correctness: tests/test_tilelang_scan_bwd_core_gpu.py."""
 import json
 import os
