@@ -343,7 +343,7 @@ def test_core_impl_auto_takes_tilelang_only_where_validated(runs, monkeypatch):
     """CORE_IMPL "auto" (the default) resolves to "tilelang" only at one rank, N = 128, P in
     {64, 128}, bf16 operands, where TileLang runs; "triton" everywhere else; explicit values
     are kept."""
-    monkeypatch.setattr(scan_bwd, "_TILELANG_RUNS", runs)
+    monkeypatch.setattr(scan_bwd, "_tilelang_runs", lambda: runs)
     bf, f32 = torch.bfloat16, torch.float32
     assert scan_bwd.default_config(ScanSpec(d_state=128, head_dim=64))["CORE_IMPL"] == "auto"
     impl = lambda rc, n, p, dt, c="auto": scan_bwd.core_impl({"CORE_IMPL": c}, rc, n, p, dt)  # noqa: E731

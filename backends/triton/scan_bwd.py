@@ -42,6 +42,7 @@ pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -74,16 +75,11 @@ def auto_tilelang(RC: int, N: int, P: int, dtype) -> bool:
     return _tilelang_runs()
 
 
+@functools.lru_cache(maxsize=None)
 def _tilelang_runs() -> bool:
     """Whether TileLang can run here (importable, a GPU), asked once per process."""
-    global _TILELANG_RUNS
-    if _TILELANG_RUNS is None:
-        from mamba3_kernels.backends import tilelang as _tlb
-        _TILELANG_RUNS = bool(_tlb.available()[0])
-    return _TILELANG_RUNS
-
-
-_TILELANG_RUNS = None
+    from mamba3_kernels.backends import tilelang as _tlb
+    return bool(_tlb.available()[0])
 
 
 def core_impl(config: dict, RC: int, N: int, P: int, dtype) -> str:
