@@ -31,9 +31,9 @@ the core's own default config, or None), CORE_IMPL ("auto", the default: "tilela
 `auto_tilelang` holds, else "triton"; "triton"; "tilelang": the core's dq / dkv walks in
 TileLang, backends/tilelang/scan_bwd_core.py, where its `supports` holds; at R > 1 experimental,
 only with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1, until the R > 1 GPU core tests have been seen to
-pass; or "reference": the float64 NumPy core_adjoint, for tests only), OPERANDS ("float32": fp32 core operands for 16-bit inputs, the
-accurate fallback for dAngles at long L; default: the input's 16-bit type as bf16),
-POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
+pass; or "reference": the float64 NumPy core_adjoint, for tests only), OPERANDS ("float32":
+fp32 core operands for 16-bit inputs, the accurate fallback for dAngles at long L; default: the
+input's 16-bit type as bf16), POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
 tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), SEQ_PROGRAMS (how
@@ -340,11 +340,11 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
     # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
     if impl == "tilelang":   # the dq / dkv walks in TileLang, the rest of the core Triton's
-        from mamba3_kernels.backends import tilelang as _tlb
         from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
-        ok, why = _tlb.available()
-        if not ok:
-            raise bad_arg("config.CORE_IMPL", "'tilelang' where TileLang runs (importable, a GPU)", why)
+        if not _tilelang_runs():   # (asked once per process: this is every backward's path)
+            from mamba3_kernels.backends import tilelang as _tlb
+            raise bad_arg("config.CORE_IMPL", "'tilelang' where TileLang runs (importable, a GPU)",
+                          _tlb.available()[1])
         return _tl.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu, config=ccfg,
                                  want_ds0=True, dvt_partials=True)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
