@@ -33,7 +33,7 @@ walks)
   timeout ${T3:-90} python bench/tilelang_dq_walk.py --out $OUT/tilelang_walks_h100_$c.json > $OUT/walks_$c.log 2>&1
   grep -o "'impl': '[a-z_]*'\|'us': [0-9.]*" $OUT/walks_$c.log;;
 core)
-  timeout ${T4:-150} python bench/scan_bwd_core_tilelang.py --out $OUT/scan_bwd_core_tilelang_h100_$c.json > $OUT/core_$c.log 2>&1
+  timeout ${T4:-150} python bench/scan_bwd_core_tilelang.py ${CORE_ARGS:-} --out $OUT/scan_bwd_core_tilelang_h100_$c.json > $OUT/core_$c.log 2>&1
   grep speedup $OUT/core_$c.log | cut -c1-300;;
 ab)
   timeout ${T5:-400} python bench/scan_bwd_ab.py --b '{"CORE_IMPL": "tilelang"}' --kinds ${KINDS:-siso,mimo} \

@@ -17,8 +17,9 @@ import time
 
 # (R, N, P) of tests/test_tilelang_scan_bwd_core_gpu.py, tests/test_scan_bwd_gpu.py -k tilelang
 # (the core's R: MIMO rank 3 runs at 4), bench/tilelang_dq_walk.py, bench/scan_bwd_core_tilelang.py
-# and bench/scan_bwd_ab.py's SISO / MIMO shapes
-USED = [(1, 128, 64), (1, 64, 64), (1, 128, 128), (2, 64, 128), (4, 128, 64), (8, 64, 64)]
+# (with --more) and bench/scan_bwd_ab.py's SISO / MIMO shapes
+USED = [(1, 128, 64), (1, 64, 64), (1, 128, 128), (2, 64, 128), (4, 128, 64), (8, 64, 64),
+        (2, 128, 64), (8, 128, 64), (4, 64, 64), (4, 128, 128)]
 
 
 def _build(key):
