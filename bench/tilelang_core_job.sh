@@ -12,7 +12,7 @@
 #   PART="tests walks core" MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
 set -uo pipefail
 source .carry/tilelang/activate.sh > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} MAMBA3_EXPERIMENTAL_TILELANG_CORE=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 # one kernel cache for every process (tests/conftest.py's dirs): the prebuild's TileLang builds and
 # the benchmarks' Triton builds are then hits in the tests (session 12's tests rebuilt every walk)
 export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/triton

@@ -229,12 +229,11 @@ TILELANG_CORE_CASES = [
 
 
 @pytest.mark.parametrize("case", TILELANG_CORE_CASES, ids=[c[0] for c in TILELANG_CORE_CASES])
-def test_tilelang_core_every_gradient(case, rng, monkeypatch):
-    """bwd_config CORE_IMPL "tilelang" (the core's dq / dkv walks in TileLang; experimental, so
-    with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1): every gradient against the oracle adjoint, as the
-    grid above does for the Triton core."""
+def test_tilelang_core_every_gradient(case, rng):
+    """bwd_config CORE_IMPL "tilelang" (the core's dq / dkv walks in TileLang, at any rank their
+    scope takes): every gradient against the oracle adjoint, as the grid above does for the
+    Triton core."""
     _tilelang()
-    monkeypatch.setenv("MAMBA3_EXPERIMENTAL_TILELANG_CORE", "1")
     from mamba3_kernels.spec import Problem, ScanSpec
     name, kw, pr, lengths = case
     rows, case_ = run_grad_case(ScanSpec(**kw), Problem(*pr), rng, device="cuda", lengths=lengths,

@@ -30,6 +30,7 @@ CASES = [
     ("R1-varlen-N64", 1, 1, None, 2, 64, 64, False, False, [300, 64, 5], {}),
     ("R4-dense-L2048", 4, 2, 2048, 3, 128, 64, True, True, None, {}),
     ("R4-dense-L77-segs", 4, 1, 77, 2, 128, 64, True, True, None, {"SEG": 2}),
+    ("R4-dense-L300-P128", 4, 1, 300, 2, 128, 128, True, True, None, {"SEG": 2}),
     ("R2-varlen-empties", 2, 1, None, 2, 64, 128, False, True, [33, 0, 1, 100], {"SEG": 1}),
     ("R8-dense-L100", 8, 1, 100, 2, 64, 64, True, False, None, {}),
 ]

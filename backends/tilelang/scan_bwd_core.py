@@ -8,18 +8,18 @@ the Triton cs kernel (each chunk's decay cumsum as a table row the walks load), 
 and dkv walks by the TileLang ones (scan_bwd_core_chunk.py), then runs the Triton dadt kernel
 over their d cs shares and X_c. H100, SISO B4 L4096 H32 N128 P64: the whole core 1622 -> 1236 us
 (walks 506 / 747 -> 346 / 558 us; bench/results/scan_bwd_core_tilelang_h100_af511f5.json);
-MIMO R4 1.28-1.33x; at N = 64 slower (852 -> 953 us).
+MIMO R4 1.28-1.34x; at N = 64 slower (852 -> 953 us).
 
 The Triton kernels run at `hybrid_config` without the Triton core's spill guard: the compile
 test builds them spill-free under CI's Triton and the GPU image's 3.6 (local 82-130 registers).
-Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); on the H100 the
-R = 1 core cases of tests/test_tilelang_scan_bwd_core_gpu.py pass against the float64 oracle
-(dense, varlen with empties, L = 1, partial chunks, N 64, P 128), and every scan gradient with it
-(tests/test_scan_bwd_gpu.py -k tilelang: SISO and MIMO R 2 / 3 / 4, one chunk per slot). The
-scan backward takes it by default at R = 1, N = 128 (CORE_IMPL "auto", scan_bwd.auto_tilelang);
-at R > 1 only with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1 until the R > 1 core cases (several
-chunks per slot) have been seen to pass (the whole core at R = 4 matches the Triton core's
-outputs to 7e-4 at B4 L2048 H32, but that is not the oracle test).
+Status: built for sm_90a in CI (tests/test_tilelang_scan_bwd_core_compile.py); on the H100 every
+core case of tests/test_tilelang_scan_bwd_core_gpu.py passes against the float64 oracle (R 1 / 2 /
+4 / 8, several chunks per slot, dense, varlen with empties, L = 1, partial chunks, N 64, P 128:
+rel_l2 1.3-1.7e-3; bench/results/gpu_tests_tilelang_core_h100_5aa7334.log), and every scan
+gradient with it (tests/test_scan_bwd_gpu.py -k tilelang: SISO and MIMO R 2 / 3 / 4). The scan
+backward takes it by default at the core's R in {1, 4}, N = 128 (CORE_IMPL "auto",
+scan_bwd.auto_tilelang: MIMO R4 core 1.30-1.34x, R4 P128 2.66x; R 2 1.01x, R 8 0.73x, so not
+there; bench/results/scan_bwd_core_tilelang_h100_c7964da.json).
 Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 operands).
 """
 import functools

@@ -29,9 +29,8 @@ Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_
 step of the per-sequence loops), num_warps / post_num_warps / seq_num_warps, CORE (overrides of
 the core's own default config, or None), CORE_IMPL ("auto", the default: "tilelang" where
 `auto_tilelang` holds, else "triton"; "triton"; "tilelang": the core's dq / dkv walks in
-TileLang, backends/tilelang/scan_bwd_core.py, where its `supports` holds; at R > 1 experimental,
-only with MAMBA3_EXPERIMENTAL_TILELANG_CORE=1, until the R > 1 GPU core tests have been seen to
-pass; or "reference": the float64 NumPy core_adjoint, for tests only), OPERANDS ("float32":
+TileLang, backends/tilelang/scan_bwd_core.py, where its `supports` holds; or "reference": the
+float64 NumPy core_adjoint, for tests only), OPERANDS ("float32":
 fp32 core operands for 16-bit inputs, the accurate fallback for dAngles at long L; default: the
 input's 16-bit type as bf16), POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
@@ -44,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -58,19 +56,18 @@ from . import scan_bwd_prep as _prep
 from .aot import Guard, step_down
 
 F32 = torch.float32
-# CORE_IMPL "tilelang" at R > 1 runs only with this set to 1: its GPU core tests at R > 1 with
-# several chunks per slot have not yet been seen to pass (tests/test_tilelang_scan_bwd_core_gpu.py)
-EXPERIMENTAL_TILELANG_CORE = "MAMBA3_EXPERIMENTAL_TILELANG_CORE"
 CORE_IMPLS = ("auto", "triton", "tilelang", "reference")
 
 
 def auto_tilelang(RC: int, N: int, P: int, dtype) -> bool:
-    """CORE_IMPL "auto" takes the TileLang walks where they are GPU-validated and faster: one rank
-    (RC = 1), N = 128, P in {64, 128}, bf16 operands, TileLang able to run here. H100
-    (bench/results/scan_bwd_ab_tilelang_core_h100_af511f5.json, fwd+bwd from CUDA graphs): SISO
-    N128 P64 B4 L4096 3.327 -> 3.023 ms, B8 L2048 3.289 -> 2.915, B1 L16384 3.441 -> 3.117; at
-    N = 64 (G8) 2.227 -> 2.272, slower (the TileLang dkv walk: 465 vs 392 us), so not there."""
-    if RC != 1 or N != 128 or P not in (64, 128) or dtype not in (torch.bfloat16, "bfloat16"):
+    """CORE_IMPL "auto" takes the TileLang walks where they are GPU-validated and faster: the
+    core's RC in {1, 4}, N = 128, P in {64, 128}, bf16 operands, TileLang able to run here.
+    H100, fwd+bwd from CUDA graphs (bench/results/scan_bwd_ab_tilelang_core_h100_af511f5.json,
+    ..._c7964da.json): SISO N128 P64 B4 L4096 3.327 -> 3.023 ms, B8 L2048 3.289 -> 2.915, B1 L16384
+    3.441 -> 3.117; MIMO R4 B4 L2048 6.919 -> 6.381, B4 L4096 13.491 -> 12.336. Not elsewhere (the
+    core alone, scan_bwd_core_tilelang_h100_c7964da.json): RC 2 1.01x (its dq walk slower), RC 8
+    0.73x, N 64 0.84-0.89x (the TileLang dkv walk)."""
+    if RC not in (1, 4) or N != 128 or P not in (64, 128) or dtype not in (torch.bfloat16, "bfloat16"):
         return False
     return _tilelang_runs()
 
@@ -191,10 +188,6 @@ def check_config(spec: ScanSpec, config: dict) -> None:
                                "float32" if op_dtype(spec, config) == F32 else "bfloat16")
         if not ok:
             raise bad_arg("config.CORE_IMPL", "'tilelang' only where its walks apply", why)
-        if spec.rank > 1 and os.environ.get(EXPERIMENTAL_TILELANG_CORE) != "1":
-            raise bad_arg("config.CORE_IMPL", f"'triton', 'auto' or 'reference' at R={spec.rank} ('tilelang' at "
-                          f"R > 1 is experimental: its GPU core tests with several chunks per slot are pending; "
-                          f"set {EXPERIMENTAL_TILELANG_CORE}=1 to run it)", "tilelang")
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
     for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
