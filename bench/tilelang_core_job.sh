@@ -5,7 +5,9 @@
 # PART lists the steps (default "tests"):
 #   tests  tests/test_tilelang_scan_bwd_core_gpu.py (the core vs the float64 core oracle) and
 #          tests/test_scan_bwd_gpu.py -k tilelang (every scan gradient with CORE_IMPL "tilelang")
-#   walks  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096)
+#   grid   every GPU test of the backward (tests/test_scan_bwd_gpu.py, CORE_IMPL "auto" included)
+#          and the TileLang core's, as 8 pytest processes (bench/gpu_tests_parallel.sh)
+#   walks  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096; WALK_ARGS)
 #   core   bench/scan_bwd_core_tilelang.py (the whole core and each kernel, SISO and MIMO)
 #   ab     bench/scan_bwd_ab.py --b CORE_IMPL tilelang (fwd+bwd from CUDA graphs, vs the Triton core)
 # On the device, repo root, carry [".carry/tilelang"]:
@@ -29,8 +31,11 @@ tests)   # the two test files side by side (a fresh machine JIT-compiles every T
       > $OUT/gpu_tests_scan_bwd_tilelang_$c.log 2>&1 &
   wait
   for f in $OUT/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|FAILED|Error" $f | tail -15; done;;
+grid)
+  bash bench/gpu_tests_parallel.sh 8 ${T6:-420} $OUT/gpu_tests_bwd_grid_h100_$c.log \
+      tests/test_scan_bwd_gpu.py tests/test_tilelang_scan_bwd_core_gpu.py;;
 walks)
-  timeout ${T3:-90} python bench/tilelang_dq_walk.py --out $OUT/tilelang_walks_h100_$c.json > $OUT/walks_$c.log 2>&1
+  timeout ${T3:-90} python bench/tilelang_dq_walk.py ${WALK_ARGS:-} --out $OUT/tilelang_walks_h100_$c.json > $OUT/walks_$c.log 2>&1
   grep -o "'impl': '[a-z_]*'\|'us': [0-9.]*" $OUT/walks_$c.log;;
 core)
   timeout ${T4:-150} python bench/scan_bwd_core_tilelang.py ${CORE_ARGS:-} --out $OUT/scan_bwd_core_tilelang_h100_$c.json > $OUT/core_$c.log 2>&1

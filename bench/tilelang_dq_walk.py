@@ -12,7 +12,8 @@ precomputed, no varlen / partial chunks / S_last store: `git show eeac7f2:bench/
 it now builds the backend's kernels (varlen, partial chunks, S_last; the cumsum read from the
 Triton cs kernel's table, built here by torch).
 
-    PYTHONPATH=$PWD python bench/tilelang_dq_walk.py [--out f.json]      (GPU; carry .carry/tilelang)
+    PYTHONPATH=$PWD python bench/tilelang_dq_walk.py [--N 128 --P 64] [--variants JSON] [--out f.json]
+                                                                         (GPU; carry .carry/tilelang)
     python bench/tilelang_dq_walk.py --aot                               (CPU: build for sm_90a)
 """
 
@@ -46,7 +47,7 @@ def gpu(args):
     use_checkout()
     from mamba3_kernels.backends.triton import scan_bwd_core as core
     torch.manual_seed(0)
-    B, L, H, N, P = args.B, args.L, args.H, 128, 64
+    B, L, H, N, P = args.B, args.L, args.H, args.N, args.P
     dev = "cuda"
     seglen = args.seglen
     bf = torch.bfloat16
@@ -176,6 +177,8 @@ def main():
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--H", type=int, default=32)
+    ap.add_argument("--N", type=int, default=128)
+    ap.add_argument("--P", type=int, default=64)
     ap.add_argument("--seglen", type=int, default=512)
     ap.add_argument("--variants", type=json.loads,
                     default=[["dq", 64, 256, 2], ["dkv", 64, 256, 2]],
@@ -185,7 +188,7 @@ def main():
     if args.aot:
         for which, C, threads, stages in args.variants:
             t = time.time()
-            k = build(which, 128, 64, threads, stages, arch="sm_90a")
+            k = build(which, args.N, args.P, threads, stages, arch="sm_90a")
             src = k.get_kernel_source()
             print(which, C, threads, stages, f"built in {time.time() - t:.1f} s", len(src), "chars of CUDA",
                   "wgmma" in src, flush=True)
