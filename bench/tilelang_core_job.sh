@@ -10,6 +10,8 @@
 #   walks  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096; WALK_ARGS)
 #   core   bench/scan_bwd_core_tilelang.py (the whole core and each kernel, SISO and MIMO)
 #   ab     bench/scan_bwd_ab.py --b CORE_IMPL tilelang (fwd+bwd from CUDA graphs, vs the Triton core)
+#   bench  bench/scan_bwd.py --graph (fwd+bwd of the defaults, side by side with upstream's SISO;
+#          carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
 #   PART="tests walks core" MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
 set -uo pipefail
@@ -44,4 +46,8 @@ ab)
   timeout ${T5:-400} python bench/scan_bwd_ab.py --b '{"CORE_IMPL": "tilelang"}' --kinds ${KINDS:-siso,mimo} \
       --out $OUT/scan_bwd_ab_tilelang_core_h100_$c.json > $OUT/ab_$c.log 2>&1
   tail -12 $OUT/ab_$c.log;;
+bench)
+  PYTHONPATH=$PWD/.upstream:$PYTHONPATH timeout ${T7:-500} python bench/scan_bwd.py --graph --prewarm-upstream 14 \
+      ${BENCH_ARGS:-} --out $OUT/scan_bwd_h100_graph_$c.json > $OUT/bench_$c.log 2>&1
+  tail -30 $OUT/bench_$c.log | cut -c1-250;;
 esac; done
