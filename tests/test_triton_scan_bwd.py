@@ -201,18 +201,15 @@ def test_every_gradient_with_core_angle_terms(name, rng):
 
 
 def test_core_grads_config(monkeypatch):
-    """CORE_GRADS: "auto" resolves to "bfloat16" exactly where the core is the TileLang one at
-    one rank with interleaved pairs; "bfloat16" needs a core that forms the angle terms (CORE_IMPL
-    "tilelang" or "reference") and 16-bit operands: otherwise a clear error naming
-    config.CORE_GRADS; unknown values are refused."""
+    """CORE_GRADS: "auto" resolves to "bfloat16" exactly where the core is the TileLang one;
+    "bfloat16" needs a core that forms the angle terms (CORE_IMPL "tilelang" or "reference"):
+    otherwise a clear error naming config.CORE_GRADS; unknown values are refused."""
     monkeypatch.setattr(scan_bwd, "_tilelang_runs", lambda: True)
     bf = torch.bfloat16
-    g = lambda c, rc=1, n=128, p=64, pr="interleaved": scan_bwd.core_grads(c, rc, n, p, bf, pr)  # noqa: E731
+    g = lambda c, rc=1, n=128, p=64: scan_bwd.core_grads(c, rc, n, p, bf)  # noqa: E731
     assert g({}) == g({"CORE_GRADS": "auto"}) == "bfloat16"          # auto core: TileLang here
     assert g({}, n=64) == g({"CORE_IMPL": "triton"}) == g({"CORE_IMPL": "reference"}) == "float32"
-    assert g({}, rc=4) == g({}, pr="half") == "float32"             # the shared-tile terms: slower
     assert g({"CORE_GRADS": "float32"}) == "float32"
-    assert g({"CORE_IMPL": "tilelang", "CORE_GRADS": "bfloat16"}, rc=4, pr="half") == "bfloat16"
     spec = ScanSpec(d_state=128, head_dim=64, input_dtype="bfloat16")
     cfg = scan_bwd.default_config(spec)
     assert cfg.get("CORE_GRADS", "auto") == "auto"

@@ -81,13 +81,6 @@ def _row_rank(i, R: int):
     return 0 if R == 1 else i // tokens(R)
 
 
-def _reg_terms(R: int, dth) -> bool:
-    """Whether the DTH terms come straight from the accumulator's registers (one rank,
-    interleaved pairs: a pair's columns are adjacent, in one thread in the wgmma layout) rather
-    than through a [C, N] fp32 shared tile (`_macros`' dtheta)."""
-    return R == 1 and dth == "interleaved"
-
-
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     """(ok, reason) for the walks' scope."""
     if R not in RANKS:
@@ -204,34 +197,15 @@ def _macros(T, R, TOK, N, P, dth=None):
         return functools.reduce(lambda a, r: a + th_s[r * TOK + t, c0] + th_s[r * TOK + t, c1], range(1, R),
                                 th_s[t, c0] + th_s[t, c1])
 
-    reg_terms = _reg_terms(R, dth)
-
-    def cols(j):   # plain Python: pair j's columns
-        return (j, j + half) if dth == "half" else (2 * j, 2 * j + 1)
-
     @T.macro
-    def dtheta(DTH, part, acc, x_s, th_s, a0, a1, b, h, tc, eos, AD):
-        """DTH[part] for the chunk's tokens: the pair terms of acc (fp32) with the operand x_s.
-        One rank, interleaved pairs: straight from the accumulator (a pair's two columns are
-        adjacent, in one thread's registers in the wgmma layout); otherwise through shared memory
-        (R > 1 sums a token's rank rows; half pairs straddle the two warpgroups' column halves)."""
-        if reg_terms:   # (TileLang wants one index per fragment in a loop: each column alone first)
-            for i, j in T.Parallel(C, half):
-                a0[i, j] = acc[i, cols(j)[0]]
-            for i, j in T.Parallel(C, half):
-                a1[i, j] = acc[i, cols(j)[1]]
-            for i, j in T.Parallel(C, half):
-                if tc + i < eos:
-                    if j < AD:
-                        DTH[part, b, tc + i, h, j] = (a1[i, j] * T.cast(x_s[i, cols(j)[0]], "float32")
-                                                      - a0[i, j] * T.cast(x_s[i, cols(j)[1]], "float32"))
-        else:
-            for i, n in T.Parallel(C, N):
-                th_s[i, n] = acc[i, n] * T.cast(x_s[i, partner(n)], "float32") * sign(n)
-            for t, j in T.Parallel(TOK, half):
-                if tc + t < eos:
-                    if j < AD:
-                        DTH[part, b, tc + t, h, j] = pair_terms(th_s, t, j)
+    def dtheta(DTH, part, acc, x_s, th_s, b, h, tc, eos, AD):
+        """DTH[part] for the chunk's tokens: the pair terms of acc (fp32) with the operand x_s."""
+        for i, n in T.Parallel(C, N):
+            th_s[i, n] = acc[i, n] * T.cast(x_s[i, partner(n)], "float32") * sign(n)
+        for t, j in T.Parallel(TOK, half):
+            if tc + t < eos:
+                if j < AD:
+                    DTH[part, b, tc + t, h, j] = pair_terms(th_s, t, j)
 
     return chunk_in, split, update, store_dcs, store_grad, dtheta
 
@@ -256,7 +230,6 @@ def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
     stages = default_stages(N, P) if stages is None else stages
     chunk_in, split, update, store_dcs, store_grad, dtheta = _macros(T, R, TOK, N, P, dth)
     tok = functools.partial(_row_token, R=R)     # row -> token
-    reg = _reg_terms(R, dth)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -282,9 +255,7 @@ def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
             acc = T.alloc_fragment([C, N], f32)
             prod = T.alloc_fragment([C, N], f32)
             dcs = T.alloc_fragment([C], f32)
-            th_s = T.alloc_shared([C, N] if dth and not reg else [1, 1], f32)   # the pair terms per row
-            a0 = T.alloc_fragment([C, N // 2] if reg else [1, 1], f32)   # a pair's columns (see dtheta)
-            a1 = T.alloc_fragment([C, N // 2] if reg else [1, 1], f32)
+            th_s = T.alloc_shared([C, N] if dth else [1, 1], f32)   # the pair terms per row
             # (b, end, start) of the slot read inline: values bound before this `if` were
             # hoisted past it by TileLang's warp specialisation (the kernel compiled to nothing)
             if SLOT[slot, 2] < SLOT[slot, 1]:
@@ -314,7 +285,7 @@ def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
                     T.gemm(gm_s, k_s, acc)
                     store_grad(DQH, acc, b, h, tc, eos, N)
                     if dth is not None:
-                        dtheta(DTH, 0, acc, q_s, th_s, a0, a1, b, h, tc, eos, AD)
+                        dtheta(DTH, 0, acc, q_s, th_s, b, h, tc, eos, AD)
                     update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
@@ -335,7 +306,6 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
     stages = default_stages(N, P) if stages is None else stages
     chunk_in, split, update, store_dcs, store_grad, dtheta = _macros(T, R, TOK, N, P, dth)
     tok = functools.partial(_row_token, R=R)     # row -> token
-    reg = _reg_terms(R, dth)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
@@ -370,9 +340,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
             rs = T.alloc_fragment([C], f32)
             cl = T.alloc_fragment([C], f32)
             xs = T.alloc_fragment([1], f32)
-            th_s = T.alloc_shared([C, N] if dth and not reg else [1, 1], f32)   # the pair terms per row
-            a0 = T.alloc_fragment([C, N // 2] if reg else [1, 1], f32)   # a pair's columns (see dtheta)
-            a1 = T.alloc_fragment([C, N // 2] if reg else [1, 1], f32)
+            th_s = T.alloc_shared([C, N] if dth else [1, 1], f32)   # the pair terms per row
             if SLOT[slot, 2] < SLOT[slot, 1]:   # (read inline: see dq_program)
                 T.copy(DX[slot, h, :, :], st)
                 for kk in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], TOK), SEG), num_stages=stages):
@@ -401,7 +369,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
                     store_grad(DKS, acck, b, h, tc, eos, N)
                     if dth is not None:
-                        dtheta(DTH, 1, acck, k_s, th_s, a0, a1, b, h, tc, eos, AD)
+                        dtheta(DTH, 1, acck, k_s, th_s, b, h, tc, eos, AD)
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):

@@ -36,7 +36,7 @@ input's 16-bit type as bf16), POST_RECOMPUTE (post recomputes the core's rotated
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
 tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), CORE_GRADS ("auto", the default:
-see `core_grads`; "bfloat16": the TileLang walks store dqh / dks /
+"bfloat16" where the core is the TileLang one; "bfloat16": the TileLang walks store dqh / dks /
 dvt in bf16 and form both sides' angle-gradient terms themselves, which post then adds instead of
 forming them from qh / ks (backends/tilelang/scan_bwd_core_chunk.py, DTH); "float32": fp32
 gradients, post forms the terms; "bfloat16" needs CORE_IMPL "tilelang" or "reference", whose
@@ -93,17 +93,12 @@ def core_impl(config: dict, RC: int, N: int, P: int, dtype) -> str:
     return impl
 
 
-def core_grads(config: dict, RC: int, N: int, P: int, dtype, pairing: str) -> str:
+def core_grads(config: dict, RC: int, N: int, P: int, dtype) -> str:
     """The dtype the core's gradients leave it in under `config` (CORE_GRADS with "auto"
-    resolved): "bfloat16" means the core also forms the angle terms (DTH). "auto": "bfloat16"
-    where the core is the TileLang one at one rank with interleaved pairs (the terms straight
-    from the accumulator's registers); elsewhere the walks would route them through a shared
-    tile, which cost the H100 walks +250 / +210 us at SISO B4 L4096 (dq 348 -> 598, dkv 556 ->
-    765: bench/results/tilelang_walks_dth_smem_h100_5ffd3f3.json), more than post saves."""
+    resolved): "bfloat16" means the core also forms the angle terms (DTH)."""
     g = config.get("CORE_GRADS", "auto")
     if g == "auto":
-        ok = RC == 1 and pairing == "interleaved" and core_impl(config, RC, N, P, dtype) == "tilelang"
-        return "bfloat16" if ok else "float32"
+        return "bfloat16" if core_impl(config, RC, N, P, dtype) == "tilelang" else "float32"
     return g
 
 
@@ -684,7 +679,7 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
     b = buffers(spec, t, dict(grads, _config=config), device)
     RC = _pow2(R)
     ccfg = core_config(config, RC, N, P, op_dtype(spec, config))   # as run_core's
-    if core_grads(config, RC, N, P, op_dtype(spec, config), spec.pairing) == "bfloat16":   # as the core's DTH mode
+    if core_grads(config, RC, N, P, op_dtype(spec, config)) == "bfloat16":   # as the core's DTH mode
         g16 = lambda *s: torch.empty(s, dtype=torch.bfloat16, device=device)  # noqa: E731
         b["dqh"], b["dks"], b["dvt"] = g16(B, L, RC, H, N), g16(B, L, RC, H, N), g16(1, B, L, RC, H, P)
         b["dthc"] = e(2, B, L, H, max(spec.n_angles, 1))
@@ -769,8 +764,8 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
         vinit = st.v.to(F32)
         s0 = st.ssm + b["pend"][:, :, None, None] * torch.einsum("shp,hrp,srhn->shpn", vinit, mv, st.k)
     dtheta = None
-    if core_grads(config, _pow2(R), N, P, b["qh"].dtype, spec.pairing) == "bfloat16":
-        dtheta = (spec.pairing, A)
+    if core_grads(config, _pow2(R), N, P, b["qh"].dtype) == "bfloat16":
+        dtheta = ("half" if spec.pairing == "half" else "interleaved", A)
     core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens, dtheta)
     b["dqh"], b["dks"], b["dvt"] = core["dqh"].contiguous(), core["dks"].contiguous(), core["dvt"].contiguous()
     b["dthc"] = core.get("dth")
