@@ -23,7 +23,7 @@ export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/trit
 { nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
   python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
 c=${MAMBA3_COMMIT:-unknown}
-timeout ${T0:-240} python bench/tilelang_prebuild.py > $OUT/prebuild_$c.log 2>&1
+timeout ${T0:-120} python bench/tilelang_prebuild.py > $OUT/prebuild_$c.log 2>&1
 tail -1 $OUT/prebuild_$c.log
 for part in ${PART:-tests}; do case $part in
 tests)   # the two test files side by side (a fresh machine JIT-compiles every Triton kernel: ~5 min)

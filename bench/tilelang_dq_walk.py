@@ -28,12 +28,12 @@ import tilelang
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(which, N, P, threads, stages, arch=None, dth=None):
+def build(which, N, P, threads, stages, arch=None):
     from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
     if arch is None:
         from mamba3_kernels.backends.tilelang.step import device_arch
         arch = device_arch()
-    return walks.build(which, 1, N, P, arch, threads, stages, dth)
+    return walks.build(which, 1, N, P, arch, threads, stages)
 
 
 def _rel(a, b):
@@ -132,29 +132,26 @@ def gpu(args):
         print(rows[-1], flush=True)
     from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
     refs = {}
-    for which, C, threads, stages, *opt in args.variants:
-        dth = opt[0] if opt else None   # the walks' DTH mode: bf16 gradients + the angle terms (A = 32)
-        row = dict(impl=f"tilelang_{which}", C=C, threads=threads, stages=stages, dth=dth)
+    for which, C, threads, stages in args.variants:
+        row = dict(impl=f"tilelang_{which}", C=C, threads=threads, stages=stages)
         try:
             if C != walks.C:
                 raise ValueError(f"C: the module's walks take {walks.C}-row chunks")
             t = time.time()
-            kern = build(which, N, P, threads, stages, dth=dth)
+            kern = build(which, N, P, threads, stages)
             row["compile_s"] = round(time.time() - t, 1)
             slots = walks.slot_table(B, L, seglen // C, C, None, device=dev)
             nan = lambda *sh: torch.full(sh, float("nan"), device=dev)  # noqa: E731
-            gnan = (lambda *sh: nan(*sh).to(torch.bfloat16)) if dth else nan  # noqa: E731
-            dth_t = nan(2, B, L, H, 32) if dth else nan(2, 1, 1, 1, 1)
             dcs2 = nan(2, B, H, L)
             # the cs table (the Triton cs kernel's layout): row b * L / C + chunk, dense, L % C == 0
             cs = adt.view(B, H, L // C, C).cumsum(-1).permute(0, 2, 1, 3).reshape(B * L // C, H, C).contiguous()
             if which == "dq":
-                dqh = gnan(B, L, 1, H, N)
-                argv = (qh, ks, vt, dy, cs, slots, ent, nan(*ent.shape), dqh, dcs2, dth_t)
+                dqh = nan(B, L, 1, H, N)
+                argv = (qh, ks, vt, dy, cs, slots, ent, nan(*ent.shape), dqh, dcs2)
                 got = lambda: dict(dqh=dqh[:, :, 0], dcs_q=dcs2[0])  # noqa: E731
             else:
-                dks, dvt, dtc = gnan(B, L, 1, H, N), gnan(B, L, 1, H, P), nan(B * L // C, H)
-                argv = (qh, ks, vt, dy, cs, slots, dx, dks, dvt, dcs2, dtc, dth_t)
+                dks, dvt, dtc = nan(B, L, 1, H, N), nan(B, L, 1, H, P), nan(B * L // C, H)
+                argv = (qh, ks, vt, dy, cs, slots, dx, dks, dvt, dcs2, dtc)
                 got = lambda: dict(dks=dks[:, :, 0], dvt=dvt[:, :, 0], dcs_kv=dcs2[1], dtc=dtc)  # noqa: E731
             kern(*argv)
             torch.cuda.synchronize()
@@ -185,13 +182,13 @@ def main():
     ap.add_argument("--seglen", type=int, default=512)
     ap.add_argument("--variants", type=json.loads,
                     default=[["dq", 64, 256, 2], ["dkv", 64, 256, 2]],
-                    help="[which, C, threads, stages(, dth)] per TileLang build (dth: 'interleaved' for the DTH mode)")
+                    help="[which, C, threads, stages] per TileLang build")
     ap.add_argument("--out", default="tilelang_dq_walk.json")
     args = ap.parse_args()
     if args.aot:
-        for which, C, threads, stages, *opt in args.variants:
+        for which, C, threads, stages in args.variants:
             t = time.time()
-            k = build(which, args.N, args.P, threads, stages, arch="sm_90a", dth=opt[0] if opt else None)
+            k = build(which, args.N, args.P, threads, stages, arch="sm_90a")
             src = k.get_kernel_source()
             print(which, C, threads, stages, f"built in {time.time() - t:.1f} s", len(src), "chars of CUDA",
                   "wgmma" in src, flush=True)

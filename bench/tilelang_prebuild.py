@@ -5,8 +5,7 @@ each through nvcc; a device call's minutes are counted).
 
     PYTHONPATH=$PWD python bench/tilelang_prebuild.py [--jobs 14] [--all | --keys '[["dq", 1, 128, 64], ...]']
 
-Default keys: the (R, N, P) the GPU tests and benchmarks use (USED; USED_DTH in the DTH mode),
-both walks; --all: every
+Default keys: the (R, N, P) the GPU tests and benchmarks use (USED), both walks; --all: every
 build in the walks' scope (R in {1, 2, 4, 8} x N, P in {64, 128}). Default threads and stages.
 Prints one line per build (seconds, or the error).
 """
@@ -21,18 +20,15 @@ import time
 # (with --more) and bench/scan_bwd_ab.py's SISO / MIMO shapes
 USED = [(1, 128, 64), (1, 64, 64), (1, 128, 128), (2, 64, 128), (4, 128, 64), (8, 64, 64),
         (2, 128, 64), (8, 128, 64), (4, 64, 64), (4, 128, 128)]
-# (R, N, P, dth) of the DTH mode (CORE_GRADS "bfloat16", the default with the TileLang core) there
-USED_DTH = [(1, 128, 64, "interleaved"), (1, 128, 64, "half"), (1, 128, 128, "interleaved"), (1, 64, 64, "half"),
-            (2, 64, 128, "half"), (4, 128, 64, "half"), (4, 128, 64, "interleaved"), (1, 128, 128, "half")]
 
 
 def _build(key):
-    which, R, N, P, *dth = key
+    which, R, N, P = key
     t = time.time()
     try:
         from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
         from mamba3_kernels.backends.tilelang.step import device_arch
-        walks.build(which, R, N, P, device_arch(), dth=dth[0] if dth else None)
+        walks.build(which, R, N, P, device_arch())
         return key, round(time.time() - t, 1), None
     except Exception as e:   # report it: the test that needs this build will fail with the details
         return key, round(time.time() - t, 1), repr(e)[:300]
@@ -42,7 +38,7 @@ def main():
     from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=14)
-    ap.add_argument("--keys", type=json.loads, default=None, help="[[which, R, N, P(, dth)], ...]")
+    ap.add_argument("--keys", type=json.loads, default=None, help="[[which, R, N, P], ...]")
     ap.add_argument("--all", action="store_true")
     args = ap.parse_args()
     if args.keys:
@@ -50,7 +46,7 @@ def main():
     elif args.all:
         keys = list(itertools.product(("dq", "dkv"), walks.RANKS, (64, 128), (64, 128)))
     else:
-        keys = [(w, *k) for w in ("dq", "dkv") for k in USED + USED_DTH]
+        keys = [(w, *k) for w in ("dq", "dkv") for k in USED]
     t = time.time()
     with mp.get_context("spawn").Pool(min(args.jobs, len(keys))) as pool:
         for key, s, err in pool.imap_unordered(_build, keys):

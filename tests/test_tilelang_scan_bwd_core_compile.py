@@ -26,22 +26,14 @@ from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks  # noq
 
 @pytest.mark.skipif(not nvcc_ok(), reason=NO_NVCC)
 @pytest.mark.parametrize("which", ["dq", "dkv"])
-@pytest.mark.parametrize("R,N,P,dth", [(1, 128, 64, None), (1, 64, 64, None), (1, 64, 128, None), (1, 128, 128, None),
-                                       (2, 128, 64, None), (4, 128, 64, None), (4, 128, 128, None), (8, 64, 64, None),
-                                       (1, 128, 64, "interleaved"), (1, 128, 128, "interleaved"),
-                                       (4, 128, 64, "half")])
-def test_walk_builds_without_spills(which, R, N, P, dth):
-    """dth: the DTH mode (bf16 gradients, the angle terms) where CORE_GRADS "auto" takes it:
-    the auto core's R 1 / 4 at N = 128 (its 32 KB term tile within shared memory at P = 128 too)."""
-    r = walks.compile(which, R, N, P, dth=dth)
+@pytest.mark.parametrize("R,N,P", [(1, 128, 64), (1, 64, 64), (1, 64, 128), (1, 128, 128), (2, 128, 64),
+                                   (4, 128, 64), (4, 128, 128), (8, 64, 64)])
+def test_walk_builds_without_spills(which, R, N, P):
+    r = walks.compile(which, R, N, P)
     assert "wgmma" in r["source"], "no tensor-core product in the generated code"
     body = r["source"].split("main_kernel(", 2)[-1]   # the definition, past both signatures
     for name in ("QH", "KS", "VT", "DY", "CS", "SLOT"):   # (a T.copy outside a macro is dropped silently)
         assert re.search(rf"\b{name}(_desc\b| \+|\[)", body), f"{which} R{R}: the kernel never reads {name}"
-    # the terms are stored in DTH mode only, and the gradients leave in bf16 there
-    assert bool(re.search(r"\bDTH\[", body)) == (dth is not None), f"{which} R{R} dth={dth}: DTH stores"
-    grad = "DQH" if which == "dq" else "DKS"
-    assert re.search(rf"{'bfloat16_t' if dth else 'float'}\* __restrict__ {grad}\b", r["source"]), (which, dth)
     assert r.get("registers"), f"no resource usage read from the cubin: {r.get('cubin_path')}"
     bad = misaligned_tma_destinations(r["source"])
     assert not bad, f"{which} R{R}: TMA copies into shared memory at offsets not a multiple of 128 B: {bad}"
@@ -165,16 +157,14 @@ def test_supports():
 _DT = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
 
 
-@pytest.mark.parametrize("R,lengths,s0,dvt_partials,dtheta", [
-    (1, None, True, True, None), (1, [65, 0, 127, 1], False, False, None), (2, None, False, True, None),
-    (4, [9, 0, 40], True, True, None), (8, None, True, False, None), (1, None, True, True, ("interleaved", 32)),
-    (4, [9, 0, 40], False, True, ("half", 8)), (2, None, True, True, ("half", 0))])
-def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_partials, dtheta):
+@pytest.mark.parametrize("R,lengths,s0,dvt_partials", [(1, None, True, True), (1, [65, 0, 127, 1], False, False),
+                                                       (2, None, False, True), (4, [9, 0, 40], True, True),
+                                                       (8, None, True, False)])
+def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_partials):
     """The integration without a GPU: every TileLang call of `plan` (meta tensors) passes, in the
     prim_func's parameter order, tensors of its dtype and shape (each symbolic size bound to one
     value across parameters: B, L and the slot count as the Triton core's scratch has them),
-    contiguous; X_c's rows are the slots' chunks. With dtheta (the DTH mode): the gradients bf16,
-    DTH (2, B, L, H, max(A, 1))."""
+    contiguous; X_c's rows are the slots' chunks."""
     B, L, H, N, P = 2, 333, 3, 128, 64
     cu = None
     if lengths is not None:
@@ -184,11 +174,7 @@ def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_parti
     st = e(B if cu is None else len(lengths), H, P, N, d=torch.float32) if s0 else None
     calls, out = hyb.plan(e(B, L, R, H, N), e(B, L, R, H, N), e(B, L, R, H, P), e(B, H, L, d=torch.float32),
                           e(B, L, R, H, P), st, st, None if cu is None else cu.to("meta"), device="meta",
-                          dvt_partials=dvt_partials, dtheta=dtheta)
-    gdt = torch.float32 if dtheta is None else torch.bfloat16
-    assert out["dqh"].dtype == out["dks"].dtype == out["dvt"].dtype == gdt
-    if dtheta is not None:
-        assert tuple(out["dth"].shape) == (2, B, L, H, max(dtheta[1], 1)) and out["dth"].dtype == torch.float32
+                          dvt_partials=dvt_partials)
     tl_calls = [c for c in calls if "tilelang" in c]
     seg = next(c for c in calls if c["name"] == "scan_bwd_core_cs")["constexprs"]["SEG"]
     assert [c["name"] for c in tl_calls] == ["tilelang_core_dq", "tilelang_core_dkv"]
@@ -208,7 +194,5 @@ def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_parti
                 else:
                     assert bound.setdefault(want.name, dim) == dim, f"{c['name']} {name}: {want.name} {dim} vs {bound}"
         assert bound["B"] == B and bound["L"] == L and bound["H"] == H
-        if dtheta is not None:   # DTH's own sizes are the problem's
-            assert (bound["TB"], bound["TL"], bound["TH"], bound["AD"]) == (B, L, H, max(dtheta[1], 1)), bound
         # the walks read SEG (chunks per slot) as NCH // NSLOT: the cs table's rows are the slots' chunks
         assert bound["NCH"] == bound["NSLOT"] * seg, (c["name"], bound, seg)

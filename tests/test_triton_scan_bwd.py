@@ -178,51 +178,6 @@ def test_every_gradient_vs_oracle(name, rng):
     check(rows, case)
 
 
-# CORE_GRADS "bfloat16" (the TileLang walks' DTH mode: bf16 dqh / dks / dvt, both sides' angle
-# terms formed in the core, post adding them) through the float64 core's emulation of it: post's
-# DTH_IN path on both pairings, A < N / 2 and A = 0, padded ranks, varlen with empties, states,
-# GQA. 16-bit inputs only (the mode's scope: the walks take bf16 operands)
-DTH_CASES = {
-    "bench-siso-N128-P64": CASES["bench-siso-N128-P64"],
-    "mimo4-norm-bf16-varlen-empty": CASES["mimo4-norm-bf16-varlen-empty"],
-    "siso-fp16-varlen-empties": CASES["siso-fp16-varlen-empties"],
-    "mimo3-half-padded-states-gqa": (_spec(rank=3, pairing="half", initial_states=True, final_states=True,
-                                           input_dtype="bfloat16", **MIMO), (2, 13, 4, 2, 2), None),
-    "siso-bf16-noangles": (_spec(n_angles=0, input_dtype="bfloat16", final_states=True), (1, 19, 2, 1, 1), None),
-}
-
-
-@pytest.mark.parametrize("name", sorted(DTH_CASES))
-def test_every_gradient_with_core_angle_terms(name, rng):
-    spec, pr, lens = DTH_CASES[name]
-    rows, case = run_grad_case(spec, Problem(*pr), rng, lengths=lens,
-                               bwd_config=dict(CORE_IMPL="reference", CORE_GRADS="bfloat16"))
-    check(rows, case)
-
-
-def test_core_grads_config(monkeypatch):
-    """CORE_GRADS: "auto" resolves to "bfloat16" exactly where the core is the TileLang one;
-    "bfloat16" needs a core that forms the angle terms (CORE_IMPL "tilelang" or "reference"):
-    otherwise a clear error naming config.CORE_GRADS; unknown values are refused."""
-    monkeypatch.setattr(scan_bwd, "_tilelang_runs", lambda: True)
-    bf = torch.bfloat16
-    g = lambda c, rc=1, n=128, p=64: scan_bwd.core_grads(c, rc, n, p, bf)  # noqa: E731
-    assert g({}) == g({"CORE_GRADS": "auto"}) == "bfloat16"          # auto core: TileLang here
-    assert g({}, n=64) == g({"CORE_IMPL": "triton"}) == g({"CORE_IMPL": "reference"}) == "float32"
-    assert g({"CORE_GRADS": "float32"}) == "float32"
-    spec = ScanSpec(d_state=128, head_dim=64, input_dtype="bfloat16")
-    cfg = scan_bwd.default_config(spec)
-    assert cfg.get("CORE_GRADS", "auto") == "auto"
-    scan_bwd.check_config(spec, dict(cfg, CORE_IMPL="tilelang", CORE_GRADS="bfloat16"))
-    for bad, msg in ((dict(CORE_GRADS="bfloat16"), "^config.CORE_GRADS: expected 'bfloat16' only with CORE_IMPL"),
-                     (dict(CORE_IMPL="triton", CORE_GRADS="bfloat16"), "^config.CORE_GRADS: expected 'bfloat16' only"),
-                     (dict(CORE_GRADS="fp8"), "^config.CORE_GRADS: expected 'auto', 'float32' or 'bfloat16'"),
-                     (dict(CORE_IMPL="reference", CORE_GRADS="bfloat16", OPERANDS="float32"),
-                      "^config.CORE_GRADS: expected 'bfloat16' only with 16-bit core operands")):
-        with pytest.raises(ValueError, match=msg):
-            scan_bwd.check_config(spec, dict(cfg, **bad))
-
-
 def test_short_forms_and_multi_segment_core(rng):
     """SISO short forms (q (B,L,G,N), biases (H,N), state k (S,H,N)) get gradients in those
     shapes; the core split into several one-chunk segments (SEG=1, 16 tokens) and the token kernels into
@@ -452,17 +407,14 @@ def _module_like(rng, L, H, N, P, A):
 
 
 @pytest.mark.parametrize("bwd_config,bound", [(dict(CORE_IMPL="reference"), 1e-2),
-                                              (dict(CORE_IMPL="reference", CORE_GRADS="bfloat16"), 1e-2),
                                               (dict(OPERANDS="float32"), 2e-4)])
 def test_angle_gradient_cancellation(bwd_config, bound, rng):
     """dAngles is a reverse cumsum in which every (query, key) pair's terms cancel (scores depend
     on angle differences): post takes dtheta from the very qh / ks operands the core multiplied,
     so the cancellation is exact up to the core's own roundings. With an exact core on the bf16
     operands the angle gradient stays at bf16 level over L = 384 slow-decay tokens (computing
-    dtheta from fp32-recomputed qh / kh instead: ~4e-2 at L = 512); likewise with the core's
-    gradients in bf16 when the core forms the terms from its fp32 results (CORE_GRADS
-    "bfloat16"; taking them from bf16-rounded dqh / dks instead gave 1.3-3.1e-2 at L = 512-1024);
-    with fp32 operands (OPERANDS="float32") at fp32 level."""
+    dtheta from fp32-recomputed qh / kh instead: ~4e-2 at L = 512); with fp32 operands
+    (OPERANDS="float32") at fp32 level."""
     a = _module_like(rng, 384, 2, 32, 16, 8)
     args = {n: _leaf(x) for n, x in a.items()}
     out = m3.scan(**args, bwd_config=bwd_config)

@@ -48,31 +48,20 @@ def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, arch=None, dvt_partials=False, dtheta=None):
+         device=None, poison=False, arch=None, dvt_partials=False):
     """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
-    TileLang call is a dict with name, run, `tilelang` (which walk, R, N, P, arch, dth: the
+    TileLang call is a dict with name, run, `tilelang` (which walk, R, N, P, arch: the
     build key) and `args` ((parameter name, tensor) in the prim_func's order; `program` gives the
     prim_func to check them against). dvt_partials: out["dvt"] as the Triton core's
-    (1, B, L, R, H, P) partials (one N block). dtheta = (pairing, A): the walks' DTH mode
-    (scan_bwd_core_chunk.py): out["dth"] (2, B, L, H, max(A, 1)) fp32, the angle gradient's qh-side
-    and ks-side terms per pair j < A summed over a token's ranks, and dqh / dks / dvt in bf16
-    (needs dvt_partials)."""
+    (1, B, L, R, H, P) partials (one N block)."""
     B, L, R, H, N = qh.shape
     P = vt.shape[-1]
     ok, why = supports(R, N, P, {"torch.bfloat16": "bfloat16"}.get(str(qh.dtype), str(qh.dtype)))
     if not ok:
         raise ValueError(f"qh: {why}")
-    dth = None
-    if dtheta is not None:
-        dth, A = dtheta
-        if dth not in walks.PAIRINGS or not isinstance(A, int) or not 0 <= A <= N // 2:
-            raise ValueError(f"dtheta: expected (one of {walks.PAIRINGS}, A in [0, {N // 2}]), got {dtheta!r}")
-        if not dvt_partials:
-            raise ValueError("dtheta: needs dvt_partials=True (dvt then leaves the walks in bf16, as dadt does not sum it)")
     cfg = hybrid_config(R, N, P, config)
     calls, out = tcore.plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, cfg, want_ds0, device=device,
-                            poison=poison, dvt_partials=dvt_partials,
-                            grad_dtype=None if dth is None else torch.bfloat16)
+                            poison=poison, dvt_partials=dvt_partials)
     by = {c["name"]: c for c in calls}
     dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
     SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
@@ -80,14 +69,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     slots = walks.slot_table(B, L, SEG, walks.tokens(R), cu_seqlens, device=dev)
     run = by["scan_bwd_core_dq"]["run"]
     nch = dkv_args["dtc_ptr"].shape[1]
-    key = dict(R=R, N=N, P=P, arch=arch, dth=dth)
+    key = dict(R=R, N=N, P=P, arch=arch)
     TOK = walks.tokens(R)
-    if dth is not None:   # the angle terms (dqh, dks, dvt came bf16 from the plan)
-        out["dth"] = dth_arg = torch.empty((2, B, L, H, max(A, 1)), dtype=torch.float32, device=dev)
-        if poison:
-            dth_arg.fill_(float("nan"))
-    else:
-        dth_arg = torch.empty((2, 1, 1, 1, 1), dtype=torch.float32, device=dev)   # a placeholder: not read
     cs = torch.empty((nch, H, TOK), dtype=torch.float32, device=dev)   # the cs table (Triton cs kernel)
     if poison:
         cs.fill_(float("nan"))
@@ -100,10 +83,11 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     tok = [("QH", qh), ("KS", ks), ("VT", vt), ("DY", dy), ("CS", cs), ("SLOT", slots)]
     dq = {"name": "tilelang_core_dq", "run": run, "tilelang": dict(key, which="dq"),
           "args": tok + [("ENT", dq_args["ent_ptr"]), ("SX", dq_args["sx_ptr"]), ("DQH", out["dqh"]),
-                         ("DCS", dq_args["dcs_ptr"]), ("DTH", dth_arg)]}
+                         ("DCS", dq_args["dcs_ptr"])]}
     dkv = {"name": "tilelang_core_dkv", "run": run, "tilelang": dict(key, which="dkv"),
-           "args": tok + [("DX", dkv_args["dx_ptr"]), ("DKS", out["dks"]), ("DVT", dkv_args["dvp_ptr"].view(B, L, R, H, P)),
-                          ("DCS", dkv_args["dcs_ptr"]), ("DTC", dkv_args["dtc_ptr"].view(nch, H)), ("DTH", dth_arg)]}
+           "args": tok + [("DX", dkv_args["dx_ptr"]), ("DKS", out["dks"]),
+                          ("DVT", dkv_args["dvp_ptr"].view(B, L, R, H, P)), ("DCS", dkv_args["dcs_ptr"]),
+                          ("DTC", dkv_args["dtc_ptr"].view(nch, H))]}
     swap = {"scan_bwd_core_dq": [cs_call, dq], "scan_bwd_core_dkv": [dkv]}
     return [x for c in calls for x in swap.get(c["name"], [c])], out
 
@@ -112,7 +96,7 @@ def program(c: dict):
     """The TileLang prim_func of a TileLang call (its signature: what `args` must match)."""
     t = c["tilelang"]
     prog = walks.dq_program if t["which"] == "dq" else walks.dkv_program
-    return prog(t["R"], t["N"], t["P"], dth=t["dth"])
+    return prog(t["R"], t["N"], t["P"])
 
 
 def launch(c: dict) -> None:
@@ -123,7 +107,7 @@ def launch(c: dict) -> None:
         return
     t = c["tilelang"]
     arch = t["arch"] or _arch(c["args"][0][1].device.index)
-    k = walks.build(t["which"], t["R"], t["N"], t["P"], arch, dth=t["dth"])
+    k = walks.build(t["which"], t["R"], t["N"], t["P"], arch)
     k(*[x for _, x in c["args"]])
 
 
@@ -136,13 +120,13 @@ def _arch(device_index) -> str:
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False, dvt_partials=False, dtheta=None):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """backends/triton/scan_bwd_core.core_backward with the TileLang walks (module docstring).
     config: Triton core keys for the kernels that stay Triton's (`hybrid_config` fixes CHUNK,
-    BLOCK_N and the precision keys). dtheta: see `plan`."""
+    BLOCK_N and the precision keys)."""
     qh, ks, vt, adt, dy, s0, ds_final = tcore.contiguous_operands(qh, ks, vt, adt, dy, s0, ds_final)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
-                      dvt_partials=dvt_partials, dtheta=dtheta)
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)

@@ -27,24 +27,13 @@ vs 737; errors vs float64 as the Triton kernels' (1.4e-3 vs 1.2e-3 on dqh / dks 
 N = 64 dkv is slower than Triton's (469 vs 396 us). R > 1: per-rank copies lower to synchronous
 loads (no TMA, no prefetch of the next chunk); dkv at R = 4 B4 L2048: 1160 vs 1505 us.
 
-DTH (build option `dth`, the pairing "interleaved" / "half"; None: off): the walks also form the
-angle gradient's terms of their side from the fp32 result they just computed and the bf16
-operand the products read, summed over a token's ranks, per pair j < A (SPEC §9.1; post's
-formulas, which it then skips): dq part 0 = dqh[c1] qh[c0] - dqh[c0] qh[c1], dkv part 1 = dks[c1]
-ks[c0] - dks[c0] ks[c1], into DTH (2, B, L, H, A) fp32; and store dqh / dks / dvt in bf16. Post
-then reads half the gradient bytes and neither qh nor ks, and the scores' pair cancellation in
-the reverse angle cumsum keeps exact (the terms come from the same values as before; rounding
-dqh / dks to bf16 before post took the terms from them raised dAngles' error 3e-3 -> 1.3-3.1e-2
-at L = 512-1024 in a CPU experiment). Without it (dth None) the gradients are fp32 and DTH is a
-placeholder (any shape; not read).
-
 Scope: the core's rank count R in {1, 2, 4, 8} (pow2: the core pads R = 3 to 4), N and P in
 {64, 128} (the wgmma tiles of two warpgroups), one N block (NNB = 1: dkv writes dvt whole), bf16
 operands, the core's fp32 INTER / UPDATE precision. Grid: (segment slots, H), slots numbered as
 the Triton core's (`slot_table`). The other core kernels (local, pass, dadt) stay Triton's, run
 at CHUNK = TOK tokens (`scan_bwd_core.py`), since the d cs shares and X_c depend on the
 chunking. B, L, H, the slot and chunk counts are dynamic (SEG, chunks per slot, is the chunk
-count over the slot count): one build per (R, N, P, threads, stages, dth).
+count over the slot count): one build per (R, N, P, threads, stages).
 """
 import functools
 
@@ -53,7 +42,6 @@ THREADS = 256    # two warpgroups: 168 registers, no spill (dkv at 128 threads s
 STAGES = 2       # T.Pipelined stages (3: 5 % slower in the standalone run)
 RANKS = (1, 2, 4, 8)
 SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
-PAIRINGS = ("interleaved", "half")   # the `dth` values
 CS_ROW = 32      # least floats per cs row in shared memory (TOK = 64 / R of them used): a TMA copy's shared
                  # destination must be 128-byte aligned, and the pipeline's second buffer starts
                  # one row on (16-float rows at R = 4 faulted: "misaligned shared address")
@@ -93,10 +81,10 @@ def supports(R: int, N: int, P: int, dtype: str) -> tuple:
     return True, ""
 
 
-def _macros(T, R, TOK, N, P, dth=None):
+def _macros(T, R, TOK, N, P):
     """Trace-time helpers shared by the two walks: the chunk's tiles as [C, .] rows with the
     partial chunk's zeroing and cs per token, the state's bf16 split, the state update, d cs per
-    token (a token's ranks summed), a gradient's store (bf16 with `dth`) and the angle terms (DTH)."""
+    token (a token's ranks summed)."""
     bf16 = "bfloat16"
 
     def tok(i):   # plain Python: row i's token (an index expression)
@@ -172,72 +160,28 @@ def _macros(T, R, TOK, N, P, dth=None):
             if tc + t < eos:
                 DCS[part, b, h, tc + t] = ranksum(rows_s, t)
 
-    grads16 = dth is not None
-
-    @T.macro
-    def store_grad(G, acc, b, h, tc, eos, W):
-        """A gradient's rows (rows past the sequence's end skipped): bf16 with dth, else fp32."""
-        for i, n in T.Parallel(C, W):
-            if tc + tok(i) < eos:
-                if grads16:
-                    G[b, tc + tok(i), _row_rank(i, R), h, n] = T.cast(acc[i, n], bf16)
-                else:
-                    G[b, tc + tok(i), _row_rank(i, R), h, n] = acc[i, n]
-
-    half = N // 2
-
-    def partner(n):   # plain Python: the other column of n's pair (see DTH)
-        return (n + half) % N if dth == "half" else n + 1 - 2 * (n % 2)
-
-    def sign(n):      # plain Python: the sign of n's term in its pair's (+ for c1, - for c0)
-        return T.if_then_else(n >= half, 1.0, -1.0) if dth == "half" else T.if_then_else(n % 2 == 1, 1.0, -1.0)
-
-    def pair_terms(th_s, t, j):   # plain Python: token t's pair-j terms summed over its ranks
-        c0, c1 = (j, j + half) if dth == "half" else (2 * j, 2 * j + 1)
-        return functools.reduce(lambda a, r: a + th_s[r * TOK + t, c0] + th_s[r * TOK + t, c1], range(1, R),
-                                th_s[t, c0] + th_s[t, c1])
-
-    @T.macro
-    def dtheta(DTH, part, acc, x_s, th_s, b, h, tc, eos, AD):
-        """DTH[part] for the chunk's tokens: the pair terms of acc (fp32) with the operand x_s."""
-        for i, n in T.Parallel(C, N):
-            th_s[i, n] = acc[i, n] * T.cast(x_s[i, partner(n)], "float32") * sign(n)
-        for t, j in T.Parallel(TOK, half):
-            if tc + t < eos:
-                if j < AD:
-                    DTH[part, b, tc + t, h, j] = pair_terms(th_s, t, j)
-
-    return chunk_in, split, update, store_dcs, store_grad, dtheta
-
-
-def _check_dth(dth):
-    if dth not in (None,) + PAIRINGS:
-        raise ValueError(f"dth: expected None or one of {PAIRINGS}, got {dth!r}")
+    return chunk_in, split, update, store_dcs
 
 
 @functools.lru_cache(maxsize=None)
-def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
-    """The dq walk: grid (NSLOT, H); DCS is the core's d cs scratch (2, B, H, L), dq writes part 0
-    (and with `dth` part 0 of DTH)."""
+def dq_program(R, N, P, threads=THREADS, stages=None):
+    """The dq walk: grid (NSLOT, H); DCS is the core's d cs scratch (2, B, H, L), dq writes part 0."""
     import tilelang.language as T
-    _check_dth(dth)
     B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
-    TB, TL, TH, AD = T.dynamic("TB TL TH AD")   # DTH's own (a placeholder without dth)
     bf16, f32 = "bfloat16", "float32"
-    gdt = bf16 if dth else f32   # the gradients' dtype
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     stages = default_stages(N, P) if stages is None else stages
-    chunk_in, split, update, store_dcs, store_grad, dtheta = _macros(T, R, TOK, N, P, dth)
-    tok = functools.partial(_row_token, R=R)     # row -> token
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    tok = functools.partial(_row_token, R=R)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
              VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
              CS: T.Tensor((NCH, H, TOK), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
              ENT: T.Tensor((NSLOT, H, P, N), f32), SX: T.Tensor((NSLOT, H, P, N), f32),
-             DQH: T.Tensor((B, L, R, H, N), gdt), DCS: T.Tensor((2, B, H, L), f32),
-             DTH: T.Tensor((2, TB, TL, TH, AD), f32)):
+             DQH: T.Tensor((B, L, R, H, N), f32), DCS: T.Tensor((2, B, H, L), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
             q_s = T.alloc_shared([C, N], bf16)   # the chunk's rows (see _row_token)
             k_s = T.alloc_shared([C, N], bf16)
@@ -255,7 +199,6 @@ def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
             acc = T.alloc_fragment([C, N], f32)
             prod = T.alloc_fragment([C, N], f32)
             dcs = T.alloc_fragment([C], f32)
-            th_s = T.alloc_shared([C, N] if dth else [1, 1], f32)   # the pair terms per row
             # (b, end, start) of the slot read inline: values bound before this `if` were
             # hoisted past it by TileLang's warp specialisation (the kernel compiled to nothing)
             if SLOT[slot, 2] < SLOT[slot, 1]:
@@ -283,37 +226,34 @@ def dq_program(R, N, P, threads=THREADS, stages=None, dth=None):
                     T.copy(dcs, rows_s)
                     store_dcs(DCS, 0, b, h, tc, eos, rows_s)
                     T.gemm(gm_s, k_s, acc)
-                    store_grad(DQH, acc, b, h, tc, eos, N)
-                    if dth is not None:
-                        dtheta(DTH, 0, acc, q_s, th_s, b, h, tc, eos, AD)
+                    for i, n in T.Parallel(C, N):
+                        if tc + tok(i) < eos:
+                            DQH[b, tc + tok(i), rank(i), h, n] = acc[i, n]
                     update(st, v_s, k_s, cs_s, wh_s, wl_s, False)
 
     return main
 
 
 @functools.lru_cache(maxsize=None)
-def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
-    """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H) (and with
-    `dth` part 1 of DTH)."""
+def dkv_program(R, N, P, threads=THREADS, stages=None):
+    """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H)."""
     import tilelang.language as T
-    _check_dth(dth)
     B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
-    TB, TL, TH, AD = T.dynamic("TB TL TH AD")   # DTH's own (a placeholder without dth)
     bf16, f32 = "bfloat16", "float32"
-    gdt = bf16 if dth else f32   # the gradients' dtype
     TOK = tokens(R)
     SEG = NCH // NSLOT   # chunks per slot: the cs table has NSLOT * SEG rows
     stages = default_stages(N, P) if stages is None else stages
-    chunk_in, split, update, store_dcs, store_grad, dtheta = _macros(T, R, TOK, N, P, dth)
-    tok = functools.partial(_row_token, R=R)     # row -> token
+    chunk_in, split, update, store_dcs = _macros(T, R, TOK, N, P)
+    tok = functools.partial(_row_token, R=R)     # row -> token, rank
+    rank = functools.partial(_row_rank, R=R)
 
     @T.prim_func
     def main(QH: T.Tensor((B, L, R, H, N), bf16), KS: T.Tensor((B, L, R, H, N), bf16),
              VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
              CS: T.Tensor((NCH, H, TOK), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
-             DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, R, H, N), gdt),
-             DVT: T.Tensor((B, L, R, H, P), gdt), DCS: T.Tensor((2, B, H, L), f32),
-             DTC: T.Tensor((NCH, H), f32), DTH: T.Tensor((2, TB, TL, TH, AD), f32)):
+             DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, R, H, N), f32),
+             DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
+             DTC: T.Tensor((NCH, H), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
             q_s = T.alloc_shared([C, N], bf16)   # the chunk's rows (see _row_token)
             k_s = T.alloc_shared([C, N], bf16)
@@ -340,7 +280,6 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
             rs = T.alloc_fragment([C], f32)
             cl = T.alloc_fragment([C], f32)
             xs = T.alloc_fragment([1], f32)
-            th_s = T.alloc_shared([C, N] if dth else [1, 1], f32)   # the pair terms per row
             if SLOT[slot, 2] < SLOT[slot, 1]:   # (read inline: see dq_program)
                 T.copy(DX[slot, h, :, :], st)
                 for kk in T.Pipelined(T.min(T.ceildiv(SLOT[slot, 1] - SLOT[slot, 2], TOK), SEG), num_stages=stages):
@@ -367,9 +306,9 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
                     for j, n in T.Parallel(C, N):
                         acck[j, n] = acck[j, n] * T.exp(cs_s[TOK - 1] - cs_s[tok(j)])
                     T.gemm(gm_s, q_s, acck, transpose_A=True)
-                    store_grad(DKS, acck, b, h, tc, eos, N)
-                    if dth is not None:
-                        dtheta(DTH, 1, acck, k_s, th_s, b, h, tc, eos, AD)
+                    for j, n in T.Parallel(C, N):
+                        if tc + tok(j) < eos:
+                            DKS[b, tc + tok(j), rank(j), h, n] = acck[j, n]
                     T.gemm(k_s, sh_s, accv, transpose_B=True, clear_accum=True)
                     T.gemm(k_s, sl_s, accv, transpose_B=True)
                     for j, p in T.Parallel(C, P):
@@ -378,7 +317,9 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
                         xv[j, p] = accv[j, p] * T.cast(v_s[j, p], f32)
                     T.reduce_sum(xv, x, dim=1)
                     T.gemm(a_s, d_s, accv, transpose_A=True)
-                    store_grad(DVT, accv, b, h, tc, eos, P)
+                    for j, p in T.Parallel(C, P):
+                        if tc + tok(j) < eos:
+                            DVT[b, tc + tok(j), rank(j), h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
@@ -393,12 +334,12 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dth=None):
 
 
 @functools.lru_cache(maxsize=None)
-def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=None, dth=None):
+def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=None):
     """The compiled walk ('dq' or 'dkv') for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
     target = {"kind": "cuda", "arch": arch}
-    prog = (dq_program if which == "dq" else dkv_program)(R, N, P, threads, stages, dth)
+    prog = (dq_program if which == "dq" else dkv_program)(R, N, P, threads, stages)
     with Target(target):
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
@@ -426,13 +367,13 @@ def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None)
 
 
 def compile(which: str, R: int, N: int, P: int, arch: str = "sm_90a", threads=THREADS,
-            stages=None, dth=None) -> dict:
+            stages=None) -> dict:
     """Build a walk for `arch` without a GPU: {"name", "registers", "spills" (local bytes per
     thread), "stack", "dynamic_smem" (bytes the launch asks for; None if not found), "source",
     "cubin_path"}."""
     from . import resource_usage
     from .step import find_cubin
-    k = build(which, R, N, P, arch, threads, stages, dth)
+    k = build(which, R, N, P, arch, threads, stages)
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
     res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path,

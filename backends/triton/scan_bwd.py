@@ -35,12 +35,7 @@ fp32 core operands for 16-bit inputs, the accurate fallback for dAngles at long 
 input's 16-bit type as bf16), POST_RECOMPUTE (post recomputes the core's rotated operands qh, ks from Q, K, the biases and
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
-tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), CORE_GRADS ("auto", the default:
-"bfloat16" where the core is the TileLang one; "bfloat16": the TileLang walks store dqh / dks /
-dvt in bf16 and form both sides' angle-gradient terms themselves, which post then adds instead of
-forming them from qh / ks (backends/tilelang/scan_bwd_core_chunk.py, DTH); "float32": fp32
-gradients, post forms the terms; "bfloat16" needs CORE_IMPL "tilelang" or "reference", whose
-float64 core emulates it for the CPU tests), SEQ_PROGRAMS (how
+tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), SEQ_PROGRAMS (how
 many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`). The core's operands carry
 pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
@@ -62,7 +57,6 @@ from .aot import Guard, step_down
 
 F32 = torch.float32
 CORE_IMPLS = ("auto", "triton", "tilelang", "reference")
-CORE_GRADS = ("auto", "float32", "bfloat16")
 
 
 def auto_tilelang(RC: int, N: int, P: int, dtype) -> bool:
@@ -91,15 +85,6 @@ def core_impl(config: dict, RC: int, N: int, P: int, dtype) -> str:
     if impl == "auto":
         return "tilelang" if auto_tilelang(RC, N, P, dtype) else "triton"
     return impl
-
-
-def core_grads(config: dict, RC: int, N: int, P: int, dtype) -> str:
-    """The dtype the core's gradients leave it in under `config` (CORE_GRADS with "auto"
-    resolved): "bfloat16" means the core also forms the angle terms (DTH)."""
-    g = config.get("CORE_GRADS", "auto")
-    if g == "auto":
-        return "bfloat16" if core_impl(config, RC, N, P, dtype) == "tilelang" else "float32"
-    return g
 
 
 def supports(spec: ScanSpec):
@@ -203,15 +188,6 @@ def check_config(spec: ScanSpec, config: dict) -> None:
                                "float32" if op_dtype(spec, config) == F32 else "bfloat16")
         if not ok:
             raise bad_arg("config.CORE_IMPL", "'tilelang' only where its walks apply", why)
-    if config.get("CORE_GRADS", "auto") not in CORE_GRADS:
-        raise bad_arg("config.CORE_GRADS", "'auto', 'float32' or 'bfloat16'", config.get("CORE_GRADS"))
-    if config.get("CORE_GRADS") == "bfloat16" and config.get("CORE_IMPL") not in ("tilelang", "reference"):
-        raise bad_arg("config.CORE_GRADS", "'bfloat16' only with CORE_IMPL 'tilelang' or 'reference' (the "
-                      "walks that form the angle terms)", f"'bfloat16' with CORE_IMPL {config.get('CORE_IMPL', 'auto')!r}")
-    if config.get("CORE_GRADS") == "bfloat16" and op_dtype(spec, config) == F32:
-        raise bad_arg("config.CORE_GRADS", "'bfloat16' only with 16-bit core operands (16-bit inputs, OPERANDS "
-                      "not 'float32')", f"'bfloat16' with {spec.input_dtype} inputs, OPERANDS "
-                      f"{config.get('OPERANDS', 'bfloat16')!r}")
     if config.get("OPERANDS", "bfloat16") not in ("bfloat16", "float32"):
         raise bad_arg("config.OPERANDS", "'bfloat16' or 'float32'", config.get("OPERANDS"))
     for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
@@ -219,7 +195,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "CORE_GRADS"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -325,29 +301,13 @@ def save_y_spill_free(spec: ScanSpec, config: dict, t, y, spills) -> dict:
 # ------------------------------------------------------------------------------------------
 # the core (stage 4)
 
-def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu, dtheta=None):
-    """The float64 NumPy core (reference/core_adjoint.py) on the same operands (tests only).
-    dtheta = (pairing, A): as the TileLang walks' DTH mode, out["dth"] (2, B, L, H, max(A, 1))
-    holds both sides' angle terms (from the float64 gradients) and dqh / dks / dvt come bf16."""
+def _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu):
+    """The float64 NumPy core (reference/core_adjoint.py) on the same operands (tests only)."""
     from mamba3_kernels.reference import core_adjoint as ca
     n = lambda x: None if x is None else x.detach().double().cpu().numpy()
     g = ca.core_backward(n(qh), n(ks), n(vt), n(adt), n(dy), n(s0), n(dsf),
                          None if cu is None else cu.cpu().numpy())
     out = {k: torch.as_tensor(v, dtype=F32, device=qh.device) for k, v in g.items()}
-    if dtheta is not None:
-        pairing, A = dtheta
-        B, L, R, H, N = qh.shape
-
-        def terms(d, x):   # sum over ranks of d[c1] x[c0] - d[c0] x[c1] per pair j < A
-            d, x = torch.as_tensor(d), torch.as_tensor(n(x))
-            if pairing == "half":
-                d0, d1, x0, x1 = d[..., :N // 2], d[..., N // 2:], x[..., :N // 2], x[..., N // 2:]
-            else:
-                d0, d1, x0, x1 = d[..., 0::2], d[..., 1::2], x[..., 0::2], x[..., 1::2]
-            return (d1 * x0 - d0 * x1).sum(2)[..., :max(A, 1)]
-        out["dth"] = torch.stack([terms(g["dqh"], qh), terms(g["dks"], ks)]).to(F32).to(qh.device)
-        for k in ("dqh", "dks", "dvt"):
-            out[k] = out[k].to(torch.bfloat16)
     out["dvt"] = out["dvt"][None]   # as the Triton core's dvt_partials (one part)
     return out
 
@@ -364,12 +324,10 @@ def core_config(config: dict, RC: int, N: int, P: int, dtype) -> dict:
     return ccfg
 
 
-def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu, dtheta=None):
-    """The core's outputs under `config`; dtheta = (pairing, A) where CORE_GRADS resolves to
-    "bfloat16" (the core then also returns "dth", and bf16 dqh / dks / dvt)."""
+def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     impl = core_impl(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     if impl == "reference":
-        return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu, dtheta)
+        return _core_reference(qh, ks, vt, adt, dy, s0, dsf, cu)
     from . import scan_bwd_core as core
     ccfg = core_config(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
@@ -381,7 +339,7 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu, dtheta=None):
             raise bad_arg("config.CORE_IMPL", "'tilelang' where TileLang runs (importable, a GPU)",
                           _tlb.available()[1])
         return _tl.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu, config=ccfg,
-                                 want_ds0=True, dvt_partials=True, dtheta=dtheta)
+                                 want_ds0=True, dvt_partials=True)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
                               config=ccfg, want_ds0=True, dvt_partials=True)
 
@@ -521,7 +479,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
                    ("qh_ptr", b["qh"]), ("ks_ptr", b["ks"]), ("dqh_ptr", b["dqh"]), ("dks_ptr", b["dks"]), ("dvt_ptr", b["dvt"]), ("dy_ptr", b["dy"]),
                    ("last_ptr", b["last"]), ("dkf_ptr", opt(b["dkf"])), ("dvf_ptr", opt(b["dvf"])),
-                   ("dthc_ptr", opt(b.get("dthc"))), ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
+                   ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
                    ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])),
                    ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
@@ -531,8 +489,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             DTH_IN=b.get("dthc") is not None),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -679,13 +636,8 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
     b = buffers(spec, t, dict(grads, _config=config), device)
     RC = _pow2(R)
     ccfg = core_config(config, RC, N, P, op_dtype(spec, config))   # as run_core's
-    if core_grads(config, RC, N, P, op_dtype(spec, config)) == "bfloat16":   # as the core's DTH mode
-        g16 = lambda *s: torch.empty(s, dtype=torch.bfloat16, device=device)  # noqa: E731
-        b["dqh"], b["dks"], b["dvt"] = g16(B, L, RC, H, N), g16(B, L, RC, H, N), g16(1, B, L, RC, H, P)
-        b["dthc"] = e(2, B, L, H, max(spec.n_angles, 1))
-    else:
-        b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
-        b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
+    b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
+    b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
     b["dpend"] = e(S, H) if spec.initial_states else None
     return plan(spec, config, t, b, device=device), ccfg
 
@@ -763,17 +715,13 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     if st is not None:
         vinit = st.v.to(F32)
         s0 = st.ssm + b["pend"][:, :, None, None] * torch.einsum("shp,hrp,srhn->shpn", vinit, mv, st.k)
-    dtheta = None
-    if core_grads(config, _pow2(R), N, P, b["qh"].dtype) == "bfloat16":
-        dtheta = ("half" if spec.pairing == "half" else "interleaved", A)
-    core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens, dtheta)
+    core = run_core(config, b["qh"], b["ks"], b["vt"], t.adt, b["dy"], s0, g["ssm"], t.cu_seqlens)
     b["dqh"], b["dks"], b["dvt"] = core["dqh"].contiguous(), core["dks"].contiguous(), core["dvt"].contiguous()
-    b["dthc"] = core.get("dth")
     tm.mark("4 core")
     # the core's operands that post does not read go before post's buffers come: vt always, qh / ks
-    # where post recomputes them or the core formed the angle terms (it takes only their dtype then)
+    # where post recomputes them (it takes only their dtype then)
     b["vt"] = None
-    if config.get("POST_RECOMPUTE") or b["dthc"] is not None:
+    if config.get("POST_RECOMPUTE"):
         b["qh"] = b["ks"] = torch.empty(1, dtype=b["qh"].dtype, device=dev)
     b.update(post_buffers(spec, t, g, dev))
     ds0 = core["ds0"]

@@ -224,16 +224,12 @@ def n_blocks(N: int, config: dict) -> int:
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, dvt_partials=False, grad_dtype=None):
+         device=None, poison=False, dvt_partials=False):
     """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
     num_stages, run) and the output dict. Tensors must be contiguous (meta tensors for AOT).
     poison: fill the outputs and every scratch tensor with NaN first (tests). dvt_partials:
     out["dvt"] is dvt's N-block partials (NNB, B, L, R, H, P), left unsummed for a consumer
-    that reads dvt once anyway (the scan backward's post stage sums them as it loads).
-    grad_dtype: dqh, dks and (with dvt_partials) dvt's partials in that dtype (default fp32; the
-    TileLang walks' DTH mode stores bf16, backends/tilelang/scan_bwd_core.py)."""
-    if grad_dtype not in (None, torch.float32) and not dvt_partials:
-        raise ValueError("grad_dtype: other than float32 only with dvt_partials (dadt sums fp32 partials)")
+    that reads dvt once anyway (the scan backward's post stage sums them as it loads)."""
     B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
     dtype = _NAME[qh.dtype]
     dflt = default_config(R, N, P, dtype)
@@ -264,11 +260,10 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dcs = e(2 * NNB, B, H, L)
     nrow = B * L * R * H
     dtc = e(NNB, nch, H)      # X_c per N block and chunk (dkv)
-    gdt = f32 if grad_dtype is None else grad_dtype
-    out = {"dqh": e(B, L, R, H, N, dt=gdt), "dks": e(B, L, R, H, N, dt=gdt), "dadt": e(B, H, L),
+    out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
     if dvt_partials:
-        out["dvt"] = dvp = e(NNB, B, L, R, H, P, dt=gdt)
+        out["dvt"] = dvp = e(NNB, B, L, R, H, P)
     else:
         out["dvt"] = e(B, L, R, H, P)
         dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials

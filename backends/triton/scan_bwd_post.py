@@ -18,10 +18,6 @@ k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt
     in the reverse cumsum Gacc exactly only when both sides use the same operand values
     (with the fp32 values the rounding of the operands does not cancel and the angle gradient's
     error grows like sqrt(L): rel_l2 4e-2 at L = 512 with module-like bf16 inputs).
-    DTH_IN (the TileLang walks' DTH mode, config CORE_GRADS "bfloat16"): the core formed both
-    sides' dtheta terms itself from its fp32 results and the operands it multiplied (the same
-    values), summed over ranks, as dthc (2, B, L, H, A) fp32, and sent dqh / dks / dvt in bf16:
-    post adds dthc's two parts instead of forming the terms, and reads neither qh nor ks.
     RECOMPUTE (config POST_RECOMPUTE): instead of reading prep's per-head qh / ks, recompute
     them with prep's own arithmetic (the same helpers, the same rounding to the operand dtype),
     so the values are those the core multiplied, bit for bit (checked against the reading path
@@ -87,14 +83,14 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 @triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
-    qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr, dthc_ptr,
+    qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, DTH_IN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -138,15 +134,14 @@ def post_kernel(
             crow = ((m64 * RC + r) * H + h) * N
             d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
             # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-            if not DTH_IN:   # (with DTH_IN the core formed these terms)
-                if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
-                    u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
-                                        j, N, PAIR_HALF)
-                    u0, u1 = _rotated(u0, u1, cs, sn, A)
-                    u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += d1 * u0 - d0 * u1
+            if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
+                u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                                    j, N, PAIR_HALF)
+                u0, u1 = _rotated(u0, u1, cs, sn, A)
+                u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
+            else:
+                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += d1 * u0 - d0 * u1
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
             dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
@@ -174,12 +169,11 @@ def post_kernel(
             crow = ((m64 * RC + r2) * H + h) * N
             f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
             dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-            if not DTH_IN:
-                if RECOMPUTE:   # ks = kh * scale as prep stores it
-                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += f1 * u0 - f0 * u1
+            if RECOMPUTE:   # ks = kh * scale as prep stores it
+                u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
+            else:
+                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += f1 * u0 - f0 * u1
             d0 = f0 * scale[:, None]
             d1 = f1 * scale[:, None]
             if HAS_KF:
@@ -190,9 +184,9 @@ def post_kernel(
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
             vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
             for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
-                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0).to(tl.float32)
+                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
             dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
             if HAS_MV:
                 mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
@@ -227,12 +221,8 @@ def post_kernel(
         tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
                  mask=vm)
         if A > 0:
-            am = mm[:, None] & (j[None, :] < A)
-            if DTH_IN:   # both sides' terms from the core (parts 0 and 1 of dthc)
-                trow = (m64[:, None] * H + h) * A + j[None, :]
-                dtheta += tl.load(dthc_ptr + trow, mask=am, other=0.0)
-                dtheta += tl.load(dthc_ptr + BL.to(tl.int64) * H * A + trow, mask=am, other=0.0)
-            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta, mask=am)
+            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                     mask=mm[:, None] & (j[None, :] < A))
         tl.store(dgam_ptr + sidx, dgamma, mask=mm)
         tl.store(dsc_ptr + sidx, dscale, mask=mm)
 
