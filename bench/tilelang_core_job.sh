@@ -9,7 +9,8 @@
 #          and the TileLang core's, as 8 pytest processes (bench/gpu_tests_parallel.sh)
 #   walks  bench/tilelang_dq_walk.py (each walk vs the Triton walk, SISO B4 L4096; WALK_ARGS)
 #   core   bench/scan_bwd_core_tilelang.py (the whole core and each kernel, SISO and MIMO)
-#   ab     bench/scan_bwd_ab.py --b CORE_IMPL tilelang (fwd+bwd from CUDA graphs, vs the Triton core)
+#   ab     bench/scan_bwd_ab.py (fwd+bwd from CUDA graphs): AB_A (default {}) vs AB_B (default CORE_IMPL
+#          tilelang) [and AB_B2]
 #   bench  bench/scan_bwd.py --graph (fwd+bwd of the defaults, side by side with upstream's SISO;
 #          carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
@@ -43,7 +44,8 @@ core)
   timeout ${T4:-150} python bench/scan_bwd_core_tilelang.py ${CORE_ARGS:-} --out $OUT/scan_bwd_core_tilelang_h100_$c.json > $OUT/core_$c.log 2>&1
   grep speedup $OUT/core_$c.log | cut -c1-300;;
 ab)
-  timeout ${T5:-400} python bench/scan_bwd_ab.py --b '{"CORE_IMPL": "tilelang"}' --kinds ${KINDS:-siso,mimo} \
+  timeout ${T5:-400} python bench/scan_bwd_ab.py --a "${AB_A:-{\}}" --b "${AB_B:-{\"CORE_IMPL\": \"tilelang\"\}}" \
+      ${AB_B2:+--b "$AB_B2"} --kinds ${KINDS:-siso,mimo} \
       --out $OUT/scan_bwd_ab_tilelang_core_h100_$c.json > $OUT/ab_$c.log 2>&1
   tail -12 $OUT/ab_$c.log;;
 bench)
