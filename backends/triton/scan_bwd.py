@@ -42,7 +42,6 @@ pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -389,23 +388,6 @@ def seq_segments(config: dict, S: int, H: int, L: int):
     return max(1, triton.cdiv(L, segl)), segl
 
 
-def _carries(tot, S: int, H: int, A: int, init=None, reverse=False, wrap=False):
-    """Each segment's carry-in from the per-segment sums tot (S * NSEG, H, A): the exclusive
-    (reverse=False) or reverse-exclusive sum over the sequence's segments, plus `init`
-    (S, H, A) or 0, in float64, wrapped into [0, 2 pi) for angles; (S * NSEG, H, A) fp32."""
-    x = tot.view(S, -1, H, A).double()
-    if reverse:
-        x = x.flip(1)
-    ex = torch.cumsum(x, dim=1) - x
-    if reverse:
-        ex = ex.flip(1)
-    if init is not None:
-        ex = ex + init.double()[:, None]
-    if wrap:
-        ex = torch.remainder(ex, 2 * math.pi)
-    return ex.to(F32).reshape(tot.shape)
-
-
 def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     """The kernel calls of stages 0, 2, 3 (before the core) and 5, 6 (after it) as dicts
     (name, kernel, grid, args, constexprs, num_warps, stage); `bufs` holds every tensor by name
@@ -441,11 +423,12 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
              constexprs=dict(segc, ANGLES=True), num_warps=snw),
         dict(name="bwd_seq_fwd", stage=0, kernel=_prep.seq_fwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)),
-                   ("carry_ptr", b["fcarry"]), ("cu_ptr", cu),
+                   ("tot_ptr", b["ftot"]), ("init_ptr", opt(st.angle.contiguous() if st is not None else None)), ("cu_ptr", cu),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
                    ("pend_ptr", b["pend"]), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
-             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen),
+             constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
+                             HAS_TINIT=st is not None),
              num_warps=snw),
         dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
              args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
@@ -499,12 +482,12 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
         dict(name="bwd_seq_bwd", stage=6, kernel=_post.seq_bwd_kernel, grid=sgrid,
              args=[("dt_ptr", t.dt), ("trap_ptr", opt(t.trap)), ("ang_ptr", opt(t.angles)), ("cu_ptr", cu),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("dth_ptr", b["dtheta"]),
-                   ("carry_ptr", b["bcarry"]), ("dpend_ptr", opt(b["dpend"])),
+                   ("tot_ptr", b["btot"]), ("dthf_ptr", opt(b["dthf"])), ("dpend_ptr", opt(b["dpend"])),
                    ("ddt_ptr", b["ddt"]), ("dtrap_ptr", opt(b["dtrap"])), ("dang_ptr", b["dang"]),
                    ("dthi_ptr", opt(b["dthi"])), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
-                             HAS_INIT=st is not None),
+                             HAS_INIT=st is not None, HAS_DTHF=b["dthf"] is not None),
              num_warps=snw),
     ]
     return calls
@@ -541,11 +524,11 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True, post=True) -> d
     b["last"] = torch.empty(B * L, dtype=torch.int32, device=device)
     b["dkf"] = grads.get("k")
     b["dvf"] = grads.get("v")
-    b["dthf"] = grads.get("angle") if A else None
+    b["dthf"] = grads["angle"].contiguous() if A and grads.get("angle") is not None else None
     b["pd"] = e(nblk, H) if t.d is not None else None    # from the output stage (BT blocks)
     b["dpend"] = e(S, H) if t.state_in is not None else None
     NSEG, _ = seq_segments(grads["_config"], S, H, L)
-    b["ftot"], b["fcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
+    b["ftot"] = e(S * NSEG, H, max(A, 1))
     b["nblk"] = nblk
     if post:
         b.update(post_buffers(spec, t, grads, device))
@@ -574,7 +557,7 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     b["dtrap"] = e(B, H, L) if t.trap is not None else None
     b["dang"] = e(B, L, H, max(A, 1))
     b["dthi"] = e(S, H, max(A, 1)) if t.state_in is not None else None
-    b["btot"], b["bcarry"] = e(S * NSEG, H, max(A, 1)), e(S * NSEG, H, max(A, 1))
+    b["btot"] = e(S * NSEG, H, max(A, 1))
     return b
 
 
@@ -694,13 +677,12 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     tm.mark("1 recompute y")
     config = g["_config"] = effective_config(spec, config, t, g)
     b = buffers(spec, t, g, dev, post=False)   # post's own buffers after the core (peak memory)
-    b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
+    if b["dkf"] is not None or b["dvf"] is not None:   # (post reads it only for the final states' grads)
+        b["last"] = _last_index(B, L, S, t.cu_seqlens, dev)
     # stages 0-3 with "meta" stand-ins for post's buffers (their calls are planned, not launched, here)
     calls = {c["name"]: c for c in plan(spec, config, t, dict(b, **post_buffers(spec, t, g, "meta")))}
     if A:
         launch(calls["bwd_seq_fwd_sums"])
-        init = t.state_in.angle if t.state_in is not None else None
-        b["fcarry"].copy_(_carries(b["ftot"], S, H, A, init, wrap=True))
     launch(calls["bwd_seq_fwd"])
     tm.mark("0 seq_fwd")
     if L:
@@ -735,7 +717,6 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
         tm.mark("5 post")
     if A:
         launch(calls["bwd_seq_bwd_sums"])
-        b["bcarry"].copy_(_carries(b["btot"], S, H, A, b["dthf"], reverse=True))
     launch(calls["bwd_seq_bwd"])
     tm.mark("6 seq_bwd")
     # stage 7: fixed-order reductions

@@ -32,8 +32,8 @@ order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and ds
 (B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .).
 
 `seq_bwd_kernel` grid (sequences x segments, H): walks one segment of a sequence backwards
-chunk by chunk, from its carry-in Gacc (dTheta_final + the later segments' dtheta sums: the
-orchestrator's reverse scan of `seg_sum_kernel`'s sums):
+chunk by chunk, from its carry-in Gacc (dTheta_final + the later segments' dtheta sums from
+`seg_sum_kernel`, added up by the program itself: scan_bwd_prep._carry_in):
     dDT_t   = (dgamma_t + dscale_t) lam_t + dscale_{t-1} (1 - lam_t)      (SPEC §9.2 stage 4)
     dTrap_t = (dgamma_t + dscale_t - dscale_{t-1}) DT_t lam_t (1 - lam_t)
     (dscale_{-1} = 0; the first token also gets the initial states' pending term
@@ -46,8 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import (FAST_MATH, PI, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotated, _seg_bounds,
-                            _sigmoid, _store_pairs, _tanh)
+from .scan_bwd_prep import (FAST_MATH, PI, _carry_in, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotated,
+                            _seg_bounds, _sigmoid, _store_pairs, _tanh)
 
 
 @triton.jit
@@ -229,11 +229,11 @@ def post_kernel(
 
 @triton.jit
 def seq_bwd_kernel(
-    dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, carry_ptr, dpend_ptr,
+    dt_ptr, trap_ptr, ang_ptr, cu_ptr, dgam_ptr, dsc_ptr, dth_ptr, tot_ptr, dthf_ptr, dpend_ptr,
     ddt_ptr, dtrap_ptr, dang_ptr, dthi_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DTHF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -243,7 +243,7 @@ def seq_bwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # Gacc after the segment: dTheta_final + the later segments' dtheta sums
-        carry = tl.load(carry_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
+        carry = _carry_in(tot_ptr, dthf_ptr, seq, k, h, NSEG, H, j, jm, A, AP, HAS_DTHF, True, False)
     if HAS_INIT:
         dpend = tl.load(dpend_ptr + seq * H + h)
     else:

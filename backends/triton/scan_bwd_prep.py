@@ -109,8 +109,8 @@ def seg_sum_kernel(
 ):
     """Per (sequence, segment, head): the sum over the segment's tokens of the per-token angle
     increment pi tanh(Angles_t) DT_t (ANGLES) or of dtheta_t (B, L, H, A) -> tot (S*NSEG, H, A).
-    The orchestrator turns these into each segment's carry-in (an exclusive scan over segments),
-    so the per-sequence walks below run one program per segment instead of per sequence."""
+    Each segment's program of the walks below takes its carry-in from them (`_carry_in`), so the
+    per-sequence walks run one program per segment instead of per sequence."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     seq, k, b, t0, t1, s0, s1 = _seg_bounds(pid, NSEG, SEGL, cu_ptr, L, VARLEN)
@@ -135,12 +135,39 @@ def seg_sum_kernel(
 
 
 @triton.jit
+def _carry_in(tot_ptr, init_ptr, seq, k, h, NSEG, H, j, jm, A: tl.constexpr, AP: tl.constexpr,
+              HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WRAP: tl.constexpr):
+    """Segment k's carry-in [AP] fp32 from its sequence's per-segment sums tot (S * NSEG, H, A)
+    (`seg_sum_kernel`): init (S, H, A) if HAS_INIT plus the sum over the earlier segments (the
+    later ones with REVERSE), in float64, in one fixed order (deterministic), wrapped into
+    [0, 2 pi) with WRAP. Each segment's program reads at most NSEG rows of A floats: no separate
+    scan over segments (it was ~6 torch kernels each way)."""
+    acc = tl.zeros([AP], dtype=tl.float64)
+    if HAS_INIT:
+        acc += tl.load(init_ptr + (seq * H + h) * A + j, mask=jm, other=0.0).to(tl.float64)
+    if REVERSE:
+        lo = k + 1
+        hi = NSEG
+    else:
+        lo = 0
+        hi = k
+    for kk in range(lo, hi):
+        acc += tl.load(tot_ptr + ((seq * NSEG + kk) * H + h) * A + j, mask=jm, other=0.0).to(tl.float64)
+    if WRAP:
+        two_pi = 6.283185307179586
+        acc = acc - two_pi * tl.floor(acc / two_pi)
+        acc = tl.where(acc < 0.0, acc + two_pi, acc)
+        acc = tl.where(acc >= two_pi, acc - two_pi, acc)
+    return acc.to(tl.float32)
+
+
+@triton.jit
 def seq_fwd_kernel(
-    dt_ptr, trap_ptr, ang_ptr, carry_ptr, cu_ptr,
+    dt_ptr, trap_ptr, ang_ptr, tot_ptr, init_ptr, cu_ptr,
     theta_ptr, gamma_ptr, scale_ptr, pend_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_TINIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -150,7 +177,7 @@ def seq_fwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # the angle before the segment, wrapped (theta_init + the earlier segments' sums)
-        carry = tl.load(carry_ptr + (pid * H + h) * A + j, mask=jm, other=0.0)
+        carry = _carry_in(tot_ptr, init_ptr, seq, k, h, NSEG, H, j, jm, A, AP, HAS_TINIT, False, True)
     rows = tl.arange(0, BT)
     for c in range(s0, s1, BT):
         t = c + rows
