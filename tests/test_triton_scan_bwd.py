@@ -194,16 +194,20 @@ def test_short_forms_and_multi_segment_core(rng):
      [13, 0, 17]),
     ("dense-mimo2-euler", _spec(rank=2, discretization="euler", final_states=True, initial_states=True, **MIMO),
      (2, 27, 2, 1, 2), None),
+    # more than 64 segments: each segment's carry-in sums its sequence's segment rows 64 at a time
+    ("dense-siso-70-segments", _spec(n_angles=2, initial_states=True, final_states=True, shared_angles=True,
+                                     input_dtype="bfloat16"), (1, 561, 1, 1, 1), None),
 ])
 def test_per_sequence_stages_in_segments(name, spec, pr, lens, rng):
     """seq_fwd / seq_bwd split into 8-token segments (SEQ_BT=8: several per sequence, some past a
-    varlen sequence's end, an empty sequence): the carried angle, Gacc, dTheta_init, pend0 and
-    dpend across segment boundaries."""
+    varlen sequence's end, an empty sequence; 71 in one sequence): the carried angle, Gacc,
+    dTheta_init, pend0 and dpend across segment boundaries."""
     from mamba3_kernels.backends.triton import scan_bwd
     cfg = dict(SEQ_BT=8)
     S, H, L = pr[4], pr[2], pr[1]
     nseg, segl = scan_bwd.seq_segments(dict(scan_bwd.default_config(spec), **cfg), S, H, L)
     assert nseg >= 3 and segl == 8, (nseg, segl)
+    assert name != "dense-siso-70-segments" or nseg > 64, nseg
     rows, case = run_grad_case(spec, Problem(*pr), rng, lengths=lens, bwd_config=cfg)
     check(rows, case)
 

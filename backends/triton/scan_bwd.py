@@ -413,6 +413,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     st = t.state_in
     NSEG, SEGL = seq_segments(config, S, H, L)
     sgrid = (S * NSEG, H)
+    sb = min(64, _pow2(NSEG))   # segment rows per load of the carry-ins (scan_bwd_prep._carry_in)
     segc = dict(A=A, AP=_ap(spec), BT=SBT, VARLEN=varlen)
     sd = b["dtheta"].stride()
     calls = [
@@ -428,7 +429,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("pend_ptr", b["pend"]), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
-                             HAS_TINIT=st is not None),
+                             HAS_TINIT=st is not None, SB=sb),
              num_warps=snw),
         dict(name="bwd_output", stage=2, kernel=_outk.output_bwd_kernel, grid=_outk.grid(B * L, H, BT),
              args=[("y_ptr", opt(b["y"])), ("do_ptr", b["dout"]), ("z_ptr", opt(t.z)),
@@ -487,7 +488,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("dthi_ptr", opt(b["dthi"])), ("s_ab", sa[0]), ("s_at", sa[1]), ("s_ah", sa[2]),
                    ("L", L), ("H", H), ("NSEG", NSEG), ("SEGL", SEGL)],
              constexprs=dict(A=A, AP=_ap(spec), BT=SBT, TRAP=t.trap is not None, VARLEN=varlen,
-                             HAS_INIT=st is not None, HAS_DTHF=b["dthf"] is not None),
+                             HAS_INIT=st is not None, HAS_DTHF=b["dthf"] is not None, SB=sb),
              num_warps=snw),
     ]
     return calls

@@ -233,7 +233,7 @@ def seq_bwd_kernel(
     ddt_ptr, dtrap_ptr, dang_ptr, dthi_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DTHF: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DTHF: tl.constexpr, SB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -243,7 +243,7 @@ def seq_bwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # Gacc after the segment: dTheta_final + the later segments' dtheta sums
-        carry = _carry_in(tot_ptr, dthf_ptr, seq, k, h, NSEG, H, j, jm, A, AP, HAS_DTHF, True, False)
+        carry = _carry_in(tot_ptr, dthf_ptr, seq, k, h, NSEG, H, j, jm, A, AP, SB, HAS_DTHF, True, False)
     if HAS_INIT:
         dpend = tl.load(dpend_ptr + seq * H + h)
     else:

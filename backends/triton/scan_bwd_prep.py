@@ -136,23 +136,26 @@ def seg_sum_kernel(
 
 @triton.jit
 def _carry_in(tot_ptr, init_ptr, seq, k, h, NSEG, H, j, jm, A: tl.constexpr, AP: tl.constexpr,
-              HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WRAP: tl.constexpr):
+              SB: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, WRAP: tl.constexpr):
     """Segment k's carry-in [AP] fp32 from its sequence's per-segment sums tot (S * NSEG, H, A)
     (`seg_sum_kernel`): init (S, H, A) if HAS_INIT plus the sum over the earlier segments (the
     later ones with REVERSE), in float64, in one fixed order (deterministic), wrapped into
-    [0, 2 pi) with WRAP. Each segment's program reads at most NSEG rows of A floats: no separate
-    scan over segments (it was ~6 torch kernels each way)."""
+    [0, 2 pi) with WRAP. Each segment's program reads its sequence's NSEG rows of A floats, SB
+    rows per load (one load at the usual NSEG <= SB): no separate scan over segments (that was
+    ~6 torch kernels each way)."""
     acc = tl.zeros([AP], dtype=tl.float64)
     if HAS_INIT:
         acc += tl.load(init_ptr + (seq * H + h) * A + j, mask=jm, other=0.0).to(tl.float64)
-    if REVERSE:
-        lo = k + 1
-        hi = NSEG
-    else:
-        lo = 0
-        hi = k
-    for kk in range(lo, hi):
-        acc += tl.load(tot_ptr + ((seq * NSEG + kk) * H + h) * A + j, mask=jm, other=0.0).to(tl.float64)
+    rows = tl.arange(0, SB)
+    for c in range(0, NSEG, SB):
+        kk = c + rows
+        if REVERSE:
+            sel = (kk > k) & (kk < NSEG)
+        else:
+            sel = kk < k
+        x = tl.load(tot_ptr + ((seq * NSEG + kk)[:, None] * H + h) * A + j[None, :],
+                    mask=sel[:, None] & jm[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float64), axis=0)
     if WRAP:
         two_pi = 6.283185307179586
         acc = acc - two_pi * tl.floor(acc / two_pi)
@@ -167,7 +170,7 @@ def seq_fwd_kernel(
     theta_ptr, gamma_ptr, scale_ptr, pend_ptr,
     s_ab, s_at, s_ah, L, H, NSEG, SEGL,
     A: tl.constexpr, AP: tl.constexpr, BT: tl.constexpr, TRAP: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_TINIT: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_TINIT: tl.constexpr, SB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -177,7 +180,7 @@ def seq_fwd_kernel(
     j = tl.arange(0, AP)
     jm = j < A
     if A > 0:   # the angle before the segment, wrapped (theta_init + the earlier segments' sums)
-        carry = _carry_in(tot_ptr, init_ptr, seq, k, h, NSEG, H, j, jm, A, AP, HAS_TINIT, False, True)
+        carry = _carry_in(tot_ptr, init_ptr, seq, k, h, NSEG, H, j, jm, A, AP, SB, HAS_TINIT, False, True)
     rows = tl.arange(0, BT)
     for c in range(s0, s1, BT):
         t = c + rows
