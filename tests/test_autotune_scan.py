@@ -204,3 +204,28 @@ def test_backward_space_is_valid():
         for c in sp:
             scan_bwd.check_config(spec, c)
         assert any((c.get("CORE") or {}).get("FUSED") for c in sp)
+
+
+@pytest.mark.parametrize("R,N,runs", [(1, 128, True), (2, 128, True), (1, 128, False), (1, 32, True)])
+def test_backward_space_tries_the_other_core(R, N, runs, monkeypatch):
+    """Where TileLang runs and its walks take the spec, the backward's space holds the core
+    implementation auto does not pick; where auto picks the TileLang walks, the Triton core's
+    candidates come with CORE_IMPL "triton" (else they would not change the TileLang core's
+    plan); no TileLang candidate where it cannot run or the walks do not apply."""
+    from mamba3_kernels.backends.triton import scan_bwd
+    monkeypatch.setattr(scan_bwd, "_tilelang_runs", lambda: runs)
+    kw = dict(pairing="half", mimo_v=True) if R > 1 else {}
+    spec, problem = scan_spec_problem(2, 4096, 32, N, 64, A=16, has_d=True, has_z=True, dtype="bfloat16", R=R, **kw)
+    sp = scan_bwd.space(spec, problem)
+    impls = [c.get("CORE_IMPL", "auto") for c in sp]
+    auto_tl = scan_bwd.core_impl(sp[0], R, N, 64, torch.bfloat16) == "tilelang"
+    assert auto_tl == (runs and R == 1 and N == 128)
+    if auto_tl:
+        assert "triton" in impls and "tilelang" not in impls
+        assert all(c.get("CORE_IMPL") == "triton" for c in sp if c.get("CORE") and c["CORE"] != {"SPILL_GUARD": False})
+    elif runs and N in (64, 128):
+        assert "tilelang" in impls
+    else:
+        assert set(impls) == {"auto"}
+    for c in sp:
+        scan_bwd.check_config(spec, c)

@@ -148,8 +148,11 @@ def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates of the backward (op "backward", at most 16): the default; the default
     without its spill guards; post's token block halved and doubled and post at 2 warps (post
     is latency-bound: the stage sweep's fastest points, some spilling); post with
-    POST_RECOMPUTE flipped; then the core's own candidates (scan_bwd_core.space: the FUSED walks first,
-    then chunk rows, BLOCK_N, warps, segment length) as CORE overrides of the core's default."""
+    POST_RECOMPUTE flipped; where TileLang runs and its walks take the spec, the other core
+    implementation than "auto" picks (CORE_IMPL "triton" / "tilelang": auto's choice rests on a
+    few H100 shapes); then the Triton core's own candidates (scan_bwd_core.space: the FUSED walks
+    first, then chunk rows, BLOCK_N, warps, segment length) as CORE overrides of its default,
+    with CORE_IMPL "triton" where auto would run the TileLang walks (which fix the chunking)."""
     from . import scan_bwd_core as _core
     d = default_config(spec, problem)
     out = [d]
@@ -163,11 +166,19 @@ def space(spec: ScanSpec, problem=None) -> list:
     add(dict(d, post_num_warps=2))
     add(dict(d, POST_RECOMPUTE=not d["POST_RECOMPUTE"]))
     RC, N, P = _pow2(spec.rank), spec.d_state, spec.head_dim
-    cd = _core.default_config(RC, N, P, op_dtype(spec, d))
-    for c in sorted(_core.space(RC, N, P, op_dtype(spec, d))[1:], key=lambda c: not c.get("FUSED")):
+    odt = op_dtype(spec, d)
+    tl_auto = core_impl(d, RC, N, P, odt) == "tilelang"
+    if tl_auto:
+        add(dict(d, CORE_IMPL="triton"))
+    elif odt == torch.bfloat16 and _tilelang_runs():
+        from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
+        if _tl.supports(RC, N, P, "bfloat16")[0]:
+            add(dict(d, CORE_IMPL="tilelang"))
+    cd = _core.default_config(RC, N, P, odt)
+    for c in sorted(_core.space(RC, N, P, odt)[1:], key=lambda c: not c.get("FUSED")):
         over = {k: v for k, v in c.items() if cd.get(k, None) != v}
         if over and over != {"SPILL_GUARD": False}:
-            add(dict(d, CORE=over))
+            add(dict(d, CORE=over, **({"CORE_IMPL": "triton"} if tl_auto else {})))
     return out[:16]
 
 
