@@ -197,16 +197,3 @@ def test_tilelang_calls_match_their_kernels_signatures(R, lengths, s0, dvt_parti
         # the walks read SEG (chunks per slot) as NCH // NSLOT: the cs table's rows are the slots' chunks
         assert bound["NCH"] == bound["NSLOT"] * seg, (c["name"], bound, seg)
 
-
-def test_dense_slot_table_is_built_once():
-    """The hybrid keeps a dense slot table per (B, L, SEG, TOK, device) (no torch kernels per
-    backward) and builds varlen ones per call (they depend on cu_seqlens' values); the kept
-    table is the one slot_table builds."""
-    a = hyb._slots(3, 1000, 2, 64, None, "cpu")
-    assert hyb._slots(3, 1000, 2, 64, None, "cpu") is a
-    assert torch.equal(a, walks.slot_table(3, 1000, 2, 64, None, device="cpu"))
-    assert hyb._slots(3, 1000, 4, 64, None, "cpu") is not a
-    cu = torch.tensor([0, 65, 65, 192], dtype=torch.int32)
-    v1, v2 = hyb._slots(1, 192, 2, 64, cu, "cpu"), hyb._slots(1, 192, 2, 64, cu, "cpu")
-    assert v1 is not v2 and torch.equal(v1, v2)
-    assert torch.equal(v1, walks.slot_table(1, 192, 2, 64, cu, device="cpu"))

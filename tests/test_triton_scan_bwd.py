@@ -10,7 +10,6 @@ Triton core (scan_bwd_core), post and the per-sequence kernels.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

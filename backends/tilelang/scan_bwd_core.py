@@ -66,7 +66,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
     SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
     dev = qh.device if device is None else device
-    slots = _slots(B, L, SEG, walks.tokens(R), cu_seqlens, dev)
+    slots = walks.slot_table(B, L, SEG, walks.tokens(R), cu_seqlens, device=dev)
     run = by["scan_bwd_core_dq"]["run"]
     nch = dkv_args["dtc_ptr"].shape[1]
     key = dict(R=R, N=N, P=P, arch=arch)
@@ -90,25 +90,6 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
                           ("DTC", dkv_args["dtc_ptr"].view(nch, H))]}
     swap = {"scan_bwd_core_dq": [cs_call, dq], "scan_bwd_core_dkv": [dkv]}
     return [x for c in calls for x in swap.get(c["name"], [c])], out
-
-
-def _slots(B, L, SEG, TOK, cu_seqlens, dev):
-    """The walks' slot table; a dense one (a function of B, L, SEG, TOK alone) built once per
-    device and shape and kept (~7 small torch kernels and host calls less per backward; no
-    change measurable in a CUDA graph on the H100), except while a CUDA graph is being captured
-    (a table made there would live in the graph's memory pool)."""
-    if cu_seqlens is not None or str(dev) == "meta" or (
-            torch.device(dev).type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return walks.slot_table(B, L, SEG, TOK, cu_seqlens, device=dev)
-    return _dense_slots(B, L, SEG, TOK, torch.device(dev))
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_slots(B, L, SEG, TOK, dev):
-    t = walks.slot_table(B, L, SEG, TOK, None, device=dev)
-    if dev.type == "cuda":   # built once: complete before a later call on another stream reads it
-        torch.cuda.current_stream(dev).synchronize()
-    return t
 
 
 def program(c: dict):
