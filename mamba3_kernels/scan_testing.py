@@ -8,7 +8,8 @@ comparisons against reference.chunked (the scan's analogue of testing.py).
   numbers, faster at long L).
 - `poisoned_scan_tensors`: the backend bundle with out and the final states filled with NaN,
   so an element a kernel never writes fails the comparison.
-- `compare_scan`: rows for out and state.{angle, ssm, k, v} within DESIGN.md bounds.
+- `compare_scan` / `compare_results`: rows for out and state.{angle, ssm, k, v} within DESIGN.md
+  bounds (16-bit inputs: or the oracle's same-precision spread, `roundoff_spread`, where larger).
 - `segment_reference` / `compare_segments`: the expected per-segment scratch of the
   split-sequence forward (phase 2 local states, decay and angle totals; phase 3 entry
   states), from reference.chunked run with chunk = the segment length, rotated into each
@@ -24,7 +25,7 @@ import torch
 
 from . import reference as ref
 from .reference.common import rotate, wrap_angle
-from .reference.compare import Report, compare_outputs
+from .reference.compare import Report, compare_outputs, rel_l2, rel_max
 from .reference.inputs import random_scan_inputs, spec_options
 from .scan_tensors import ScanTensors, prepare_scan
 from .spec import Problem, ScanSpec, States, resolve_scan
@@ -109,10 +110,17 @@ def poisoned_scan_tensors(case: ScanCase) -> ScanTensors:
 
 def compare_scan(case: ScanCase, t: ScanTensors, label: str = "") -> Report:
     """Rows for out and (with final states) the four final states."""
-    got = {"out": to_numpy(t.out)}
+    return compare_results(case, t.out, t.state_out if case.spec.final_states else None, label)
+
+
+def compare_results(case: ScanCase, out, states: Optional[States], label: str = "") -> Report:
+    """Rows for out and the four final states (None: not compared), each within its DESIGN.md
+    bound or, with 16-bit inputs, within FLOOR_FACTOR x the oracle's same-precision spread where
+    that is larger (see `roundoff_spread`)."""
+    got = {"out": to_numpy(out)}
     refd = {"out": case.ref_out}
-    if case.spec.final_states:
-        g = States(*(to_numpy(x) for x in t.state_out))
+    if states is not None:
+        g = States(*(to_numpy(x) for x in states))
         got.update({"state.angle": g.angle, "state.ssm": g.ssm,
                     "state.k": g.k.reshape(case.ref_states.k.shape), "state.v": g.v})
         refd.update({"state.angle": case.ref_states.angle, "state.ssm": case.ref_states.ssm,
@@ -120,7 +128,53 @@ def compare_scan(case: ScanCase, t: ScanTensors, label: str = "") -> Report:
     dt = case.spec.input_dtype
     if case.spec.state_dtype in ("bfloat16", "float16"):
         dt = "bfloat16"
-    return Report(compare_outputs(label or case.label(), got, refd, dtype=dt))
+    rep = Report(compare_outputs(label or case.label(), got, refd, dtype=dt))
+    if not rep.ok and case.spec.input_dtype in ROUNDOFF:
+        spread = roundoff_spread(case, refd)
+        rep = Report([r.widened(FLOOR_FACTOR * spread[r.name][0], FLOOR_FACTOR * spread[r.name][1], SPREAD_NOTE)
+                      for r in rep.rows])
+    return rep
+
+
+# The same-precision spread (DESIGN.md: FlashAttention's tests derive their tolerance from a
+# same-precision reference). Some outputs of the 16-bit scan are ill-conditioned on some inputs,
+# by no kernel's fault: with MIMO's pre-gate norm (scale-invariant), a token whose per-rank y
+# cancels (q'_r nearly orthogonal to the state) keeps the bf16 GEMM operands' absolute rounding
+# (upstream's precision) as a relative error of its output; over a 7- or 23-token case one such
+# token puts out's rel_l2 at 1.0-1.4e-2 (1-3 % of seeds). So a tensor over its fixed bound passes
+# only if the oracle itself moves by at least 1 / FLOOR_FACTOR of the kernel's error when its
+# inputs q, k, v are perturbed by one unit roundoff of the input dtype (relative, Gaussian; the
+# largest change over three draws). On well-conditioned inputs that spread is 2-3e-3, so the
+# effective bound is near the fixed one; a wrong kernel (errors of order 1) fails either way.
+ROUNDOFF = {"bfloat16": 2.0 ** -9, "float16": 2.0 ** -12}
+FLOOR_FACTOR = 4.0
+SPREAD_NOTE = (f"bound = {FLOOR_FACTOR:g} x the oracle's change under one-roundoff perturbations of q, k, v "
+               "(and dout for gradients): an ill-conditioned input over the fixed bound")
+
+
+def perturbed(seen: dict, dtype: str, rng: np.random.Generator, names=("q", "k", "v")) -> dict:
+    """A copy of the oracle's inputs with `names` perturbed by one unit roundoff of `dtype`."""
+    u = ROUNDOFF[dtype]
+    return dict(seen, **{n: seen[n] * (1.0 + u * rng.standard_normal(np.shape(seen[n]))) for n in names})
+
+
+def roundoff_spread(case: ScanCase, refd: dict, draws: int = 3) -> dict:
+    """{name in refd: (rel_l2, rel_max)}: the largest change of the oracle's forward over `draws`
+    perturbations of q, k, v by one unit roundoff of the input dtype (fixed seed: the spread is
+    a property of the case). Angle states do not depend on q, k, v (spread 0)."""
+    rng = np.random.default_rng(20261124)
+    spread = dict.fromkeys(refd, (0.0, 0.0))
+    for _ in range(draws):
+        out, fin = ref.forward_chunked(**perturbed(case.seen, case.spec.input_dtype, rng),
+                                       **spec_options(case.spec), chunk_size=64)
+        alt = {"out": out}
+        if fin is not None:
+            alt.update({"state.angle": fin.angle, "state.ssm": fin.ssm, "state.k": fin.k, "state.v": fin.v})
+        for n in refd:
+            if n in alt and not n.endswith("angle"):
+                e = (rel_l2(alt[n], refd[n]), rel_max(alt[n], refd[n]))
+                spread[n] = tuple(max(a, b) for a, b in zip(spread[n], e))
+    return spread
 
 
 def run_scan(forward, case: ScanCase, config: dict, keep: bool = False):

@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng():
-    """Fresh random inputs every run (seeded from the OS), seed printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs every run (seeded from the OS), seed printed on failure.
+    MAMBA3_TEST_SEED=<seed> replays a printed seed."""
+    seed = int(os.environ.get("MAMBA3_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"rng seed {seed}")
     return np.random.default_rng(seed)

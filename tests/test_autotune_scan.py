@@ -194,6 +194,23 @@ def test_backward_tuning_checks_rejects_and_scan_takes_the_winner():
     assert bcfg == dict(scan_bwd.default_config(spec, problem), POST_BT=4)
 
 
+def test_backward_harness_same_precision_bound():
+    """16-bit inputs: the harness holds a gradient over the fixed bound to FLOOR_FACTOR x the
+    oracle's spread under one-roundoff perturbations (scan_grad_testing.gradient_spread), as the
+    tests do; that spread is of the order of roundoff, so a gradient off by 20 % still fails."""
+    from mamba3_kernels.autotune.scan_grad_harness import ScanGradHarness
+    from mamba3_kernels.scan_testing import FLOOR_FACTOR
+    spec, problem = scan_spec_problem(1, 20, 2, 16, 8, A=4, has_d=True, has_z=True, initial_states=True,
+                                      final_states=True, dtype="bfloat16")
+    h = ScanGradHarness(spec, problem, "cpu", seed=5, small_len=12)
+    spread = h.small_spread()
+    assert set(spread) == {f"grad.{n}" for n in h.small.names}
+    assert h.small_spread() is spread                     # computed once
+    assert all(np.isfinite(v) and 0 <= v for v in spread.values()), spread
+    for n in ("q", "k", "v", "initial_states.ssm"):
+        assert 1e-5 < spread[f"grad.{n}"] < 0.2 / FLOOR_FACTOR / 2, (n, spread)
+
+
 def test_backward_space_is_valid():
     from mamba3_kernels.backends.triton import scan_bwd
     for kw in (dict(), dict(R=4, pairing="half", mimo_v=True, mimo_z=True, mimo_out=True)):
