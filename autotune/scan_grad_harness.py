@@ -130,7 +130,7 @@ class ScanGradHarness(Harness):
 
     def check(self, candidate):
         from mamba3_kernels.reference.compare import BOUNDS, Report, compare_outputs
-        from mamba3_kernels.scan_testing import FLOOR_FACTOR, ROUNDOFF, SPREAD_NOTE
+        from mamba3_kernels.scan_testing import held_to_spread
         from mamba3_kernels.testing import to_numpy
         s = self._run(candidate, self.small)
         missing = [n for n in s.names if s.grads.get(n) is None]
@@ -140,9 +140,7 @@ class ScanGradHarness(Harness):
                                      {f"grad.{n}": to_numpy(s.grads[n]) for n in s.names},
                                      {f"grad.{n}": r for n, r in self.small_ref.items()},
                                      dtype=self.bound_dtype, kind="grad"))
-        if not rep.ok and self.bound_dtype in ROUNDOFF:   # the tests' same-precision bound
-            spread = self.small_spread()
-            rep = Report([r.widened(FLOOR_FACTOR * spread[r.name], r.bound_max, SPREAD_NOTE) for r in rep.rows])
+        rep = Report(held_to_spread(rep.rows, self.bound_dtype, self.small_spread))   # the tests' same-precision bound
         if not rep.ok:
             fs = rep.failures()
             return False, "mismatch (small case vs the oracle adjoint): " + "; ".join(

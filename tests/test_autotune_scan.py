@@ -206,9 +206,9 @@ def test_backward_harness_same_precision_bound():
     spread = h.small_spread()
     assert set(spread) == {f"grad.{n}" for n in h.small.names}
     assert h.small_spread() is spread                     # computed once
-    assert all(np.isfinite(v) and 0 <= v for v in spread.values()), spread
+    assert all(np.isfinite(v).all() and min(v) >= 0 for v in spread.values()), spread
     for n in ("q", "k", "v", "initial_states.ssm"):
-        assert 1e-5 < spread[f"grad.{n}"] < 0.2 / FLOOR_FACTOR / 2, (n, spread)
+        assert 1e-5 < spread[f"grad.{n}"][0] < 0.2 / FLOOR_FACTOR / 2, (n, spread)
 
 
 def test_backward_space_is_valid():

@@ -20,18 +20,12 @@ from mamba3_kernels.reference.inputs import spec_options
 
 import mamba3_kernels as m3
 from mamba3_kernels.scan_tensors import prepare_scan
-from mamba3_kernels.scan_grad_testing import scan_grad_case
+from mamba3_kernels.scan_grad_testing import _leaf, scan_grad_case
 from mamba3_kernels.scan_testing import case_spec, scan_case
 from mamba3_kernels.spec import Problem, ScanSpec
 from mamba3_kernels.testing import to_numpy
 
 MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
-GRADS = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "d", "z", "mimo_v",
-         "mimo_z", "mimo_out", "norm_weight")
-
-
-def _leaf(x):
-    return x.detach().clone().requires_grad_(True)
 
 
 def run_grad_case(spec, problem, rng, lengths=None, short_forms=False, bwd_config=None, save_y=False,

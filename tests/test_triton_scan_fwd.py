@@ -444,6 +444,23 @@ def test_roundoff_spread_widens_only_to_roundoff(dtype, rng):
         assert wrong.rows[0].bound_l2 == 1e-3 and not wrong.rows[0].bound_note
 
 
+def test_held_to_spread_only_where_needed():
+    """held_to_spread: rows untouched where all pass or the dtype is not 16-bit (the spread is
+    then never computed); else each row's bounds raised to FLOOR_FACTOR x its spread where that
+    is larger, with the note on exactly the rows it raised."""
+    from mamba3_kernels.reference.compare import Row
+    from mamba3_kernels.scan_testing import FLOOR_FACTOR, SPREAD_NOTE, held_to_spread
+    rows = [Row("c", "grad.q", 0.03, 0.1, 2e-2, float("inf")), Row("c", "grad.k", 1e-3, 1e-2, 2e-2, float("inf"))]
+    never = lambda: 1 / 0  # noqa: E731
+    assert held_to_spread(rows, "float32", never) is rows
+    assert held_to_spread(rows[1:], "bfloat16", never) == rows[1:]
+    q, k = held_to_spread(rows, "bfloat16", lambda: {"grad.q": (1e-2, 5e-2), "grad.k": (1e-3, 0.0)})
+    assert (q.bound_l2, q.bound_note, q.ok) == (FLOOR_FACTOR * 1e-2, SPREAD_NOTE, True)
+    assert (k.bound_l2, k.bound_note) == (2e-2, "")
+    q, _ = held_to_spread(rows, "bfloat16", lambda: {"grad.q": (5e-3, 0.0), "grad.k": (0.0, 0.0)})
+    assert not q.ok and q.bound_l2 == 2e-2
+
+
 def test_fresh_process():
     """Rerun this module in a clean process when triton was imported too early here."""
     if not _LATE:
