@@ -17,7 +17,7 @@ import torch
 tilelang = pytest.importorskip("tilelang", reason="tilelang not importable: TileLang compile tests skipped")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tilelang_support import NO_NVCC, ROOT, nvcc_ok, setup_env  # noqa: E402
+from tilelang_support import NO_NVCC, ROOT, misaligned_tma_destinations, nvcc_ok, setup_env  # noqa: E402
 
 setup_env()
 from mamba3_kernels.backends.tilelang import scan_bwd_core as hyb  # noqa: E402
@@ -40,26 +40,6 @@ def test_walk_builds_without_spills(which, R, N, P):
     # (a launch asking for more than the H100's shared memory fails: N = P = 128 at 2 stages did)
     assert r["dynamic_smem"] and r["dynamic_smem"] <= walks.SMEM_MAX, f"{which} R{R} N{N} P{P}: {r['dynamic_smem']} B shared"
     assert r["spills"] == 0 and r["stack"] == 0, f"{which} R{R} N{N} P{P}: {r['spills']} B spilled, stack {r['stack']}"
-
-
-_BYTES = {"float": 4, "bfloat16_t": 2, "half_t": 2, "int": 4}
-_TMA_DST = r"tma_load\(\w+, [^,]+, \(&\(\(\((\w+)\*\)\w+\)\[(.*?)\]\)\)"   # (type, offset) of the destination
-
-
-def misaligned_tma_destinations(src: str) -> list:
-    """The tma_load destinations of generated CUDA whose shared-memory offset is not a multiple of
-    128 bytes (the bulk tensor copy's requirement: a 64-byte step, the cs row at R = 4, faulted
-    with "misaligned shared address" on the H100): every integer term of the offset expression
-    (each `x * k` and `+ k`), times the element size, must be a multiple of 128."""
-    bad = []
-    n = len(re.findall(r"tma_load\(", src))
-    assert n == len(re.findall(_TMA_DST, src)), "a tma_load whose destination the check cannot parse"
-    for m in re.finditer(_TMA_DST, src):
-        size = _BYTES[m.group(1)]
-        consts = [int(k) for k in re.findall(r"[*+] \(?(\d+)\)?", m.group(2))]
-        if any(k * size % 128 for k in consts):
-            bad.append(m.group(0)[:160])
-    return bad
 
 
 def test_misaligned_tma_destinations_are_found():

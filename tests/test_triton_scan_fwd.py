@@ -469,3 +469,31 @@ def test_fresh_process():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@here
+@pytest.mark.parametrize("trap", [True, False])
+def test_scalar_table_of_the_tilelang_phase_4(trap, rng):
+    """scan_common.scan_scalars_kernel (the TileLang phase 4's (gamma, beta_next, adt, dt) rows):
+    gamma and beta bit for bit scan_gates_kernel's (what the Triton phase 4 reads), beta_next the
+    next token's beta of the same (b, h) row and 0 at its last token, against torch."""
+    from mamba3_kernels.backends.triton import scan_common as com
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    B, H, L = 2, 3, 37
+    adt, dt, trp = (torch.randn(B, H, L, generator=g) for _ in range(3))
+    dt = dt.abs() * 0.1
+    n = B * H * L
+    out = torch.full((B, H, L, 4), float("nan"))
+    com.scan_scalars_kernel[(-(-n // 16),)](adt, dt, trp if trap else dt, out, n, L, TRAP=trap, BLOCK=16)
+    gates = torch.full((B, H, L, 2), float("nan"))
+    com.scan_gates_kernel[(-(-n // 16),)](dt, trp, gates, n, BLOCK=16)
+    if trap:
+        assert torch.equal(out[..., 0], gates[..., 0])
+        want_next = torch.cat([gates[..., 1:, 1], torch.zeros(B, H, 1)], dim=-1)
+        assert torch.equal(out[..., 1], want_next)
+        lam = torch.sigmoid(trp.double())
+        assert torch.allclose(out[..., 0].double(), dt.double() * lam, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(out[..., 0], dt) and torch.equal(out[..., 1], torch.zeros_like(dt))
+    assert torch.equal(out[..., 2], adt) and torch.equal(out[..., 3], dt)
+

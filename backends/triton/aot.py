@@ -82,6 +82,8 @@ def build(calls: list, arch: str = "sm_90a") -> list:
     tgt = target(arch)
     res = []
     for c in calls:
+        if "kernel" not in c:   # another DSL's call in a Triton plan (e.g. the TileLang phase 4)
+            continue
         sig, attrs, consts = signature(c)
         src = triton.compiler.ASTSource(fn=c["kernel"], signature=sig, constexprs=consts, attrs=attrs)
         opts = {"num_warps": c["num_warps"], "num_stages": c.get("num_stages", 1)}

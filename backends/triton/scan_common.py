@@ -254,6 +254,31 @@ def scan_gates_kernel(dt_ptr, trap_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def scan_scalars_kernel(adt_ptr, dt_ptr, trap_ptr, out_ptr, n, L, TRAP: tl.constexpr, BLOCK: tl.constexpr):
+    """The scalar table of the TileLang phase 4 (backends/tilelang/scan_chunk_output.py): per
+    (b, h, t) of the (B, H, L) inputs, out[..., :] = (gamma_t, beta_{t+1}, adt_t, dt_t), with
+    gamma = dt lam, beta = dt - gamma (scan_gates_kernel's values, bit for bit), beta_{t+1} = 0 at
+    t = L - 1 (the walk masks it at every sequence's end); euler: (dt_t, 0, adt_t, dt_t). One
+    16-byte row per token: one TMA tile per chunk."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    dt = tl.load(dt_ptr + i, mask=m, other=0.0)
+    adt = tl.load(adt_ptr + i, mask=m, other=0.0)
+    if TRAP:
+        g = dt * _sigmoid(tl.load(trap_ptr + i, mask=m, other=0.0))
+        mn = m & ((i % L) + 1 < L)
+        dtn = tl.load(dt_ptr + i + 1, mask=mn, other=0.0)
+        gn = dtn * _sigmoid(tl.load(trap_ptr + i + 1, mask=mn, other=0.0))
+        bn = dtn - gn
+    else:
+        g = dt
+        bn = dt * 0.0
+    u = tl.arange(0, 4)[None, :]
+    row = tl.where(u == 0, g[:, None], tl.where(u == 1, bn[:, None], tl.where(u == 2, adt[:, None], dt[:, None])))
+    tl.store(out_ptr + 4 * i[:, None] + u, row, mask=m[:, None])
+
+
+@triton.jit
 def _chunk_scalars(adt_ptr, dt_ptr, trap_ptr, base, tc, eos, C: tl.constexpr, RP: tl.constexpr,
                    TRAP: tl.constexpr):
     """_scalars_math of _scalars_raw for the chunk [tc, tc + C) (base: the (b, h) row of the

@@ -324,7 +324,31 @@ def space(spec: ScanSpec, problem=None) -> list:
     return out[:16]
 
 
+OUT_IMPLS = ("triton", "tilelang", "auto")
+
+
+def out_impl(spec: ScanSpec, config: dict, t, seglen: int) -> str:
+    """Phase 4's implementation for the bundle `t`: config OUT_IMPL with "auto" resolved
+    ("tilelang" where backends/tilelang/scan_chunk_output.py applies, TileLang runs and the
+    tensors are on a GPU; else "triton"). "tilelang" outside its scope is an error."""
+    impl = config.get("OUT_IMPL", "triton")
+    if impl == "triton":
+        return impl
+    from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
+    ok, why = _tlo.in_scope(spec, t, seglen)
+    if impl == "tilelang":
+        if not ok:
+            raise bad_arg("config.OUT_IMPL", "'tilelang' only where the TileLang phase 4 applies", why)
+        return impl
+    if not ok or t.v.device.type != "cuda":
+        return "triton"
+    from mamba3_kernels.backends import tilelang as _tlb
+    return "tilelang" if _tlb.available()[0] else "triton"
+
+
 def check_config(spec: ScanSpec, config: dict) -> None:
+    if config.get("OUT_IMPL", "triton") not in OUT_IMPLS:
+        raise bad_arg("config.OUT_IMPL", "'triton', 'tilelang' or 'auto'", config.get("OUT_IMPL"))
     for key in ("CHUNK", "SEG", "BLOCK_P", "PASS_BLOCK_P", "num_warps"):
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
@@ -469,6 +493,15 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
                         INTERP=_interpret()),
         num_warps=config.get("pass_num_warps", 4), num_stages=1))
+    if out_impl(spec, config, t, SEGLEN) == "tilelang":   # phase 4 as the TileLang walk
+        from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
+        if gates_on:   # the walk reads its own scalar table; the gates serve phase 2 alone
+            calls[0]["run"] = run_a
+        calls += _tlo.plan_calls(spec, t, SEGLEN, K, nseg2_dense, erel if run_b else None, y_out, t.out)
+        scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
+                       phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
+                       split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=None)
+        return calls, scratch
     split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
     y_store = y_out is not None and not split   # phase 4 stores y itself (with the split, y_out is its scratch)
     if split:  # raw per-rank y (no gate) into an fp32 scratch, then the epilogue
@@ -567,7 +600,7 @@ def spill_free(spec: ScanSpec, config: dict, t, spills, y_out=None) -> dict:
     (the GPU's builds in effective_config; the AOT builds or a stand-in elsewhere), or until
     nothing is left to give up."""
     return step_down(config, lambda cfg: {c["name"] for c in plan(spec, cfg, t, y_out=y_out)[0]
-                                          if c["run"] and spills(c)}, fallback)
+                                          if c["run"] and "kernel" in c and spills(c)}, fallback)
 
 
 def forward(spec: ScanSpec, config: dict, t, keep: bool = False, y_out=None):
@@ -587,6 +620,10 @@ def forward(spec: ScanSpec, config: dict, t, keep: bool = False, y_out=None):
 
 def launch(c: dict) -> None:
     """Launch one kernel call of `plan` (benchmarks time the phases one by one with it)."""
+    if "tilelang" in c:
+        from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
+        _tlo.launch(c)
+        return
     extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
     c["kernel"][c["grid"]](*[v for _, v in c["args"]], **c["constexprs"],
                            num_warps=c["num_warps"], num_stages=c["num_stages"], **extra)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device call validating and timing the forward's TileLang phase 4 (backends/tilelang/scan_chunk_output.py).
+# PART lists the steps (default "sweep tests"):
+#   sweep  bench/scan_fwd_seg_sweep.py: the SISO bench shapes, OUT_IMPL triton vs tilelang (default SEG,
+#          accuracy vs the float64 oracle, per-phase times; SWEEP_ARGS adds to it)
+#   tests  tests/test_tilelang_scan_fwd_gpu.py (the walk vs the float64 oracle and vs the Triton phase 4)
+#   bench  bench/scan.py side by side with upstream (carry .upstream too; BENCH_ARGS)
+# On the device, repo root, carry [".carry/tilelang"]:
+#   PART="sweep tests" MAMBA3_COMMIT=<sha> bash bench/tilelang_fwd_job.sh
+set -uo pipefail
+source .carry/tilelang/activate.sh > /dev/null 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/triton
+{ nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
+  python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
+c=${MAMBA3_COMMIT:-unknown}
+timeout ${T0:-150} python bench/tilelang_prebuild.py --fwd > $OUT/prebuild_fwd_$c.log 2>&1
+grep -v " ok$" $OUT/prebuild_fwd_$c.log | tail -5
+for part in ${PART:-sweep tests}; do case $part in
+sweep)
+  timeout ${T1:-240} python bench/scan_fwd_seg_sweep.py --default-seg-only --acc \
+      --only ${ONLY:-B4-L4096-H32,B8-L2048-H32,B1-L16384-H32,B4-L4096-H32-G8-N64} \
+      --set 'OUT_IMPL="triton","tilelang"' ${SWEEP_ARGS:-} --out $OUT/scan_fwd_tilelang_out_h100_$c.json \
+      > $OUT/sweep_$c.log 2>&1
+  tail -12 $OUT/sweep_$c.log | cut -c1-300;;
+tests)
+  timeout ${T2:-300} python -m pytest -q tests/test_tilelang_scan_fwd_gpu.py -rA --durations=0 -x \
+      > $OUT/gpu_tests_tilelang_fwd_$c.log 2>&1
+  grep -E "passed|failed|FAILED|Error|assert" $OUT/gpu_tests_tilelang_fwd_$c.log | tail -20;;
+bench)
+  PYTHONPATH=$PWD/.upstream:$PYTHONPATH timeout ${T3:-400} python bench/scan.py ${BENCH_ARGS:-} \
+      --out $OUT/scan_fwd_h100_$c.json > $OUT/bench_$c.log 2>&1
+  tail -30 $OUT/bench_$c.log | cut -c1-250;;
+esac; done
