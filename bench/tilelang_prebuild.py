@@ -31,7 +31,7 @@ def _build(key):
         from mamba3_kernels.backends.tilelang.step import device_arch
         if isinstance(key, dict):   # the forward walk
             from mamba3_kernels.backends.tilelang import scan_chunk_output as fwd
-            fwd.build(device_arch(), **key)
+            fwd.build(device_arch(), fwd.THREADS, key.pop("stages", None), **key)
             return tuple(sorted(key.items())), round(time.time() - t, 1), None
         from mamba3_kernels.backends.tilelang import scan_bwd_core_chunk as walks
         which, R, N, P = key
@@ -61,6 +61,8 @@ def fwd_keys() -> list:
                          y_out=y, ang_dtype="float32" if sp.n_angles else "bfloat16")   # (scan_case, bench: fp32 angles)
                 if k not in keys:
                     keys.append(k)
+                if sp.d_state == 128 and sp.n_angles == 32 and sp.shared_angles and not y:   # the stages-1 variant
+                    keys.append(dict(k, stages=1))
     return keys
 
 

@@ -29,8 +29,10 @@ VARIANTS = [  # (id, spec keys, compile keys)
     ("n128-p64-a32-shared-dz-entry", dict(d_state=128, head_dim=64, n_angles=32, shared_angles=True, has_d=True,
                                           has_z=True), dict(has_entry=True)),
     ("n64-p64-a16-perhead-half", dict(d_state=64, head_dim=64, n_angles=16, pairing="half"), dict(has_entry=False)),
-    ("n128-p128-a3-yout", dict(d_state=128, head_dim=128, n_angles=3, has_z=True), dict(has_entry=True, y_out=True)),
-    ("n64-p128-a0", dict(d_state=64, head_dim=128, n_angles=0, has_d=True), dict(has_entry=False)),
+    ("n128-p64-a3-yout", dict(d_state=128, head_dim=64, n_angles=3, has_z=True), dict(has_entry=True, y_out=True)),
+    ("n64-p64-a0", dict(d_state=64, head_dim=64, n_angles=0, has_d=True), dict(has_entry=False)),
+    ("n128-p64-a32-stages1", dict(d_state=128, head_dim=64, n_angles=32, shared_angles=True, has_d=True,
+                                  has_z=True), dict(has_entry=True, stages=1)),
     ("n128-p64-a64-fp32-angles", dict(d_state=128, head_dim=64, n_angles=64, shared_angles=True, has_z=True),
      dict(has_entry=True, ang_dtype="float32")),
 ]
@@ -76,6 +78,7 @@ def test_plan_replaces_phase_4_and_matches_the_signature():
     c = calls[-1]
     k = dict(c["tilelang"])
     k.pop("arch")
+    k.pop("stages")
     prim = walk.program(**k)
     params = [p.name.removesuffix("_handle") for p in prim.params]
     assert params == [n for n, _ in c["args"]], (params, [n for n, _ in c["args"]])
@@ -95,7 +98,7 @@ def test_plan_replaces_phase_4_and_matches_the_signature():
 
 @pytest.mark.parametrize("spec_kw,why", [
     (dict(rank=2), "rank 2"), (dict(output_mode="norm_reduce"), "norm"), (dict(input_dtype="float32"), "float32"),
-    (dict(d_state=32), "N=32"), (dict(has_mimo_v=True, rank=4), "rank 4")])
+    (dict(d_state=32), "N=32"), (dict(head_dim=128), "P=128"), (dict(has_mimo_v=True, rank=4), "rank 4")])
 def test_out_impl_outside_the_scope_is_an_error(spec_kw, why):
     base = dict(d_state=128, head_dim=64, n_angles=16)
     base.update(spec_kw)

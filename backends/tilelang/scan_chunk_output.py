@@ -21,13 +21,13 @@ The two cumsums (cs and the AP angle columns) are one Hillis-Steele scan over a 
 shared tile (6 steps, exact fp32 adds); gamma and scale come from the scalar table of
 `scan_common.scan_scalars_kernel` (gamma_t, beta_{t+1}, adt_t, dt_t per (b, h, t)), the next
 token's beta masked here at the sequence's end. Rows past a sequence's end (a partial last
-chunk) read zero scalars and zero v, so they add nothing and are not stored.
+chunk) read zero scalars (masked where they are used), so they add nothing, and are not stored.
 
 Grid: (segment slots, H); the slot table (`slot_table`) gives each slot's batch row, sequence end,
 segment start, entry-state slot (phases 2-3, Triton; -1: none) and chunk count, in the Triton
 forward's slot numbering. Entry states come in the segment's rotary frame (scan_state_passing).
 
-Scope (`supports`): R = 1, N and P in {64, 128}, bf16 inputs, output modes reduce / per_rank
+Scope (`supports`): R = 1, N in {64, 128}, P = 64, bf16 inputs, output modes reduce / per_rank
 (norm_reduce and the MIMO projections stay Triton's), q / k / v / z contiguous.
 """
 import functools
@@ -53,9 +53,10 @@ def supports(spec, contiguous: bool = True) -> tuple:
     """(ok, reason) for the walk's scope."""
     if spec.rank != 1:
         return False, f"rank {spec.rank}: the TileLang forward walk is SISO (R = 1)"
-    if spec.d_state not in (64, 128) or spec.head_dim not in (64, 128):
-        return False, (f"N={spec.d_state}, P={spec.head_dim}: the TileLang forward walk takes N, P in "
-                       "(64, 128) (wgmma tiles of two warpgroups)")
+    if spec.d_state not in (64, 128) or spec.head_dim != 64:
+        return False, (f"N={spec.d_state}, P={spec.head_dim}: the TileLang forward walk takes N in (64, 128) "
+                       "(wgmma tiles of two warpgroups) and P = 64 (at P = 128 the fp32 state and outputs "
+                       "overflow the registers: 136 B of stack)")
     if spec.input_dtype != "bfloat16":
         return False, f"{spec.input_dtype} inputs: the TileLang forward walk takes bf16"
     if spec.output_mode not in ("reduce", "per_rank"):
@@ -88,7 +89,44 @@ def default_stages(N, P, A=0, has_z=True, ang_bytes=2) -> int:
 @functools.lru_cache(maxsize=None)
 def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype="bfloat16",
             threads=THREADS, stages=None):
-    """The walk's prim_func: grid (NSLOT, H)."""
+    """The walk's prim_func: grid (NSLOT, H). Its chunk loop is pipelined by hand: the TMA copies
+    in stage 0, every other statement in stage 1 (TileLang's own planning also put the rotation
+    and the cumsums, which read only staged tiles, in stage 0 and so double-buffered their
+    outputs: 250 KB of shared memory). The statement count comes from a first, auto-planned
+    trace of the same program."""
+    if stages is None:
+        stages = default_stages(N, P, A, has_z, 4 if ang_dtype == "float32" else 2)
+    args = (N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype, threads, stages)
+    if stages < 2:   # no prefetch: TileLang's own plan (its copies are TMA loads then)
+        return _program(*args, None)
+    n, ncopy = _pipeline_shape(_program(*args, None))
+    return _program(*args, (list(range(n)), [0] * ncopy + [1] * (n - ncopy)))
+
+
+def _pipeline_shape(prim) -> tuple:
+    """(scheduled statements, leading copies) of the prim_func's one pipelined loop."""
+    from tilelang import tvm
+    tir = tvm.tirx
+    loops = []
+    tir.stmt_functor.post_order_visit(prim.body, lambda x: loops.append(x)
+                                      if isinstance(x, tir.For) and "num_stages" in x.annotations else None)
+    assert len(loops) == 1, f"expected one pipelined loop, found {len(loops)}"
+    body = loops[0].body
+    while not isinstance(body, tir.SeqStmt):
+        body = body.body
+    stmts = list(body.seq)
+    ncopy = 0   # the leading binds and copies
+    while ncopy < len(stmts) and (type(stmts[ncopy]).__name__ == "Bind" or (
+            isinstance(stmts[ncopy], tir.Evaluate) and "copy" in str(stmts[ncopy]))):
+        ncopy += 1
+    # (a top-level `if` holding two loops counted as two statements in TileLang's planning: the
+    # loop body has none)
+    assert not any(isinstance(x, tir.IfThenElse) for x in stmts), "a top-level if in the pipelined loop"
+    return len(stmts), ncopy
+
+
+def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype, threads, stages,
+             schedule):
     import tilelang.language as T
     B, L, H, G, NSLOT = T.dynamic("B L H G NSLOT")
     # optional tensors get dims of their own, so a stand-in of any size passes the launch checks
@@ -96,24 +134,40 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
     bf16, f32 = "bfloat16", "float32"
     NH = N // 2
     AP = angle_cols(A)
-    stages = default_stages(N, P, A, has_z, 4 if ang_dtype == "float32" else 2) if stages is None else stages
     ang_shape = (BA, LA, max(A, 1)) if shared_angles else (BA, LA, HA, max(A, 1))
 
-    def pair(n):   # plain Python: (pair index j, member m, partner column) of column n
-        if half_pairing:
-            return n % NH, n // NH, (n + NH) % N
-        return n // 2, n % 2, n + 1 - 2 * (n % 2)
+    def cols(j):   # plain Python: the columns (c0, c1) of pair j
+        return (j, j + NH) if half_pairing else (2 * j, 2 * j + 1)
 
-    def rotated(x_s, b_s, cos_s, sin_s, t, n):   # plain Python: the expression of Rot(ell)(x + b)[t, n]
-        x = T.cast(x_s[t, n], f32) + b_s[n]
-        if A == 0:
-            return x
-        j, m, o = pair(n)
-        xo = T.cast(x_s[t, o], f32) + b_s[o]
-        jj = T.min(j, AP - 1)
-        c, s = cos_s[t, jj], sin_s[t, jj]
-        rot = T.if_then_else(m == 0, x * c - xo * s, xo * s + x * c)
-        return T.if_then_else(j < A, rot, x)
+    def fexp(x):   # ex2.approx-based exp (Triton's tl.exp is the same MUFU op)
+        return T.call_extern(f32, "__expf", x)
+
+    @T.macro
+    def rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cos_s, sin_s):
+        """qr, kr = Rot(ell)(q + q_bias), Rot(ell)(k + k_bias) as bf16 operands: one thread per
+        rotated pair (j < A; both members and both tensors), then the pass-through columns."""
+        if A > 0:
+            for i, j in T.Parallel(C, A):
+                c0, c1 = cols(j)
+                c, sn = cos_s[i, j], sin_s[i, j]
+                x0 = T.cast(q_s[i, c0], f32) + qb_s[c0]
+                x1 = T.cast(q_s[i, c1], f32) + qb_s[c1]
+                qr_s[i, c0] = T.cast(x0 * c - x1 * sn, bf16)
+                qr_s[i, c1] = T.cast(x0 * sn + x1 * c, bf16)
+                y0 = T.cast(k_s[i, c0], f32) + kb_s[c0]
+                y1 = T.cast(k_s[i, c1], f32) + kb_s[c1]
+                kr_s[i, c0] = T.cast(y0 * c - y1 * sn, bf16)
+                kr_s[i, c1] = T.cast(y0 * sn + y1 * c, bf16)
+        if half_pairing:   # pass-through columns [A, NH) and [NH + A, N)
+            if A < NH:
+                for i, u in T.Parallel(C, 2 * (NH - A)):
+                    n = T.if_then_else(u < NH - A, A + u, NH + A + (u - (NH - A)))
+                    qr_s[i, n] = T.cast(T.cast(q_s[i, n], f32) + qb_s[n], bf16)
+                    kr_s[i, n] = T.cast(T.cast(k_s[i, n], f32) + kb_s[n], bf16)
+        elif 2 * A < N:    # pass-through columns [2 A, N)
+            for i, u in T.Parallel(C, N - 2 * A):
+                qr_s[i, 2 * A + u] = T.cast(T.cast(q_s[i, 2 * A + u], f32) + qb_s[2 * A + u], bf16)
+                kr_s[i, 2 * A + u] = T.cast(T.cast(k_s[i, 2 * A + u], f32) + kb_s[2 * A + u], bf16)
 
     @T.macro
     def scan_step(src, dst, csrc, cdst, d):
@@ -150,6 +204,8 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
             cum_b = T.alloc_shared([C, max(AP, 1)], f32)   # (ping-pong), then sin
             cs_a = T.alloc_shared([C], f32)                # the decay cumsum cs (ping-pong)
             cs_b = T.alloc_shared([C], f32)
+            scl_s = T.alloc_shared([C], f32)                # scale_j per key
+            wk_s = T.alloc_shared([C], f32)                 # e^{T - cs_j} scale_j
             carry_s = T.alloc_shared([max(AP, 1)], f32)    # the segment-relative angle entering the chunk
             nxt_s = T.alloc_shared([max(AP, 1)], f32)
             qb_s = T.alloc_shared([N], f32)
@@ -173,7 +229,8 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
                 for n in T.Parallel(N):
                     qb_s[n] = QB[h, n]
                     kb_s[n] = KB[h, n]
-                for ci in T.Pipelined(SLOT[slot, 4], num_stages=stages):
+                for ci in (T.Pipelined(SLOT[slot, 4], num_stages=stages) if schedule is None else
+                           T.Pipelined(SLOT[slot, 4], order=schedule[0], stage=schedule[1])):
                     b = SLOT[slot, 0]
                     eos = SLOT[slot, 1]
                     tc = SLOT[slot, 2] + ci * C
@@ -188,18 +245,16 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
                             T.copy(ANG[b, tc:tc + C, 0:A], a_s[:, 0:A])
                         else:
                             T.copy(ANG[b, tc:tc + C, h, 0:A], a_s[:, 0:A])
-                    if tc + C > eos:   # a sequence's partial last chunk: rows past its end add nothing
-                        for i, u in T.Parallel(C, 4):
-                            sc_s[i, u] = T.if_then_else(tc + i < eos, sc_s[i, u], 0.0)
-                        for i, p in T.Parallel(C, P):
-                            v_s[i, p] = T.if_then_else(tc + i < eos, v_s[i, p], T.cast(0, bf16))
-                    # the in-chunk inclusive cumsums of phi (angle columns) and adt
+                    # the in-chunk inclusive cumsums of phi (angle columns) and adt; rows past the
+                    # sequence's end (a partial last chunk: the next sequence's tokens, or TMA's zero
+                    # fill past L) get zero scalars here and in scl_s, so they add nothing
                     if A > 0:
                         for i, w in T.Parallel(C, AP):
                             cum_a[i, w] = T.if_then_else(
-                                w < A, PI * T.tanh(T.cast(a_s[i, T.min(w, A - 1)], f32)) * sc_s[i, 3], 0.0)
+                                (w < A) & (tc + i < eos), PI * T.tanh(T.cast(a_s[i, T.min(w, A - 1)], f32)) * sc_s[i, 3],
+                                0.0)
                     for i in T.Parallel(C):
-                        cs_a[i] = sc_s[i, 2]
+                        cs_a[i] = T.if_then_else(tc + i < eos, sc_s[i, 2], 0.0)
                     scan_step(cum_a, cum_b, cs_a, cs_b, 1)   # Hillis-Steele, strides 1 .. 32: ends in *_a
                     scan_step(cum_b, cum_a, cs_b, cs_a, 2)
                     scan_step(cum_a, cum_b, cs_a, cs_b, 4)
@@ -219,22 +274,22 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
                             cum_b[i, a] = T.call_extern(f32, "__sinf", r)
                         for a in T.Parallel(AP):
                             carry_s[a] = nxt_s[a]
-                    for i, n in T.Parallel(C, N):
-                        qr_s[i, n] = T.cast(rotated(q_s, qb_s, cum_a, cum_b, i, n), bf16)
-                    for i, n in T.Parallel(C, N):
-                        kr_s[i, n] = T.cast(rotated(k_s, kb_s, cum_a, cum_b, i, n), bf16)
+                    rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cum_a, cum_b)
+                    for j in T.Parallel(C):   # per key: scale_j (beta of the next token masked at the end),
+                        scl_s[j] = T.if_then_else(tc + j < eos, sc_s[j, 0], 0.0) + T.if_then_else(
+                            tc + j + 1 < eos, sc_s[j, 1], 0.0)
+                        wk_s[j] = fexp(cs_a[C - 1] - cs_a[j]) * scl_s[j]   # and its weight in the update
                     for p, n in T.Parallel(P, N):
                         st_s[p, n] = T.cast(st[p, n], bf16)
                     T.gemm(qr_s, st_s, yi, transpose_B=True, clear_accum=True)
                     T.gemm(qr_s, kr_s, sc, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
-                        scale_j = sc_s[j, 0] + T.if_then_else(tc + j + 1 < eos, sc_s[j, 1], 0.0)
                         w_s[i, j] = T.cast(T.if_then_else(
-                            i > j, sc[i, j] * T.exp(T.min(cs_a[i] - cs_a[j], 0.0)) * scale_j,
+                            i > j, sc[i, j] * fexp(T.min(cs_a[i] - cs_a[j], 0.0)) * scl_s[j],
                             T.if_then_else(i == j, sc[i, j] * sc_s[i, 0], 0.0)), bf16)
                     T.gemm(w_s, v_s, y, clear_accum=True)
                     for i, p in T.Parallel(C, P):
-                        y[i, p] = y[i, p] + T.exp(cs_a[i]) * yi[i, p]
+                        y[i, p] = y[i, p] + fexp(cs_a[i]) * yi[i, p]
                         if has_d:
                             y[i, p] = y[i, p] + DV[h] * T.cast(v_s[i, p], f32)
                     if y_out:
@@ -244,17 +299,16 @@ def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out
                     for i, p in T.Parallel(C, P):
                         if tc + i < eos:
                             if has_z:
+                                zz = T.cast(z_s[i, p], f32)
                                 OUT[b, tc + i, h, p] = T.cast(
-                                    y[i, p] * T.cast(z_s[i, p], f32) / (1.0 + T.exp(-T.cast(z_s[i, p], f32))), bf16)
+                                    y[i, p] * T.call_extern(f32, "__fdividef", zz, 1.0 + fexp(-zz)), bf16)
                             else:
                                 OUT[b, tc + i, h, p] = T.cast(y[i, p], bf16)
                     # the chunk's contribution to the state entering the next chunk
                     for j, p in T.Parallel(C, P):
-                        vw_s[j, p] = T.cast(T.cast(v_s[j, p], f32) * T.exp(cs_a[C - 1] - cs_a[j])
-                                            * (sc_s[j, 0] + T.if_then_else(tc + j + 1 < eos, sc_s[j, 1], 0.0)),
-                                            bf16)
+                        vw_s[j, p] = T.cast(T.cast(v_s[j, p], f32) * wk_s[j], bf16)
                     for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * T.exp(cs_a[C - 1])
+                        st[p, n] = st[p, n] * fexp(cs_a[C - 1])
                     T.gemm(vw_s, kr_s, st, transpose_A=True)
 
     return main
@@ -321,11 +375,12 @@ def in_scope(spec, t, seglen: int) -> tuple:
     return ok, why
 
 
-def plan_calls(spec, t, seglen: int, split: int, nseg2_dense: int, erel, y_out, out4, arch=None):
+def plan_calls(spec, t, seglen: int, split: int, nseg2_dense: int, erel, y_out, out4, arch=None, stages=None):
     """The calls that replace the Triton phase 4: the scalar table (Triton, scan_common.
     scan_scalars_kernel) and the walk (a dict with `tilelang`, its build key, and `args`, the
     prim_func's parameters in order). erel: the entry states of phases 2-3 or None; y_out: the
-    fp32 (B, L, 1, H, P) y or None; out4: the output (B, L, H, P) or (B, L, 1, H, P)."""
+    fp32 (B, L, 1, H, P) y or None; out4: the output (B, L, H, P) or (B, L, 1, H, P); stages:
+    the chunk loop's pipeline (None: `default_stages`; 1: no prefetch)."""
     import torch
     import triton
     from mamba3_kernels.backends.triton import scan_common as com
@@ -356,7 +411,7 @@ def plan_calls(spec, t, seglen: int, split: int, nseg2_dense: int, erel, y_out, 
     else:
         ang = small(1, 1, 1, dt=torch.bfloat16) if spec.shared_angles else small(1, 1, 1, 1, dt=torch.bfloat16)
     k = key(spec, t, erel is not None, y_out is not None)
-    walk = dict(name="tilelang_chunk_output", run=L > 0, tilelang=dict(k, arch=arch),
+    walk = dict(name="tilelang_chunk_output", run=L > 0, tilelang=dict(k, arch=arch, stages=stages),
                 args=[("Q", t.q), ("K", t.k), ("V", t.v), ("Z", t.v if t.z is None else t.z), ("SC", sc),
                       ("ANG", ang), ("QB", t.q_bias.view(H, N)), ("KB", t.k_bias.view(H, N)),
                       ("DV", small(1) if t.d is None else t.d), ("SLOT", slots), ("ENT", ent),
@@ -378,7 +433,8 @@ def launch(c: dict) -> None:
         raise RuntimeError(f"OUT_IMPL 'tilelang': TileLang cannot run here ({why})")
     k = dict(c["tilelang"])
     arch = k.pop("arch") or _arch(c["args"][0][1].device.index)
-    build(arch, **k)(*[x for _, x in c["args"]])
+    stages = k.pop("stages", None)
+    build(arch, THREADS, stages, **k)(*[x for _, x in c["args"]])
 
 
 @functools.lru_cache(maxsize=None)

@@ -497,7 +497,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
         from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
         if gates_on:   # the walk reads its own scalar table; the gates serve phase 2 alone
             calls[0]["run"] = run_a
-        calls += _tlo.plan_calls(spec, t, SEGLEN, K, nseg2_dense, erel if run_b else None, y_out, t.out)
+        calls += _tlo.plan_calls(spec, t, SEGLEN, K, nseg2_dense, erel if run_b else None, y_out, t.out,
+                                 stages=config.get("OUT_TL_STAGES"))
         scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
                        phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
                        split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=None)
