@@ -4,6 +4,7 @@
 #   sweep  bench/scan_fwd_seg_sweep.py: the SISO bench shapes, OUT_IMPL triton vs tilelang (default SEG,
 #          accuracy vs the float64 oracle, per-phase times; SWEEP_ARGS adds to it)
 #   tests  tests/test_tilelang_scan_fwd_gpu.py (the walk vs the float64 oracle and vs the Triton phase 4)
+#   walk   bench/tilelang_fwd_walk.py: phase 4 alone, TileLang with phases left out and A = 0, vs Triton
 #   bench  bench/scan.py side by side with upstream (carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
 #   PART="sweep tests" MAMBA3_COMMIT=<sha> bash bench/tilelang_fwd_job.sh
@@ -14,7 +15,7 @@ export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/trit
 { nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
   python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
 c=${MAMBA3_COMMIT:-unknown}
-timeout ${T0:-150} python bench/tilelang_prebuild.py --fwd > $OUT/prebuild_fwd_$c.log 2>&1
+[ "${PREBUILD:-1}" = 1 ] && timeout ${T0:-150} python bench/tilelang_prebuild.py --fwd > $OUT/prebuild_fwd_$c.log 2>&1
 grep -v " ok$" $OUT/prebuild_fwd_$c.log | tail -5
 for part in ${PART:-sweep tests}; do case $part in
 sweep)
@@ -27,6 +28,10 @@ tests)
   timeout ${T2:-300} python -m pytest -q tests/test_tilelang_scan_fwd_gpu.py -rA --durations=0 -x \
       > $OUT/gpu_tests_tilelang_fwd_$c.log 2>&1
   grep -E "passed|failed|FAILED|Error|assert" $OUT/gpu_tests_tilelang_fwd_$c.log | tail -20;;
+walk)
+  timeout ${T4:-300} python bench/tilelang_fwd_walk.py ${WALK_ARGS:-} --out $OUT/tilelang_fwd_walk_h100_$c.json \
+      > $OUT/walk_$c.log 2>&1
+  grep " us" $OUT/walk_$c.log;;
 bench)
   PYTHONPATH=$PWD/.upstream:$PYTHONPATH timeout ${T3:-400} python bench/scan.py ${BENCH_ARGS:-} \
       --out $OUT/scan_fwd_h100_$c.json > $OUT/bench_$c.log 2>&1

@@ -88,15 +88,17 @@ def default_stages(N, P, A=0, has_z=True, ang_bytes=2) -> int:
 
 @functools.lru_cache(maxsize=None)
 def program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype="bfloat16",
-            threads=THREADS, stages=None):
+            threads=THREADS, stages=None, debug=()):
     """The walk's prim_func: grid (NSLOT, H). Its chunk loop is pipelined by hand: the TMA copies
     in stage 0, every other statement in stage 1 (TileLang's own planning also put the rotation
     and the cumsums, which read only staged tiles, in stage 0 and so double-buffered their
     outputs: 250 KB of shared memory). The statement count comes from a first, auto-planned
-    trace of the same program."""
+    trace of the same program. debug: names of phases to leave out (timing ablations only: the
+    results are wrong): "scan", "trig", "rotate", "weights", "store", "update"."""
     if stages is None:
         stages = default_stages(N, P, A, has_z, 4 if ang_dtype == "float32" else 2)
-    args = (N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype, threads, stages)
+    args = (N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype, threads, stages,
+            frozenset(debug))
     if stages < 2:   # no prefetch: TileLang's own plan (its copies are TMA loads then)
         return _program(*args, None)
     n, ncopy = _pipeline_shape(_program(*args, None))
@@ -126,7 +128,7 @@ def _pipeline_shape(prim) -> tuple:
 
 
 def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_out, ang_dtype, threads, stages,
-             schedule):
+             debug, schedule):
     import tilelang.language as T
     B, L, H, G, NSLOT = T.dynamic("B L H G NSLOT")
     # optional tensors get dims of their own, so a stand-in of any size passes the launch checks
@@ -255,13 +257,14 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                                 0.0)
                     for i in T.Parallel(C):
                         cs_a[i] = T.if_then_else(tc + i < eos, sc_s[i, 2], 0.0)
-                    scan_step(cum_a, cum_b, cs_a, cs_b, 1)   # Hillis-Steele, strides 1 .. 32: ends in *_a
-                    scan_step(cum_b, cum_a, cs_b, cs_a, 2)
-                    scan_step(cum_a, cum_b, cs_a, cs_b, 4)
-                    scan_step(cum_b, cum_a, cs_b, cs_a, 8)
-                    scan_step(cum_a, cum_b, cs_a, cs_b, 16)
-                    scan_step(cum_b, cum_a, cs_b, cs_a, 32)
-                    if A > 0:
+                    if "scan" not in debug:
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 1)   # Hillis-Steele, strides 1 .. 32: ends in *_a
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 2)
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 4)
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 8)
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 16)
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 32)
+                    if A > 0 and "trig" not in debug:
                         for a in T.Parallel(AP):   # the next chunk's carry (wrapped), before cum_a is reused
                             e2 = carry_s[a] + cum_a[C - 1, a]
                             wr = e2 - TWO_PI * T.floor(e2 * INV_TWO_PI)
@@ -274,7 +277,8 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                             cum_b[i, a] = T.call_extern(f32, "__sinf", r)
                         for a in T.Parallel(AP):
                             carry_s[a] = nxt_s[a]
-                    rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cum_a, cum_b)
+                    if "rotate" not in debug:
+                        rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cum_a, cum_b)
                     for j in T.Parallel(C):   # per key: scale_j (beta of the next token masked at the end),
                         scl_s[j] = T.if_then_else(tc + j < eos, sc_s[j, 0], 0.0) + T.if_then_else(
                             tc + j + 1 < eos, sc_s[j, 1], 0.0)
@@ -283,7 +287,10 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                         st_s[p, n] = T.cast(st[p, n], bf16)
                     T.gemm(qr_s, st_s, yi, transpose_B=True, clear_accum=True)
                     T.gemm(qr_s, kr_s, sc, transpose_B=True, clear_accum=True)
-                    for i, j in T.Parallel(C, C):
+                    if "weights" in debug:
+                        T.copy(sc, w_s)
+                    else:
+                      for i, j in T.Parallel(C, C):  # noqa: E111
                         w_s[i, j] = T.cast(T.if_then_else(
                             i > j, sc[i, j] * fexp(T.min(cs_a[i] - cs_a[j], 0.0)) * scl_s[j],
                             T.if_then_else(i == j, sc[i, j] * sc_s[i, 0], 0.0)), bf16)
@@ -297,7 +304,7 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                             if tc + i < eos:
                                 YO[b, tc + i, h, p] = y[i, p]
                     for i, p in T.Parallel(C, P):
-                        if tc + i < eos:
+                        if tc + i < eos - (C if "store" in debug else 0) * L:   # (debug "store": never true)
                             if has_z:
                                 zz = T.cast(z_s[i, p], f32)
                                 OUT[b, tc + i, h, p] = T.cast(
@@ -305,11 +312,12 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                             else:
                                 OUT[b, tc + i, h, p] = T.cast(y[i, p], bf16)
                     # the chunk's contribution to the state entering the next chunk
-                    for j, p in T.Parallel(C, P):
-                        vw_s[j, p] = T.cast(T.cast(v_s[j, p], f32) * wk_s[j], bf16)
-                    for p, n in T.Parallel(P, N):
-                        st[p, n] = st[p, n] * fexp(cs_a[C - 1])
-                    T.gemm(vw_s, kr_s, st, transpose_A=True)
+                    if "update" not in debug:
+                        for j, p in T.Parallel(C, P):
+                            vw_s[j, p] = T.cast(T.cast(v_s[j, p], f32) * wk_s[j], bf16)
+                        for p, n in T.Parallel(P, N):
+                            st[p, n] = st[p, n] * fexp(cs_a[C - 1])
+                        T.gemm(vw_s, kr_s, st, transpose_A=True)
 
     return main
 
@@ -324,12 +332,12 @@ def key(spec, t, has_entry: bool, y_out: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def build(arch: str, threads=THREADS, stages=None, **k):
+def build(arch: str, threads=THREADS, stages=None, debug=(), **k):
     """The compiled walk for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
     target = {"kind": "cuda", "arch": arch}
-    prog = program(threads=threads, stages=stages, **k)
+    prog = program(threads=threads, stages=stages, debug=tuple(debug), **k)
     with Target(target):
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
