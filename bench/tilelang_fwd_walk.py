@@ -30,6 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="B4-L4096-H32")
     ap.add_argument("--out", default="tilelang_fwd_walk.json")
+    ap.add_argument("--quick", action="store_true", help="no ablations: the whole walk and Triton's only")
     args = ap.parse_args()
     label, B, L, H, G, N, P = next(s for s in SHAPES if s[0] == args.shape)
     a = make_inputs("siso", B, L, H, G, N, P, 1)
@@ -50,7 +51,7 @@ def main():
         us = do_bench(lambda: sf.launch(tri), warmup=10, rep=100, return_mode="median") * 1e3
         rows.append(dict(shape=label, A=spec.n_angles, impl="triton", debug=[], us=us))
         print(f"{label} A={spec.n_angles} triton phase 4 {us:.1f} us", flush=True)
-        for dbg in (VARIANTS if not A0 else [()]):
+        for dbg in (VARIANTS if not (A0 or args.quick) else [()]):
             k = dict(wc["tilelang"])
             k.pop("arch")
             stages = k.pop("stages", None)
