@@ -136,7 +136,8 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
     bf16, f32 = "bfloat16", "float32"
     NH = N // 2
     AP = angle_cols(A)
-    W = AP + 16      # cumsum columns: AP angle columns, adt (column AP), padding (wgmma N: 2 x multiples of 8)
+    W = (AP + 16) // 16 * 16   # cumsum columns: AP angle columns, adt (column AP), padding (a multiple of
+                               # 16: the wgmma N of each of the two warpgroups a multiple of 8)
     f16 = "float16"
     ang_shape = (BA, LA, max(A, 1)) if shared_angles else (BA, LA, HA, max(A, 1))
 
