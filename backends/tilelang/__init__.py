@@ -1,6 +1,7 @@
-"""TileLang backend: the decode step (SPEC §5), and the backward core's dq / dkv walks
+"""TileLang backend: the decode step (SPEC §5), the backward core's dq / dkv walks
 (scan_bwd_core_chunk.py, with scan_bwd_core.py pairing them with the Triton core's other
-kernels; not yet wired into `scan`: see that module). No chunked forward yet.
+kernels; the scan backward's CORE_IMPL), and the chunked forward's phase 4
+(scan_chunk_output.py: the Triton forward's OUT_IMPL "tilelang", opt-in).
 
 Protocol: see backends/__init__.py. Imports without tilelang installed: tilelang is imported
 only inside the functions that need it and by `step.py`, which holds the kernel.

@@ -27,6 +27,19 @@ Grid: (segment slots, H); the slot table (`slot_table`) gives each slot's batch 
 segment start, entry-state slot (phases 2-3, Triton; -1: none) and chunk count, in the Triton
 forward's slot numbering. Entry states come in the segment's rotary frame (scan_state_passing).
 
+Measured (H100, TileLang 0.1.15, bench/results/scan_fwd_tilelang_out_h100_*.json,
+tilelang_fwd_walk_h100_*.json): correct (tests/test_tilelang_scan_fwd_gpu.py, 11/11; rel_l2 vs
+float64 2.33-2.35e-3 on the bench shapes, as the Triton phase 4's 2.32-2.35e-3) but slower: SISO
+B4 L4096 0.59 ms against the Triton phase 4's 0.356 (G8 N64 0.47 vs 0.28), hence opt-in
+(scan_fwd OUT_IMPL). Where the time goes (ablations, `program(debug=...)`, us of 597): the
+Hillis-Steele scan 152, weights 79, output 70, rotation 58, update 52, trig 20; without the
+angle path 348, without every elementwise phase 159. Every phase is a shared-memory pass over
+the tile with TileLang's per-element index arithmetic (1.6x the Triton loop's instructions per
+token: IMAD / LEA / LOP3 ~40 % of them) at two warps per scheduler; doing the cumsums as one
+tensor-core product (tri @ x, fp16 hi + lo splits) instead was slower still (645 us). What it
+would take: register-resident tiles between the phases (fragments in a layout that keeps a rotary
+pair in one thread), fewer passes over shared memory.
+
 Scope (`supports`): R = 1, N in {64, 128}, P = 64, bf16 inputs, output modes reduce / per_rank
 (norm_reduce and the MIMO projections stay Triton's), q / k / v / z contiguous.
 """
@@ -136,9 +149,6 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
     bf16, f32 = "bfloat16", "float32"
     NH = N // 2
     AP = angle_cols(A)
-    W = (AP + 16) // 16 * 16   # cumsum columns: AP angle columns, adt (column AP), padding (a multiple of
-                               # 16: the wgmma N of each of the two warpgroups a multiple of 8)
-    f16 = "float16"
     ang_shape = (BA, LA, max(A, 1)) if shared_angles else (BA, LA, HA, max(A, 1))
 
     def cols(j):   # plain Python: the columns (c0, c1) of pair j
@@ -174,6 +184,18 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                 qr_s[i, 2 * A + u] = T.cast(T.cast(q_s[i, 2 * A + u], f32) + qb_s[2 * A + u], bf16)
                 kr_s[i, 2 * A + u] = T.cast(T.cast(k_s[i, 2 * A + u], f32) + kb_s[2 * A + u], bf16)
 
+    @T.macro
+    def scan_step(src, dst, csrc, cdst, d):
+        # one Hillis-Steele step of the angle columns and (with column 0's threads) of cs
+        if A > 0:
+            for i, w in T.Parallel(C, AP):
+                dst[i, w] = T.if_then_else(i >= d, src[i, w] + src[T.max(i - d, 0), w], src[i, w])
+                if w == 0:
+                    cdst[i] = T.if_then_else(i >= d, csrc[i] + csrc[T.max(i - d, 0)], csrc[i])
+        else:
+            for i in T.Parallel(C):
+                cdst[i] = T.if_then_else(i >= d, csrc[i] + csrc[T.max(i - d, 0)], csrc[i])
+
     @T.prim_func
     def main(Q: T.Tensor((B, L, 1, G, N), bf16), K: T.Tensor((B, L, 1, G, N), bf16),
              V: T.Tensor((B, L, H, P), bf16), Z: T.Tensor((BZ, LZ, HZ, P), bf16),
@@ -193,17 +215,14 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
             st_s = T.alloc_shared([P, N], bf16)
             w_s = T.alloc_shared([C, C], bf16)
             vw_s = T.alloc_shared([C, P], bf16)
-            tri_s = T.alloc_shared([C, C], f16)             # lower triangle of ones (s <= i)
-            xh_s = T.alloc_shared([W, C], f16)              # the cumsum's operand (transposed: K-major),
-            xl_s = T.alloc_shared([W, C], f16)              # fp16 hi + lo splits
-            cos_s = T.alloc_shared([C, max(AP, 8)], f32)
-            sin_s = T.alloc_shared([C, max(AP, 8)], f32)
-            cs_s = T.alloc_shared([C], f32)                 # the decay cumsum cs
+            cum_a = T.alloc_shared([C, max(AP, 1)], f32)   # the angle cumsum (ping-pong), then cos
+            cum_b = T.alloc_shared([C, max(AP, 1)], f32)   # (ping-pong), then sin
+            cs_a = T.alloc_shared([C], f32)                # the decay cumsum cs (ping-pong)
+            cs_b = T.alloc_shared([C], f32)
             scl_s = T.alloc_shared([C], f32)                # scale_j per key
             wk_s = T.alloc_shared([C], f32)                 # e^{T - cs_j} scale_j
-            carry_s = T.alloc_shared([2, max(AP, 8)], f32)  # the segment-relative angle entering the
-                                                            # chunk (by chunk parity: read one, write the other)
-            cum = T.alloc_fragment([C, W], f32)
+            carry_s = T.alloc_shared([max(AP, 1)], f32)    # the segment-relative angle entering the chunk
+            nxt_s = T.alloc_shared([max(AP, 1)], f32)
             qb_s = T.alloc_shared([N], f32)
             kb_s = T.alloc_shared([N], f32)
             st = T.alloc_fragment([P, N], f32)
@@ -220,10 +239,8 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                                                   T.cast(ENT[T.max(SLOT[slot, 3], 0), h, p, n], f32), 0.0)
                 else:
                     T.clear(st)
-                for u, a in T.Parallel(2, max(AP, 8)):
-                    carry_s[u, a] = 0.0
-                for i, j in T.Parallel(C, C):
-                    tri_s[i, j] = T.if_then_else(j <= i, T.cast(1, f16), T.cast(0, f16))
+                for a in T.Parallel(max(AP, 1)):
+                    carry_s[a] = 0.0
                 for n in T.Parallel(N):
                     qb_s[n] = QB[h, n]
                     kb_s[n] = KB[h, n]
@@ -243,45 +260,42 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                             T.copy(ANG[b, tc:tc + C, 0:A], a_s[:, 0:A])
                         else:
                             T.copy(ANG[b, tc:tc + C, h, 0:A], a_s[:, 0:A])
-                    # the in-chunk inclusive cumsums of phi (angle columns) and adt, as one product
-                    # tri @ x on the tensor cores, x split into fp16 hi + lo (22 significant bits; what
-                    # the lo part loses below fp16's subnormals is < 6e-8 per term); rows past the
+                    # the in-chunk inclusive cumsums of phi (angle columns) and adt; rows past the
                     # sequence's end (a partial last chunk: the next sequence's tokens, or TMA's zero
                     # fill past L) get zero scalars here and in scl_s, so they add nothing
-                    for i, w in T.Parallel(C, W):
-                        x = T.if_then_else(
-                            tc + i < eos,
-                            T.if_then_else(w == AP, sc_s[i, 2], T.if_then_else(
-                                w < A, PI * T.tanh(T.cast(a_s[i, T.min(w, max(A, 1) - 1)], f32)) * sc_s[i, 3], 0.0)),
-                            0.0)
-                        xh_s[w, i] = T.cast(x, f16)
-                        xl_s[w, i] = T.cast(x - T.cast(T.cast(x, f16), f32), f16)
+                    if A > 0:
+                        for i, w in T.Parallel(C, AP):
+                            cum_a[i, w] = T.if_then_else(
+                                (w < A) & (tc + i < eos), PI * T.tanh(T.cast(a_s[i, T.min(w, A - 1)], f32)) * sc_s[i, 3],
+                                0.0)
+                    for i in T.Parallel(C):
+                        cs_a[i] = T.if_then_else(tc + i < eos, sc_s[i, 2], 0.0)
                     if "scan" not in debug:
-                        T.gemm(tri_s, xh_s, cum, transpose_B=True, clear_accum=True)
-                        T.gemm(tri_s, xl_s, cum, transpose_B=True)
-                    else:
-                        T.clear(cum)
-                    # cos / sin of the angles (carry of this chunk's parity + cumsum), the next carry
-                    # from the last row, cs from column AP
-                    for i, w in T.Parallel(C, W):
-                        if w == AP:
-                            cs_s[i] = cum[i, w]
-                        if A > 0 and "trig" not in debug:
-                            if w < AP:
-                                e = cum[i, w] + carry_s[ci % 2, w]
-                                r = e - TWO_PI * T.floor(e * INV_TWO_PI + 0.5)
-                                cos_s[i, w] = T.call_extern(f32, "__cosf", r)   # MUFU (|r| <= pi: < 1e-6)
-                                sin_s[i, w] = T.call_extern(f32, "__sinf", r)
-                                if i == C - 1:
-                                    wr = e - TWO_PI * T.floor(e * INV_TWO_PI)
-                                    carry_s[(ci + 1) % 2, w] = T.if_then_else(
-                                        wr < 0.0, wr + TWO_PI, T.if_then_else(wr >= TWO_PI, wr - TWO_PI, wr))
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 1)   # Hillis-Steele, strides 1 .. 32: ends in *_a
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 2)
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 4)
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 8)
+                        scan_step(cum_a, cum_b, cs_a, cs_b, 16)
+                        scan_step(cum_b, cum_a, cs_b, cs_a, 32)
+                    if A > 0 and "trig" not in debug:
+                        for a in T.Parallel(AP):   # the next chunk's carry (wrapped), before cum_a is reused
+                            e2 = carry_s[a] + cum_a[C - 1, a]
+                            wr = e2 - TWO_PI * T.floor(e2 * INV_TWO_PI)
+                            nxt_s[a] = T.if_then_else(wr < 0.0, wr + TWO_PI,
+                                                      T.if_then_else(wr >= TWO_PI, wr - TWO_PI, wr))
+                        for i, a in T.Parallel(C, AP):   # cos into cum_a (in place), sin into cum_b
+                            e = cum_a[i, a] + carry_s[a]
+                            r = e - TWO_PI * T.floor(e * INV_TWO_PI + 0.5)
+                            cum_a[i, a] = T.call_extern(f32, "__cosf", r)   # MUFU (|r| <= pi: < 1e-6)
+                            cum_b[i, a] = T.call_extern(f32, "__sinf", r)
+                        for a in T.Parallel(AP):
+                            carry_s[a] = nxt_s[a]
                     if "rotate" not in debug:
-                        rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cos_s, sin_s)
+                        rotate(q_s, k_s, qr_s, kr_s, qb_s, kb_s, cum_a, cum_b)
                     for j in T.Parallel(C):   # per key: scale_j (beta of the next token masked at the end),
                         scl_s[j] = T.if_then_else(tc + j < eos, sc_s[j, 0], 0.0) + T.if_then_else(
                             tc + j + 1 < eos, sc_s[j, 1], 0.0)
-                        wk_s[j] = fexp(cs_s[C - 1] - cs_s[j]) * scl_s[j]   # and its weight in the update
+                        wk_s[j] = fexp(cs_a[C - 1] - cs_a[j]) * scl_s[j]   # and its weight in the update
                     for p, n in T.Parallel(P, N):
                         st_s[p, n] = T.cast(st[p, n], bf16)
                     T.gemm(qr_s, st_s, yi, transpose_B=True, clear_accum=True)
@@ -291,11 +305,11 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                     else:
                       for i, j in T.Parallel(C, C):  # noqa: E111
                         w_s[i, j] = T.cast(T.if_then_else(
-                            i > j, sc[i, j] * fexp(T.min(cs_s[i] - cs_s[j], 0.0)) * scl_s[j],
+                            i > j, sc[i, j] * fexp(T.min(cs_a[i] - cs_a[j], 0.0)) * scl_s[j],
                             T.if_then_else(i == j, sc[i, j] * sc_s[i, 0], 0.0)), bf16)
                     T.gemm(w_s, v_s, y, clear_accum=True)
                     for i, p in T.Parallel(C, P):
-                        y[i, p] = y[i, p] + fexp(cs_s[i]) * yi[i, p]
+                        y[i, p] = y[i, p] + fexp(cs_a[i]) * yi[i, p]
                         if has_d:
                             y[i, p] = y[i, p] + DV[h] * T.cast(v_s[i, p], f32)
                     if y_out:
@@ -315,7 +329,7 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
                         for j, p in T.Parallel(C, P):
                             vw_s[j, p] = T.cast(T.cast(v_s[j, p], f32) * wk_s[j], bf16)
                         for p, n in T.Parallel(P, N):
-                            st[p, n] = st[p, n] * fexp(cs_s[C - 1])
+                            st[p, n] = st[p, n] * fexp(cs_a[C - 1])
                         T.gemm(vw_s, kr_s, st, transpose_A=True)
 
     return main

@@ -76,6 +76,12 @@ Config keys (`default_config`, `space`):
                on fewer specs than 3.9): A = 64 shared 0.751 -> 0.832 ms,
                per-head A = 64 half 0.610 -> 0.636 (the spilling orders were faster; the tuning
                space keeps them as a candidate), elsewhere no fallback.
+  OUT_IMPL     phase 4's implementation: "triton" (default) or "tilelang" (opt-in, SISO bf16 N in
+               {64, 128}, P = 64, reduce / per_rank, segments of whole 64-token chunks:
+               backends/tilelang/scan_chunk_output.py, validated against the float64 oracle on the
+               H100 but 1.6-1.7x slower there: 0.59 vs 0.356 ms at SISO B4 L4096,
+               bench/results/scan_fwd_tilelang_out_h100_ff666eb.json); OUT_TL_STAGES its pipeline
+               (None: 2 stages where they fit in shared memory; 1: no prefetch)
   SCRATCH      dtype of the per-segment scratch states ("bfloat16" or "float32"): they are
                GEMM operands in the input dtype anyway; fp32 inputs keep fp32 scratch.
   PMAJOR       phase 4's products with P as the rows: y^T = vt^T (sc o W)^T + e^{cs} S q^T and
@@ -324,31 +330,27 @@ def space(spec: ScanSpec, problem=None) -> list:
     return out[:16]
 
 
-OUT_IMPLS = ("triton", "tilelang", "auto")
+OUT_IMPLS = ("triton", "tilelang")
 
 
 def out_impl(spec: ScanSpec, config: dict, t, seglen: int) -> str:
-    """Phase 4's implementation for the bundle `t`: config OUT_IMPL with "auto" resolved
-    ("tilelang" where backends/tilelang/scan_chunk_output.py applies, TileLang runs and the
-    tensors are on a GPU; else "triton"). "tilelang" outside its scope is an error."""
+    """Phase 4's implementation for the bundle `t`: config OUT_IMPL, "triton" (the default) or
+    "tilelang" (backends/tilelang/scan_chunk_output.py, opt-in: on the H100 it runs 1.6-1.7x the
+    Triton phase 4's time, bench/notes/scan_fwd.md session 15, so nothing picks it by itself).
+    "tilelang" outside its scope is an error naming the reason."""
     impl = config.get("OUT_IMPL", "triton")
     if impl == "triton":
         return impl
     from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
     ok, why = _tlo.in_scope(spec, t, seglen)
-    if impl == "tilelang":
-        if not ok:
-            raise bad_arg("config.OUT_IMPL", "'tilelang' only where the TileLang phase 4 applies", why)
-        return impl
-    if not ok or t.v.device.type != "cuda":
-        return "triton"
-    from mamba3_kernels.backends import tilelang as _tlb
-    return "tilelang" if _tlb.available()[0] else "triton"
+    if not ok:
+        raise bad_arg("config.OUT_IMPL", "'tilelang' only where the TileLang phase 4 applies", why)
+    return impl
 
 
 def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("OUT_IMPL", "triton") not in OUT_IMPLS:
-        raise bad_arg("config.OUT_IMPL", "'triton', 'tilelang' or 'auto'", config.get("OUT_IMPL"))
+        raise bad_arg("config.OUT_IMPL", "'triton' or 'tilelang'", config.get("OUT_IMPL"))
     for key in ("CHUNK", "SEG", "BLOCK_P", "PASS_BLOCK_P", "num_warps"):
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
