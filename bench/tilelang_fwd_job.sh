@@ -4,6 +4,7 @@
 #   sweep  bench/scan_fwd_seg_sweep.py: the SISO bench shapes, OUT_IMPL triton vs tilelang (default SEG,
 #          accuracy vs the float64 oracle, per-phase times; SWEEP_ARGS adds to it)
 #   tests  tests/test_tilelang_scan_fwd_gpu.py (the walk vs the float64 oracle and vs the Triton phase 4)
+#   fwdgrid  tests/test_scan_gpu.py (the Triton forward's GPU tests), beside the tests above
 #   walk   bench/tilelang_fwd_walk.py: phase 4 alone, TileLang with phases left out and A = 0, vs Triton
 #   bench  bench/scan.py side by side with upstream (carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
@@ -28,6 +29,10 @@ tests)
   timeout ${T2:-300} python -m pytest -q tests/test_tilelang_scan_fwd_gpu.py -rA --durations=0 -x \
       > $OUT/gpu_tests_tilelang_fwd_$c.log 2>&1
   grep -E "passed|failed|FAILED|Error|assert" $OUT/gpu_tests_tilelang_fwd_$c.log | tail -20;;
+fwdgrid)
+  timeout ${T5:-480} python -m pytest -q tests/test_scan_gpu.py -rA --durations=0 \
+      > $OUT/gpu_tests_scan_fwd_$c.log 2>&1
+  grep -E "passed|failed|FAILED|Error" $OUT/gpu_tests_scan_fwd_$c.log | tail -10;;
 walk)
   timeout ${T4:-300} python bench/tilelang_fwd_walk.py ${WALK_ARGS:-} --out $OUT/tilelang_fwd_walk_h100_$c.json \
       > $OUT/walk_$c.log 2>&1
