@@ -15,15 +15,7 @@
 #          carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
 #   PART="tests walks core" MAMBA3_COMMIT=<sha> bash bench/tilelang_core_job.sh
-set -uo pipefail
-source .carry/tilelang/activate.sh > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-# one kernel cache for every process (tests/conftest.py's dirs): the prebuild's TileLang builds and
-# the benchmarks' Triton builds are then hits in the tests (session 12's tests rebuilt every walk)
-export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/triton
-{ nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
-  python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
-c=${MAMBA3_COMMIT:-unknown}
+source bench/device_env.sh
 timeout ${T0:-120} python bench/tilelang_prebuild.py > $OUT/prebuild_$c.log 2>&1
 tail -1 $OUT/prebuild_$c.log
 for part in ${PART:-tests}; do case $part in

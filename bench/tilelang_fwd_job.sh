@@ -9,13 +9,7 @@
 #   bench  bench/scan.py side by side with upstream (carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
 #   PART="sweep tests" MAMBA3_COMMIT=<sha> bash bench/tilelang_fwd_job.sh
-set -uo pipefail
-source .carry/tilelang/activate.sh > /dev/null 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-export TILELANG_CACHE_DIR=$PWD/.cache/tilelang TRITON_CACHE_DIR=$PWD/.cache/triton
-{ nvidia-smi --query-gpu=name,driver_version --format=csv; echo "commit ${MAMBA3_COMMIT:-unknown}";
-  python -c "import torch, triton, tilelang; print(torch.__version__, triton.__version__, tilelang.__version__)"; } > $OUT/env.txt 2>&1
-c=${MAMBA3_COMMIT:-unknown}
+source bench/device_env.sh
 [ "${PREBUILD:-1}" = 1 ] && timeout ${T0:-150} python bench/tilelang_prebuild.py --fwd > $OUT/prebuild_fwd_$c.log 2>&1
 grep -v " ok$" $OUT/prebuild_fwd_$c.log | tail -5
 for part in ${PART:-sweep tests}; do case $part in

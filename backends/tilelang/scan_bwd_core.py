@@ -22,7 +22,6 @@ scan_bwd.auto_tilelang: MIMO R4 core 1.30-1.34x, R4 P128 2.66x; R 2 1.01x, R 8 0
 there; bench/results/scan_bwd_core_tilelang_h100_c7964da.json).
 Scope: `supports` (the core's R in {1, 2, 4, 8}, N and P in {64, 128}, bf16 operands).
 """
-import functools
 
 import torch
 
@@ -31,6 +30,7 @@ from mamba3_kernels.backends.triton import scan_bwd_core as tcore
 from mamba3_kernels.backends.triton import scan_bwd_core_states as tstates
 
 from . import scan_bwd_core_chunk as walks
+from .step import arch_of
 
 
 def supports(R: int, N: int, P: int, dtype: str) -> tuple:
@@ -106,17 +106,9 @@ def launch(c: dict) -> None:
         tcore.launch(c)
         return
     t = c["tilelang"]
-    arch = t["arch"] or _arch(c["args"][0][1].device.index)
+    arch = t["arch"] or arch_of(c["args"][0][1].device.index)
     k = walks.build(t["which"], t["R"], t["N"], t["P"], arch)
     k(*[x for _, x in c["args"]])
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device_index) -> str:
-    """The sm_XY[a] target of a CUDA device, looked up once per device (not per launch)."""
-    from .step import device_arch
-    with torch.cuda.device(device_index):
-        return device_arch()
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,

@@ -449,21 +449,14 @@ def _dense_slots(B, L, seglen, split, nseg2_dense, device):
 def launch(c: dict) -> None:
     """Launch the walk of `plan_calls` (built for the current device on first use)."""
     from mamba3_kernels.backends import tilelang as _tlb
+    from .step import arch_of
     ok, why = _tlb.available()
     if not ok:
         raise RuntimeError(f"OUT_IMPL 'tilelang': TileLang cannot run here ({why})")
     k = dict(c["tilelang"])
-    arch = k.pop("arch") or _arch(c["args"][0][1].device.index)
+    arch = k.pop("arch") or arch_of(c["args"][0][1].device.index)
     stages = k.pop("stages", None)
     build(arch, THREADS, stages, **k)(*[x for _, x in c["args"]])
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device_index) -> str:
-    import torch
-    from .step import device_arch
-    with torch.cuda.device(device_index):
-        return device_arch()
 
 
 def compile(spec, has_entry=True, y_out=False, arch: str = "sm_90a", threads=THREADS, stages=None,

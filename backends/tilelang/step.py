@@ -409,6 +409,14 @@ def device_arch() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def arch_of(device_index) -> str:
+    """device_arch of a CUDA device by index, looked up once per device (not per launch)."""
+    import torch
+    with torch.cuda.device(device_index):
+        return device_arch()
+
+
+@functools.lru_cache(maxsize=None)
 def get_kernel(key, arch: str | None = None):
     """Compile (memoised) the kernel for `key` for `arch` (None = the current device's)."""
     setup_env()
