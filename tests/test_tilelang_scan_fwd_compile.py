@@ -118,6 +118,8 @@ def test_out_impl_values_and_segment_length():
     for bad in ("cute", "auto"):   # (no "auto": nothing would pick the slower TileLang walk)
         with pytest.raises(BadArgument, match="config.OUT_IMPL"):
             sf.check_config(spec, dict(sf.default_config(spec, prob), OUT_IMPL=bad))
+    with pytest.raises(BadArgument, match="config.OUT_TL_STAGES"):
+        sf.check_config(spec, dict(sf.default_config(spec, prob), OUT_IMPL="tilelang", OUT_TL_STAGES=3))
     with pytest.raises(BadArgument, match="multiples of 64"):   # 2 chunks of 16 tokens: 32-token segments
         sf.plan(spec, dict(sf.default_config(spec, prob), OUT_IMPL="tilelang", SEG=2), t, device="meta")
     strided = sf.meta_tensors(spec, prob)

@@ -351,6 +351,8 @@ def out_impl(spec: ScanSpec, config: dict, t, seglen: int) -> str:
 def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("OUT_IMPL", "triton") not in OUT_IMPLS:
         raise bad_arg("config.OUT_IMPL", "'triton' or 'tilelang'", config.get("OUT_IMPL"))
+    if config.get("OUT_TL_STAGES") not in (None, 1, 2):
+        raise bad_arg("config.OUT_TL_STAGES", "None, 1 or 2", config.get("OUT_TL_STAGES"))
     for key in ("CHUNK", "SEG", "BLOCK_P", "PASS_BLOCK_P", "num_warps"):
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
@@ -495,15 +497,15 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
                         INTERP=_interpret()),
         num_warps=config.get("pass_num_warps", 4), num_stages=1))
+    scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
+                   phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
+                   split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
     if out_impl(spec, config, t, SEGLEN) == "tilelang":   # phase 4 as the TileLang walk
         from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
         if gates_on:   # the walk reads its own scalar table; the gates serve phase 2 alone
             calls[0]["run"] = run_a
         calls += _tlo.plan_calls(spec, t, SEGLEN, K, nseg2_dense, erel if run_b else None, y_out, t.out,
                                  stages=config.get("OUT_TL_STAGES"))
-        scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
-                       phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
-                       split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=None)
         return calls, scratch
     split = spec.output_mode == "norm_reduce" and bool(config.get("NORM_SPLIT"))
     y_store = y_out is not None and not split   # phase 4 stores y itself (with the split, y_out is its scratch)
@@ -552,9 +554,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                             HAS_MZ=t.mimo_z is not None, HAS_MO=t.mimo_out is not None,
                             INTERP=_interpret()),
             num_warps=4, num_stages=1))
-    scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
-                   phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
-                   split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
     return calls, scratch
 
 
