@@ -5,6 +5,7 @@
 #          accuracy vs the float64 oracle, per-phase times; SWEEP_ARGS adds to it)
 #   tests  tests/test_tilelang_scan_fwd_gpu.py (the walk vs the float64 oracle and vs the Triton phase 4)
 #   fwdgrid  tests/test_scan_gpu.py (the Triton forward's GPU tests), beside the tests above
+#   validate  mamba3-kernels validate's TileLang phase-4 rows (forward + every gradient through the API)
 #   walk   bench/tilelang_fwd_walk.py: phase 4 alone, TileLang with phases left out and A = 0, vs Triton
 #   bench  bench/scan.py side by side with upstream (carry .upstream too; BENCH_ARGS)
 # On the device, repo root, carry [".carry/tilelang"]:
@@ -27,6 +28,11 @@ fwdgrid)
   timeout ${T5:-480} python -m pytest -q tests/test_scan_gpu.py -rA --durations=0 \
       > $OUT/gpu_tests_scan_fwd_$c.log 2>&1
   grep -E "passed|failed|FAILED|Error" $OUT/gpu_tests_scan_fwd_$c.log | tail -10;;
+validate)
+  timeout ${T6:-300} python -c "
+from mamba3_kernels.cli import _tilelang_phase4_section
+import sys; sys.exit(0 if _tilelang_phase4_section([], True) else 1)" > $OUT/validate_tilelang_phase4_$c.log 2>&1
+  echo "rc $?"; tail -5 $OUT/validate_tilelang_phase4_$c.log | cut -c1-250;;
 walk)
   timeout ${T4:-300} python bench/tilelang_fwd_walk.py ${WALK_ARGS:-} --out $OUT/tilelang_fwd_walk_h100_$c.json \
       > $OUT/walk_$c.log 2>&1

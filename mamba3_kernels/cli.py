@@ -3,7 +3,8 @@
 - `info`: versions of the package and of torch/triton/tilelang/cutlass-dsl, the GPU, and every
   backend's availability with the reason.
 - `validate`: the oracle's self-consistency over a spec grid, then every backend that can run
-  here against the oracle (on a CPU: the Triton kernels under the interpreter), and an sm_90a
+  here against the oracle (on a CPU: the Triton kernels under the interpreter; on a GPU also
+  the Triton forward with its phase 4 as the TileLang walk, OUT_IMPL "tilelang"), and an sm_90a
   compile of the backends that cannot run here. Prints tables; `--json` saves the report.
   Exit code 1 if anything fails.
 """
@@ -193,6 +194,50 @@ def _scan_section(report_rows, on_gpu: bool):
     return all_ok
 
 
+def tilelang_phase4_grid():
+    """(label, spec, problem, varlen lengths) for the Triton forward with its phase 4 as the
+    TileLang walk (backends/tilelang/scan_chunk_output.py: SISO bf16, N in {64, 128}, P = 64):
+    GPU-sized, since the walk has no smaller form."""
+    from .spec import Problem, ScanSpec
+    siso = ScanSpec(d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True, shared_angles=True,
+                    initial_states=True, final_states=True)
+    return [("siso n128 states", siso, Problem(2, 700, 4, 1, 2), None),
+            ("siso varlen", siso.replace(varlen=True), Problem(1, 700, 2, 1, 3), [300, 0, 400])]
+
+
+def _tilelang_phase4_section(report_rows, on_gpu: bool):
+    """The forward with OUT_IMPL "tilelang" (opt-in: slower than the Triton phase 4 on the H100)
+    through mamba3_kernels.scan: out, final states and every gradient vs the oracle."""
+    import numpy as np
+
+    from . import backends
+    from .backends.triton import scan_fwd
+    from .scan_grad_testing import scan_grad_report
+    tl_ok, tl_why = backends.availability().get("tilelang", (False, "not registered"))
+    tr_ok, tr_why = backends.availability().get("triton", (False, "not registered"))
+    if not (on_gpu and tl_ok and tr_ok):
+        why = "no GPU" if not on_gpu else (tl_why if not tl_ok else tr_why)
+        print(f"  {'triton':<9} phase 4 in TileLang (OUT_IMPL) not run here: {why}")
+        return True
+    rng = np.random.default_rng()
+    all_ok = True
+    for label, spec, prob, lens in tilelang_phase4_grid():
+        cfg = dict(scan_fwd.default_config(spec, prob), OUT_IMPL="tilelang")
+        per = max(1, 64 // cfg["CHUNK"])   # segments of whole 64-token chunks
+        cfg["SEG"] = -(-cfg["SEG"] // per) * per
+        rep = scan_grad_report(spec, prob, rng, device="cuda", lengths=lens, label=f"scan/tilelang-phase4 {label}",
+                               backend="triton", config=cfg)
+        all_ok &= rep.ok
+        report_rows.extend([dict(section="scan/triton+tilelang-phase4", **r.__dict__, ok=r.ok) for r in rep.rows])
+        wf = max(r.rel_l2 / r.bound_l2 for r in rep.rows if not r.name.startswith("grad."))
+        wg = max(r.rel_l2 / r.bound_l2 for r in rep.rows if r.name.startswith("grad."))
+        print(f"  {'triton':<9} {label + ' (TileLang phase 4)':<34} L={prob.seqlen:<4} forward worst/bound "
+              f"{wf:8.1e}  gradients worst/bound {wg:8.1e}  {'ok' if rep.ok else 'FAIL'}")
+        if not rep.ok:
+            print(rep.table())
+    return all_ok
+
+
 def _compile_section(names, report_rows):
     """sm_90a builds of the backends that cannot run here, each in its own process."""
     if not names:
@@ -226,6 +271,7 @@ def cmd_validate(args) -> int:
     ok = _oracle_section(rows, args.quick)
     bok, compile_only = _backend_section(rows, on_gpu)
     sok = _scan_section(rows, on_gpu)
+    sok = _tilelang_phase4_section(rows, on_gpu) and sok
     cok = _compile_section([] if args.no_compile else compile_only, rows)
     ok = ok and bok and sok and cok
     if args.json:

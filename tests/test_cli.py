@@ -65,3 +65,13 @@ def test_validate_scan_section_reports_every_gradient(capsys):
     assert {"out", "state.angle", "state.ssm", "grad.q", "grad.angles", "grad.initial_states.ssm",
             "grad.initial_states.angle", "grad.d", "grad.z"} <= names
     assert all(r["ok"] for r in rows)
+
+
+def test_validate_tilelang_phase4_section_says_why_it_did_not_run(capsys):
+    """Without a GPU the TileLang phase 4 rows (OUT_IMPL "tilelang") are not run, and the report
+    says so (its GPU run: the same function with on_gpu=True, bench/tilelang_fwd_job.sh)."""
+    from mamba3_kernels.cli import _tilelang_phase4_section, tilelang_phase4_grid
+    rows = []
+    assert _tilelang_phase4_section(rows, on_gpu=False)
+    assert "not run here: no GPU" in capsys.readouterr().out and rows == []
+    assert all(s.d_state in (64, 128) and s.head_dim == 64 and s.rank == 1 for _, s, _, _ in tilelang_phase4_grid())
