@@ -46,6 +46,7 @@ def fwd_keys() -> list:
     and without entry states (and with the saved y for the bench spec)."""
     import os
     import sys
+    from mamba3_kernels.backends.tilelang import scan_chunk_output as fwd
     from mamba3_kernels.spec import ScanSpec
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     import test_tilelang_scan_fwd_gpu as tg
@@ -56,9 +57,7 @@ def fwd_keys() -> list:
     for sp in specs:
         for entry in (False, True):
             for y in ((False, True) if sp.has_z and sp.d_state == 128 and sp.n_angles == 32 else (False,)):
-                k = dict(N=sp.d_state, P=sp.head_dim, A=sp.n_angles, shared_angles=sp.shared_angles and sp.n_angles > 0,
-                         half_pairing=sp.pairing == "half", has_d=sp.has_d, has_z=sp.has_z, has_entry=entry,
-                         y_out=y, ang_dtype="float32" if sp.n_angles else "bfloat16")   # (scan_case, bench: fp32 angles)
+                k = fwd.spec_key(sp, entry, y, "float32")   # (scan_case and the bench: fp32 angles)
                 if k not in keys:
                     keys.append(k)
                 if sp.d_state == 128 and sp.n_angles == 32 and sp.shared_angles and not y:   # the stages-1 variant

@@ -211,6 +211,7 @@ def _tilelang_phase4_section(report_rows, on_gpu: bool):
     import numpy as np
 
     from . import backends
+    from .backends.tilelang.scan_chunk_output import whole_chunks
     from .backends.triton import scan_fwd
     from .scan_grad_testing import scan_grad_report
     tl_ok, tl_why = backends.availability().get("tilelang", (False, "not registered"))
@@ -222,9 +223,7 @@ def _tilelang_phase4_section(report_rows, on_gpu: bool):
     rng = np.random.default_rng()
     all_ok = True
     for label, spec, prob, lens in tilelang_phase4_grid():
-        cfg = dict(scan_fwd.default_config(spec, prob), OUT_IMPL="tilelang")
-        per = max(1, 64 // cfg["CHUNK"])   # segments of whole 64-token chunks
-        cfg["SEG"] = -(-cfg["SEG"] // per) * per
+        cfg = whole_chunks(scan_fwd.default_config(spec, prob))
         rep = scan_grad_report(spec, prob, rng, device="cuda", lengths=lens, label=f"scan/tilelang-phase4 {label}",
                                backend="triton", config=cfg)
         all_ok &= rep.ok

@@ -23,7 +23,7 @@ from mamba3_kernels.backends.triton import scan_fwd as sf  # noqa: E402
 BadArgument = ValueError   # spec.bad_arg raises a ValueError naming the argument
 from mamba3_kernels.spec import Problem, ScanSpec  # noqa: E402
 
-SMEM_MAX = 227 * 1024
+from mamba3_kernels.backends.tilelang.scan_bwd_core_chunk import SMEM_MAX  # noqa: E402
 
 VARIANTS = [  # (id, spec keys, compile keys)
     ("n128-p64-a32-shared-dz-entry", dict(d_state=128, head_dim=64, n_angles=32, shared_angles=True, has_d=True,
@@ -109,6 +109,15 @@ def test_out_impl_outside_the_scope_is_an_error(spec_kw, why):
     with pytest.raises(BadArgument, match="config.OUT_IMPL") as e:
         sf.plan(spec, cfg, t, device="meta")
     assert why in str(e.value)
+
+
+def test_whole_chunks_rounds_segments_up():
+    spec = ScanSpec(d_state=128, head_dim=64, n_angles=16)
+    d = sf.default_config(spec, Problem(1, 512, 2, 1, 1))
+    for seg, want in ((1, 4), (2, 4), (4, 4), (5, 8), (64, 64)):
+        c = walk.whole_chunks(dict(d, CHUNK=16, SEG=seg))
+        assert (c["SEG"], c["OUT_IMPL"]) == (want, "tilelang") and c["SEG"] * 16 % walk.C == 0
+    assert walk.whole_chunks(dict(d, CHUNK=64, SEG=3))["SEG"] == 3
 
 
 def test_out_impl_values_and_segment_length():

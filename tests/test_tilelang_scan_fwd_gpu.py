@@ -42,11 +42,9 @@ def _spec(i, N, P, A, **kw):
 
 
 def _cfg(sf, spec, prob, **over):
-    """The default config with OUT_IMPL "tilelang", its segments rounded up to whole 64-token chunks."""
-    cfg = dict(sf.default_config(spec, prob), OUT_IMPL="tilelang", **over)
-    per = max(1, 64 // cfg["CHUNK"])
-    cfg["SEG"] = -(-cfg["SEG"] // per) * per
-    return cfg
+    """The default config (with `over`) for the walk: OUT_IMPL "tilelang", whole 64-token chunks."""
+    from mamba3_kernels.backends.tilelang.scan_chunk_output import whole_chunks
+    return whole_chunks(dict(sf.default_config(spec, prob), **over))
 
 
 CASES = [  # (id, N, P, A, B, L, H, G, extra spec keys, config overrides)

@@ -344,26 +344,35 @@ def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
 
-def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None):
-    """(NSLOT, 3) int32 (batch row, sequence end, segment start) per segment slot (SEG chunks of
-    TOK tokens), the Triton
-    core's slot numbering (`scan_common._locate`): dense slot = b * cdiv(L, SEGLEN) + segment;
-    varlen (B = 1) sequence i owns slots cu[i] // SEGLEN + i + [0, cdiv(len_i, SEGLEN)); a slot
-    past its sequence's segments has start >= end (skipped). Built on the device (searchsorted,
-    no host sync)."""
+def slot_rows(B: int, L: int, seglen: int, cu_seqlens=None, device=None) -> dict:
+    """The segment slots of `seglen` tokens in the Triton kernels' numbering (`scan_common._locate`):
+    int64 tensors b (batch row), seq, bos, eos (the sequence's start and end), t0 (the segment's
+    start) and seg (its index in the sequence), one entry per slot. Dense: slot = b * cdiv(L,
+    seglen) + segment; varlen (B = 1): sequence i owns slots cu[i] // seglen + i + [0, cdiv(len_i,
+    seglen)); a slot past its sequence's segments has t0 >= eos. Built on the device
+    (searchsorted, no host sync)."""
     import torch
-    seglen = SEG * TOK
     if cu_seqlens is None:
         nseg = -(-L // seglen)
         s = torch.arange(B * nseg, device=device, dtype=torch.int64)
-        return torch.stack([s // nseg, torch.full_like(s, L), (s % nseg) * seglen], 1).to(torch.int32).contiguous()
+        b, seg = s // nseg, s % nseg
+        return dict(b=b, seq=b, bos=torch.zeros_like(s), eos=torch.full_like(s, L), t0=seg * seglen, seg=seg)
     cu = cu_seqlens.to(torch.int64)
     S = cu.shape[0] - 1
     s = torch.arange(L // seglen + S, device=cu.device, dtype=torch.int64)
     first = cu[:-1] // seglen + torch.arange(S, device=cu.device)
     seq = (torch.searchsorted(first, s, right=True) - 1).clamp(min=0)
-    table = torch.stack([torch.zeros_like(s), cu[seq + 1], cu[seq] + (s - first[seq]) * seglen], 1)
-    return table.to(torch.int32).contiguous()
+    bos = cu[seq]
+    seg = s - first[seq]
+    return dict(b=torch.zeros_like(s), seq=seq, bos=bos, eos=cu[seq + 1], t0=bos + seg * seglen, seg=seg)
+
+
+def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None):
+    """(NSLOT, 3) int32 (batch row, sequence end, segment start) per segment slot (SEG chunks of
+    TOK tokens; `slot_rows`)."""
+    import torch
+    r = slot_rows(B, L, SEG * TOK, cu_seqlens, device)
+    return torch.stack([r["b"], r["eos"], r["t0"]], 1).to(torch.int32).contiguous()
 
 
 def compile(which: str, R: int, N: int, P: int, arch: str = "sm_90a", threads=THREADS,

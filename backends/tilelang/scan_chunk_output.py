@@ -53,13 +53,10 @@ TWO_PI = 6.283185307179586
 INV_TWO_PI = 0.15915494309189535
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def angle_cols(A: int) -> int:
     """Angle columns the kernel computes: pow2(A), at least 8 (0 without angles)."""
-    return 0 if A == 0 else max(8, _pow2(A))
+    from . import pow2
+    return 0 if A == 0 else max(8, pow2(A))
 
 
 def supports(spec, contiguous: bool = True) -> tuple:
@@ -81,9 +78,6 @@ def supports(spec, contiguous: bool = True) -> tuple:
     return True, ""
 
 
-SMEM_MAX = 227 * 1024   # the H100's shared memory per block (dynamic, opted in)
-
-
 def shared_bytes(N, P, A, has_z=True, ang_bytes=2, stages=STAGES) -> int:
     """The walk's shared memory (bytes, before TileLang's alignment): the staged tiles (q, k, v, z,
     scalars, angles) per stage, then the rotated q / k, the bf16 state, the weighted scores and
@@ -94,8 +88,9 @@ def shared_bytes(N, P, A, has_z=True, ang_bytes=2, stages=STAGES) -> int:
 
 
 def default_stages(N, P, A=0, has_z=True, ang_bytes=2) -> int:
-    """Pipeline stages: STAGES where they fit in SMEM_MAX (with 8 KB for alignment), else 1
-    (N = P = 128; N = 128 with A = 64 fp32 angles)."""
+    """Pipeline stages: STAGES where they fit in the H100's shared memory per block (with 8 KB for
+    alignment), else 1 (N = 128 with A = 64 fp32 angles)."""
+    from .scan_bwd_core_chunk import SMEM_MAX
     return STAGES if shared_bytes(N, P, A, has_z, ang_bytes) + 8192 <= SMEM_MAX else 1
 
 
@@ -335,13 +330,20 @@ def _program(N, P, A, shared_angles, half_pairing, has_d, has_z, has_entry, y_ou
     return main
 
 
-def key(spec, t, has_entry: bool, y_out: bool) -> dict:
-    """The build key of a call (program's arguments but threads / stages)."""
+def spec_key(spec, has_entry: bool, y_out: bool, ang_dtype="bfloat16", has_d=None, has_z=None) -> dict:
+    """The build key (program's arguments but threads / stages / debug) of a spec: has_d / has_z
+    default to the spec's, ang_dtype is the angle tensor's dtype (bf16 stands in without angles)."""
     A = spec.n_angles
-    adt = str(t.angles.dtype).replace("torch.", "") if A else "bfloat16"
     return dict(N=spec.d_state, P=spec.head_dim, A=A, shared_angles=bool(spec.shared_angles) and A > 0,
-                half_pairing=spec.pairing == "half", has_d=t.d is not None, has_z=t.z is not None,
-                has_entry=has_entry, y_out=y_out, ang_dtype=adt)
+                half_pairing=spec.pairing == "half", has_d=spec.has_d if has_d is None else has_d,
+                has_z=spec.has_z if has_z is None else has_z, has_entry=has_entry, y_out=y_out,
+                ang_dtype=ang_dtype if A else "bfloat16")
+
+
+def key(spec, t, has_entry: bool, y_out: bool) -> dict:
+    """The build key of a call on the bundle `t`."""
+    adt = str(t.angles.dtype).replace("torch.", "") if spec.n_angles else "bfloat16"
+    return spec_key(spec, has_entry, y_out, adt, has_d=t.d is not None, has_z=t.z is not None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -356,34 +358,27 @@ def build(arch: str, threads=THREADS, stages=None, debug=(), **k):
 
 
 def slot_table(B: int, L: int, seglen: int, split: int, nseg2_dense: int, cu_seqlens=None, device=None):
-    """(NSLOT, 5) int32 per segment slot of the Triton forward's numbering (scan_common._locate):
-    batch row, sequence end, segment start, entry-state slot of phases 2-3 (their sub-segment
-    `split` * segment of the sequence; the caller sets -1 where there are no entry states) and
-    the slot's chunk count (0: a spare varlen slot). Built on the device (no host sync)."""
+    """(NSLOT, 5) int32 per segment slot of the Triton forward's numbering (scan_bwd_core_chunk.
+    slot_rows): batch row, sequence end, segment start, entry-state slot of phases 2-3 (their
+    sub-segment `split` * segment of the sequence, in their numbering at seglen / split) and the
+    slot's chunk count (0: a spare varlen slot). Built on the device (no host sync)."""
     import torch
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
-    seglen2 = seglen // split
+    from .scan_bwd_core_chunk import slot_rows
+    r = slot_rows(B, L, seglen, cu_seqlens, device)
     if cu_seqlens is None:
-        nseg = cdiv(L, seglen)
-        s = torch.arange(B * nseg, device=device, dtype=torch.int64)
-        b, seg = s // nseg, s % nseg
-        t0 = seg * seglen
-        eos = torch.full_like(s, L)
-        eslot = b * nseg2_dense + seg * split
+        first2 = r["b"] * nseg2_dense
     else:
-        cu = cu_seqlens.to(torch.int64)
-        S = cu.shape[0] - 1
-        s = torch.arange(L // seglen + S, device=cu.device, dtype=torch.int64)
-        first = cu[:-1] // seglen + torch.arange(S, device=cu.device)
-        seq = (torch.searchsorted(first, s, right=True) - 1).clamp(min=0)
-        bos, eos = cu[seq], cu[seq + 1]
-        seg = s - first[seq]
-        t0 = bos + seg * seglen
-        b = torch.zeros_like(s)
-        eslot = bos // seglen2 + seq + seg * split
-    nck = ((eos - t0).clamp(min=0) + C - 1) // C
-    nck = torch.minimum(nck, torch.full_like(nck, cdiv(seglen, C)))
-    return torch.stack([b, eos, t0, eslot, nck], 1).to(torch.int32).contiguous()
+        first2 = r["bos"] // (seglen // split) + r["seq"]
+    eslot = first2 + r["seg"] * split
+    nck = torch.clamp((r["eos"] - r["t0"]).clamp(min=0) + C - 1, max=seglen + C - 1) // C
+    return torch.stack([r["b"], r["eos"], r["t0"], eslot, nck], 1).to(torch.int32).contiguous()
+
+
+def whole_chunks(config: dict) -> dict:
+    """A Triton forward config with OUT_IMPL "tilelang" and its segments (SEG chunks of CHUNK
+    tokens) rounded up to whole 64-token chunks of the walk (`in_scope` refuses others)."""
+    per = max(1, C // config["CHUNK"])
+    return dict(config, OUT_IMPL="tilelang", SEG=-(-config["SEG"] // per) * per)
 
 
 def in_scope(spec, t, seglen: int) -> tuple:
@@ -446,11 +441,18 @@ def _dense_slots(B, L, seglen, split, nseg2_dense, device):
     return slot_table(B, L, seglen, split, nseg2_dense, None, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _runs() -> tuple:
+    """Whether TileLang can run here (the backend's `available`), asked once per process, not
+    per launch."""
+    from . import available
+    return available()
+
+
 def launch(c: dict) -> None:
     """Launch the walk of `plan_calls` (built for the current device on first use)."""
-    from mamba3_kernels.backends import tilelang as _tlb
     from .step import arch_of
-    ok, why = _tlb.available()
+    ok, why = _runs()
     if not ok:
         raise RuntimeError(f"OUT_IMPL 'tilelang': TileLang cannot run here ({why})")
     k = dict(c["tilelang"])
@@ -466,11 +468,7 @@ def compile(spec, has_entry=True, y_out=False, arch: str = "sm_90a", threads=THR
     from . import resource_usage
     from .scan_bwd_core_chunk import dynamic_smem
     from .step import find_cubin
-    A = spec.n_angles
-    k = build(arch, threads, stages, N=spec.d_state, P=spec.head_dim, A=A,
-              shared_angles=bool(spec.shared_angles) and A > 0, half_pairing=spec.pairing == "half",
-              has_d=spec.has_d if has_d is None else has_d, has_z=spec.has_z if has_z is None else has_z,
-              has_entry=has_entry, y_out=y_out, ang_dtype=ang_dtype)
+    k = build(arch, threads, stages, **spec_key(spec, has_entry, y_out, ang_dtype, has_d, has_z))
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
     res = {"name": "tilelang_chunk_output", "source": src, "cubin_path": path,

@@ -446,12 +446,15 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
     bp = config["BLOCK_P"]
     # GATES: gamma = dt lam and beta = dt (1 - lam) per (b, h, t) once, read by phases 2 and 4
     # in place of trap (phase 3 still reads the raw trap for the initial states' pending term)
+    tl_out = out_impl(spec, config, t, SEGLEN) == "tilelang"   # phase 4 as the TileLang walk
     gates_on = bool(config.get("GATES")) and common["TRAP"] and L > 0
     if gates_on:
         gates = torch.empty((B, H, L, 2), dtype=f32, device=dev)
         nel = B * H * L
         calls.append(dict(
-            name="scan_gates", kernel=_com.scan_gates_kernel, run=True, grid=(triton.cdiv(nel, 1024),),
+            # (the TileLang walk reads its own scalar table: the gates then serve phase 2 alone)
+            name="scan_gates", kernel=_com.scan_gates_kernel, run=run_a if tl_out else True,
+            grid=(triton.cdiv(nel, 1024),),
             args=[("dt_ptr", t.dt), ("trap_ptr", t.trap), ("out_ptr", gates), ("n", nel)],
             constexprs=dict(BLOCK=1024), num_warps=4, num_stages=1))
         trap_k = gates
@@ -500,10 +503,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
     scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
                    phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
                    split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
-    if out_impl(spec, config, t, SEGLEN) == "tilelang":   # phase 4 as the TileLang walk
+    if tl_out:
         from mamba3_kernels.backends.tilelang import scan_chunk_output as _tlo
-        if gates_on:   # the walk reads its own scalar table; the gates serve phase 2 alone
-            calls[0]["run"] = run_a
         calls += _tlo.plan_calls(spec, t, SEGLEN, K, nseg2_dense, erel if run_b else None, y_out, t.out,
                                  stages=config.get("OUT_TL_STAGES"))
         return calls, scratch
