@@ -190,7 +190,7 @@ def main():
     for sdt in sdts:
         for n in cv:
             if n != "default":
-                variants.append(("cute", n, cute_variants(sdt)[n], (sdt,)))
+                variants.append(("cute", n, cute_variants(sdt, sb.make_spec(4, sdt))[n], (sdt,)))
     t0 = time.time()
     checks = [] if a.no_checks else run_checks([v for v in variants if v[1] in
                                                 ("default", *TRITON, "mc4", "L16", "w8", "w8mc3", "v4mc4")], rng)
