@@ -7,10 +7,7 @@ kernel as the yardstick of the same run.
 Variants (issue 3, MIMO R = 4, H=32 N=128 P=64, bf16 inputs, fp32 and bf16 state):
 - triton: the broadcast path (first version's default) vs DOT (two tensor-core products per
   head) with 4 / 8 warps and register caps (maxnreg);
-- cute: the default vs a register cap (min_ctas), 16 lanes per row, 8 warps; `nosplit` (the
-  batch-independent default) and `ps2` / `ps4` / `ps8` (each head's rows over a cluster of that
-  many CTAs, the split's default geometry): the default at small B * H is one of these.
-`--Rs 1,4` times SISO too (R = 4 by default).
+- cute: the default vs a register cap (min_ctas), 16 lanes per row, 8 warps.
 Writes one JSON (meta, checks, rows) and prints a table last.
 """
 from __future__ import annotations
@@ -47,14 +44,9 @@ TRITON = {
 }
 
 
-def cute_variants(sdt: str, spec=None) -> dict:
+def cute_variants(sdt: str) -> dict:
     vec = 8 if sdt == "bfloat16" else 4
-    split = {}
-    if spec is not None:
-        st = backends.get("cute")._step()
-        split = {"nosplit": st.default_config(spec)}
-        split.update({f"ps{ps}": st.default_config(spec, p_split=ps) for ps in (2, 4, 8)})
-    return {**split,
+    return {
         "default": None,
         "mc4": dict(num_warps=4, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=4),
         "L16": dict(num_warps=4, lanes_per_row=16, vec=vec, tile_p=64),
@@ -158,8 +150,6 @@ def main():
     ap.add_argument("--cute", default="default,mc4,L16,w8,w8mc3")
     ap.add_argument("--no-memcheck", action="store_true")
     ap.add_argument("--states", default="float32,bfloat16")
-    ap.add_argument("--Rs", default="4")
-    ap.add_argument("--no-checks", action="store_true", help="skip the oracle checks (tests ran them)")
     a = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -176,7 +166,7 @@ def main():
     cute_ok = not a.skip_cute and backends.get("cute").available()[0]
     meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=ver("triton"),
                 cutlass_dsl=ver("nvidia-cutlass-dsl"), commit=sb.git_commit(), copy_bandwidth_GBps=bw / 1e9,
-                shapes=dict(H=sb.H, N=sb.N, P=sb.P, G=sb.G, Rs=a.Rs, inputs="bfloat16"), cute=cute_ok)
+                shapes=dict(H=sb.H, N=sb.N, P=sb.P, G=sb.G, R=4, inputs="bfloat16"), cute=cute_ok)
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s; triton {meta['triton']}; cute {cute_ok}", flush=True)
     tv = [v for v in a.triton.split(",") if v]
     cv = [v for v in a.cute.split(",") if v] if cute_ok else []
@@ -190,21 +180,19 @@ def main():
     for sdt in sdts:
         for n in cv:
             if n != "default":
-                variants.append(("cute", n, cute_variants(sdt, sb.make_spec(4, sdt))[n], (sdt,)))
+                variants.append(("cute", n, cute_variants(sdt)[n], (sdt,)))
     t0 = time.time()
-    checks = [] if a.no_checks else run_checks([v for v in variants if v[1] in
-                                                ("default", *TRITON, "mc4", "L16", "w8", "w8mc3", "v4mc4")], rng)
+    checks = run_checks(variants, rng)
     print(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f} s", flush=True)
     bad = {(c["backend"], c["variant"]) for c in checks if not c["ok"]}
 
     # 2. timing
     rows = []
     Bs = [int(x) for x in a.Bs.split(",") if x]
-    Rs = [int(x) for x in a.Rs.split(",") if x]
-    for R, sdt in [(R, sdt) for R in Rs for sdt in sdts]:
-        spec = sb.make_spec(R, sdt)
+    for sdt in sdts:
+        spec = sb.make_spec(4, sdt)
         for B in Bs:
-            nbytes = sb.step_bytes(B, R, 4 if sdt == "float32" else 2)
+            nbytes = sb.step_bytes(B, 4, 4 if sdt == "float32" else 2)
             sets = sb.n_sets(nbytes, l2)
             prob = Problem(B, 1, sb.H, sb.G, B)
             base = step_inputs(spec, prob, rng, device="cuda")
@@ -213,10 +201,10 @@ def main():
                 d = dict(base)
                 d["states"] = States(*(x.clone() for x in base["states"]))
                 args_sets.append(d)
-            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt, spec)[n]) for n in cv]
+            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt)[n]) for n in cv]
             todo.append(("upstream-cute", "kernel", None))
             for be, name, cfg in todo:
-                row = dict(backend=be, variant=name, R=R, B=B, state=sdt, bytes=nbytes, sets=sets, config=cfg)
+                row = dict(backend=be, variant=name, B=B, state=sdt, bytes=nbytes, sets=sets, config=cfg)
                 try:
                     if (be, name) in bad:
                         row["skipped"] = "failed its oracle check"
@@ -236,7 +224,7 @@ def main():
                 rows.append(row)
                 msg = f"{row['us']:9.1f} us {100 * row['frac_copy_bw']:5.1f}%" if "us" in row else \
                     row.get("skipped", row.get("error", ""))
-                print(f"time R={R} {sdt:8s} B={B:5d} {be:13s} {name:9s} {msg}", flush=True)
+                print(f"time {sdt:8s} B={B:5d} {be:13s} {name:9s} {msg}", flush=True)
             del args_sets, base
             torch.cuda.empty_cache()
 
@@ -251,14 +239,14 @@ def main():
     # short table last
     print("\nstate    B     " + " ".join(f"{be[:5]}:{n:9s}" for be, n, _ in
                                        [("triton", n, 0) for n in tv] + [("cute", n, 0) for n in cv] + [("up", "cute", 0)]))
-    for R, sdt in [(R, sdt) for R in Rs for sdt in sdts]:
+    for sdt in sdts:
         for B in Bs:
             cells = []
             for be, n in [("triton", n) for n in tv] + [("cute", n) for n in cv] + [("upstream-cute", "kernel")]:
                 r = next((r for r in rows if r["backend"] == be and r["variant"] == n and r["B"] == B
-                          and r["state"] == sdt and r["R"] == R), None)
+                          and r["state"] == sdt), None)
                 cells.append(f"{r['us']:15.1f}" if r and "us" in r else f"{'-':>15s}")
-            print(f"R{R} {sdt[:8]:8s} {B:5d} " + " ".join(cells))
+            print(f"{sdt[:8]:8s} {B:5d} " + " ".join(cells))
 
 
 if __name__ == "__main__":

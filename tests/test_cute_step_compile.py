@@ -23,9 +23,8 @@ ROOT = os.path.dirname(HERE)
 _B = dict(chunk_size=1, initial_states=True, final_states=True)
 
 
-def _c(name, H=4, G=1, idx=False, cfg=None, bh=0, **kw):
-    """bh: B * H for a problem-aware default (0: the batch-independent default)."""
-    return {"name": name, "H": H, "G": G, "idx": idx, "cfg": cfg, "bh": bh, "spec": dict(_B, **kw)}
+def _c(name, H=4, G=1, idx=False, cfg=None, **kw):
+    return {"name": name, "H": H, "G": G, "idx": idx, "cfg": cfg, "spec": dict(_B, **kw)}
 
 
 MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
@@ -72,17 +71,6 @@ CASES = [
     _c("cfg-R4-N128-P64-f32state-cap4", H=32, cfg={"num_warps": 4, "lanes_per_row": 8, "vec": 4, "tile_p": 64,
                                                     "min_ctas": 4},
        rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half", has_d=True, has_z=True, **MIMO),
-    # a head split over a cluster of CTAs (small batches): the small-batch defaults of two specs
-    # (problem-aware: `batch_heads`), 8 CTAs of 6 rows, per_rank with a pool, chunks in a slice
-    _c("split-R4-N128-P64-default-B1", H=32, bh=32, rank=4, d_state=128, head_dim=64, n_angles=32,
-       pairing="half", has_d=True, has_z=True, **MIMO),
-    _c("split-siso-N128-P64-bf16state-default-B1-idx", H=32, bh=32, idx=True, d_state=128, head_dim=64,
-       n_angles=32, has_d=True, has_z=True, state_dtype="bfloat16"),
-    _c("split8-siso-N64-P48-half-G2-idx", G=2, idx=True, cfg={"num_warps": 1, "lanes_per_row": 8, "vec": 4,
-       "tile_p": 8, "p_split": 8}, d_state=64, head_dim=48, n_angles=16, pairing="half", has_d=True, has_z=True),
-    _c("split2-R2-N64-P48-per_rank-chunks", cfg={"num_warps": 2, "lanes_per_row": 8, "vec": 4, "tile_p": 8,
-       "p_split": 2}, rank=2, d_state=64, head_dim=48, n_angles=8, has_z=True, has_mimo_v=True, has_mimo_z=True,
-       output_mode="per_rank", state_dtype="bfloat16"),
 ]
 IDS = [c["name"] for c in CASES]
 
@@ -91,7 +79,7 @@ def _worker(cases) -> list:
     """Compile each case; one JSON record per case (never raises)."""
     import traceback
     from mamba3_kernels.backends import cute as cb
-    from mamba3_kernels.spec import Problem, ScanSpec
+    from mamba3_kernels.spec import ScanSpec
     out = []
     for c in cases:
         rec = {"name": c["name"]}
@@ -99,19 +87,12 @@ def _worker(cases) -> list:
             spec = ScanSpec(**c["spec"])
             ok, why = cb.supports(spec, "step")
             assert ok, why
-            cfg = c["cfg"]
-            if cfg is None:
-                prob = Problem(c["bh"] // c["H"], 1, c["H"], c["G"], c["bh"] // c["H"]) if c["bh"] else None
-                cfg = cb.default_config(spec, prob, "step")
-                assert cfg in cb.space(spec, prob, "step")
-                assert ("p_split" in cfg) == bool(c["bh"]), cfg
-            r = cb.compile(spec, cfg, "step", arch="sm_90a", nheads=c["H"], ngroups=c["G"],
+            if c["cfg"] is None:
+                assert cb.default_config(spec, None, "step") in cb.space(spec, None, "step")
+            r = cb.compile(spec, c["cfg"], "step", arch="sm_90a", nheads=c["H"], ngroups=c["G"],
                            state_indices=c["idx"])
             cubin = r["cubin"] or b""
-            ptx = r["ptx"] or ""
-            split = r["geometry"]["p_split"]
-            rec.update(cluster_barriers=(split == 1) == ("barrier.cluster" not in ptx),
-                       ok=True, ptx_target=".target sm_90a" in ptx,
+            rec.update(ok=True, ptx_target=".target sm_90a" in (r["ptx"] or ""),
                        ptx_chars=len(r["ptx"] or ""), cubin_bytes=len(cubin), cubin_elf=cubin[:4] == b"\x7fELF",
                        registers=r.get("registers"), spills=r.get("spills"), shared=r.get("shared") or r.get("smem_bytes"),
                        seconds=round(r["seconds"], 2), geometry=r["geometry"], ptxas_error=r.get("ptxas_error"))
@@ -151,7 +132,6 @@ def test_compiles_for_sm90a(compiled, case, record_property):
     assert r["ok"], r.get("tb") or r.get("error")
     assert r["ptx_target"], "PTX does not target sm_90a"
     assert r["cubin_elf"] and r["cubin_bytes"] > 1000, "no cubin produced"
-    assert r["cluster_barriers"], "a split head needs the cluster barrier (and only a split head has one)"
     for k in ("registers", "spills", "shared", "seconds"):
         record_property(k, r.get(k))
     if r.get("spills") is not None and case["cfg"] is None:
@@ -173,35 +153,9 @@ def test_protocol_without_gpu():
     assert not cb.supports(spec.replace(state_dtype="float16"), "step")[0]
     sp = cb.space(spec, None, "step")
     keys = {"num_warps", "lanes_per_row", "vec", "tile_p"}
-    assert len(sp) >= 4 and all(set(c) in (keys, keys | {"min_ctas"}, keys | {"p_split"}) for c in sp)
+    assert len(sp) >= 4 and all(set(c) in (keys, keys | {"min_ctas"}) for c in sp)
     assert sp[1] == dict(sp[0], min_ctas=4)   # fp32-state MIMO: the default's geometry, register-capped
-    assert {c.get("p_split", 1) for c in sp} == {1, 2, 4}     # P = 48: 8 CTAs of 6 rows is too thin
     assert callable(cb.step)
-
-
-def test_small_batch_split_rule():
-    """The problem-aware default splits a head over 4 / 2 / 1 CTAs as B * H grows past the SMs,
-    never for norm_reduce or a P it does not divide; bad p_split values are named."""
-    pytest.importorskip("cutlass.cute", reason="nvidia-cutlass-dsl not installed")
-    from mamba3_kernels.backends import cute as cb
-    from mamba3_kernels.spec import Problem, ScanSpec
-    spec = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", chunk_size=1)
-    split = lambda B, s=spec: cb.default_config(s, Problem(B, 1, 32, 1, B), "step").get("p_split", 1)
-    assert [split(B) for B in (1, 2, 3, 4, 5, 64)] == [4, 2, 1, 1, 1, 1]
-    assert cb.default_config(spec, None, "step") == cb.default_config(spec, Problem(64, 1, 32, 1, 64), "step")
-    assert split(1, spec.replace(output_mode="norm_reduce", has_mimo_out=True)) == 1
-    assert split(1, spec.replace(head_dim=24)) == 2         # 24 / 4 = 6 rows: too thin
-    st = cb._step()   # the kernel module (the package's `step` is the protocol function)
-    cfg = cb.default_config(spec, Problem(1, 1, 32, 1, 1), "step")
-    g = st.geometry(spec, cfg)
-    assert (g["p_split"], g["PS"], g["tile_p"]) == (4, 16, 16)
-    for bad, msg in (({"p_split": 3}, "p_split: expected one of"), ({"p_split": 128}, "p_split: expected one of")):
-        with pytest.raises(ValueError, match=msg):
-            st.geometry(spec, dict(cfg, **bad))
-    with pytest.raises(ValueError, match="p_split: expected a divisor of P=12"):
-        st.geometry(spec.replace(head_dim=12), dict(cfg, p_split=8))
-    with pytest.raises(ValueError, match="norm_reduce"):
-        st.geometry(spec.replace(output_mode="norm_reduce"), dict(cfg, p_split=2))
 
 
 def test_imports_without_cutlass():

@@ -140,35 +140,6 @@ def test_mimo_defaults_realistic(backend, state_dtype, input_dtype, rng):
         assert rep.ok, rep.table()
 
 
-@pytest.mark.parametrize("p_split", [2, 4, 8])
-def test_cute_split_heads(p_split, rng):
-    """CuTe with each head's rows split over a cluster of p_split CTAs (the small-batch default
-    and tuning candidates): in place (the shared angle / K states are read by every CTA of the
-    cluster and rewritten by one) and not, pools with padding slots, GQA, SISO and MIMO, per_rank,
-    a P that leaves 6 rows per CTA; each config as given, no default involved."""
-    from mamba3_kernels.spec import Problem, ScanSpec
-    from mamba3_kernels.testing import run_step_backend, step_case
-    mod = _backend("cute")
-    st = mod._step()
-    base = dict(chunk_size=1, initial_states=True, final_states=True, has_d=True, has_z=True)
-    specs = [
-        (ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", has_mimo_v=True,
-                  has_mimo_z=True, has_mimo_out=True, **base), (3, 8, 2)),
-        (ScanSpec(d_state=64, head_dim=48, n_angles=16, state_dtype="bfloat16", shared_angles=True, **base),
-         (1, 32, 1)),
-        (ScanSpec(d_state=32, head_dim=32, rank=2, n_angles=8, has_mimo_v=True, has_mimo_z=True,
-                  output_mode="per_rank", input_dtype="float32", **base), (2, 4, 4)),
-    ]
-    for spec, (B, H, G) in specs:
-        cfg = st.default_config(spec, p_split=p_split)
-        assert cfg["p_split"] == p_split
-        for pool in (None, B + 3):
-            case = step_case(spec, Problem(B, 1, H, G, pool or B), rng, device="cuda", pool=pool)
-            for inplace in (True, False):
-                rep = run_step_backend(mod, case, config=cfg, inplace=inplace)
-                assert rep.ok, (cfg, rep.table())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memcheck_p48(backend):
     """compute-sanitizer memcheck on one P = 48 (not a multiple of any tile) case."""

@@ -69,18 +69,13 @@ def space(spec, problem=None, op="step"):
 
 
 def default_config(spec, problem=None, op="step"):
-    """The step's default config; with a problem, a small batch (B * H) splits each head over a
-    cluster of CTAs (step.small_batch_split)."""
-    bh = problem.batch * problem.nheads if problem is not None else 0
-    return _step().default_config(spec, batch_heads=bh)
+    return _step().default_config(spec)
 
 
 def step(spec, config, tensors):
     """Run the decode step on a StepTensors bundle (writes tensors.out and tensors.state_out)."""
     mod = _mod or _step()
-    if not config:
-        config = mod.default_config(spec, batch_heads=tensors.v.shape[0] * tensors.v.shape[1])
-    mod.run(spec, config, tensors)
+    mod.run(spec, config or mod.default_config(spec), tensors)
 
 
 _step_entry = step

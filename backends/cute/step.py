@@ -18,17 +18,11 @@ A padding row (state_indices[b] < 0 or >= M) writes zeros to its output and touc
 Upstream's CuTe step (SPEC §6.4) does only the S update and output; we fuse bias, rotation and
 the angle update too, bound-check every P and N, and accept any G | H.
 
-Launch: grid (H * p_split, B), one CTA of `num_warps` warps per (b, h, slice): with p_split = 1
-the whole (b, h) lives in one CTA, so the shared kprev / angle / vprev are read and re-written by
-the same CTA: with in-place states (state_out is state_in) every element is read before any
-thread writes it (the writes of the small states come after a CTA barrier, the ssm elements are
-read and written by the same thread). With p_split > 1 (small batches: more SMs per head) the
-P rows of a head are split over p_split CTAs of one thread-block cluster; each CTA owns the ssm
-rows, v state rows and output rows of its slice and computes the (cheap) rotation prologue
-itself. The shared angle and K states are read by every CTA of the cluster and rewritten by its
-first CTA only after a cluster barrier (arrive once this CTA has read them, wait just before
-the write), so in-place states stay race-free. The fused RMSNorm needs the whole P row, so
-norm_reduce keeps p_split = 1.
+Launch: grid (H, B), one CTA of `num_warps` warps per (b, h). The whole (b, h) lives in one CTA,
+so the shared kprev / angle / vprev are read and re-written by the same CTA: with in-place
+states (state_out is state_in) every element is read before any thread writes it (the
+writes of the small states come after a CTA barrier, the ssm elements are read and written by
+the same thread). The fused RMSNorm needs the whole P row too.
 
 Thread layout of the ssm tile: `lanes_per_row` (L) consecutive lanes share a state row; each
 lane owns vectors of `vec` columns (16 B by default) at vector index c + L*j, j < cv; the
@@ -74,10 +68,7 @@ def _pow2_floor(x: int) -> int:
 
 CONFIG_KEYS = ("num_warps", "lanes_per_row", "vec", "tile_p")
 # optional: "min_ctas" (> 1: ptxas caps the registers so that many CTAs fit on an SM,
-# `minctasm`; absent or 0: no cap); "p_split" (1, 2, 4 or 8 CTAs per head, a cluster, each
-# owning P / p_split rows; absent: 1). tile_p and the other knobs then describe one CTA's slice.
-P_SPLITS = (1, 2, 4, 8)
-SMALL_BATCH_CTAS = 132    # p_split by default while B * H * p_split fits one CTA per SM of an H100
+# `minctasm`; absent or 0: no cap)
 
 
 def max_vec(spec: ScanSpec, align_bytes: int = 16) -> int:
@@ -86,25 +77,9 @@ def max_vec(spec: ScanSpec, align_bytes: int = 16) -> int:
     return math.gcd(spec.d_state, max(1, min(16, align_bytes) // eb))
 
 
-def rows_per_cta(spec: ScanSpec, p_split: int) -> int:
-    """P / p_split, the rows of one CTA's slice; raises ValueError naming the bad knob."""
-    ps = int(p_split)
-    if ps not in P_SPLITS:
-        raise ValueError(f"p_split: expected one of {P_SPLITS}, got {p_split}")
-    if spec.head_dim % ps:
-        raise ValueError(f"p_split: expected a divisor of P={spec.head_dim}, got {ps}")
-    if ps > 1 and spec.output_mode == "norm_reduce":
-        raise ValueError(f"p_split: expected 1 with output_mode 'norm_reduce' (the norm needs the "
-                         f"whole P row in one CTA), got {ps}")
-    return spec.head_dim // ps
-
-
 def geometry(spec: ScanSpec, cfg: dict, align_bytes: int = 16) -> dict:
-    """Derived tile sizes of a config (per CTA: P is the slice's rows); raises ValueError naming
-    the bad knob."""
-    N = spec.d_state
-    ps = int(cfg.get("p_split", 1) or 1)
-    P = rows_per_cta(spec, ps)
+    """Derived tile sizes of a config; raises ValueError naming the bad knob."""
+    N, P = spec.d_state, spec.head_dim
     nw = int(cfg["num_warps"])
     if nw not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps: expected one of 1, 2, 4, 8, 16, got {nw}")
@@ -125,28 +100,24 @@ def geometry(spec: ScanSpec, cfg: dict, align_bytes: int = 16) -> dict:
     rpt = max(1, _cdiv(min(tile_p, P), RP))  # rows per thread per chunk
     tile_p = rpt * RP
     return dict(T=T, num_warps=nw, vec=vec, nv=nv, L=L, cv=cv, RP=RP, rpt=rpt, tile_p=tile_p,
-                nch=_cdiv(P, tile_p), p_split=ps, PS=P)
+                nch=_cdiv(P, tile_p))
 
 
 def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
     """Shared memory of one CTA (cos/sin, theta, qh/kh/kprev, the per-row coefficients, y, and
     the norm's partial sums), each buffer 16-byte aligned."""
-    R, N, A = spec.rank, spec.d_state, spec.n_angles
-    P = rows_per_cta(spec, cfg.get("p_split", 1) or 1)
+    R, N, P, A = spec.rank, spec.d_state, spec.head_dim, spec.n_angles
     a16 = lambda n: -(-4 * n // 16) * 16
     return (2 * a16(N // 2) + a16(max(A, 1)) + 3 * a16(R * N) + 3 * a16(R * P)
             + a16(int(cfg["num_warps"]) * R))
 
 
-def default_config(spec: ScanSpec, batch_heads: int = 0, p_split: int = 0) -> dict:
+def default_config(spec: ScanSpec) -> dict:
     """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
-    (fewer when a CTA's rows are few), and the whole slice in one chunk when that is <= 64 fp32
+    (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
     values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
-    8-byte vectors and a register cap for 4 CTAs per SM (min_ctas). batch_heads (B * H, when
-    known): a small batch splits each head's rows over p_split CTAs (`small_batch_split`);
-    p_split given: that split's default geometry."""
-    ps = int(p_split) if p_split else small_batch_split(spec, batch_heads)
-    P = rows_per_cta(spec, ps)
+    8-byte vectors and a register cap for 4 CTAs per SM (min_ctas)."""
+    P = spec.head_dim
     vec = max_vec(spec)
     capped = spec.rank > 1 and spec.state_dtype != "float32"
     if capped:
@@ -161,31 +132,14 @@ def default_config(spec: ScanSpec, batch_heads: int = 0, p_split: int = 0) -> di
     if rpt * f > 64:
         rpt = max(1, 32 // f)
     cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
-    if capped and ps == 1:
+    if capped:
         # MIMO with a 2-byte state: 4 CTAs per SM (registers capped at 128; with 8-byte vectors
         # the kernel fits in 126, no spill). H100, R=4 H=32 N=128 P=64, bf16 state
         # (results/step_variants_h100_call{1,2}.json): B=64 41.3 -> 35.5 us, B=256 135.0 ->
         # 118.9, B=1024 511 -> 451 (16-byte vectors + cap: 126-130 / 471-483). With an fp32
         # state the cap loses 1-5 %, so fp32 keeps 147 registers and 3 CTAs per SM.
         cfg["min_ctas"] = 4
-    if ps > 1:
-        cfg["p_split"] = ps
     return cfg
-
-
-def small_batch_split(spec: ScanSpec, batch_heads: int) -> int:
-    """CTAs per head for a batch of B * H heads: the largest p_split in {1, 2, 4} that keeps
-    B * H * p_split within one CTA per SM (SMALL_BATCH_CTAS) and divides P; 1 for norm_reduce
-    or when B * H is unknown (0). At B = 1 a CTA's time is its own instruction stream (one
-    warp per scheduler, ~900 fixed + ~17 per state element per thread at R = 4, AOT), so
-    fewer rows per CTA is a shorter critical path; at larger B the SMs are full anyway."""
-    if not batch_heads or spec.output_mode == "norm_reduce":
-        return 1
-    ps = 1
-    for cand in (2, 4):
-        if batch_heads * cand <= SMALL_BATCH_CTAS and spec.head_dim % cand == 0 and spec.head_dim // cand >= 8:
-            ps = cand
-    return ps
 
 
 def config_space(spec: ScanSpec) -> list:
@@ -193,8 +147,7 @@ def config_space(spec: ScanSpec) -> list:
     P when that is <= 64 fp32 state values per thread, and half of that as a double-buffered
     chunk), 16-byte vectors; deduplicated by the derived geometry (and register cap), the
     default first (with its min_ctas, then the same geometry without it; MIMO with an fp32
-    state: the default, then the same geometry capped for 4 CTAs per SM); then the default
-    geometry of a head split over p_split = 2, 4, 8 CTAs (small batches; not for norm_reduce)."""
+    state: the default, then the same geometry capped for 4 CTAs per SM)."""
     out, seen = [], set()
     vec = max_vec(spec)
     P = spec.head_dim
@@ -212,21 +165,15 @@ def config_space(spec: ScanSpec) -> list:
         cands.insert(1, {k: v for k, v in d.items() if k != "min_ctas"})
     elif spec.rank > 1:   # fp32-state MIMO: the default with the 4-CTA cap (one wave of 512 CTAs
         cands.insert(1, dict(d, min_ctas=4))   # at B = 16, H = 32; not yet timed at small B)
-    if spec.output_mode != "norm_reduce":
-        for ps in (2, 4, 8):
-            if P % ps == 0 and P // ps >= 8:
-                cands.append(default_config(spec, p_split=ps))
     for cfg in cands:
         g = geometry(spec, cfg)
-        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0), g["p_split"])
+        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0))
         if key in seen:
             continue
         seen.add(key)
         c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"]}
         if cfg.get("min_ctas"):
             c["min_ctas"] = cfg["min_ctas"]
-        if g["p_split"] > 1:
-            c["p_split"] = g["p_split"]
         out.append(c)
     return out
 
@@ -256,7 +203,6 @@ class Mamba3StepKernel:
         for k, v in geo.items():
             setattr(self, k, v)
         self.min_ctas = int(cfg.get("min_ctas", 0) or 0)
-        self.split = self.p_split > 1     # (p_split, PS: from the geometry)
 
     # ---------------------------------------------------------------- host side (jit)
     @cute.jit
@@ -267,17 +213,16 @@ class Mamba3StepKernel:
                  mOut: cute.Tensor, stream):
         self.kernel(mQ, mK, mV, mZ, mAdt, mDt, mTrap, mAng, mQb, mKb, mD, mMv, mMz, mMo, mW,
                     mAngIn, mSsmIn, mKIn, mVIn, mAngOut, mSsmOut, mKOut, mVOut, mIdx, mOut).launch(
-            grid=[self.H * self.p_split, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream,
+            grid=[self.H, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream,
             **self._occupancy())
 
     def _occupancy(self) -> dict:
         """Launch attributes of the register cap (min_ctas > 1): minctasm. The carveout is given
         so the DSL does not query a device for it (an AOT build has none); 25 % of the SM's
         shared memory holds far more than min_ctas CTAs of this kernel (a few KB each)."""
-        out = dict(cluster=[self.p_split, 1, 1]) if self.split else {}
-        if self.min_ctas > 1:
-            out.update(min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=25)
-        return out
+        if self.min_ctas <= 1:
+            return {}
+        return dict(min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=25)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -287,40 +232,34 @@ class Mamba3StepKernel:
                mAngOut, mSsmOut: cute.Tensor, mKOut: cute.Tensor, mVOut: cute.Tensor, mIdx,
                mOut: cute.Tensor):
         tid, _, _ = cute.arch.thread_idx()
-        hx, b, _ = cute.arch.block_idx()
-        h = hx // self.p_split          # value head; the CTA owns rows [p0, p0 + PS) of it
-        p0 = (hx - h * self.p_split) * self.PS
+        h, b, _ = cute.arch.block_idx()
         m = cutlass.Int64(b)            # pool row; 64-bit: M * H * P * N may pass 2^31
         live = True
         if const_expr(self.has_idx):
             m = cutlass.Int64(mIdx[b])
             live = m >= 0 and m < mSsmIn.shape[0]
         if live:
-            self.body(tid, b, h, p0, m, mQ, mK, mV, mZ, mAdt, mDt, mTrap, mAng, mQb, mKb, mD, mMv,
+            self.body(tid, b, h, m, mQ, mK, mV, mZ, mAdt, mDt, mTrap, mAng, mQb, mKb, mD, mMv,
                       mMz, mMo, mW, mAngIn, mSsmIn, mKIn, mVIn, mAngOut, mSsmOut, mKOut, mVOut,
                       mOut)
         else:
-            self.zero_out(tid, b, h, p0, mOut)
-            if const_expr(self.split):   # the cluster's barrier phase (every CTA of it is padding too)
-                cute.arch.cluster_arrive()
-                cute.arch.cluster_wait()
+            self.zero_out(tid, b, h, mOut)
 
     @cute.jit
-    def zero_out(self, tid, b, h, p0, mOut: cute.Tensor):
-        """Padding slot: output row(s) of this CTA's slice = 0, no state touched."""
-        for k in cutlass.range_constexpr(_cdiv(self.PS, self.T)):
+    def zero_out(self, tid, b, h, mOut: cute.Tensor):
+        """Padding slot: output row(s) = 0, no state touched."""
+        for k in cutlass.range_constexpr(_cdiv(self.P, self.T)):
             p = tid + k * self.T
-            if const_expr((k + 1) * self.T <= self.PS) or p < self.PS:
+            if const_expr((k + 1) * self.T <= self.P) or p < self.P:
                 if const_expr(self.mode == "per_rank"):
                     for r in cutlass.range_constexpr(self.R):
-                        mOut[b, r, h, p0 + p] = Float32(0.0).to(mOut.element_type)
+                        mOut[b, r, h, p] = Float32(0.0).to(mOut.element_type)
                 else:
-                    mOut[b, h, p0 + p] = Float32(0.0).to(mOut.element_type)
+                    mOut[b, h, p] = Float32(0.0).to(mOut.element_type)
 
     @cute.jit
-    def load_chunk(self, ch: cutlass.Constexpr, rg, c, m, h, p0, mSsmIn: cute.Tensor):
-        """Issue the vector loads of this thread's part of row chunk `ch` of the CTA's slice (no
-        wait)."""
+    def load_chunk(self, ch: cutlass.Constexpr, rg, c, m, h, mSsmIn: cute.Tensor):
+        """Issue the vector loads of this thread's part of row chunk `ch` (no wait)."""
         buf = []
         for i in cutlass.range_constexpr(self.rpt):
             row = []
@@ -330,9 +269,9 @@ class Mamba3StepKernel:
         for i in cutlass.range_constexpr(self.rpt):
             p = ch * self.tile_p + rg + self.RP * i
             lo = ch * self.tile_p + self.RP * i
-            if const_expr(lo < self.PS):
-                if const_expr(lo + self.RP <= self.PS) or p < self.PS:
-                    gRow = mSsmIn[m, h, p0 + p, None]
+            if const_expr(lo < self.P):
+                if const_expr(lo + self.RP <= self.P) or p < self.P:
+                    gRow = mSsmIn[m, h, p, None]
                     for j in cutlass.range_constexpr(self.cv):
                         vi = c + self.L * j
                         if const_expr(self.L * (j + 1) <= self.nv) or vi < self.nv:
@@ -340,12 +279,12 @@ class Mamba3StepKernel:
         return buf
 
     @cute.jit
-    def body(self, tid, b, h, p0, m, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mZ,
+    def body(self, tid, b, h, m, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mZ,
              mAdt: cute.Tensor, mDt: cute.Tensor, mTrap, mAng, mQb: cute.Tensor,
              mKb: cute.Tensor, mD, mMv, mMz, mMo, mW, mAngIn, mSsmIn: cute.Tensor,
              mKIn: cute.Tensor, mVIn: cute.Tensor, mAngOut, mSsmOut: cute.Tensor,
              mKOut: cute.Tensor, mVOut: cute.Tensor, mOut: cute.Tensor):
-        N, P, R, A, NH, T = self.N, self.PS, self.R, self.A, self.NH, self.T   # P: this CTA's rows
+        N, P, R, A, NH, T = self.N, self.P, self.R, self.A, self.NH, self.T
         KA, KP, KU = _cdiv(NH, T), _cdiv(P, T), _cdiv(R * NH, T)
         g = h // self.HG
         rg = tid // self.L          # row group
@@ -353,7 +292,7 @@ class Mamba3StepKernel:
 
         # 1. every global load is issued before the first use of any: the ssm state of chunk 0
         #    first, then the small operands into registers (one DRAM round trip for the CTA).
-        bufs = [self.load_chunk(0, rg, c, m, h, p0, mSsmIn)]
+        bufs = [self.load_chunk(0, rg, c, m, h, mSsmIn)]
         adt = Float32(mAdt[b, h])
         dt = Float32(mDt[b, h])
         trap = Float32(0.0)
@@ -395,20 +334,19 @@ class Mamba3StepKernel:
                 mz[k, r] = Float32(1.0)
                 mo[k, r] = Float32(1.0)
             if const_expr((k + 1) * T <= P) or p < P:
-                pg = p0 + p
-                vv[k] = Float32(mV[b, h, pg])
-                vp[k] = Float32(mVIn[m, h, pg])
+                vv[k] = Float32(mV[b, h, p])
+                vp[k] = Float32(mVIn[m, h, p])
                 if const_expr(mZ is not None):
-                    zz[k] = Float32(mZ[b, h, pg])
+                    zz[k] = Float32(mZ[b, h, p])
                 if const_expr(mW is not None):
-                    ww[k] = Float32(mW[h, pg])
+                    ww[k] = Float32(mW[h, p])
                 for r in cutlass.range_constexpr(R):
                     if const_expr(mMv is not None):
-                        mv[k, r] = Float32(mMv[h, r, pg])
+                        mv[k, r] = Float32(mMv[h, r, p])
                     if const_expr(mMz is not None):
-                        mz[k, r] = Float32(mMz[h, r, pg])
+                        mz[k, r] = Float32(mMz[h, r, p])
                     if const_expr(mMo is not None):
-                        mo[k, r] = Float32(mMo[h, r, pg])
+                        mo[k, r] = Float32(mMo[h, r, p])
         # q/k units: unit u = (rank r, pair j) owns elements i0, i1 of q, k and the k state
         qk = cute.make_rmem_tensor((KU, 6), Float32)   # q'0, q'1, k'0, k'1, kprev0, kprev1
         for k in cutlass.range_constexpr(KU):
@@ -499,56 +437,36 @@ class Mamba3StepKernel:
                 sKh[r, i1] = qk[k, 2] * sn + qk[k, 3] * cs
                 sKp[r, i0] = qk[k, 4]
                 sKp[r, i1] = qk[k, 5]
-        if const_expr(not self.split):
-            self.store_small_states(tid, m, h, sTh, mAngOut, sKh, mKOut, angles=True, kstate=False)
-        for k in cutlass.range_constexpr(KP):
-            p = tid + k * T
-            if const_expr((k + 1) * T <= P) or p < P:
-                mVOut[m, h, p0 + p] = vv[k].to(mVOut.element_type)
-        cute.arch.sync_threads()   # (B) qh, kh, kprev ready
-        if const_expr(self.split):
-            cute.arch.cluster_arrive_relaxed()   # this CTA has read the angle and K states (now in smem)
-        else:
-            self.store_small_states(tid, m, h, sTh, mAngOut, sKh, mKOut, angles=False, kstate=True)
-
-        # 5. the state tile: S' = alpha S + sum_r cb_r kprev_r^T + cg_r kh_r^T; y_r += S' qh_r
-        for ch in cutlass.range_constexpr(self.nch):
-            if const_expr(ch + 1 < self.nch):
-                bufs.append(self.load_chunk(ch + 1, rg, c, m, h, p0, mSsmIn))
-            self.update_chunk(ch, rg, c, m, h, p0, alpha, bufs[ch], sKp, sKh, sQh, sCg, sCb, sY,
-                              mSsmOut)
-        cute.arch.sync_threads()   # (C) sY complete
-
-        # 6. output
-        self.epilogue(tid, b, h, p0, dd, vv, zz, ww, mv, mz, mo, sY, sRed, mOut)
-
-        # 7. split head: every CTA of the cluster has read the old angle / K states; the first
-        #    one writes the new ones
-        if const_expr(self.split):
-            cute.arch.cluster_wait()
-            if p0 == 0:
-                self.store_small_states(tid, m, h, sTh, mAngOut, sKh, mKOut, angles=True, kstate=True)
-
-    @cute.jit
-    def store_small_states(self, tid, m, h, sTh: cute.Tensor, mAngOut, sKh: cute.Tensor,
-                           mKOut: cute.Tensor, angles: cutlass.Constexpr, kstate: cutlass.Constexpr):
-        """The new angle state (theta', A values) and K state (kh_r, R x N) of head h from smem."""
-        T, A, R, N = self.T, self.A, self.R, self.N
-        if const_expr(angles and A > 0):
+        if const_expr(A > 0):
             for k in cutlass.range_constexpr(_cdiv(A, T)):
                 j = tid + k * T
                 if const_expr((k + 1) * T <= A) or j < A:
                     mAngOut[m, h, j] = sTh[j]
-        if const_expr(kstate):
-            for k in cutlass.range_constexpr(_cdiv(R * N, T)):
-                e = tid + k * T
-                if const_expr((k + 1) * T <= R * N) or e < R * N:
-                    r = e // N
-                    n = e - r * N
-                    mKOut[m, r, h, n] = sKh[r, n]
+        for k in cutlass.range_constexpr(KP):
+            p = tid + k * T
+            if const_expr((k + 1) * T <= P) or p < P:
+                mVOut[m, h, p] = vv[k].to(mVOut.element_type)
+        cute.arch.sync_threads()   # (B) qh, kh, kprev ready
+        for k in cutlass.range_constexpr(_cdiv(R * N, T)):
+            e = tid + k * T
+            if const_expr((k + 1) * T <= R * N) or e < R * N:
+                r = e // N
+                n = e - r * N
+                mKOut[m, r, h, n] = sKh[r, n]
+
+        # 5. the state tile: S' = alpha S + sum_r cb_r kprev_r^T + cg_r kh_r^T; y_r += S' qh_r
+        for ch in cutlass.range_constexpr(self.nch):
+            if const_expr(ch + 1 < self.nch):
+                bufs.append(self.load_chunk(ch + 1, rg, c, m, h, mSsmIn))
+            self.update_chunk(ch, rg, c, m, h, alpha, bufs[ch], sKp, sKh, sQh, sCg, sCb, sY,
+                              mSsmOut)
+        cute.arch.sync_threads()   # (C) sY complete
+
+        # 6. output
+        self.epilogue(tid, b, h, dd, vv, zz, ww, mv, mz, mo, sY, sRed, mOut)
 
     @cute.jit
-    def update_chunk(self, ch: cutlass.Constexpr, rg, c, m, h, p0, alpha, buf, sKp: cute.Tensor,
+    def update_chunk(self, ch: cutlass.Constexpr, rg, c, m, h, alpha, buf, sKp: cute.Tensor,
                      sKh: cute.Tensor, sQh: cute.Tensor, sCg: cute.Tensor, sCb: cute.Tensor,
                      sY: cute.Tensor, mSsmOut: cute.Tensor):
         R, vec, rpt = self.R, self.vec, self.rpt
@@ -558,7 +476,7 @@ class Mamba3StepKernel:
         acc = cute.make_rmem_tensor((rpt, R), Float32)
         for i in cutlass.range_constexpr(rpt):
             p = ch * self.tile_p + rg + self.RP * i
-            pc = cutlass.min(p, self.PS - 1)           # clamp: padded rows compute garbage-free zeros
+            pc = cutlass.min(p, self.P - 1)            # clamp: padded rows compute garbage-free zeros
             for r in cutlass.range_constexpr(R):
                 cg[i, r] = sCg[r, pc]
                 cb[i, r] = sCb[r, pc]
@@ -575,7 +493,7 @@ class Mamba3StepKernel:
                     cute.autovec_copy(cute.local_tile(sQh[r, None], (vec,), (vi,)), qh[r, None])
                 for i in cutlass.range_constexpr(rpt):
                     lo = ch * self.tile_p + self.RP * i
-                    if const_expr(lo < self.PS):
+                    if const_expr(lo < self.P):
                         sv.store(buf[i][j].load().to(Float32) * alpha)
                         for r in cutlass.range_constexpr(R):
                             cute.autovec_copy(cute.local_tile(sKp[r, None], (vec,), (vi,)), kp)
@@ -585,13 +503,13 @@ class Mamba3StepKernel:
                             acc[i, r] = acc[i, r] + (sv.load() * qh[r, None].load()).reduce(
                                 cute.ReductionOp.ADD, Float32(0.0), 0)
                         p = ch * self.tile_p + rg + self.RP * i
-                        if const_expr(lo + self.RP <= self.PS) or p < self.PS:
+                        if const_expr(lo + self.RP <= self.P) or p < self.P:
                             so.store(sv.load().to(self.st_dtype))
-                            cute.autovec_copy(so, cute.local_tile(mSsmOut[m, h, p0 + p, None], (vec,), (vi,)))
+                            cute.autovec_copy(so, cute.local_tile(mSsmOut[m, h, p, None], (vec,), (vi,)))
         # reduce over the L lanes of each row, lane 0 of the row writes sY
         for i in cutlass.range_constexpr(rpt):
             lo = ch * self.tile_p + self.RP * i
-            if const_expr(lo < self.PS):
+            if const_expr(lo < self.P):
                 for r in cutlass.range_constexpr(R):
                     x = acc[i, r]
                     for s in cutlass.range_constexpr(int(math.log2(self.L))):
@@ -599,16 +517,15 @@ class Mamba3StepKernel:
                     acc[i, r] = x
                 p = ch * self.tile_p + rg + self.RP * i
                 if c == 0:
-                    if const_expr(lo + self.RP <= self.PS) or p < self.PS:
+                    if const_expr(lo + self.RP <= self.P) or p < self.P:
                         for r in cutlass.range_constexpr(R):
                             sY[r, p] = acc[i, r]
 
     @cute.jit
-    def epilogue(self, tid, b, h, p0, dd, vv, zz, ww, mv, mz, mo, sY: cute.Tensor, sRed: cute.Tensor,
+    def epilogue(self, tid, b, h, dd, vv, zz, ww, mv, mz, mo, sY: cute.Tensor, sRed: cute.Tensor,
                  mOut: cute.Tensor):
-        """y_r = S' qh_r + D v mv_r, then the output mode (thread p = tid + k T owns row p0 + p
-        of the slice; norm_reduce only with the whole row, p_split = 1)."""
-        P, R, T = self.PS, self.R, self.T
+        """y_r = S' qh_r + D v mv_r, then the output mode (thread p = tid + k T owns row p)."""
+        P, R, T = self.P, self.R, self.T
         KP = _cdiv(P, T)
         norm = const_expr(self.mode == "norm_reduce")
         gated = const_expr(self.spec.has_z)
@@ -651,11 +568,11 @@ class Mamba3StepKernel:
                         u = zz[k] * mz[k, r]
                         y = y * (u / (Float32(1.0) + cute.math.exp(-u)))
                     if const_expr(self.mode == "per_rank"):
-                        mOut[b, r, h, p0 + p] = y.to(mOut.element_type)
+                        mOut[b, r, h, p] = y.to(mOut.element_type)
                     else:
                         o = o + y * mo[k, r]
                 if const_expr(self.mode != "per_rank"):
-                    mOut[b, h, p0 + p] = o.to(mOut.element_type)
+                    mOut[b, h, p] = o.to(mOut.element_type)
 
 
 # ------------------------------------------------------------------------------------------
@@ -713,8 +630,8 @@ def run(spec: ScanSpec, cfg: dict, t) -> None:
     si, so = t.state_in, t.state_out
     a = (si.ssm.data_ptr() | so.ssm.data_ptr()) & 15
     align = 16 if a == 0 else (a & -a)
-    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], cfg.get("min_ctas", 0),
-           cfg.get("p_split", 1), v.shape[1], t.q.shape[2], t.state_indices is not None, align)
+    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], cfg.get("min_ctas", 0), v.shape[1],
+           t.q.shape[2], t.state_indices is not None, align)
     fn = _cache.get(key)
     if fn is None:
         fn = _cache[key] = build(spec, cfg, v.shape[1], t.q.shape[2], t.state_indices is not None, align)
