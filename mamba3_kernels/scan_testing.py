@@ -71,12 +71,9 @@ def scan_inputs(spec: ScanSpec, problem: Problem, rng: np.random.Generator, devi
 
 
 def scan_case(spec: ScanSpec, problem: Problem, rng: np.random.Generator, device="cpu",
-              lengths=None, short_forms: bool = False, oracle: str = "recurrent", adjust=None) -> ScanCase:
-    """A scan case with the oracle's answer on exactly the values the kernel sees. `adjust`
-    (optional) edits the drawn torch arguments in place first (e.g. stronger decays)."""
+              lengths=None, short_forms: bool = False, oracle: str = "recurrent") -> ScanCase:
+    """A scan case with the oracle's answer on exactly the values the kernel sees."""
     t = scan_inputs(spec, problem, rng, device, lengths, short_forms)
-    if adjust is not None:
-        adjust(t)
     seen = {n: (to_numpy(x) if isinstance(x, torch.Tensor) else x) for n, x in t.items()
             if n not in ("initial_states", "cu_seqlens")}
     seen["initial_states"] = None if t["initial_states"] is None else \

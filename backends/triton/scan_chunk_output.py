@@ -58,26 +58,6 @@ def grid(H: int, P: int, BP: int, nslots: int):
     return (H * triton.cdiv(P, BP), nslots)
 
 
-LAZY_FLOOR = tl.constexpr(-30.0)   # e^{30} ~ 1e13: the largest factor a lazily decayed contribution is scaled by
-
-
-@triton.jit
-def _lazy_update(s0, s1, af, T, cs, scale):
-    """The decay step of a state held as true = e^{af} (s0, s1) (LAZY_DECAY): returns the state
-    and frame after the chunk's decay e^{T} and the weights wk of its contribution
-    (vt e^{T - cs} scale in the true frame, divided by e^{af'}). The state itself is multiplied
-    only when af + T < LAZY_FLOOR (then af' = 0: the eager step); otherwise af' = af + T and
-    wk = e^{-cs - af} scale <= e^{-LAZY_FLOOR} scale (-cs <= -T and af + T >= LAZY_FLOOR)."""
-    an = af + T
-    if an < LAZY_FLOOR:
-        f = tl.exp(an)
-        s0 = s0 * f
-        s1 = s1 * f
-        an = 0.0
-    wk = tl.exp(T - cs - an) * scale
-    return s0, s1, an, wk
-
-
 @triton.jit
 def _loads(q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, ell_ptr, q_base, k_base, v_base,
            z_base, bh, ang_base, s_qt, s_qr, s_kt, s_kr, s_vt, s_zt, s_at, tc, eos, rt, rr, j, p,
@@ -131,7 +111,7 @@ def scan_chunk_output_kernel(
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
     ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False, ANG_TOK: tl.constexpr = False,
-    Y_OUT: tl.constexpr = False, LAZY_DECAY: tl.constexpr = False,
+    Y_OUT: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -185,11 +165,6 @@ def scan_chunk_output_kernel(
             s0 = tl.zeros([NHP, BP], dtype=tl.float32)
             s1 = tl.zeros([NHP, BP], dtype=tl.float32)
         carry = tl.zeros([AP], dtype=tl.float32)
-        # LAZY_DECAY: the state is held in a scaled frame, true state = e^{af} (s0, s1), so a
-        # chunk adds its contribution scaled by e^{-af} instead of multiplying the whole state
-        # by e^{T}; back to af = 0 (that multiply) only when af would fall below LAZY_FLOOR,
-        # which bounds every scale factor by e^{-LAZY_FLOOR} (see `_lazy_update`)
-        af = tl.zeros([], dtype=tl.float32)
         if not BIAS_RELOAD:
             qb0, qb1 = _bias_pairs(qb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
             kb0, kb1 = _bias_pairs(kb_ptr, h, R, RP, C, N, NH, NHP, PAIR_HALF)
@@ -291,12 +266,12 @@ def scan_chunk_output_kernel(
             if PMAJOR:   # y^T = vt^T (sc o W)^T + e^{cs} S q^T: P rows, warpgroup MMAs on the S tile
                 yt = _mm(tl.trans(vt), tl.trans(sc * wgt), DT, DOT_F32, INTERP)
                 inter = _mm(s0, tl.trans(q0), DT, DOT_F32, INTERP) + _mm(s1, tl.trans(q1), DT, DOT_F32, INTERP)
-                y = tl.trans(yt + tl.exp(cs + af)[None, :] * inter)
+                y = tl.trans(yt + tl.exp(cs)[None, :] * inter)
             else:
                 y = _mm(sc * wgt, vt, DT, DOT_F32, INTERP)
                 # inter-chunk: the carried state, decayed to each row's token
                 inter = _mm(q0, s0, DT, DOT_F32, INTERP) + _mm(q1, s1, DT, DOT_F32, INTERP)
-                y += tl.exp(cs + af)[:, None] * inter
+                y += tl.exp(cs)[:, None] * inter
             if HAS_D:
                 y += dval * vt.to(tl.float32)
             if Y_OUT:   # the per-rank y before the output mode, fp32 (B, L, R, H, P): the backward's
@@ -337,13 +312,9 @@ def scan_chunk_output_kernel(
             # the chunk's own contribution to the state entering the next chunk (also after
             # the segment's last chunk: unused there, but a conditional update would make the
             # compiler carry two copies of the state)
-            if LAZY_DECAY:
-                s0, s1, af, wk = _lazy_update(s0, s1, af, T, cs, scale)
-                decay = 1.0
-            else:
-                wk = tl.exp(T - cs) * scale
-                decay = tl.exp(T)
+            wk = tl.exp(T - cs) * scale
             vw = vt.to(tl.float32) * wk[:, None]
+            decay = tl.exp(T)
             if PMAJOR:
                 s0 = s0 * decay + _mm(tl.trans(vw), k0, DT, DOT_F32, INTERP)
                 s1 = s1 * decay + _mm(tl.trans(vw), k1, DT, DOT_F32, INTERP)

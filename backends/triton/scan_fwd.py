@@ -270,7 +270,7 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
                 GATES=True, BIAS_RELOAD=True, PREFETCH=_prefetch(spec) if lean else 0, STATE_PREFETCH=lean,
                 STATE_CHUNK=2 * C if lean else None,
                 EXACT_DIAG=_rp(spec) == 1 and spec.output_mode == "norm_reduce", SPILL_GUARD=True,
-                PMAJOR=mimo, ANG_TOK=mimo and _nhp(spec) >= 64, STATE_ANG_TOK=mimo, LAZY_DECAY=True)
+                PMAJOR=mimo, ANG_TOK=mimo and _nhp(spec) >= 64, STATE_ANG_TOK=mimo)
 
 
 def _prefetch(spec) -> int:
@@ -374,7 +374,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     if config.get("PREFETCH", 0) not in (0, 1, 2, 3, False, True):
         raise bad_arg("config.PREFETCH", "0 / False, 1 / True (all loads), 2 (tiles only) or 3 (all but z)",
                       config.get("PREFETCH"))
-    for key in ("SPILL_GUARD", "PMAJOR", "ANG_TOK", "STATE_ANG_TOK", "LAZY_DECAY"):
+    for key in ("SPILL_GUARD", "PMAJOR", "ANG_TOK", "STATE_ANG_TOK"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     if config.get("SCRATCH", "bfloat16") not in ("bfloat16", "float32"):
@@ -538,7 +538,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
-                        ANG_TOK=ang_tok, Y_OUT=y_store, LAZY_DECAY=bool(config.get("LAZY_DECAY", False)),
+                        ANG_TOK=ang_tok, Y_OUT=y_store,
                         **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
         maxnreg=config.get("maxnreg")))
