@@ -7,7 +7,9 @@ kernel as the yardstick of the same run.
 Variants (issue 3, MIMO R = 4, H=32 N=128 P=64, bf16 inputs, fp32 and bf16 state):
 - triton: the broadcast path (first version's default) vs DOT (two tensor-core products per
   head) with 4 / 8 warps and register caps (maxnreg);
-- cute: the default vs a register cap (min_ctas), 16 lanes per row, 8 warps.
+- cute: the default vs a register cap (min_ctas), 16 lanes per row, 8 warps; `pdl` / `nopdl`:
+  the default with / without programmatic dependent launch.
+`--Rs 1,4` times SISO too (R = 4 by default).
 Writes one JSON (meta, checks, rows) and prints a table last.
 """
 from __future__ import annotations
@@ -44,9 +46,13 @@ TRITON = {
 }
 
 
-def cute_variants(sdt: str) -> dict:
+def cute_variants(sdt: str, spec=None) -> dict:
     vec = 8 if sdt == "bfloat16" else 4
-    return {
+    extra = {}
+    if spec is not None:
+        d = backends.get("cute").default_config(spec, None, "step")
+        extra = {"pdl": dict(d, pdl=True), "nopdl": dict(d, pdl=False)}
+    return {**extra,
         "default": None,
         "mc4": dict(num_warps=4, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=4),
         "L16": dict(num_warps=4, lanes_per_row=16, vec=vec, tile_p=64),
@@ -111,8 +117,12 @@ def run_checks(variants, rng):
     return res
 
 
-def timed_calls(mod, spec, cfg, args_sets):
+def timed_calls(mod, spec, cfg, args_sets, producer=False):
+    """One call per state set; with `producer` each step follows a kernel that writes its v
+    (v *= 1, as a projection writing the token would): what a step waits on in a decode loop."""
     bundles = [prepare_step(spec, **a, inplace=True) for a in args_sets]
+    if producer:
+        return [(lambda t=t: (t.v.mul_(1.0), mod.step(spec, cfg, t))) for t in bundles]
     return [(lambda t=t: mod.step(spec, cfg, t)) for t in bundles]
 
 
@@ -150,6 +160,10 @@ def main():
     ap.add_argument("--cute", default="default,mc4,L16,w8,w8mc3")
     ap.add_argument("--no-memcheck", action="store_true")
     ap.add_argument("--states", default="float32,bfloat16")
+    ap.add_argument("--Rs", default="4")
+    ap.add_argument("--producer", action="store_true", help="a v-writing kernel before every step (ours "
+                    "and upstream's), as in a decode loop")
+    ap.add_argument("--no-checks", action="store_true", help="skip the oracle checks (tests ran them)")
     a = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -166,7 +180,7 @@ def main():
     cute_ok = not a.skip_cute and backends.get("cute").available()[0]
     meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=ver("triton"),
                 cutlass_dsl=ver("nvidia-cutlass-dsl"), commit=sb.git_commit(), copy_bandwidth_GBps=bw / 1e9,
-                shapes=dict(H=sb.H, N=sb.N, P=sb.P, G=sb.G, R=4, inputs="bfloat16"), cute=cute_ok)
+                shapes=dict(H=sb.H, N=sb.N, P=sb.P, G=sb.G, Rs=a.Rs, inputs="bfloat16"), producer=a.producer, cute=cute_ok)
     print(f"{props.name}: copy {bw / 1e9:.0f} GB/s; triton {meta['triton']}; cute {cute_ok}", flush=True)
     tv = [v for v in a.triton.split(",") if v]
     cv = [v for v in a.cute.split(",") if v] if cute_ok else []
@@ -180,19 +194,20 @@ def main():
     for sdt in sdts:
         for n in cv:
             if n != "default":
-                variants.append(("cute", n, cute_variants(sdt)[n], (sdt,)))
+                variants.append(("cute", n, cute_variants(sdt, sb.make_spec(4, sdt))[n], (sdt,)))
     t0 = time.time()
-    checks = run_checks(variants, rng)
+    checks = [] if a.no_checks else run_checks(variants, rng)
     print(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f} s", flush=True)
     bad = {(c["backend"], c["variant"]) for c in checks if not c["ok"]}
 
     # 2. timing
     rows = []
     Bs = [int(x) for x in a.Bs.split(",") if x]
-    for sdt in sdts:
-        spec = sb.make_spec(4, sdt)
+    Rs = [int(x) for x in a.Rs.split(",") if x]
+    for R, sdt in [(R, sdt) for R in Rs for sdt in sdts]:
+        spec = sb.make_spec(R, sdt)
         for B in Bs:
-            nbytes = sb.step_bytes(B, 4, 4 if sdt == "float32" else 2)
+            nbytes = sb.step_bytes(B, R, 4 if sdt == "float32" else 2)
             sets = sb.n_sets(nbytes, l2)
             prob = Problem(B, 1, sb.H, sb.G, B)
             base = step_inputs(spec, prob, rng, device="cuda")
@@ -201,21 +216,24 @@ def main():
                 d = dict(base)
                 d["states"] = States(*(x.clone() for x in base["states"]))
                 args_sets.append(d)
-            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt)[n]) for n in cv]
+            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt, spec)[n]) for n in cv]
             todo.append(("upstream-cute", "kernel", None))
             for be, name, cfg in todo:
-                row = dict(backend=be, variant=name, B=B, state=sdt, bytes=nbytes, sets=sets, config=cfg)
+                row = dict(backend=be, variant=name, R=R, B=B, state=sdt, bytes=nbytes, sets=sets, config=cfg)
                 try:
                     if (be, name) in bad:
                         row["skipped"] = "failed its oracle check"
                     else:
                         if be == "upstream-cute":
                             calls = sb.upstream_calls("upstream-cute", spec, B, rng, sets)
+                            if a.producer:   # the same extra kernel before each of upstream's steps
+                                xv = torch.ones(B, sb.H, sb.P, device="cuda", dtype=torch.bfloat16)
+                                calls = [(lambda c=c: (xv.mul_(1.0), c())) for c in calls]
                         else:
                             mod = backends.get(be)
                             c = cfg if cfg is not None else mod.default_config(spec, prob, "step")
                             row["config"] = c
-                            calls = timed_calls(mod, spec, c, args_sets)
+                            calls = timed_calls(mod, spec, c, args_sets, a.producer)
                         t = min(sb.graph_time(calls), sb.graph_time(calls))
                         row.update(us=t * 1e6, frac_copy_bw=nbytes / t / bw)
                 except Exception as e:
@@ -224,7 +242,7 @@ def main():
                 rows.append(row)
                 msg = f"{row['us']:9.1f} us {100 * row['frac_copy_bw']:5.1f}%" if "us" in row else \
                     row.get("skipped", row.get("error", ""))
-                print(f"time {sdt:8s} B={B:5d} {be:13s} {name:9s} {msg}", flush=True)
+                print(f"time R={R} {sdt:8s} B={B:5d} {be:13s} {name:9s} {msg}", flush=True)
             del args_sets, base
             torch.cuda.empty_cache()
 
@@ -239,14 +257,14 @@ def main():
     # short table last
     print("\nstate    B     " + " ".join(f"{be[:5]}:{n:9s}" for be, n, _ in
                                        [("triton", n, 0) for n in tv] + [("cute", n, 0) for n in cv] + [("up", "cute", 0)]))
-    for sdt in sdts:
+    for R, sdt in [(R, sdt) for R in Rs for sdt in sdts]:
         for B in Bs:
             cells = []
             for be, n in [("triton", n) for n in tv] + [("cute", n) for n in cv] + [("upstream-cute", "kernel")]:
                 r = next((r for r in rows if r["backend"] == be and r["variant"] == n and r["B"] == B
-                          and r["state"] == sdt), None)
+                          and r["state"] == sdt and r["R"] == R), None)
                 cells.append(f"{r['us']:15.1f}" if r and "us" in r else f"{'-':>15s}")
-            print(f"{sdt[:8]:8s} {B:5d} " + " ".join(cells))
+            print(f"R{R} {sdt[:8]:8s} {B:5d} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ CASES = [
     _c("cfg-R4-N128-P64-f32state-cap4", H=32, cfg={"num_warps": 4, "lanes_per_row": 8, "vec": 4, "tile_p": 64,
                                                     "min_ctas": 4},
        rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half", has_d=True, has_z=True, **MIMO),
+    # programmatic dependent launch on and off (griddepcontrol.wait before any global read)
+    _c("cfg-pdl-R4-N128-P64", H=32, cfg={"num_warps": 4, "lanes_per_row": 8, "vec": 4, "tile_p": 64, "pdl": True},
+       rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half", has_d=True, has_z=True, **MIMO),
+    _c("cfg-nopdl-siso-N64-P48-idx", idx=True, cfg={"num_warps": 2, "lanes_per_row": 8, "vec": 4, "tile_p": 8,
+       "pdl": False}, d_state=64, head_dim=48, n_angles=16, has_d=True, has_z=True),
 ]
 IDS = [c["name"] for c in CASES]
 
@@ -92,6 +97,10 @@ def _worker(cases) -> list:
             r = cb.compile(spec, c["cfg"], "step", arch="sm_90a", nheads=c["H"], ngroups=c["G"],
                            state_indices=c["idx"])
             cubin = r["cubin"] or b""
+            ptx = r["ptx"] or ""
+            # PDL: the wait must come before the first global load (and exist iff the config asks)
+            wait, first_ld = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
+            rec.update(pdl_ok=(wait >= 0) == bool(r["config"].get("pdl", False)) and (wait < 0 or wait < first_ld))
             rec.update(ok=True, ptx_target=".target sm_90a" in (r["ptx"] or ""),
                        ptx_chars=len(r["ptx"] or ""), cubin_bytes=len(cubin), cubin_elf=cubin[:4] == b"\x7fELF",
                        registers=r.get("registers"), spills=r.get("spills"), shared=r.get("shared") or r.get("smem_bytes"),
@@ -132,6 +141,7 @@ def test_compiles_for_sm90a(compiled, case, record_property):
     assert r["ok"], r.get("tb") or r.get("error")
     assert r["ptx_target"], "PTX does not target sm_90a"
     assert r["cubin_elf"] and r["cubin_bytes"] > 1000, "no cubin produced"
+    assert r["pdl_ok"], "griddepcontrol.wait missing, unasked for, or after a global load"
     for k in ("registers", "spills", "shared", "seconds"):
         record_property(k, r.get(k))
     if r.get("spills") is not None and case["cfg"] is None:
@@ -152,10 +162,13 @@ def test_protocol_without_gpu():
     assert cb.supports(spec, "forward") == (False, "not implemented yet")
     assert not cb.supports(spec.replace(state_dtype="float16"), "step")[0]
     sp = cb.space(spec, None, "step")
-    keys = {"num_warps", "lanes_per_row", "vec", "tile_p"}
+    keys = {"num_warps", "lanes_per_row", "vec", "tile_p", "pdl"}
     assert len(sp) >= 4 and all(set(c) in (keys, keys | {"min_ctas"}) for c in sp)
-    assert sp[1] == dict(sp[0], min_ctas=4)   # fp32-state MIMO: the default's geometry, register-capped
+    assert sp[0]["pdl"] and sp[1] == dict(sp[0], pdl=False)   # the default, then without PDL
+    assert sp[2] == dict(sp[0], min_ctas=4)   # fp32-state MIMO: the default's geometry, register-capped
     assert callable(cb.step)
+    with pytest.raises(ValueError, match="pdl: expected True or False"):
+        cb._step().geometry(spec, dict(sp[0], pdl=1))
 
 
 def test_imports_without_cutlass():

@@ -102,17 +102,20 @@ def test_256_steps_match_forward(backend, R, rng):
                                    **spec_options(spec))
     step_spec = spec.replace(chunk_size=1)
     cfg = mod.default_config(step_spec, Problem(B, 1, H, G, B), "step")
-    outs = []
-    for s in range(L):
+    bundles = []
+    for s in range(L):   # every bundle made and poisoned first: the 256 steps run back to back
         args = dict(q=t["q"][:, s], k=t["k"][:, s], v=t["v"][:, s], z=t["z"][:, s], adt=t["adt"][:, :, s],
                     dt=t["dt"][:, :, s], trap=t["trap"][:, :, s], angles=t["angles"][:, s],
                     q_bias=t["q_bias"], k_bias=t["k_bias"], d=t["d"], mimo_v=t["mimo_v"],
                     mimo_z=t["mimo_z"], mimo_out=t["mimo_out"], norm_weight=None, states=states,
                     state_indices=None)
         bundle = prepare_step(step_spec, **args, inplace=True)
+        assert bundle.state_in.ssm is states.ssm and bundle.state_out.ssm is states.ssm
         bundle.out.fill_(float("nan"))
+        bundles.append(bundle)
+    for bundle in bundles:   # (CuTe: each step overlaps the previous one's end when cfg["pdl"])
         mod.step(step_spec, cfg, bundle)
-        outs.append(bundle.out)
+    outs = [b.out for b in bundles]
     torch.cuda.synchronize()
     got = {"out": to_numpy(torch.stack(outs, 1)), "state.angle": to_numpy(states.angle),
            "state.ssm": to_numpy(states.ssm), "state.k": to_numpy(states.k), "state.v": to_numpy(states.v)}

@@ -32,6 +32,14 @@ the prologue (angles, biases, rotation, which go through shared memory), so the 
 latency hides under the state traffic; the next chunk is prefetched while a chunk computes.
 y_r = S' qh_r is reduced over the L lanes of a row with butterfly shuffles.
 
+Programmatic dependent launch (config `pdl`): the kernel is launched with
+programmaticStreamSerializationAllowed, so it may be scheduled while the previous kernel of the
+stream finishes; its first instruction is `griddepcontrol.wait` (the previous grid complete and
+its memory visible) before any global read, so every input, state and parameter written by
+earlier kernels is seen as without it. After that wait it lets the next kernel launch
+(`griddepcontrol.launch_dependents`): in a decode loop or a CUDA graph of steps, a step's launch
+latency overlaps the previous step instead of following it.
+
 Python wrapper: `run(spec, config, tensors)`. Kernels are compiled once per
 (spec, config, H, G, state_indices?, ssm alignment) with the batch and pool sizes symbolic
 (B and M never recompile) and called through TVM-FFI (`--enable-tvm-ffi`) with the torch
@@ -68,7 +76,7 @@ def _pow2_floor(x: int) -> int:
 
 CONFIG_KEYS = ("num_warps", "lanes_per_row", "vec", "tile_p")
 # optional: "min_ctas" (> 1: ptxas caps the registers so that many CTAs fit on an SM,
-# `minctasm`; absent or 0: no cap)
+# `minctasm`; absent or 0: no cap); "pdl" (bool, absent: False): programmatic dependent launch
 
 
 def max_vec(spec: ScanSpec, align_bytes: int = 16) -> int:
@@ -94,6 +102,8 @@ def geometry(spec: ScanSpec, cfg: dict, align_bytes: int = 16) -> dict:
     L = min(L, _pow2_floor(nv))             # never more lanes than vectors in a row
     cv = _cdiv(nv, L)
     RP = T // L
+    if not isinstance(cfg.get("pdl", False), bool):
+        raise ValueError(f"pdl: expected True or False, got {cfg['pdl']!r}")
     tile_p = int(cfg["tile_p"])
     if tile_p < 1:
         raise ValueError(f"tile_p: expected >= 1, got {tile_p}")
@@ -113,7 +123,8 @@ def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
 
 
 def default_config(spec: ScanSpec) -> dict:
-    """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
+    """Programmatic dependent launch (see the module docstring), 16-byte vectors, 8 lanes per state
+    row (16 for rows of >= 64 vectors), up to 4 warps
     (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
     values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
     8-byte vectors and a register cap for 4 CTAs per SM (min_ctas)."""
@@ -131,7 +142,7 @@ def default_config(spec: ScanSpec) -> dict:
     rpt = _cdiv(P, RP)
     if rpt * f > 64:
         rpt = max(1, 32 // f)
-    cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
+    cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP, "pdl": True}
     if capped:
         # MIMO with a 2-byte state: 4 CTAs per SM (registers capped at 128; with 8-byte vectors
         # the kernel fits in 126, no spill). H100, R=4 H=32 N=128 P=64, bf16 state
@@ -146,8 +157,9 @@ def config_space(spec: ScanSpec) -> list:
     """The tuning knobs: warps {2,4,8} x lanes per row {4,8,16,32} x rows per chunk (the whole
     P when that is <= 64 fp32 state values per thread, and half of that as a double-buffered
     chunk), 16-byte vectors; deduplicated by the derived geometry (and register cap), the
-    default first (with its min_ctas, then the same geometry without it; MIMO with an fp32
-    state: the default, then the same geometry capped for 4 CTAs per SM)."""
+    default first, then the default without programmatic dependent launch, then (with its
+    min_ctas) the same geometry without the cap, or (MIMO with an fp32 state) capped for 4 CTAs
+    per SM; every other candidate launches with PDL, as the default."""
     out, seen = [], set()
     vec = max_vec(spec)
     P = spec.head_dim
@@ -165,13 +177,15 @@ def config_space(spec: ScanSpec) -> list:
         cands.insert(1, {k: v for k, v in d.items() if k != "min_ctas"})
     elif spec.rank > 1:   # fp32-state MIMO: the default with the 4-CTA cap (one wave of 512 CTAs
         cands.insert(1, dict(d, min_ctas=4))   # at B = 16, H = 32; not yet timed at small B)
+    cands.insert(1, dict(d, pdl=False))   # the default launched without PDL
     for cfg in cands:
         g = geometry(spec, cfg)
-        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0))
+        pdl = cfg.get("pdl", d["pdl"])
+        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0), pdl)
         if key in seen:
             continue
         seen.add(key)
-        c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"]}
+        c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"], "pdl": pdl}
         if cfg.get("min_ctas"):
             c["min_ctas"] = cfg["min_ctas"]
         out.append(c)
@@ -203,6 +217,7 @@ class Mamba3StepKernel:
         for k, v in geo.items():
             setattr(self, k, v)
         self.min_ctas = int(cfg.get("min_ctas", 0) or 0)
+        self.pdl = bool(cfg.get("pdl", False))
 
     # ---------------------------------------------------------------- host side (jit)
     @cute.jit
@@ -213,7 +228,7 @@ class Mamba3StepKernel:
                  mOut: cute.Tensor, stream):
         self.kernel(mQ, mK, mV, mZ, mAdt, mDt, mTrap, mAng, mQb, mKb, mD, mMv, mMz, mMo, mW,
                     mAngIn, mSsmIn, mKIn, mVIn, mAngOut, mSsmOut, mKOut, mVOut, mIdx, mOut).launch(
-            grid=[self.H, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream,
+            grid=[self.H, mV.shape[0], 1], block=[self.T, 1, 1], stream=stream, use_pdl=self.pdl,
             **self._occupancy())
 
     def _occupancy(self) -> dict:
@@ -231,6 +246,9 @@ class Mamba3StepKernel:
                mMo, mW, mAngIn, mSsmIn: cute.Tensor, mKIn: cute.Tensor, mVIn: cute.Tensor,
                mAngOut, mSsmOut: cute.Tensor, mKOut: cute.Tensor, mVOut: cute.Tensor, mIdx,
                mOut: cute.Tensor):
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()              # the previous grid is done: read anything
+            cute.arch.griddepcontrol_launch_dependents()  # the next step may launch now
         tid, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()
         m = cutlass.Int64(b)            # pool row; 64-bit: M * H * P * N may pass 2^31
@@ -630,8 +648,8 @@ def run(spec: ScanSpec, cfg: dict, t) -> None:
     si, so = t.state_in, t.state_out
     a = (si.ssm.data_ptr() | so.ssm.data_ptr()) & 15
     align = 16 if a == 0 else (a & -a)
-    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], cfg.get("min_ctas", 0), v.shape[1],
-           t.q.shape[2], t.state_indices is not None, align)
+    key = (spec, cfg["num_warps"], cfg["lanes_per_row"], cfg["vec"], cfg["tile_p"], cfg.get("min_ctas", 0),
+           cfg.get("pdl", False), v.shape[1], t.q.shape[2], t.state_indices is not None, align)
     fn = _cache.get(key)
     if fn is None:
         fn = _cache[key] = build(spec, cfg, v.shape[1], t.q.shape[2], t.state_indices is not None, align)
