@@ -51,7 +51,7 @@ def cute_variants(sdt: str, spec=None) -> dict:
     extra = {}
     if spec is not None:
         d = backends.get("cute").default_config(spec, None, "step")
-        extra = {"pdl": dict(d, pdl=True), "nopdl": dict(d, pdl=False)}
+        extra = {"pdl": dict(d, pdl=True), "nopdl": dict(d, pdl=False)}   # (the default has none: off)
     return {**extra,
         "default": None,
         "mc4": dict(num_warps=4, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=4),

@@ -69,10 +69,12 @@ def test_step_grid(backend, i, shape, rng):
         assert rep.ok, rep.table()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,pdl", [(b, False) for b in BACKENDS] + [("cute", True)])
 @pytest.mark.parametrize("R", [1, 4])
-def test_256_steps_match_forward(backend, R, rng):
-    """256 kernel steps, states carried in place, vs the oracle forward over the same tokens."""
+def test_256_steps_match_forward(backend, pdl, R, rng):
+    """256 kernel steps back to back, states carried in place, vs the oracle forward over the same
+    tokens (CuTe also with programmatic dependent launch: each step may launch while the previous
+    one runs and must wait for its states)."""
     import torch
 
     from mamba3_kernels import reference as ref
@@ -102,6 +104,8 @@ def test_256_steps_match_forward(backend, R, rng):
                                    **spec_options(spec))
     step_spec = spec.replace(chunk_size=1)
     cfg = mod.default_config(step_spec, Problem(B, 1, H, G, B), "step")
+    if pdl:
+        cfg = dict(cfg, pdl=True)
     bundles = []
     for s in range(L):   # every bundle made and poisoned first: the 256 steps run back to back
         args = dict(q=t["q"][:, s], k=t["k"][:, s], v=t["v"][:, s], z=t["z"][:, s], adt=t["adt"][:, :, s],

@@ -32,13 +32,18 @@ the prologue (angles, biases, rotation, which go through shared memory), so the 
 latency hides under the state traffic; the next chunk is prefetched while a chunk computes.
 y_r = S' qh_r is reduced over the L lanes of a row with butterfly shuffles.
 
-Programmatic dependent launch (config `pdl`): the kernel is launched with
+Programmatic dependent launch (config `pdl`, opt-in): the kernel is launched with
 programmaticStreamSerializationAllowed, so it may be scheduled while the previous kernel of the
 stream finishes; its first instruction is `griddepcontrol.wait` (the previous grid complete and
 its memory visible) before any global read, so every input, state and parameter written by
 earlier kernels is seen as without it. After that wait it lets the next kernel launch
-(`griddepcontrol.launch_dependents`): in a decode loop or a CUDA graph of steps, a step's launch
-latency overlaps the previous step instead of following it.
+(`griddepcontrol.launch_dependents`). H100, B = 1 (bench/results/step_pdl_*_h100_a3c9546.json):
+steps back to back in a CUDA graph 3.8 -> 3.1 us (R = 1 fp32), 4.3 -> 3.7 (R = 4 fp32): each
+step's launch overlaps the previous step; but with an ordinary kernel before every step (a
+decode loop: the projections write the token) 0.1-0.2 us slower, so it is off by default and
+not a tuning candidate (the tuner times steps back to back, the setting where it wins). For
+streams whose previous kernel triggers its dependents (PDL-aware producers) or consecutive
+steps.
 
 Python wrapper: `run(spec, config, tensors)`. Kernels are compiled once per
 (spec, config, H, G, state_indices?, ssm alignment) with the batch and pool sizes symbolic
@@ -123,8 +128,7 @@ def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
 
 
 def default_config(spec: ScanSpec) -> dict:
-    """Programmatic dependent launch (see the module docstring), 16-byte vectors, 8 lanes per state
-    row (16 for rows of >= 64 vectors), up to 4 warps
+    """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
     (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
     values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
     8-byte vectors and a register cap for 4 CTAs per SM (min_ctas)."""
@@ -142,7 +146,7 @@ def default_config(spec: ScanSpec) -> dict:
     rpt = _cdiv(P, RP)
     if rpt * f > 64:
         rpt = max(1, 32 // f)
-    cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP, "pdl": True}
+    cfg = {"num_warps": nw, "lanes_per_row": L, "vec": vec, "tile_p": rpt * RP}
     if capped:
         # MIMO with a 2-byte state: 4 CTAs per SM (registers capped at 128; with 8-byte vectors
         # the kernel fits in 126, no spill). H100, R=4 H=32 N=128 P=64, bf16 state
@@ -157,9 +161,9 @@ def config_space(spec: ScanSpec) -> list:
     """The tuning knobs: warps {2,4,8} x lanes per row {4,8,16,32} x rows per chunk (the whole
     P when that is <= 64 fp32 state values per thread, and half of that as a double-buffered
     chunk), 16-byte vectors; deduplicated by the derived geometry (and register cap), the
-    default first, then the default without programmatic dependent launch, then (with its
-    min_ctas) the same geometry without the cap, or (MIMO with an fp32 state) capped for 4 CTAs
-    per SM; every other candidate launches with PDL, as the default."""
+    default first (with its min_ctas, then the same geometry without it; MIMO with an fp32
+    state: the default, then the same geometry capped for 4 CTAs per SM). No `pdl` candidates:
+    the tuner times steps back to back, where PDL wins and a decode loop does not (module doc)."""
     out, seen = [], set()
     vec = max_vec(spec)
     P = spec.head_dim
@@ -177,15 +181,13 @@ def config_space(spec: ScanSpec) -> list:
         cands.insert(1, {k: v for k, v in d.items() if k != "min_ctas"})
     elif spec.rank > 1:   # fp32-state MIMO: the default with the 4-CTA cap (one wave of 512 CTAs
         cands.insert(1, dict(d, min_ctas=4))   # at B = 16, H = 32; not yet timed at small B)
-    cands.insert(1, dict(d, pdl=False))   # the default launched without PDL
     for cfg in cands:
         g = geometry(spec, cfg)
-        pdl = cfg.get("pdl", d["pdl"])
-        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0), pdl)
+        key = (g["T"], g["L"], g["vec"], g["tile_p"], cfg.get("min_ctas", 0))
         if key in seen:
             continue
         seen.add(key)
-        c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"], "pdl": pdl}
+        c = {"num_warps": g["num_warps"], "lanes_per_row": g["L"], "vec": g["vec"], "tile_p": g["tile_p"]}
         if cfg.get("min_ctas"):
             c["min_ctas"] = cfg["min_ctas"]
         out.append(c)
