@@ -23,8 +23,9 @@ ROOT = os.path.dirname(HERE)
 _B = dict(chunk_size=1, initial_states=True, final_states=True)
 
 
-def _c(name, H=4, G=1, idx=False, cfg=None, **kw):
-    return {"name": name, "H": H, "G": G, "idx": idx, "cfg": cfg, "spec": dict(_B, **kw)}
+def _c(name, H=4, G=1, idx=False, cfg=None, B=0, **kw):
+    """B: the batch of a batch-aware default (0: the default without a problem)."""
+    return {"name": name, "H": H, "G": G, "idx": idx, "cfg": cfg, "B": B, "spec": dict(_B, **kw)}
 
 
 MIMO = dict(has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
@@ -57,6 +58,8 @@ CASES = [
        pairing="half", has_d=True, has_z=True, input_dtype="float16", state_dtype="bfloat16"),
     _c("R4-N128-P64-realistic", H=32, rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
        has_d=True, has_z=True, **MIMO),
+    _c("R4-N128-P64-realistic-B16", H=32, B=16, rank=4, d_state=128, head_dim=64, n_angles=32, pairing="half",
+       has_d=True, has_z=True, **MIMO),
     _c("R4-N128-P64-realistic-bf16state", H=32, rank=4, d_state=128, head_dim=64, n_angles=32,
        pairing="half", has_d=True, has_z=True, **MIMO, state_dtype="bfloat16"),
     _c("siso-N128-P64-realistic-idx", H=32, idx=True, d_state=128, head_dim=64, n_angles=32,
@@ -84,7 +87,7 @@ def _worker(cases) -> list:
     """Compile each case; one JSON record per case (never raises)."""
     import traceback
     from mamba3_kernels.backends import cute as cb
-    from mamba3_kernels.spec import ScanSpec
+    from mamba3_kernels.spec import Problem, ScanSpec
     out = []
     for c in cases:
         rec = {"name": c["name"]}
@@ -92,9 +95,12 @@ def _worker(cases) -> list:
             spec = ScanSpec(**c["spec"])
             ok, why = cb.supports(spec, "step")
             assert ok, why
-            if c["cfg"] is None:
-                assert cb.default_config(spec, None, "step") in cb.space(spec, None, "step")
-            r = cb.compile(spec, c["cfg"], "step", arch="sm_90a", nheads=c["H"], ngroups=c["G"],
+            cfg = c["cfg"]
+            if cfg is None:
+                prob = Problem(c["B"], 1, c["H"], c["G"], c["B"]) if c["B"] else None
+                cfg = cb.default_config(spec, prob, "step")
+                assert cfg in cb.space(spec, prob, "step")
+            r = cb.compile(spec, cfg, "step", arch="sm_90a", nheads=c["H"], ngroups=c["G"],
                            state_indices=c["idx"])
             cubin = r["cubin"] or b""
             ptx = r["ptx"] or ""
@@ -146,6 +152,10 @@ def test_compiles_for_sm90a(compiled, case, record_property):
         record_property(k, r.get(k))
     if r.get("spills") is not None and case["cfg"] is None:
         assert r["spills"] == 0, f"default config spills {r['spills']} bytes"
+    if case["name"] == "R4-N128-P64-realistic-B16":   # one wave of 512 CTAs: 4 lanes per row, <= 128 registers
+        assert r["geometry"]["L"] == 4, r["geometry"]
+        if r.get("registers") is not None:
+            assert r["registers"] <= 128, r["registers"]
     if case["name"] == "R4-N128-P64-realistic-bf16state" and r.get("registers") is not None:
         # the default's register cap (min_ctas 4): 4 CTAs of 128 threads per SM
         assert r["registers"] <= 128, r["registers"]
@@ -168,6 +178,22 @@ def test_protocol_without_gpu():
     assert callable(cb.step)
     with pytest.raises(ValueError, match="pdl: expected True or False"):
         cb._step().geometry(spec, dict(sp[0], pdl=1))
+
+
+def test_batch_aware_default():
+    """fp32-state MIMO: 4 lanes per row only where B * H CTAs make one wave at 4 per SM and not
+    at 3 (B = 13..16 at H = 32 on 132 SMs); every other batch, SISO and 2-byte states keep theirs."""
+    pytest.importorskip("cutlass.cute", reason="nvidia-cutlass-dsl not installed")
+    from mamba3_kernels.backends import cute as cb
+    from mamba3_kernels.spec import Problem, ScanSpec
+    st = cb._step()
+    mimo = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", chunk_size=1)
+    lanes = lambda spec, B: st.default_config(spec, batch_heads=B * 32, sms=132)["lanes_per_row"]
+    assert [lanes(mimo, B) for B in (1, 12, 13, 16, 17, 64)] == [8, 8, 4, 4, 8, 8]
+    assert lanes(mimo.replace(state_dtype="bfloat16"), 16) == 8
+    assert st.default_config(mimo.replace(rank=1, pairing="interleaved"), batch_heads=512) == \
+        st.default_config(mimo.replace(rank=1, pairing="interleaved"))
+    assert cb.default_config(mimo, Problem(64, 1, 32, 1, 64), "step") == cb.default_config(mimo, None, "step")
 
 
 def test_imports_without_cutlass():

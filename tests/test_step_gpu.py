@@ -130,18 +130,20 @@ def test_256_steps_match_forward(backend, pdl, R, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("state_dtype,input_dtype", [("float32", "float32"), ("bfloat16", "bfloat16")])
-def test_mimo_defaults_realistic(backend, state_dtype, input_dtype, rng):
-    """The issue's MIMO shape (R=4, H=32, N=128, P=64) at B=64 with each backend's default:
-    Triton's DOT path (tf32x3 when inputs and state are fp32, so the fp32 bounds apply) and
-    CuTe's register-capped bf16-state default; a pool with padding, in place and not."""
+@pytest.mark.parametrize("state_dtype,input_dtype,B", [("float32", "float32", 64), ("bfloat16", "bfloat16", 64),
+                                                      ("float32", "bfloat16", 16)])
+def test_mimo_defaults_realistic(backend, state_dtype, input_dtype, B, rng):
+    """The issue's MIMO shape (R=4, H=32, N=128, P=64) at B=64 (and 16) with each backend's default:
+    Triton's DOT path (tf32x3 when inputs and state are fp32, so the fp32 bounds apply),
+    CuTe's register-capped bf16-state default and its one-wave geometry for an fp32 state at
+    B=16 (4 lanes per row); a pool with padding, in place and not."""
     from mamba3_kernels.spec import Problem, ScanSpec
     from mamba3_kernels.testing import run_step_backend, step_case
     mod = _backend(backend)
     spec = ScanSpec(d_state=128, head_dim=64, rank=4, n_angles=32, pairing="half", has_d=True, has_z=True,
                     has_mimo_v=True, has_mimo_z=True, has_mimo_out=True, chunk_size=1, initial_states=True,
                     final_states=True, input_dtype=input_dtype, state_dtype=state_dtype)
-    case = step_case(spec, Problem(64, 1, 32, 1, 70), rng, device="cuda", pool=70)
+    case = step_case(spec, Problem(B, 1, 32, 1, B + 6), rng, device="cuda", pool=B + 6)
     for inplace in (True, False):
         rep = run_step_backend(mod, case, inplace=inplace)
         assert rep.ok, rep.table()

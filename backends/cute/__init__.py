@@ -68,14 +68,36 @@ def space(spec, problem=None, op="step"):
     return _step().config_space(spec)
 
 
+_sms = None
+
+
+def _sm_count() -> int:
+    """SMs of the current CUDA device (132, an H100's, without one); asked once."""
+    global _sms
+    if _sms is None:
+        _sms = 132
+        try:
+            import torch
+            if torch.cuda.is_available():
+                _sms = int(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+        except Exception:  # noqa: BLE001 - a default config must not fail on a device query
+            pass
+    return _sms
+
+
 def default_config(spec, problem=None, op="step"):
-    return _step().default_config(spec)
+    """The step's default config; with a problem, its batch size picks the geometry where a wave
+    boundary matters (step.default_config)."""
+    bh = problem.batch * problem.nheads if problem is not None else 0
+    return _step().default_config(spec, batch_heads=bh, sms=_sm_count())
 
 
 def step(spec, config, tensors):
     """Run the decode step on a StepTensors bundle (writes tensors.out and tensors.state_out)."""
     mod = _mod or _step()
-    mod.run(spec, config or mod.default_config(spec), tensors)
+    if not config:
+        config = mod.default_config(spec, batch_heads=tensors.v.shape[0] * tensors.v.shape[1], sms=_sm_count())
+    mod.run(spec, config, tensors)
 
 
 _step_entry = step

@@ -127,11 +127,13 @@ def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
             + a16(int(cfg["num_warps"]) * R))
 
 
-def default_config(spec: ScanSpec) -> dict:
+def default_config(spec: ScanSpec, batch_heads: int = 0, sms: int = 132) -> dict:
     """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
     (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
     values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
-    8-byte vectors and a register cap for 4 CTAs per SM (min_ctas)."""
+    8-byte vectors and a register cap for 4 CTAs per SM (min_ctas). MIMO with an fp32 state and
+    B * H CTAs that make one wave at 4 CTAs per SM but not at the default's 3 (batch_heads in
+    (3 sms, 4 sms]; 0: unknown): 4 lanes per row, which fits in 128 registers (no spill)."""
     P = spec.head_dim
     vec = max_vec(spec)
     capped = spec.rank > 1 and spec.state_dtype != "float32"
@@ -139,6 +141,11 @@ def default_config(spec: ScanSpec) -> dict:
         vec = min(vec, 4)   # 8-byte vectors: the fp32 geometry, 126 registers, no spill under the cap
     nv = spec.d_state // vec
     L = 16 if nv >= 64 else min(8, _pow2_floor(nv))
+    if spec.rank > 1 and not capped and L == 8 and 3 * sms < batch_heads <= 4 * sms:
+        # one wave instead of 1.3: H100, R=4 H=32 N=128 P=64, B=16 (512 CTAs): 18.6 -> 16.8 us
+        # (upstream's kernel 16.5); at B = 1 it is slower (4.3 -> 5.4), at B >= 64 a tie
+        # (results/step_l4_h100_3f10749.json)
+        L = 4
     cv = _cdiv(nv, L)
     nw = min(4, _pow2_floor(_cdiv(P * L, 32)))
     RP = 32 * nw // L
