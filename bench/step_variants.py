@@ -60,6 +60,7 @@ def cute_variants(sdt: str, spec=None) -> dict:
         "w8mc3": dict(num_warps=8, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=3),
         "v4mc4": dict(num_warps=4, lanes_per_row=8, vec=4, tile_p=64, min_ctas=4),   # 8-byte vectors
         "L4": dict(num_warps=4, lanes_per_row=4, vec=vec, tile_p=64),
+        "L32": dict(num_warps=4, lanes_per_row=32, vec=vec, tile_p=64),
         "L4v4mc4": dict(num_warps=4, lanes_per_row=4, vec=4, tile_p=64, min_ctas=4),
     }
 
