@@ -141,6 +141,12 @@ def default_config(spec: ScanSpec, batch_heads: int = 0, sms: int = 132) -> dict
         vec = min(vec, 4)   # 8-byte vectors: the fp32 geometry, 126 registers, no spill under the cap
     nv = spec.d_state // vec
     L = 16 if nv >= 64 else min(8, _pow2_floor(nv))
+    if spec.rank == 1 and spec.d_state >= 128 and nv >= 16:
+        # SISO: 16 lanes per row. H100, H=32 N=128 P=64 (results/step_lanes_h100_9e722ff.json),
+        # fp32 state B = 64 / 256 / 1024: 51.5 -> 50.6, 193.2 -> 189.9, 753.7 -> 743.2 us
+        # (upstream's kernel 53.3 / 192.3 / 747.4), bf16 state 102.3 -> 100.8 at B = 256; a tie
+        # at B <= 16. MIMO keeps 8 (16 lanes: +12-14 % at B >= 64).
+        L = 16
     if spec.rank > 1 and not capped and L == 8 and 3 * sms < batch_heads <= 4 * sms:
         # one wave instead of 1.3: H100, R=4 H=32 N=128 P=64, B=16 (512 CTAs): 18.6 -> 16.8 us
         # (upstream's kernel 16.5); at B = 1 it is slower (4.3 -> 5.4), at B >= 64 a tie
