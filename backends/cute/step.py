@@ -128,8 +128,8 @@ def smem_bytes(spec: ScanSpec, cfg: dict) -> int:
 
 
 def default_config(spec: ScanSpec, batch_heads: int = 0, sms: int = 132) -> dict:
-    """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors), up to 4 warps
-    (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
+    """16-byte vectors, 8 lanes per state row (16 for rows of >= 64 vectors, and for SISO with
+    N >= 128), up to 4 warps (fewer when P is small), and the whole P x N tile in one chunk when that is <= 64 fp32
     values per thread, else chunks of <= 32 (double-buffered). MIMO with a 2-byte state:
     8-byte vectors and a register cap for 4 CTAs per SM (min_ctas). MIMO with an fp32 state and
     B * H CTAs that make one wave at 4 CTAs per SM but not at the default's 3 (batch_heads in
