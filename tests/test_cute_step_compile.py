@@ -191,8 +191,10 @@ def test_batch_aware_default():
     lanes = lambda spec, B: st.default_config(spec, batch_heads=B * 32, sms=132)["lanes_per_row"]
     assert [lanes(mimo, B) for B in (1, 12, 13, 16, 17, 64)] == [8, 8, 4, 4, 8, 8]
     assert lanes(mimo.replace(state_dtype="bfloat16"), 16) == 8
-    assert st.default_config(mimo.replace(rank=1, pairing="interleaved"), batch_heads=512) == \
-        st.default_config(mimo.replace(rank=1, pairing="interleaved"))
+    siso = mimo.replace(rank=1, pairing="interleaved")
+    assert st.default_config(siso, batch_heads=512) == st.default_config(siso)   # no batch rule for SISO
+    assert lanes(siso, 64) == 16 and lanes(siso.replace(state_dtype="bfloat16"), 64) == 16   # N >= 128
+    assert lanes(siso.replace(d_state=64), 64) == 8
     assert cb.default_config(mimo, Problem(64, 1, 32, 1, 64), "step") == cb.default_config(mimo, None, "step")
 
 
