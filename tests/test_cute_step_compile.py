@@ -198,6 +198,30 @@ def test_batch_aware_default():
     assert cb.default_config(mimo, Problem(64, 1, 32, 1, 64), "step") == cb.default_config(mimo, None, "step")
 
 
+def test_no_mixed_constexpr_if():
+    """No `if const_expr(S) or D:` (or `and`) in the CuTe kernels. The stock DSL lowers such a
+    test as one dynamic if-region, but quack (which mamba_ssm's and flash-attention's CuTe kernels
+    import) rewrites it process-wide into a static if around a copy of the body and a dynamic
+    if, and every variable the body assigns then fails the DSL's type-join check: with quack
+    imported first, our step did not compile (found on the H100 under Nsight Compute, session 16;
+    reproduced on the CPU with quack's rewrite). A plain Python bool in the test behaves the same
+    in the stock DSL (identical PTX) and is left alone by the rewrite."""
+    import ast
+    src = os.path.join(ROOT, "backends", "cute")
+    bad = []
+    for name in sorted(os.listdir(src)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(src, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.If, ast.IfExp, ast.While)) and isinstance(node.test, ast.BoolOp):
+                for v in node.test.values:
+                    f = v.func if isinstance(v, ast.Call) else None
+                    if f is not None and getattr(f, "attr", getattr(f, "id", None)) == "const_expr":
+                        bad.append(f"{name}:{node.lineno}")
+    assert not bad, f"mixed const_expr / dynamic tests (write the static part as a plain bool): {bad}"
+
+
 def test_imports_without_cutlass():
     """The package and the backend import (and say why not available) with cutlass missing."""
     code = ("import sys; sys.modules['cutlass'] = None; sys.modules['cutlass.cute'] = None\n"

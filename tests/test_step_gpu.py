@@ -149,6 +149,35 @@ def test_mimo_defaults_realistic(backend, state_dtype, input_dtype, B, rng):
         assert rep.ok, rep.table()
 
 
+def test_cute_with_quack_imported():
+    """Our CuTe step compiles and matches the oracle in a process that imported quack first
+    (mamba_ssm's and flash-attention's CuTe kernels do; quack rewrites the DSL's mixed
+    static / dynamic ifs process-wide: see test_cute_step_compile.test_no_mixed_constexpr_if)."""
+    _backend("cute")
+    code = (
+        "import quack, numpy as np;"
+        "from mamba3_kernels.spec import ScanSpec, Problem;"
+        "from mamba3_kernels.testing import step_case, run_step_backend;"
+        "ok = True\n"
+        "for R in (1, 4):\n"
+        "    s = ScanSpec(d_state=64, head_dim=48, rank=R, n_angles=16, pairing='half', has_d=True, has_z=True,"
+        " has_mimo_v=R > 1, has_mimo_z=R > 1, has_mimo_out=R > 1, chunk_size=1, initial_states=True,"
+        " final_states=True)\n"
+        "    c = step_case(s, Problem(3, 1, 4, 2, 8), np.random.default_rng(R), device='cuda', pool=8)\n"
+        "    r = run_step_backend('cute', c)\n"
+        "    ok = ok and r.ok\n"
+        "    print(r.table())\n"
+        "print('ok' if ok else 'FAIL')")
+    try:
+        import importlib.util
+        if importlib.util.find_spec("quack") is None:
+            pytest.skip("quack not installed here")
+    except ImportError:
+        pytest.skip("quack not installed here")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-3000:] + p.stderr[-3000:]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memcheck_p48(backend):
     """compute-sanitizer memcheck on one P = 48 (not a multiple of any tile) case."""

@@ -255,6 +255,10 @@ class Mamba3StepKernel:
         return dict(min_blocks_per_mp=self.min_ctas, preferred_smem_carveout=25)
 
     # ---------------------------------------------------------------- device side
+    # Bounds tests are written `static or dynamic` with a plain Python bool first, never
+    # `const_expr(static) or dynamic`: quack (imported by other CuTe kernels in a process)
+    # rewrites that form process-wide in a way this kernel's variables do not survive
+    # (tests/test_cute_step_compile.py::test_no_mixed_constexpr_if).
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mZ, mAdt: cute.Tensor,
                mDt: cute.Tensor, mTrap, mAng, mQb: cute.Tensor, mKb: cute.Tensor, mD, mMv, mMz,
@@ -283,7 +287,7 @@ class Mamba3StepKernel:
         """Padding slot: output row(s) = 0, no state touched."""
         for k in cutlass.range_constexpr(_cdiv(self.P, self.T)):
             p = tid + k * self.T
-            if const_expr((k + 1) * self.T <= self.P) or p < self.P:
+            if (k + 1) * self.T <= self.P or p < self.P:
                 if const_expr(self.mode == "per_rank"):
                     for r in cutlass.range_constexpr(self.R):
                         mOut[b, r, h, p] = Float32(0.0).to(mOut.element_type)
@@ -303,11 +307,11 @@ class Mamba3StepKernel:
             p = ch * self.tile_p + rg + self.RP * i
             lo = ch * self.tile_p + self.RP * i
             if const_expr(lo < self.P):
-                if const_expr(lo + self.RP <= self.P) or p < self.P:
+                if lo + self.RP <= self.P or p < self.P:
                     gRow = mSsmIn[m, h, p, None]
                     for j in cutlass.range_constexpr(self.cv):
                         vi = c + self.L * j
-                        if const_expr(self.L * (j + 1) <= self.nv) or vi < self.nv:
+                        if self.L * (j + 1) <= self.nv or vi < self.nv:
                             cute.autovec_copy(cute.local_tile(gRow, (self.vec,), (vi,)), buf[i][j])
         return buf
 
@@ -342,7 +346,7 @@ class Mamba3StepKernel:
             raw[k] = Float32(0.0)
             th0[k] = Float32(0.0)
             if const_expr(A > 0 and k * T < A):
-                if const_expr((k + 1) * T <= A) or j < A:
+                if (k + 1) * T <= A or j < A:
                     if const_expr(self.spec.shared_angles):
                         raw[k] = Float32(mAng[b, j])
                     else:
@@ -366,7 +370,7 @@ class Mamba3StepKernel:
                 mv[k, r] = Float32(1.0)
                 mz[k, r] = Float32(1.0)
                 mo[k, r] = Float32(1.0)
-            if const_expr((k + 1) * T <= P) or p < P:
+            if (k + 1) * T <= P or p < P:
                 vv[k] = Float32(mV[b, h, p])
                 vp[k] = Float32(mVIn[m, h, p])
                 if const_expr(mZ is not None):
@@ -386,7 +390,7 @@ class Mamba3StepKernel:
             u = tid + k * T
             for e in cutlass.range_constexpr(6):
                 qk[k, e] = Float32(0.0)
-            if const_expr((k + 1) * T <= R * NH) or u < R * NH:
+            if (k + 1) * T <= R * NH or u < R * NH:
                 r = u // NH
                 j = u - r * NH
                 i0 = j
@@ -427,7 +431,7 @@ class Mamba3StepKernel:
         # 3. angles -> cos/sin per pair (identity for pairs >= A); per-row coefficients
         for k in cutlass.range_constexpr(KA):
             j = tid + k * T
-            if const_expr((k + 1) * T <= NH) or j < NH:
+            if (k + 1) * T <= NH or j < NH:
                 cs = Float32(1.0)
                 sn = Float32(0.0)
                 if const_expr(A > 0 and k * T < A):
@@ -445,7 +449,7 @@ class Mamba3StepKernel:
                 sSin[j] = sn
         for k in cutlass.range_constexpr(KP):
             p = tid + k * T
-            if const_expr((k + 1) * T <= P) or p < P:
+            if (k + 1) * T <= P or p < P:
                 for r in cutlass.range_constexpr(R):
                     sCg[r, p] = gamma * vv[k] * mv[k, r]
                     sCb[r, p] = beta * vp[k] * mv[k, r]
@@ -454,7 +458,7 @@ class Mamba3StepKernel:
         # 4. rotated q, k to smem; new angle, v states
         for k in cutlass.range_constexpr(KU):
             u = tid + k * T
-            if const_expr((k + 1) * T <= R * NH) or u < R * NH:
+            if (k + 1) * T <= R * NH or u < R * NH:
                 r = u // NH
                 j = u - r * NH
                 i0 = j
@@ -473,16 +477,16 @@ class Mamba3StepKernel:
         if const_expr(A > 0):
             for k in cutlass.range_constexpr(_cdiv(A, T)):
                 j = tid + k * T
-                if const_expr((k + 1) * T <= A) or j < A:
+                if (k + 1) * T <= A or j < A:
                     mAngOut[m, h, j] = sTh[j]
         for k in cutlass.range_constexpr(KP):
             p = tid + k * T
-            if const_expr((k + 1) * T <= P) or p < P:
+            if (k + 1) * T <= P or p < P:
                 mVOut[m, h, p] = vv[k].to(mVOut.element_type)
         cute.arch.sync_threads()   # (B) qh, kh, kprev ready
         for k in cutlass.range_constexpr(_cdiv(R * N, T)):
             e = tid + k * T
-            if const_expr((k + 1) * T <= R * N) or e < R * N:
+            if (k + 1) * T <= R * N or e < R * N:
                 r = e // N
                 n = e - r * N
                 mKOut[m, r, h, n] = sKh[r, n]
@@ -521,7 +525,7 @@ class Mamba3StepKernel:
         so = cute.make_rmem_tensor((vec,), self.st_dtype)
         for j in cutlass.range_constexpr(self.cv):
             vi = c + self.L * j
-            if const_expr(self.L * (j + 1) <= self.nv) or vi < self.nv:
+            if self.L * (j + 1) <= self.nv or vi < self.nv:
                 for r in cutlass.range_constexpr(R):
                     cute.autovec_copy(cute.local_tile(sQh[r, None], (vec,), (vi,)), qh[r, None])
                 for i in cutlass.range_constexpr(rpt):
@@ -536,7 +540,7 @@ class Mamba3StepKernel:
                             acc[i, r] = acc[i, r] + (sv.load() * qh[r, None].load()).reduce(
                                 cute.ReductionOp.ADD, Float32(0.0), 0)
                         p = ch * self.tile_p + rg + self.RP * i
-                        if const_expr(lo + self.RP <= self.P) or p < self.P:
+                        if lo + self.RP <= self.P or p < self.P:
                             so.store(sv.load().to(self.st_dtype))
                             cute.autovec_copy(so, cute.local_tile(mSsmOut[m, h, p, None], (vec,), (vi,)))
         # reduce over the L lanes of each row, lane 0 of the row writes sY
@@ -550,7 +554,7 @@ class Mamba3StepKernel:
                     acc[i, r] = x
                 p = ch * self.tile_p + rg + self.RP * i
                 if c == 0:
-                    if const_expr(lo + self.RP <= self.P) or p < self.P:
+                    if lo + self.RP <= self.P or p < self.P:
                         for r in cutlass.range_constexpr(R):
                             sY[r, p] = acc[i, r]
 
@@ -571,7 +575,7 @@ class Mamba3StepKernel:
                 sq[r] = Float32(0.0)
             for k in cutlass.range_constexpr(KP):
                 p = tid + k * T
-                if const_expr((k + 1) * T <= P) or p < P:
+                if (k + 1) * T <= P or p < P:
                     for r in cutlass.range_constexpr(R):
                         y = sY[r, p] + dd * vv[k] * mv[k, r]
                         sq[r] = sq[r] + y * y
@@ -591,7 +595,7 @@ class Mamba3StepKernel:
                 rstd[r] = cute.math.rsqrt(tot * Float32(1.0 / P) + Float32(self.eps))
         for k in cutlass.range_constexpr(KP):
             p = tid + k * T
-            if const_expr((k + 1) * T <= P) or p < P:
+            if (k + 1) * T <= P or p < P:
                 o = Float32(0.0)
                 for r in cutlass.range_constexpr(R):
                     y = sY[r, p] + dd * vv[k] * mv[k, r]
