@@ -405,7 +405,7 @@ class Mamba3StepKernel:
                 qk[k, 4] = Float32(mKIn[m, r, h, i0])
                 qk[k, 5] = Float32(mKIn[m, r, h, i1])
 
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()   # (cutlass.utils.SmemAllocator: deprecated in 4.8)
         sCos = smem.allocate_tensor(Float32, cute.make_layout(NH), byte_alignment=16)
         sSin = smem.allocate_tensor(Float32, cute.make_layout(NH), byte_alignment=16)
         sTh = smem.allocate_tensor(Float32, cute.make_layout(max(A, 1)), byte_alignment=16)
