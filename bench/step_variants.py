@@ -46,12 +46,12 @@ TRITON = {
 }
 
 
-def cute_variants(sdt: str, spec=None) -> dict:
+def cute_variants(sdt: str, spec=None, prob=None) -> dict:
     vec = 8 if sdt == "bfloat16" else 4
     extra = {}
-    if spec is not None:
-        d = backends.get("cute").default_config(spec, None, "step")
-        extra = {"pdl": dict(d, pdl=True), "nopdl": dict(d, pdl=False)}   # (the default has none: off)
+    if spec is not None:   # the default of this problem (batch-aware) with PDL on / off (default: off)
+        d = backends.get("cute").default_config(spec, prob, "step")
+        extra = {"pdl": dict(d, pdl=True), "nopdl": dict(d, pdl=False)}
     return {**extra,
         "default": None,
         "mc4": dict(num_warps=4, lanes_per_row=8, vec=vec, tile_p=64, min_ctas=4),
@@ -197,7 +197,8 @@ def main():
     for sdt in sdts:
         for n in cv:
             if n != "default":
-                variants.append(("cute", n, cute_variants(sdt, sb.make_spec(4, sdt))[n], (sdt,)))
+                variants.append(("cute", n, cute_variants(sdt, sb.make_spec(4, sdt), Problem(64, 1, sb.H, sb.G, 64))[n],
+                                 (sdt,)))
     t0 = time.time()
     checks = [] if a.no_checks else run_checks(variants, rng)
     print(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f} s", flush=True)
@@ -219,7 +220,7 @@ def main():
                 d = dict(base)
                 d["states"] = States(*(x.clone() for x in base["states"]))
                 args_sets.append(d)
-            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt, spec)[n]) for n in cv]
+            todo = [("triton", n, TRITON[n]) for n in tv] + [("cute", n, cute_variants(sdt, spec, prob)[n]) for n in cv]
             todo.append(("upstream-cute", "kernel", None))
             for be, name, cfg in todo:
                 row = dict(backend=be, variant=name, R=R, B=B, state=sdt, bytes=nbytes, sets=sets, config=cfg)

@@ -107,8 +107,7 @@ def _worker(cases) -> list:
             # PDL: the wait must come before the first global load (and exist iff the config asks)
             wait, first_ld = ptx.find("griddepcontrol.wait"), ptx.find("ld.global")
             rec.update(pdl_ok=(wait >= 0) == bool(r["config"].get("pdl", False)) and (wait < 0 or wait < first_ld))
-            rec.update(ok=True, ptx_target=".target sm_90a" in (r["ptx"] or ""),
-                       ptx_chars=len(r["ptx"] or ""), cubin_bytes=len(cubin), cubin_elf=cubin[:4] == b"\x7fELF",
+            rec.update(ok=True, ptx_target=".target sm_90a" in ptx, ptx_chars=len(ptx), cubin_bytes=len(cubin), cubin_elf=cubin[:4] == b"\x7fELF",
                        registers=r.get("registers"), spills=r.get("spills"), shared=r.get("shared") or r.get("smem_bytes"),
                        seconds=round(r["seconds"], 2), geometry=r["geometry"], ptxas_error=r.get("ptxas_error"))
         except Exception as e:  # reported, the test fails on it

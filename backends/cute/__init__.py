@@ -85,19 +85,21 @@ def _sm_count() -> int:
     return _sms
 
 
+def _default(spec, batch_heads: int) -> dict:
+    """step.default_config for B * H heads (0: unknown) on this device's SM count."""
+    return _step().default_config(spec, batch_heads=batch_heads, sms=_sm_count())
+
+
 def default_config(spec, problem=None, op="step"):
     """The step's default config; with a problem, its batch size picks the geometry where a wave
     boundary matters (step.default_config)."""
-    bh = problem.batch * problem.nheads if problem is not None else 0
-    return _step().default_config(spec, batch_heads=bh, sms=_sm_count())
+    return _default(spec, problem.batch * problem.nheads if problem is not None else 0)
 
 
 def step(spec, config, tensors):
     """Run the decode step on a StepTensors bundle (writes tensors.out and tensors.state_out)."""
     mod = _mod or _step()
-    if not config:
-        config = mod.default_config(spec, batch_heads=tensors.v.shape[0] * tensors.v.shape[1], sms=_sm_count())
-    mod.run(spec, config, tensors)
+    mod.run(spec, config or _default(spec, tensors.v.shape[0] * tensors.v.shape[1]), tensors)
 
 
 _step_entry = step
