@@ -12,7 +12,6 @@ chunked float64 form with B = 1 and few heads.
 from __future__ import annotations
 
 import itertools
-import types
 
 import pytest
 import torch
@@ -152,36 +151,3 @@ def test_tuning_configs_long_sequence(extra, rng):
     cfg = dict(sf.default_config(spec, case.problem), **extra)
     rep, _, _ = run_scan(sf.forward, case, cfg)
     assert rep.ok, f"{cfg}\n{rep.table()}"
-
-
-@pytest.mark.parametrize("init,final", [(False, False), (True, True)])
-def test_pdl_vs_oracle_and_without_it(init, final, rng):
-    """PDL (phases 3 and 4 as programmatic dependents; phase 4's first segments run beside phases
-    2-3): against the oracle on several segments per sequence, and at the benchmark shape (two
-    segments per sequence) bitwise equal to the forward without it over five runs (a missing wait
-    would read entry states before phase 3 wrote them)."""
-    sf = _sf()
-    from mamba3_kernels.scan_tensors import prepare_scan
-    from mamba3_kernels.scan_testing import case_spec, run_scan, scan_case, scan_inputs
-    from mamba3_kernels.spec import Problem, ScanSpec
-    spec = ScanSpec(d_state=128, head_dim=64, n_angles=32, has_d=True, has_z=True, initial_states=init,
-                    final_states=final, shared_angles=True)
-    case = scan_case(spec, Problem(2, 4096, 2, 1, 2), rng, device="cuda", oracle="chunked")
-    cfg = dict(sf.default_config(spec, case.problem), PDL=True)
-    rep, _, _ = run_scan(sf.forward, case, cfg)
-    assert rep.ok, f"{cfg}\n{rep.table()}"
-    prob = Problem(4, 4096, 32, 1, 4)
-    args = scan_inputs(spec, prob, rng, "cuda")
-    spec = case_spec(types.SimpleNamespace(args=args, spec=spec))
-    base = sf.default_config(spec, prob)
-    outs = []
-    for pdl in (False, True, True, True, True, True):
-        t = prepare_scan(spec, prob, **args)
-        t.out.fill_(float("nan"))
-        sf.forward(spec, dict(base, PDL=pdl), t)
-        torch.cuda.synchronize()
-        outs.append([t.out.clone()] + ([x.clone() for x in t.state_out] if final else []))
-    assert not torch.isnan(outs[0][0]).any()
-    for run in outs[1:]:
-        for x, y in zip(run, outs[0]):
-            assert torch.equal(x, y)

@@ -497,28 +497,3 @@ def test_scalar_table_of_the_tilelang_phase_4(trap, rng):
         assert torch.equal(out[..., 0], dt) and torch.equal(out[..., 1], torch.zeros_like(dt))
     assert torch.equal(out[..., 2], adt) and torch.equal(out[..., 3], dt)
 
-
-
-@here
-@pytest.mark.parametrize("init,final,varlen", [(False, False, False), (True, False, False), (False, True, False),
-                                               (True, True, True), (False, False, True)])
-def test_pdl_order_and_first_segment_entry(init, final, varlen, rng):
-    """PDL (the GPU launches phases 3 and 4 as programmatic dependents; here the interpreter runs
-    what it changes in the kernels): phase 4 numbers its programs with every sequence's first
-    segment first, and a first segment reads no entry state unless initial states came in.
-    Against the oracle, and bitwise equal to the forward without it."""
-    spec = ScanSpec(d_state=32, head_dim=16, n_angles=8, has_d=True, has_z=True, initial_states=init,
-                    final_states=final, varlen=varlen, input_dtype="bfloat16")
-    if varlen:
-        case = scan_case(spec, Problem(1, 232, 2, 1, 4), rng, lengths=[70, 0, 33, 129])
-    else:
-        case = scan_case(spec, Problem(3, 150, 2, 1, 3), rng)
-    base = dict(sf.default_config(spec, None), CHUNK=16, SEG=2, BLOCK_P=16, num_warps=4, STATE_CHUNK=None,
-                STATE_SPLIT=2)
-    rep, got, _ = run_scan(sf.forward, case, dict(base, PDL=True), keep=True)
-    assert rep.ok, rep.table()
-    _, ref, _ = run_scan(sf.forward, case, base, keep=True)
-    assert torch.equal(got.out, ref.out)
-    for name in ("ssm", "k", "v", "angle"):
-        if final:
-            assert torch.equal(getattr(got.state_out, name), getattr(ref.state_out, name)), name

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from .scan_common import (_angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _cos_sin, _ell_raw,
                           _first_slot, _load_state, _locate, _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math,
@@ -112,8 +111,7 @@ def scan_chunk_output_kernel(
     DOT_F32: tl.constexpr, INTERP: tl.constexpr, PREFETCH: tl.constexpr, ELL: tl.constexpr,
     GATES: tl.constexpr, BIAS_RELOAD: tl.constexpr, EXACT_DIAG: tl.constexpr = False,
     ESPLIT: tl.constexpr = 1, PMAJOR: tl.constexpr = False, ANG_TOK: tl.constexpr = False,
-    Y_OUT: tl.constexpr = False, SEG_FIRST: tl.constexpr = False, ENTRY0: tl.constexpr = True,
-    GDC: tl.constexpr = False,
+    Y_OUT: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
@@ -122,10 +120,6 @@ def scan_chunk_output_kernel(
     DT = q_ptr.dtype.element_ty
     pid0 = tl.program_id(0)
     slot = tl.program_id(1)
-    if SEG_FIRST and not VARLEN:
-        # every sequence's first segment before any second one (the block scheduler's order):
-        # under PDL those programs need nothing of phases 2-3 and start beside them
-        slot = (slot % S) * NSEG + slot // S
     h = pid0 // NPB
     pb = pid0 % NPB
     b, seq, seg, bos, eos, t0 = _locate(slot, cu_ptr, S, L, NSEG, SEGLEN, VARLEN)
@@ -159,14 +153,8 @@ def scan_chunk_output_kernel(
         if HAS_ENTRY:
             # the entry states are per phase-2/3 sub-segment (ESPLIT of them per segment here)
             eslot = _first_slot(seq, bos, NSEG2, SEGLEN // ESPLIT, VARLEN) + seg * ESPLIT
-            # a first segment's entry is zero unless initial states came in (ENTRY0): it then
-            # reads nothing phase 3 wrote (rows masked off), and under PDL does not wait for it
-            need = (seg > 0) | ENTRY0
-            if GDC:
-                if need:
-                    gdc_wait()
-            s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p + tl.where(need, 0, P),
-                                 j, P, N, NH, PAIR_HALF)
+            s0, s1 = _load_state(erel_ptr, (eslot * H + h).to(tl.int64) * P * N, p, j, P, N, NH,
+                                 PAIR_HALF)
             if not PMAJOR:
                 s0 = tl.trans(s0)
                 s1 = tl.trans(s1)

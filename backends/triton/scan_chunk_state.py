@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from .scan_common import (_angles_ell, _angles_math, _angles_math_tok, _angles_raw, _bias_pairs, _cast, _locate,
                           _mm, _pairs_math, _pairs_raw, _rotate, _scalars_math, _scalars_raw, _store_ell,
@@ -72,15 +71,13 @@ def scan_chunk_state_kernel(
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     FINAL: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
     PREFETCH: tl.constexpr, ELL: tl.constexpr, GATES: tl.constexpr, ESPLIT: tl.constexpr = 1,
-    ANG_TOK: tl.constexpr = False, GDC: tl.constexpr = False,
+    ANG_TOK: tl.constexpr = False,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     SEGLEN: tl.constexpr = SEG * C
     NH: tl.constexpr = N // 2
     ROWS: tl.constexpr = C * RP
     DT = k_ptr.dtype.element_ty
-    if GDC:   # PDL: phase 3 (and through it phase 4) may launch as soon as every program is in
-        gdc_launch_dependents()
     pid0 = tl.program_id(0)
     slot = tl.program_id(1)
     h = pid0 // NPB

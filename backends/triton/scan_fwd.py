@@ -418,11 +418,6 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
     nseg2_dense, nslots2 = _slots(B, L, S, SEGLEN2, varlen)
     # phase 2 may walk its segments in chunks of its own length (its outputs do not depend on it)
     C2 = min(config.get("STATE_CHUNK") or C, SEGLEN2)
-    # PDL: phases 3 and 4 launched as programmatic dependents, phase 4's first segments first
-    # (they need nothing of phases 2-3 and run beside them); the GPU's launch only
-    tl_out = out_impl(spec, config, t, SEGLEN) == "tilelang"   # phase 4 as the TileLang walk
-    pdl = bool(config.get("PDL")) and run_a and not ell_on and not tl_out
-    gdc = pdl and not _interpret()
     sdt = _TORCH[config.get("SCRATCH", "bfloat16")]
     f32 = torch.float32
     dummy = torch.empty(1, dtype=f32, device=dev)
@@ -451,6 +446,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
     bp = config["BLOCK_P"]
     # GATES: gamma = dt lam and beta = dt (1 - lam) per (b, h, t) once, read by phases 2 and 4
     # in place of trap (phase 3 still reads the raw trap for the initial states' pending term)
+    tl_out = out_impl(spec, config, t, SEGLEN) == "tilelang"   # phase 4 as the TileLang walk
     gates_on = bool(config.get("GATES")) and common["TRAP"] and L > 0
     if gates_on:
         gates = torch.empty((B, H, L, 2), dtype=f32, device=dev)
@@ -478,7 +474,7 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
         constexprs=dict(common, RP=_rp(spec), BP=bp, C=C2, SEG=SEGLEN2 // C2, FINAL=spec.final_states,
                         ESPLIT=K,
                         PREFETCH=bool(config.get("STATE_PREFETCH", False)), ELL=ell_on, GATES=gates_on,
-                        ANG_TOK=state_ang_tok, GDC=gdc, **dotc),
+                        ANG_TOK=state_ang_tok, **dotc),
         num_warps=config.get("state_num_warps", config["num_warps"]), num_stages=config.get("num_stages", 1)))
     pbp = config["PASS_BLOCK_P"]
     calls.append(dict(
@@ -502,8 +498,8 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         PAIR_HALF=common["PAIR_HALF"], TRAP=common["TRAP"], HAS_MV=common["HAS_MV"],
                         VARLEN=varlen, HAS_INIT=st_in is not None, HAS_LOCAL=run_a,
                         FINAL=spec.final_states, FAST_TRIG=common["FAST_TRIG"],
-                        INTERP=_interpret(), GDC=gdc),
-        num_warps=config.get("pass_num_warps", 4), num_stages=1, pdl=gdc))
+                        INTERP=_interpret()),
+        num_warps=config.get("pass_num_warps", 4), num_stages=1))
     scratch = dict(lrel=lrel if run_a else None, tot=tot if run_a else None,
                    phi=phi if run_a else None, erel=erel if run_b else None, seglen=SEGLEN2,
                    split=K, nslots=nslots2, nseg_dense=nseg2_dense, ell=ell if ell_on else None)
@@ -542,10 +538,10 @@ def plan(spec: ScanSpec, config: dict, t, device=None, y_out=None):
                         HAS_ENTRY=run_b, PREFETCH=int(config.get("PREFETCH", 0)), ELL=ell_on,
                         GATES=gates_on, BIAS_RELOAD=bool(config.get("BIAS_RELOAD", False)),
                         EXACT_DIAG=bool(config.get("EXACT_DIAG", False)), PMAJOR=bool(config.get("PMAJOR", False)),
-                        ANG_TOK=ang_tok, Y_OUT=y_store, SEG_FIRST=pdl, ENTRY0=spec.initial_states,
-                        GDC=gdc, **dotc),
+                        ANG_TOK=ang_tok, Y_OUT=y_store,
+                        **dotc),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
-        maxnreg=config.get("maxnreg"), pdl=gdc))
+        maxnreg=config.get("maxnreg")))
     if split:
         BT = 16
         zst = t.z.stride() if t.z is not None else (0, 0, 0, 0)
@@ -632,8 +628,6 @@ def launch(c: dict) -> None:
         _tlo.launch(c)
         return
     extra = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
-    if c.get("pdl"):
-        extra["launch_pdl"] = True
     c["kernel"][c["grid"]](*[v for _, v in c["args"]], **c["constexprs"],
                            num_warps=c["num_warps"], num_stages=c["num_stages"], **extra)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .scan_common import (_cast, _cos_sin, _first_slot, _load_state, _pair_cols, _rotate, _sigmoid, _store_state,
                           _wrap)
@@ -51,12 +50,10 @@ def scan_state_passing_kernel(
     BP: tl.constexpr, A: tl.constexpr, SEGLEN: tl.constexpr,
     PAIR_HALF: tl.constexpr, TRAP: tl.constexpr, HAS_MV: tl.constexpr, VARLEN: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_LOCAL: tl.constexpr, FINAL: tl.constexpr, FAST_TRIG: tl.constexpr,
-    INTERP: tl.constexpr, ESPLIT: tl.constexpr = 1, GDC: tl.constexpr = False,
+    INTERP: tl.constexpr, ESPLIT: tl.constexpr = 1,
 ):
     NPB: tl.constexpr = (P + BP - 1) // BP
     NH: tl.constexpr = N // 2
-    if GDC:   # PDL: launched beside phase 2; phase 4's first segments may start now
-        gdc_launch_dependents()
     pid0 = tl.program_id(0)
     seq = tl.program_id(1)
     h = pid0 // NPB
@@ -111,8 +108,6 @@ def scan_state_passing_kernel(
     # the next segment's local state, totals and angle totals are loaded one segment ahead
     # (the loop is a chain of small dependent steps: load latency would dominate it)
     if HAS_LOCAL:
-        if GDC:   # phase 2's local states from here on (the inputs above were there before it)
-            gdc_wait()
         nl0, nl1 = _load_state(lrel_ptr, (start * H + h).to(tl.int64) * P * N, p + tl.where(nseg > 0, 0, P),
                                j, P, N, NH, PAIR_HALF)
         ntot = tl.load(tot_ptr + start * H + h, mask=nseg > 0, other=0.0)
