@@ -137,8 +137,9 @@ def scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles=None, d=None, z=None, mi
     are differentiable outputs; every float input gets its gradient, deterministically).
     `bwd_config` is the backward's config (backends/triton/scan_bwd.py: overrides of its
     default; None = the tuning cache's choice for op "backward", else the default);
-    `save_y` (default True): the forward keeps the per-rank y (fp32, 4 R H P bytes per token,
-    only where the output mode reads it: Z, MIMO_Out or the norm) for the backward;
+    `save_y` (default True): the forward keeps the per-rank y (SISO with 16-bit inputs bf16, 2 H P
+    bytes per token; otherwise fp32, 4 R H P; only where the output mode reads it: Z, MIMO_Out or
+    the norm) for the backward;
     `save_y=False` keeps nothing but the inputs and recomputes y in the backward (one more
     forward pass: 0.3-0.9 ms more fwd+bwd at the H100 benchmark shapes). With
     nothing requiring grad (or under torch.no_grad()) the forward-only path runs, at no extra cost.

@@ -4,8 +4,10 @@ Forward: the Triton chunked forward (backends/triton/scan_fwd.py) on the validat
 Saved for the backward: the inputs themselves, as the kernels read them
 (mamba3_kernels.scan_tensors.ScanTensors: views of the caller's tensors unless a dtype or
 stride had to be fixed), and with `save_y=True` (the default of mamba3_kernels.scan) the
-per-rank y the output mode's adjoint needs (only with Z, MIMO_Out or the norm; fp32, 4 R H P
-bytes per token; SISO: phase 4 stores it besides out, MIMO: a per-rank pass and out from it).
+per-rank y the output mode's adjoint needs (only with Z, MIMO_Out or the norm; SISO: phase 4
+stores it besides out, in bf16 for 16-bit inputs (2 H P bytes per token; fp32 for fp32 inputs or
+with bwd_config Y_DTYPE "float32"); MIMO: a per-rank pass in fp32, 4 R H P bytes per token, and out
+from it).
 `save_y=False` keeps no activation of its own and recomputes y in the backward by one extra
 forward (less memory, one forward pass more). See bench/notes/scan_bwd.md for the bytes per token.
 

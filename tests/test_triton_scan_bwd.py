@@ -178,6 +178,32 @@ def test_forward_y_out(rank, mode, split, rng):
     assert rel_l2(to_numpy(y), to_numpy(ref)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,mode,split,kept", [("bfloat16", "reduce", False, torch.bfloat16),
+                                                   ("float16", "norm_reduce", False, torch.bfloat16),
+                                                   ("bfloat16", "norm_reduce", True, torch.float32),
+                                                   ("float32", "reduce", False, torch.float32)])
+def test_saved_y_dtype(dtype, mode, split, kept, rng):
+    """SISO save_y keeps y in bf16 for 16-bit inputs (fp32 for fp32 inputs, and with the norm split,
+    whose epilogue forms out from it): the fp32 y rounded once, i.e. the per-rank pass's y to bf16
+    rounding, and out bitwise the plain forward's."""
+    from mamba3_kernels.backends.triton import scan_fwd
+    spec = _spec(d_state=16, head_dim=32 if split else 16, output_mode=mode, initial_states=True,
+                 final_states=True, input_dtype=dtype)
+    case = scan_case(spec, Problem(2, 37, 2, 1, 2), rng)
+    sp = case_spec(case)
+    cfg = dict(scan_fwd.default_config(sp, case.problem), CHUNK=16, SEG=2, BLOCK_P=16, NORM_SPLIT=split)
+    t = prepare_scan(sp, case.problem, **case.args)
+    y = scan_bwd.forward_saving_y(sp, t, case.problem, fwd_config=cfg)
+    assert y.dtype == kept and y.shape == (2, 37, 1, 2, sp.head_dim)
+    t0 = prepare_scan(sp, case.problem, **case.args)
+    scan_fwd.forward(sp, cfg, t0)
+    if not split:
+        assert torch.equal(t.out, t0.out)
+    ref = scan_bwd.compute_y(sp, prepare_scan(sp, case.problem, **case.args), case.problem)
+    tol = 1e-5 if dtype == "float32" else 5e-3   # 16-bit: both passes round operands (other chunkings)
+    assert rel_l2(to_numpy(y.float()), to_numpy(ref)) < tol
+
+
 def _backward_twice(spec, problem, rng, lengths=None):
     case = scan_case(spec, problem, rng, lengths=lengths)
     sp = case_spec(case)

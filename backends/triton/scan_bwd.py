@@ -10,8 +10,9 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
   1  y         the per-rank y (before the output mode) in fp32: recomputed by the forward
                (`scan_fwd.forward` with a per-rank, no-Z, no-MIMO_Out spec), or the copy the
                forward kept (scan(..., save_y=True): `forward_saving_y`: for R = 1 phase 4 stores y
-               besides out, for R > 1 a per-rank pass and the output-mode kernel); only when the
-               output mode needs it (Z, MIMO_Out or the norm)
+               besides out, in bf16 for 16-bit inputs (`saved_y_dtype`), for R > 1 a per-rank pass
+               and the output-mode kernel); only when the output mode needs it (Z, MIMO_Out or the
+               norm)
   2  output    (scan_bwd_output.py, token-parallel) dy (B,L,R,H,P), dZ, dMIMO_Z/Out, dNormW partials
   3  prep      (scan_bwd_prep.py, token-parallel)   qh, ks = kh scale, vt in the operand dtype
   4  core      (scan_bwd_core.py) the strictly causal decayed attention's backward:
@@ -36,7 +37,8 @@ input's 16-bit type as bf16), POST_RECOMPUTE (post recomputes the core's rotated
 theta instead of reading prep's per-head copies: the same values bit for bit, 2 x 2N bytes per
 token, head and rank less read; default where post's tile is small, see default_config; the
 tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), SEQ_PROGRAMS (how
-many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`). The core's operands carry
+many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`), Y_DTYPE ("auto": the y that
+SISO's save_y keeps is bf16 for 16-bit inputs, `saved_y_dtype`; "float32" keeps it fp32). The core's operands carry
 pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
@@ -203,9 +205,11 @@ def check_config(spec: ScanSpec, config: dict) -> None:
     for key in ("SPILL_GUARD", "POST_RECOMPUTE", "PREP_HEADS_FAST"):
         if not isinstance(config.get(key, False), bool):
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
+    if config.get("Y_DTYPE", "auto") not in ("auto", "float32"):
+        raise bad_arg("config.Y_DTYPE", "'auto' or 'float32'", config.get("Y_DTYPE"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -252,8 +256,8 @@ def compute_y(spec: ScanSpec, t, problem=None, fwd_config=None, state_out=None) 
 
 
 def forward_saving_y(spec: ScanSpec, t, problem=None, fwd_config=None, config=None) -> torch.Tensor:
-    """The forward of scan(..., save_y=True): t.out, the final states and the per-rank y (fp32
-    (B, L, R, H, P), returned: the backward's stage 1 input). R = 1: one forward pass whose phase 4
+    """The forward of scan(..., save_y=True): t.out, the final states and the per-rank y ((B, L, R,
+    H, P), returned: the backward's stage 1 input; fp32, or bf16 where `saved_y_dtype` says). R = 1: one forward pass whose phase 4
     also stores y before the output mode (scan_fwd.forward's y_out; `fwd_config`: the forward's
     config). R > 1: the per-rank pass (y and the final states), then out from y by the output mode
     alone (output_fwd_kernel; `config`: the backward's, for its token block). H100, fwd+bwd graph
@@ -268,10 +272,24 @@ def forward_saving_y(spec: ScanSpec, t, problem=None, fwd_config=None, config=No
             cfg = save_y_config(spec, config or default_config(spec, problem), t, y)
             launch(save_y_call(spec, cfg, t, y))
         return y
-    y = torch.empty((B, L, spec.rank, H, P), dtype=F32, device=t.v.device)
+    fcfg = fwd_config or scan_fwd.default_config(spec, problem)
+    y = torch.empty((B, L, spec.rank, H, P), dtype=saved_y_dtype(spec, fcfg, config), device=t.v.device)
     if L or t.state_out is not None:
-        scan_fwd.forward(spec, fwd_config or scan_fwd.default_config(spec, problem), t, y_out=y)
+        scan_fwd.forward(spec, fcfg, t, y_out=y)
     return y
+
+
+def saved_y_dtype(spec: ScanSpec, fwd_config: dict, config=None) -> torch.dtype:
+    """The dtype of the y that scan(..., save_y=True) keeps for R = 1: bf16 for 16-bit inputs (the
+    output mode's adjoint reads it: dZ, the norm's gradients, MIMO_Out's; rounding it is a 2^-9
+    relative error there, far inside the gradient bounds, and out itself is formed from the fp32 y
+    in registers), fp32 for fp32 inputs and where the forward's own output epilogue reads it back
+    (the norm split: out from y_out). Half the activation and the stage-2 read of fp32; bf16 also
+    for fp16 inputs (fp32's range: y may exceed fp16's where a small gate keeps out finite).
+    The backward config's Y_DTYPE "float32" (default "auto") keeps fp32 anyway."""
+    split = spec.output_mode == "norm_reduce" and bool(fwd_config.get("NORM_SPLIT"))
+    fp32 = spec.input_dtype == "float32" or split or (config or {}).get("Y_DTYPE", "auto") == "float32"
+    return F32 if fp32 else torch.bfloat16
 
 
 def save_y_config(spec: ScanSpec, config: dict, t, y) -> dict:
@@ -801,8 +819,9 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     S = problem.nseqs
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     e = lambda *s: torch.empty(s, dtype=F32, device="meta")
+    ydt = saved_y_dtype(spec, scan_fwd.default_config(spec, problem), config) if R == 1 else F32
     grads = dict(out=torch.empty(t.out.shape, dtype=t.v.dtype, device="meta"), _config=config,
-                 _y=e(B, L, R, H, P) if needs_y(spec) else None,
+                 _y=torch.empty((B, L, R, H, P), dtype=ydt, device="meta") if needs_y(spec) else None,
                  angle=e(S, H, A) if spec.final_states and A else None,
                  k=e(S, R, H, N) if spec.final_states else None,
                  v=e(S, H, P) if spec.final_states else None)

@@ -72,8 +72,8 @@ def output_bwd_kernel(
         drow = ((m64 * RC + r) * H + h)[:, None] * P + p[None, :]
         if MODE == 1:
             do = tl.load(do_ptr + row, mask=msk, other=0.0).to(tl.float32)
-        if NEED_Y:
-            y = tl.load(y_ptr + row, mask=msk, other=0.0)
+        if NEED_Y:   # fp32, or the bf16 y SISO's save_y keeps (scan_bwd.saved_y_dtype)
+            y = tl.load(y_ptr + row, mask=msk, other=0.0).to(tl.float32)
         prow = (pid * H + h) * R + r
         if HAS_MO:
             mo = tl.load(mo_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]

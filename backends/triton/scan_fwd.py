@@ -591,10 +591,10 @@ _GUARD = Guard("scan_fwd")
 def effective_config(spec: ScanSpec, config: dict, t, y_out=None) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for the bundle `t` (and y_out: phase 4
     then also stores y; GPU builds only: the interpreter has no registers), remembered per spec,
-    config, layout and y_out's presence (`aot.Guard`)."""
+    config, layout and y_out's dtype (or absence) (`aot.Guard`)."""
     if not _GUARD.active(config, t.v.device):
         return config
-    return _GUARD.remembered((spec, config, _layout(t), y_out is not None), config,
+    return _GUARD.remembered((spec, config, _layout(t), None if y_out is None else y_out.dtype), config,
                              lambda: spill_free(spec, config, t, _GUARD.gpu_spills, y_out))
 
 
