@@ -526,3 +526,36 @@ def test_strided_views_of_one_projection(rng):
     for i, n in enumerate(("z", "v", "k", "q")):
         got = to_numpy(g[..., o[i]:o[i + 1]]).reshape(ref[n].shape)
         assert rel_l2(got, ref[n]) <= 2e-3, n
+
+
+@pytest.mark.parametrize("what,aliased", [("siso", True), ("siso-strided-v", False), ("siso-mimo-v", False),
+                                          ("mimo", False), ("siso-fp32-operands", False)])
+def test_vt_is_v_only_where_it_is_the_operand(what, aliased, rng):
+    """Stage 3 writes no vt where it would be a copy of v (SISO without MIMO_V, v contiguous in the
+    operand dtype): the core then reads v itself. Elsewhere vt is a tensor of its own (the other
+    cases' gradients against the oracle run through both paths: test_spec_cases, test_save_y,
+    test_strided_views_of_one_projection)."""
+    kw = dict(input_dtype="bfloat16")
+    if what == "siso-mimo-v":
+        kw.update(has_mimo_v=True)
+    if what == "mimo":
+        kw.update(rank=2, has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
+    spec = _spec(**kw)
+    case = scan_case(spec, Problem(2, 11, 2, 1, 2), rng)
+    sp = case_spec(case)
+    args = dict(case.args)
+    if what == "siso-strided-v":
+        B, L, H, P = args["v"].shape
+        wide = torch.zeros(B, L, H, 2 * P, dtype=args["v"].dtype)
+        wide[..., :P] = args["v"]
+        args["v"] = wide[..., :P]
+    t = prepare_scan(sp, case.problem, **args)
+    cfg = scan_bwd.default_config(sp, case.problem)
+    if what == "siso-fp32-operands":
+        cfg = dict(cfg, OPERANDS="float32")
+    grads = dict(out=torch.zeros(t.out.shape, dtype=t.out.dtype), _config=cfg)
+    b = scan_bwd.buffers(sp, t, grads, "cpu")
+    assert b["vt_is_v"] == aliased
+    assert (b["vt"].data_ptr() == t.v.data_ptr()) == aliased
+    calls = [c for c in scan_bwd.stage_calls(sp, cfg, t, grads, "cpu")[0] if c["name"] == "bwd_prep"]
+    assert calls[0]["constexprs"]["VT_OUT"] == (not aliased)

@@ -485,7 +485,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
-             constexprs=dict(common, HEADS_FAST=hf), num_warps=nw),
+             constexprs=dict(common, HEADS_FAST=hf, VT_OUT=not b["vt_is_v"]), num_warps=nw),
         dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
@@ -549,7 +549,12 @@ def buffers(spec: ScanSpec, t, grads: dict, device, with_y=True, post=True) -> d
     b["pmo"] = e(nblk, H, R, P) if t.mimo_out is not None else None
     b["pw"] = e(nblk, H, P) if t.norm_weight is not None else None
     b["qh"], b["ks"] = z(B, L, RC, H, N, dt=odt), z(B, L, RC, H, N, dt=odt)
-    b["vt"] = z(B, L, RC, H, P, dt=odt)
+    # SISO without MIMO_V: vt is v itself; where v is already the operand tensor (contiguous, the
+    # operand dtype, 16-byte aligned for the walks' TMA) the core reads it in place and prep
+    # writes no copy (stage 3's vt store: 2 H P bytes per token)
+    b["vt_is_v"] = (RC == 1 and t.mimo_v is None and t.v.dtype == odt and t.v.is_contiguous()
+                    and (t.v.device.type == "meta" or t.v.data_ptr() % 16 == 0))
+    b["vt"] = t.v.view(B, L, 1, H, P) if b["vt_is_v"] else z(B, L, RC, H, P, dt=odt)
     b["dqh"] = b["dks"] = b["dvt"] = None        # from the core
     b["last"] = torch.empty(B * L, dtype=torch.int32, device=device)
     b["dkf"] = grads.get("k")

@@ -17,7 +17,9 @@
                      qh[t,r] = Rot(theta_t)(Q[t,r,g(h)] + Q_bias[h,r])                 (B,L,R,H,N)
                      ks[t,r] = Rot(theta_t)(K[t,r,g(h)] + K_bias[h,r]) * scale_t        (B,L,R,H,N)
                      vt[t,r] = V[t,h] * MIMO_V[h,r]                                       (B,L,R,H,P)
-                   (laid out with RC = pow2(R) ranks, the core's layout; padded ranks stay zero)
+                   (laid out with RC = pow2(R) ranks, the core's layout; padded ranks stay zero;
+                   no vt store when it would copy v: SISO without MIMO_V, v already contiguous
+                   in the operand dtype, so the core reads v itself, VT_OUT=False)
 
 Pairs: a row of N columns is handled as two tiles of the pairs' members, x0[j] = x[c0(j)],
 x1[j] = x[c1(j)], j < N/2, with (c0, c1) = (2j, 2j+1) (interleaved) or (j, j + N/2) (half);
@@ -228,7 +230,7 @@ def prep_kernel(
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr,
-    HAS_MV: tl.constexpr, INTERP: tl.constexpr, HEADS_FAST: tl.constexpr,
+    HAS_MV: tl.constexpr, INTERP: tl.constexpr, HEADS_FAST: tl.constexpr, VT_OUT: tl.constexpr = True,
 ):
     if HEADS_FAST:   # 1-D grid, heads fastest: a token block's H programs run together (Q / K from L2)
         pid = tl.program_id(0) // H
@@ -253,8 +255,9 @@ def prep_kernel(
     p = tl.arange(0, PP)
     pm = p < P
     vm = mm[:, None] & pm[None, :]
-    v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
-                other=0.0).to(tl.float32)
+    if VT_OUT:
+        v = tl.load(v_ptr + (b * s_vb + t * s_vt + h * s_vh)[:, None] + p[None, :], mask=vm,
+                    other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         q0, q1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
                             j, N, PAIR_HALF)
@@ -265,10 +268,11 @@ def prep_kernel(
         orow = ((m64 * RC + r) * H + h) * N
         _store_pairs(qh_ptr, orow, mm, j, q0, q1, N, N // 2, PAIR_HALF, INTERP)
         _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, PAIR_HALF, INTERP)
-        if HAS_MV:
-            mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
-            vt = v * mv[None, :]
-        else:
-            vt = v
-        tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :],
-                 _cast(vt, vt_ptr.dtype.element_ty, INTERP), mask=vm)
+        if VT_OUT:   # (else the core reads v itself as vt: SISO, no MIMO_V, v the operand tensor)
+            if HAS_MV:
+                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
+                vt = v * mv[None, :]
+            else:
+                vt = v
+            tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :],
+                     _cast(vt, vt_ptr.dtype.element_ty, INTERP), mask=vm)
