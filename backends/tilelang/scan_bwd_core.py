@@ -48,7 +48,7 @@ def hybrid_config(R: int, N: int, P: int, base=None) -> dict:
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, arch=None, dvt_partials=False, dvt_dtype=None):
+         device=None, poison=False, arch=None, dvt_partials=False):
     """(calls, out): the Triton plan with its dq / dkv calls replaced by the TileLang walks'. A
     TileLang call is a dict with name, run, `tilelang` (which walk, R, N, P, arch: the
     build key) and `args` ((parameter name, tensor) in the prim_func's order; `program` gives the
@@ -61,7 +61,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
         raise ValueError(f"qh: {why}")
     cfg = hybrid_config(R, N, P, config)
     calls, out = tcore.plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, cfg, want_ds0, device=device,
-                            poison=poison, dvt_partials=dvt_partials, dvt_dtype=dvt_dtype)
+                            poison=poison, dvt_partials=dvt_partials)
     by = {c["name"]: c for c in calls}
     dq_args, dkv_args = dict(by["scan_bwd_core_dq"]["args"]), dict(by["scan_bwd_core_dkv"]["args"])
     SEG = by["scan_bwd_core_dq"]["constexprs"]["SEG"]
@@ -84,8 +84,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     dq = {"name": "tilelang_core_dq", "run": run, "tilelang": dict(key, which="dq"),
           "args": tok + [("ENT", dq_args["ent_ptr"]), ("SX", dq_args["sx_ptr"]), ("DQH", out["dqh"]),
                          ("DCS", dq_args["dcs_ptr"])]}
-    dvt_t = str(dkv_args["dvp_ptr"].dtype).replace("torch.", "")
-    dkv = {"name": "tilelang_core_dkv", "run": run, "tilelang": dict(key, which="dkv", dvt=dvt_t),
+    dkv = {"name": "tilelang_core_dkv", "run": run, "tilelang": dict(key, which="dkv"),
            "args": tok + [("DX", dkv_args["dx_ptr"]), ("DKS", out["dks"]),
                           ("DVT", dkv_args["dvp_ptr"].view(B, L, R, H, P)), ("DCS", dkv_args["dcs_ptr"]),
                           ("DTC", dkv_args["dtc_ptr"].view(nch, H))]}
@@ -96,9 +95,8 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
 def program(c: dict):
     """The TileLang prim_func of a TileLang call (its signature: what `args` must match)."""
     t = c["tilelang"]
-    if t["which"] == "dq":
-        return walks.dq_program(t["R"], t["N"], t["P"])
-    return walks.dkv_program(t["R"], t["N"], t["P"], dvt=t["dvt"])
+    prog = walks.dq_program if t["which"] == "dq" else walks.dkv_program
+    return prog(t["R"], t["N"], t["P"])
 
 
 def launch(c: dict) -> None:
@@ -109,18 +107,18 @@ def launch(c: dict) -> None:
         return
     t = c["tilelang"]
     arch = t["arch"] or arch_of(c["args"][0][1].device.index)
-    k = walks.build(t["which"], t["R"], t["N"], t["P"], arch, dvt=t.get("dvt", "float32"))
+    k = walks.build(t["which"], t["R"], t["N"], t["P"], arch)
     k(*[x for _, x in c["args"]])
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False, dvt_partials=False, dvt_dtype=None):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """backends/triton/scan_bwd_core.core_backward with the TileLang walks (module docstring).
     config: Triton core keys for the kernels that stay Triton's (`hybrid_config` fixes CHUNK,
     BLOCK_N and the precision keys)."""
     qh, ks, vt, adt, dy, s0, ds_final = tcore.contiguous_operands(qh, ks, vt, adt, dy, s0, ds_final)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
-                      dvt_partials=dvt_partials, dvt_dtype=dvt_dtype)
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)

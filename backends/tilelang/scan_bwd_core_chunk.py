@@ -235,10 +235,8 @@ def dq_program(R, N, P, threads=THREADS, stages=None):
 
 
 @functools.lru_cache(maxsize=None)
-def dkv_program(R, N, P, threads=THREADS, stages=None, dvt="float32"):
-    """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H). `dvt`:
-    DVT's dtype ("bfloat16" for the scan backward, whose post stage reads it once: half the bytes
-    both ways; the fp32 accumulator rounded once at the store)."""
+def dkv_program(R, N, P, threads=THREADS, stages=None):
+    """The dkv walk: grid (NSLOT, H); dkv writes part 1 of DCS and X_c into DTC (NCH, H)."""
     import tilelang.language as T
     B, L, H, NSLOT, NCH = T.dynamic("B L H NSLOT NCH")
     bf16, f32 = "bfloat16", "float32"
@@ -254,7 +252,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dvt="float32"):
              VT: T.Tensor((B, L, R, H, P), bf16), DY: T.Tensor((B, L, R, H, P), bf16),
              CS: T.Tensor((NCH, H, TOK), f32), SLOT: T.Tensor((NSLOT, 3), "int32"),
              DX: T.Tensor((NSLOT, H, P, N), f32), DKS: T.Tensor((B, L, R, H, N), f32),
-             DVT: T.Tensor((B, L, R, H, P), dvt), DCS: T.Tensor((2, B, H, L), f32),
+             DVT: T.Tensor((B, L, R, H, P), f32), DCS: T.Tensor((2, B, H, L), f32),
              DTC: T.Tensor((NCH, H), f32)):
         with T.Kernel(NSLOT, H, threads=threads) as (slot, h):
             q_s = T.alloc_shared([C, N], bf16)   # the chunk's rows (see _row_token)
@@ -321,7 +319,7 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dvt="float32"):
                     T.gemm(a_s, d_s, accv, transpose_A=True)
                     for j, p in T.Parallel(C, P):
                         if tc + tok(j) < eos:
-                            DVT[b, tc + tok(j), rank(j), h, p] = T.cast(accv[j, p], dvt)
+                            DVT[b, tc + tok(j), rank(j), h, p] = accv[j, p]
                     T.copy(rs, r_s)   # (row / column sums and x come in different fragment layouts)
                     T.copy(cl, c_s)
                     T.copy(x, x_s)
@@ -336,13 +334,12 @@ def dkv_program(R, N, P, threads=THREADS, stages=None, dvt="float32"):
 
 
 @functools.lru_cache(maxsize=None)
-def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=None, dvt="float32"):
-    """The compiled walk ('dq' or 'dkv'; dkv's DVT dtype `dvt`) for `arch` (sm_90a: also on a
-    machine without a GPU)."""
+def build(which: str, R: int, N: int, P: int, arch: str, threads=THREADS, stages=None):
+    """The compiled walk ('dq' or 'dkv') for `arch` (sm_90a: also on a machine without a GPU)."""
     import tilelang
     from tvm.target import Target
     target = {"kind": "cuda", "arch": arch}
-    prog = dq_program(R, N, P, threads, stages) if which == "dq" else dkv_program(R, N, P, threads, stages, dvt)
+    prog = (dq_program if which == "dq" else dkv_program)(R, N, P, threads, stages)
     with Target(target):
         return tilelang.compile(prog, target=target, execution_backend="tvm_ffi")
 
@@ -379,13 +376,13 @@ def slot_table(B: int, L: int, SEG: int, TOK: int, cu_seqlens=None, device=None)
 
 
 def compile(which: str, R: int, N: int, P: int, arch: str = "sm_90a", threads=THREADS,
-            stages=None, dvt="float32") -> dict:
-    """Build a walk for `arch` without a GPU (dkv: DVT in `dvt`): {"name", "registers", "spills"
-    (local bytes per thread), "stack", "dynamic_smem" (bytes the launch asks for; None if not
-    found), "source", "cubin_path"}."""
+            stages=None) -> dict:
+    """Build a walk for `arch` without a GPU: {"name", "registers", "spills" (local bytes per
+    thread), "stack", "dynamic_smem" (bytes the launch asks for; None if not found), "source",
+    "cubin_path"}."""
     from . import resource_usage
     from .step import find_cubin
-    k = build(which, R, N, P, arch, threads, stages, dvt)
+    k = build(which, R, N, P, arch, threads, stages)
     src = k.get_kernel_source()
     _, path = find_cubin(src, arch)
     res = {"name": f"tilelang_core_{which}", "source": src, "cubin_path": path,

@@ -352,13 +352,6 @@ def core_config(config: dict, RC: int, N: int, P: int, dtype) -> dict:
     return ccfg
 
 
-def core_dvt_dtype(op_dtype, n_blocks: int = 1):
-    """The dtype of the core's dvt as post reads it: bf16 for bf16 operands where the core writes it
-    in one N block (the walks' fp32 accumulator rounded once; dV's bf16 level), else fp32 (the
-    N-block partials are summed in post)."""
-    return torch.bfloat16 if op_dtype == torch.bfloat16 and n_blocks == 1 else None
-
-
 def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     impl = core_impl(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     if impl == "reference":
@@ -366,9 +359,7 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     from . import scan_bwd_core as core
     ccfg = core_config(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     # dvt as its N-block partials (NNB, B, L, RC, H, P): post sums them as it loads dvt (the
-    # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096);
-    # one block (the TileLang walks) comes in bf16 for bf16 operands (post reads it once)
-    dvt_dtype = core_dvt_dtype(qh.dtype)
+    # core's own summing pass read them all and wrote dvt once more: 0.18 ms at SISO B4 L4096)
     if impl == "tilelang":   # the dq / dkv walks in TileLang, the rest of the core Triton's
         from mamba3_kernels.backends.tilelang import scan_bwd_core as _tl
         if not _tilelang_runs():   # (asked once per process: this is every backward's path)
@@ -376,9 +367,9 @@ def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
             raise bad_arg("config.CORE_IMPL", "'tilelang' where TileLang runs (importable, a GPU)",
                           _tlb.available()[1])
         return _tl.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu, config=ccfg,
-                                 want_ds0=True, dvt_partials=True, dvt_dtype=dvt_dtype)
+                                 want_ds0=True, dvt_partials=True)
     return core.core_backward(qh, ks, vt, adt, dy, s0=s0, ds_final=dsf, cu_seqlens=cu,
-                              config=ccfg, want_ds0=True, dvt_partials=True, dvt_dtype=dvt_dtype)
+                              config=ccfg, want_ds0=True, dvt_partials=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -664,9 +655,7 @@ def stage_calls(spec: ScanSpec, config: dict, t, grads: dict, device):
     RC = _pow2(R)
     ccfg = core_config(config, RC, N, P, op_dtype(spec, config))   # as run_core's
     b["dqh"], b["dks"] = e(B, L, RC, H, N), e(B, L, RC, H, N)
-    nnb = _core.n_blocks(N, ccfg)   # the core's N-block partials of dvt, in run_core's dtype
-    b["dvt"] = torch.empty((nnb, B, L, RC, H, P), dtype=core_dvt_dtype(op_dtype(spec, config), nnb) or F32,
-                           device=device)
+    b["dvt"] = e(_core.n_blocks(N, ccfg), B, L, RC, H, P)   # the core's N-block partials of dvt
     b["dpend"] = e(S, H) if spec.initial_states else None
     return plan(spec, config, t, b, device=device), ccfg
 
@@ -864,7 +853,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     if core and L:   # as the GPU would run it: after the core's spill guard (AOT builds standing in)
         _, ks = _core.compile_guarded(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
                                       s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
-                                      arch=arch, dvt_partials=True, dvt_dtype=core_dvt_dtype(odt))
+                                      arch=arch)
         for k in ks:
             res.append(dict(k, name="core:" + k["name"]))
     return res

@@ -224,14 +224,12 @@ def n_blocks(N: int, config: dict) -> int:
 
 
 def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None, want_ds0=True,
-         device=None, poison=False, dvt_partials=False, dvt_dtype=None):
+         device=None, poison=False, dvt_partials=False):
     """The kernel calls (list of dicts: name, kernel, grid, args, constexprs, num_warps,
     num_stages, run) and the output dict. Tensors must be contiguous (meta tensors for AOT).
     poison: fill the outputs and every scratch tensor with NaN first (tests). dvt_partials:
     out["dvt"] is dvt's N-block partials (NNB, B, L, R, H, P), left unsummed for a consumer
-    that reads dvt once anyway (the scan backward's post stage sums them as it loads); with one N
-    block (NNB = 1) in `dvt_dtype` (None: fp32; the scan backward asks bf16 for bf16 operands:
-    post reads it once, the walk's fp32 accumulator rounded once at the store)."""
+    that reads dvt once anyway (the scan backward's post stage sums them as it loads)."""
     B, L, R, H, N, P, S = _check(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens)
     dtype = _NAME[qh.dtype]
     dflt = default_config(R, N, P, dtype)
@@ -265,7 +263,7 @@ def plan(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=No
     out = {"dqh": e(B, L, R, H, N), "dks": e(B, L, R, H, N), "dadt": e(B, H, L),
            "ds0": e(S, H, P, N) if want_ds0 else None}
     if dvt_partials:
-        out["dvt"] = dvp = e(NNB, B, L, R, H, P, dt=dvt_dtype if NNB == 1 and dvt_dtype is not None else f32)
+        out["dvt"] = dvp = e(NNB, B, L, R, H, P)
     else:
         out["dvt"] = e(B, L, R, H, P)
         dvp = out["dvt"] if NNB == 1 else e(NNB, B, L, R, H, P)   # dvt's N-block partials
@@ -355,18 +353,17 @@ _GUARD = Guard("scan_bwd_core")
 
 
 def effective_config(config: dict, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0,
-                     dvt_partials, dvt_dtype=None) -> dict:
+                     dvt_partials) -> dict:
     """`config`, or with SPILL_GUARD its spill-free fallback for these operands (GPU builds
     only); remembered per config, shapes and options (`aot.Guard`)."""
     if not _GUARD.active(config, qh.device):
         return config
 
     def spilled_of(c):
-        calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials,
-                        dvt_dtype=dvt_dtype)
+        calls, _ = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, c, want_ds0, dvt_partials=dvt_partials)
         return {k["name"] for k in calls if k["run"] and _GUARD.gpu_spills(k)}
     key = (config, qh.shape, vt.shape, qh.dtype, s0 is None, ds_final is None,
-           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials, dvt_dtype)
+           None if cu_seqlens is None else cu_seqlens.shape[0], want_ds0, dvt_partials)
     return _GUARD.remembered(key, config, lambda: step_down(config, spilled_of, fallback))
 
 
@@ -376,7 +373,7 @@ def contiguous_operands(*xs):
 
 
 def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, config=None,
-                  want_ds0=True, poison=False, dvt_partials=False, dvt_dtype=None):
+                  want_ds0=True, poison=False, dvt_partials=False):
     """Gradients of the core (module docstring). Dense: qh, ks (B, L, R, H, N); vt, dy
     (B, L, R, H, P); adt (B, H, L) fp32; s0, ds_final (B, H, P, N) fp32 or None. Varlen: B == 1,
     cu_seqlens (S+1,) int32 (empty sequences allowed), s0 / ds_final (S, H, P, N). qh/ks/vt/dy
@@ -384,15 +381,13 @@ def core_backward(qh, ks, vt, adt, dy, s0=None, ds_final=None, cu_seqlens=None, 
     dvt (B, L, R, H, P) fp32, dadt (B, H, L) fp32, ds0 (B|S, H, P, N) fp32 or None).
     config: default_config(R, N, P, dtype) when None. poison: NaN-fill outputs and scratch
     before the run (tests: every output element must be written, no scratch read unwritten).
-    dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P), with one block in
-    dvt_dtype when given (see plan)."""
+    dvt_partials: dvt as its unsummed N-block partials (NNB, B, L, R, H, P) (see plan)."""
     qh, ks, vt, adt, dy, s0, ds_final = contiguous_operands(qh, ks, vt, adt, dy, s0, ds_final)
     if config is None:
         config = default_config(qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
-    config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials,
-                              dvt_dtype)
+    config = effective_config(config, qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, want_ds0, dvt_partials)
     calls, out = plan(qh, ks, vt, adt, dy, s0, ds_final, cu_seqlens, config, want_ds0, poison=poison,
-                      dvt_partials=dvt_partials, dvt_dtype=dvt_dtype)
+                      dvt_partials=dvt_partials)
     for c in calls:
         if c["run"]:
             launch(c)
@@ -416,11 +411,10 @@ def compile_guarded(R: int, N: int, P: int, dtype="bfloat16", config=None, **kw)
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,
-            s0=True, ds_final=True, want_ds0=True, arch="sm_90a", dvt_partials=False, dvt_dtype=None) -> list:
+            s0=True, ds_final=True, want_ds0=True, arch="sm_90a") -> list:
     """AOT-compile every kernel of the core for `arch` without a GPU (run without
     TRITON_INTERPRET). One dict per kernel: name, registers, spills (local + stack bytes per
-    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors;
-    dvt_partials / dvt_dtype as `plan` (the scan backward's: partials, bf16 with one block)."""
+    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors."""
     from .aot import build, target
     target(arch)
     dt = _TORCH[_NAME.get(dtype, dtype)]
@@ -430,6 +424,5 @@ def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, 
     e = lambda *s, d=torch.float32: torch.empty(s, dtype=d, device="meta")
     calls, _ = plan(e(B, L, R, H, N, d=dt), e(B, L, R, H, N, d=dt), e(B, L, R, H, P, d=dt), e(B, H, L),
                     e(B, L, R, H, P, d=dt), e(S, H, P, N) if s0 else None, e(S, H, P, N) if ds_final else None,
-                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta",
-                    dvt_partials=dvt_partials, dvt_dtype=dvt_dtype)
+                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta")
     return build(calls, arch)

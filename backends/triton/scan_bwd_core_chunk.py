@@ -223,9 +223,7 @@ def scan_bwd_core_dkv_kernel(
             # fp32 (the in-chunk reverse cumsum then telescopes exactly), minus the state term
             # x_j = vt_j . (e^{T - cs_j} D_c ks_j), whose chunk sum goes to d T
             x = tl.sum(v.to(tl.float32) * interv, axis=1)
-            # (bf16 dvt with one N block: rounded to nearest in the interpreter too, as the GPU does)
-            dvb = _mma(tl.trans(a), d, interv, DT, DOT_F32, INTERP)
-            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _cast(dvb, dvp_ptr.dtype.element_ty, INTERP), P)
+            _store_tile(dvp_ptr, nb * NROW + row, rmask, p, _mma(tl.trans(a), d, interv, DT, DOT_F32, INTERP), P)
             w = a * sdv
             _store_dcs(dcs_ptr, NNB + nb, B, H, L, b, h, tc, eos, tl.sum(w, axis=1) - tl.sum(w, axis=0) - x, C, RP)
             tl.store(dtc_ptr + nb * NCH * H + cidx, tl.sum(x, axis=0))   # X_c (d T's recurrence, dadt)

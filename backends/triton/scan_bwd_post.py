@@ -184,7 +184,7 @@ def post_kernel(
             e0 = d0 * cs + d1 * sn
             e1 = d1 * cs - d0 * sn
             vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0).to(tl.float32)   # (bf16 with one block)
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
             for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
                 dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
             dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
