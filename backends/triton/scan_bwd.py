@@ -853,7 +853,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     if core and L:   # as the GPU would run it: after the core's spill guard (AOT builds standing in)
         _, ks = _core.compile_guarded(RC, N, P, odt, config=ccfg, B=B, L=L, H=H, varlen=spec.varlen,
                                       s0=spec.initial_states, ds_final=spec.final_states, want_ds0=True,
-                                      arch=arch)
+                                      arch=arch, dvt_partials=True)   # as run_core calls it
         for k in ks:
             res.append(dict(k, name="core:" + k["name"]))
     return res

@@ -411,10 +411,11 @@ def compile_guarded(R: int, N: int, P: int, dtype="bfloat16", config=None, **kw)
 
 
 def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, H=16, varlen=False,
-            s0=True, ds_final=True, want_ds0=True, arch="sm_90a") -> list:
+            s0=True, ds_final=True, want_ds0=True, arch="sm_90a", dvt_partials=False) -> list:
     """AOT-compile every kernel of the core for `arch` without a GPU (run without
     TRITON_INTERPRET). One dict per kernel: name, registers, spills (local + stack bytes per
-    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors."""
+    thread), shared (bytes), num_warps, cubin_bytes. B, L, H only size the stand-in tensors;
+    dvt_partials as `plan` (the scan backward's: its dadt kernel then sums no dvt)."""
     from .aot import build, target
     target(arch)
     dt = _TORCH[_NAME.get(dtype, dtype)]
@@ -424,5 +425,6 @@ def compile(R: int, N: int, P: int, dtype="bfloat16", config=None, B=2, L=4096, 
     e = lambda *s, d=torch.float32: torch.empty(s, dtype=d, device="meta")
     calls, _ = plan(e(B, L, R, H, N, d=dt), e(B, L, R, H, N, d=dt), e(B, L, R, H, P, d=dt), e(B, H, L),
                     e(B, L, R, H, P, d=dt), e(S, H, P, N) if s0 else None, e(S, H, P, N) if ds_final else None,
-                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta")
+                    e(S + 1, d=torch.int32) if varlen else None, config, want_ds0, device="meta",
+                    dvt_partials=dvt_partials)
     return build(calls, arch)
