@@ -83,13 +83,19 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 @triton.jit
 def _store_sum(acc_ptr, out_ptr, grow, mm, more, last, j, x0, x1, N: tl.constexpr, PAIR_HALF: tl.constexpr,
                INTERP: tl.constexpr, OUT_LAST: tl.constexpr):
-    """A group's running dQ / dK sum after one more head into the fp32 accumulator rows, and with
-    OUT_LAST (G < H, 16-bit inputs) the last head's also into the gradient itself in the input
-    dtype (no separate cast pass over the fp32 sums). `more`: not the last head (unused here)."""
-    _store_pairs(acc_ptr, grow, mm, j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
+    """A group's running dQ / dK sum after one more head: into the fp32 accumulator rows, and with
+    OUT_LAST (G < H, 16-bit inputs) the last head's (`last`; `more`: not the last) into the
+    gradient itself in the input dtype instead (complementary masks, no branch: no separate cast
+    pass over the fp32 sums)."""
     if OUT_LAST:
-        if last:   # (a uniform branch, once per group: the pair join of the store is not free)
-            _store_pairs(out_ptr, grow, mm, j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
+        # row masks from the scalar conditions through limits (a vector & scalar-bool mask is not
+        # a bool mask in the interpreter)
+        BT: tl.constexpr = mm.shape[0]
+        idx = tl.arange(0, BT)
+        _store_pairs(acc_ptr, grow, mm & (idx < tl.where(more, BT, 0)), j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
+        _store_pairs(out_ptr, grow, mm & (idx < tl.where(last, BT, 0)), j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
+    else:
+        _store_pairs(acc_ptr, grow, mm, j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
 
 
 @triton.jit
