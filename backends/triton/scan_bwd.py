@@ -352,11 +352,6 @@ def core_config(config: dict, RC: int, N: int, P: int, dtype) -> dict:
     return ccfg
 
 
-# post writes a group's dQ / dK sum in the input dtype from its last head (G < H, 16-bit inputs)
-# instead of a cast pass over the fp32 sums afterwards (a switch for the A / B benchmark)
-POST_OUT_LAST = True
-
-
 def run_core(config, qh, ks, vt, adt, dy, s0, dsf, cu):
     impl = core_impl(config, qh.shape[2], qh.shape[4], vt.shape[4], qh.dtype)
     if impl == "reference":
@@ -500,7 +495,6 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("dq_ptr", b["dq"]), ("dk_ptr", b["dk"]), ("dv_ptr", b["dv"]), ("dth_ptr", b["dtheta"]),
                    ("dgam_ptr", b["dgamma"]), ("dsc_ptr", b["dscale"]), ("pqb_ptr", b["pqb"]),
                    ("pkb_ptr", b["pkb"]), ("pmv_ptr", opt(b["pmv"])),
-                   ("dqo_ptr", opt(b.get("dqo"))), ("dko_ptr", opt(b.get("dko"))),
                    ("s_qb", sq[0]), ("s_qt", sq[1]), ("s_qr", sq[2]), ("s_qg", sq[3]),
                    ("s_kb", sk[0]), ("s_kt", sk[1]), ("s_kr", sk[2]), ("s_kg", sk[3]),
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
@@ -508,8 +502,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             OUT_LAST=b.get("dqo") is not None),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -590,10 +583,6 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     gdt = idt if G == H else F32     # post accumulates a group's heads in place (fp32 when G < H)
     b = {}
     b["dq"], b["dk"] = e(B, L, R, G, N, dt=gdt), e(B, L, R, G, N, dt=gdt)
-    # G < H with 16-bit inputs, SISO: the group's last head writes the sum in the input dtype
-    # (POST_OUT_LAST; MIMO keeps the cast: at R = 8 the second store spilled post under triton 3.6)
-    out_last = POST_OUT_LAST and gdt != idt and R == 1
-    b["dqo"], b["dko"] = (e(B, L, R, G, N, dt=idt), e(B, L, R, G, N, dt=idt)) if out_last else (None, None)
     b["dv"] = e(B, L, H, P, dt=idt)
     b["dtheta"] = e(B, L, H, max(A, 1))
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
@@ -767,10 +756,7 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     tm.mark("6 seq_bwd")
     # stage 7: fixed-order reductions
     out = {}
-    if b.get("dqo") is not None:   # written by post's last head of each group, in the input dtype
-        out["q"], out["k"] = b["dqo"], b["dko"]
-    else:
-        out["q"], out["k"] = b["dq"].to(t.v.dtype), b["dk"].to(t.v.dtype)
+    out["q"], out["k"] = b["dq"].to(t.v.dtype), b["dk"].to(t.v.dtype)
     out["v"] = b["dv"]
     out["adt"] = core["dadt"].to(F32).contiguous()
     out["dt"] = b["ddt"]

@@ -81,34 +81,16 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _store_sum(acc_ptr, out_ptr, grow, mm, more, last, j, x0, x1, N: tl.constexpr, PAIR_HALF: tl.constexpr,
-               INTERP: tl.constexpr, OUT_LAST: tl.constexpr):
-    """A group's running dQ / dK sum after one more head: into the fp32 accumulator rows, and with
-    OUT_LAST (G < H, 16-bit inputs) the last head's (`last`; `more`: not the last) into the
-    gradient itself in the input dtype instead (complementary masks, no branch: no separate cast
-    pass over the fp32 sums)."""
-    if OUT_LAST:
-        # row masks from the scalar conditions through limits (a vector & scalar-bool mask is not
-        # a bool mask in the interpreter)
-        BT: tl.constexpr = mm.shape[0]
-        idx = tl.arange(0, BT)
-        _store_pairs(acc_ptr, grow, mm & (idx < tl.where(more, BT, 0)), j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
-        _store_pairs(out_ptr, grow, mm & (idx < tl.where(last, BT, 0)), j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
-    else:
-        _store_pairs(acc_ptr, grow, mm, j, x0, x1, N, N // 2, PAIR_HALF, INTERP)
-
-
-@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr, dqo_ptr, dko_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dth_ptr, dgam_ptr, dsc_ptr, pqb_ptr, pkb_ptr, pmv_ptr,
     s_qb, s_qt, s_qr, s_qg, s_kb, s_kt, s_kr, s_kg, s_vb, s_vt, s_vh, s_vpart,
     BL, L, H, G,
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, OUT_LAST: tl.constexpr = False,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -178,7 +160,7 @@ def post_kernel(
             tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
             a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-            _store_sum(dq_ptr, dqo_ptr, grow, mm, hh < HG - 1, hh == HG - 1, j, e0 + a0, e1 + a1, N, PAIR_HALF, INTERP, OUT_LAST)
+            _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
         for r2 in range(R):
             x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
                                 h * R + r2, j, N, PAIR_HALF)
@@ -227,7 +209,7 @@ def post_kernel(
             tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
             tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
             a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-            _store_sum(dk_ptr, dko_ptr, grow, mm, hh < HG - 1, hh == HG - 1, j, e0 + a0, e1 + a1, N, PAIR_HALF, INTERP, OUT_LAST)
+            _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
             if HAS_MV:
                 dv += dvt * mv2[None, :]
                 tl.store(pmv_ptr + ((pid * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
