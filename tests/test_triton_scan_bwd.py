@@ -533,7 +533,7 @@ def test_strided_views_of_one_projection(rng):
 def test_vt_is_v_only_where_it_is_the_operand(what, aliased, rng):
     """Stage 3 writes no vt where it would be a copy of v (SISO without MIMO_V, v contiguous in the
     operand dtype): the core then reads v itself. Elsewhere vt is a tensor of its own (the other
-XX
+    cases' gradients against the oracle run through both paths: test_every_gradient_vs_oracle, test_save_y,
     test_strided_views_of_one_projection)."""
     kw = dict(input_dtype="bfloat16")
     if what == "siso-mimo-v":
