@@ -824,7 +824,8 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
     S = problem.nseqs
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     e = lambda *s: torch.empty(s, dtype=F32, device="meta")
-    ydt = saved_y_dtype(spec, scan_fwd.default_config(spec, problem), config) if R == 1 else F32
+    fwd_default = scan_fwd.default_config(spec, problem)   # SISO save_y's forward: y's dtype, the phase-4 build
+    ydt = saved_y_dtype(spec, fwd_default, config) if R == 1 else F32
     grads = dict(out=torch.empty(t.out.shape, dtype=t.v.dtype, device="meta"), _config=config,
                  _y=torch.empty((B, L, R, H, P), dtype=ydt, device="meta") if needs_y(spec) else None,
                  angle=e(S, H, A) if spec.final_states and A else None,
@@ -843,8 +844,7 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
         calls.append(save_y_call(spec, ycfg, t, grads["_y"]))
     res = build(calls, arch)
     if needs_y(spec) and R == 1:   # scan(..., save_y=True)'s forward: phase 4 storing y too, after its guard
-        from . import scan_fwd
-        fcfg = scan_fwd.default_config(spec, problem)
+        fcfg = fwd_default
         if fcfg.get("SPILL_GUARD"):
             fcfg = scan_fwd.spill_free(spec, fcfg, t, lambda c: build([c], arch)[0]["spills"] > 0, y_out=grads["_y"])
         ycalls = [c for c in scan_fwd.plan(spec, fcfg, t, device="meta", y_out=grads["_y"])[0]
