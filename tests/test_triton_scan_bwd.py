@@ -204,7 +204,9 @@ def test_saved_y_dtype(dtype, mode, split, kept, rng):
     assert rel_l2(to_numpy(y.float()), to_numpy(ref)) < tol
 
 
-def _backward_twice(spec, problem, rng, lengths=None):
+def _backward_twice(spec, problem, rng, lengths=None, overrides=({}, {})):
+    """The backward twice on the same inputs and upstream gradients, the default config with each
+    of the two `overrides`."""
     case = scan_case(spec, problem, rng, lengths=lengths)
     sp = case_spec(case)
     t = prepare_scan(sp, case.problem, **case.args)
@@ -214,7 +216,7 @@ def _backward_twice(spec, problem, rng, lengths=None):
     g = dict(out=torch.randn(t.out.shape).to(t.out.dtype), angle=torch.randn(S, H, A),
              ssm=torch.randn(S, H, P, N), k=torch.randn(S, R, H, N), v=torch.randn(S, H, P).to(t.v.dtype))
     cfg = scan_bwd.default_config(sp, problem)
-    return [scan_bwd.backward(sp, cfg, t, g, problem) for _ in range(2)]
+    return [scan_bwd.backward(sp, dict(cfg, **o), t, g, problem) for o in overrides]
 
 
 def _flat(g):
@@ -235,6 +237,30 @@ def test_deterministic(rng):
     a, b = _backward_twice(spec, Problem(1, 20, 4, 2, 3), rng, lengths=[8, 0, 12])
     for (n, x), (_, y) in zip(_flat(a), _flat(b)):
         assert torch.equal(x, y), n
+
+
+@pytest.mark.parametrize("rank,pbt,sub", [(1, 2, 3), (3, 2, 4), (3, 4, 2)])
+def test_post_token_blocks_per_program(rank, pbt, sub, rng):
+    """POST_SUB: each post program takes `sub` token blocks in turn and writes one bias / MIMO_V
+    partial row per head and rank for all of them (fewer rows for torch to sum). Every other
+    gradient is bitwise the one-block-per-program run's (the per-token arithmetic is the same);
+    the bias and MIMO_V gradients differ only in the order of an fp32 sum. R = 3 (padded ranks
+    in the accumulator tiles), GQA, varlen with an empty sequence and blocks past the end, states;
+    and against the oracle."""
+    spec = _spec(rank=rank, varlen=True, initial_states=True, final_states=True, shared_angles=True,
+                 input_dtype="bfloat16", **(MIMO if rank > 1 else {}))
+    pr, lens = Problem(1, 23, 4, 2, 3), [9, 0, 14]
+    one, many = _backward_twice(spec, pr, rng, lengths=lens,
+                                overrides=(dict(POST_BT=pbt, POST_SUB=1), dict(POST_BT=pbt, POST_SUB=sub)))
+    summed = {"q_bias", "k_bias", "mimo_v"}
+    for (n, x), (_, y) in zip(_flat(one), _flat(many)):
+        if n in summed:
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=n)
+        else:
+            assert torch.equal(x, y), n
+    assert {n for n, _ in _flat(one)} >= {"q_bias", "k_bias"} | ({"mimo_v"} if rank > 1 else set())
+    rows, case = run_grad_case(spec, pr, rng, lengths=lens, bwd_config=dict(POST_BT=pbt, POST_SUB=sub))
+    check(rows, case)
 
 
 def _simple_args(rng, requires=True):
@@ -398,8 +424,8 @@ def test_angle_gradient_long_sequence_triton_core(rng):
 
 def test_stage_spill_guard_fallback():
     """The stage spill guard halves the token block of the stage that spilled (post, prep /
-    output, the per-sequence loops) down to a floor, and its loop stops there; off the GPU the
-    config runs as given."""
+    output, the per-sequence loops) down to a floor (1 / 4 / 4 tokens), and its loop stops
+    there; off the GPU the config runs as given."""
     from mamba3_kernels.backends.triton import scan_bwd as sb
     from mamba3_kernels.backends.triton import scan_fwd as sf
     spec = _spec(rank=4, n_angles=8, pairing="half", has_mimo_v=True, has_mimo_z=True, has_mimo_out=True)
@@ -410,7 +436,7 @@ def test_stage_spill_guard_fallback():
     assert sb.fallback(d, {"bwd_post"}) == dict(d, POST_BT=d["POST_BT"] // 2)
     assert sb.fallback(d, {"bwd_prep"}) == dict(d, BT=d["BT"] // 2)
     assert sb.fallback(d, {"bwd_seq_bwd"}) == dict(d, SEQ_BT=d["SEQ_BT"] // 2)
-    floor = dict(d, POST_BT=2, BT=4, SEQ_BT=32)
+    floor = dict(d, POST_BT=1, BT=4, SEQ_BT=4)
     assert sb.fallback(floor, {"bwd_post", "bwd_prep", "bwd_output", "bwd_seq_fwd"}) is None
     t = sf.meta_tensors(spec, prob)
     grads = dict(out=torch.empty(t.out.shape, dtype=t.v.dtype, device="meta"), _y=None)

@@ -58,6 +58,11 @@ from .aot import Guard, step_down
 
 F32 = torch.float32
 CORE_IMPLS = ("auto", "triton", "tilelang", "reference")
+# One-warp programs for post and the per-sequence loops (default_config's docstring): with one warp
+# every reduction and relayout is a warp shuffle, where 4-8 warps went through shared memory with
+# 13-28 CTA barriers per loop step (AOT, triton 3.6); the tiles keep about the same values per thread.
+POST_ONE_WARP_BT = 2    # post: 2 tokens (SISO N128: 128 registers, as the 8 x 4-warp tile)
+SEQ_ONE_WARP_BT = 16    # seq_fwd / seq_bwd and their segment sums: 16 tokens per step
 
 
 def auto_tilelang(RC: int, N: int, P: int, dtype) -> bool:
@@ -106,6 +111,20 @@ def _ap(spec) -> int:
     return max(2, _pow2(spec.n_angles))
 
 
+def _post8(spec) -> bool:
+    """Where post runs at 8 warps (4 spilled on the AOT grid)."""
+    rp = _pow2(spec.rank)
+    return (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
+
+
+def _post_tile4(spec) -> int:
+    """Post's token block at 4 (or 8) warps: BT x max(N/2, P) = 512 elements (256 at MIMO R4
+    N >= 128, where 8 tokens spill 16 B and 4 do not)."""
+    w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
+    pw = 256 if _pow2(spec.rank) == 4 and _nhp(spec) >= 64 else 512
+    return max(4, min(32, pw // w))
+
+
 def default_config(spec: ScanSpec, problem=None) -> dict:
     """Launch configs measured on the H100 (bench/scan_bwd_stage_sweep.py, each stage alone,
     bench/results/scan_bwd_stage_sweep_h100.json) among those spill-free on the AOT grid
@@ -118,10 +137,23 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       (2 warps were faster still, 0.78 / 2.48, but spill 8-400 B on most of the grid.) 8 warps
       where 4 spill (ptxas' register use is not monotonic in the tile here; at 8 warps it often
       stops at 128 registers and spills): R >= 5 with N >= 128, R = 2..4 with N <= 16.
-    prep, output: at R >= 5 half the tile (output spilled 8 B at R8 N128 P128).
-    per-sequence loops (latency-bound: S x H programs walk their sequence): 128 tokens per step,
-      8 warps (0.18 -> 0.14 ms seq_fwd, 0.23 -> 0.18 seq_bwd at SISO B4 L4096; 64 with initial
-      states, where seq_fwd spills 8 B at 128; 4 warps spill at A = 32).
+    post, since session 18: one warp and POST_BT = 2 tokens (POST_ONE_WARP_BT) wherever the
+      4-warp tile was the default (not where 8 warps are). The 4-warp program reduced the bias
+      partials over its tokens and re-laid out its pair tiles through shared memory: 28 CTA
+      barriers per head (SISO N128, AOT 3.6); one warp does the same in shuffles (10 barriers, no
+      more registers: 128). fwd+bwd graph A/B (results/scan_bwd_ab_post_seq_1warp_h100_d28c6e1.json):
+      SISO B4 L4096 2.901 -> 2.854 ms, B1 L16384 2.963 -> 2.925, G8 N64 2.048 -> 2.048, MIMO R4
+      B4 L2048 6.348 -> 6.092; one token per program (64 registers) lost 2.5-4 % everywhere.
+    prep, output: at R >= 5 half the tile (output spilled 8 B at R8 N128 P128). MIMO (R > 1) since
+      session 18: one warp and a quarter of the tokens (same values per thread): fwd+bwd R4 B4 L2048
+      6.030 -> 5.922 ms, B4 L4096 11.96 -> 11.70 (results/scan_bwd_ab_prep_1warp_h100.json); SISO
+      stays at 4 warps (2.811 -> 2.806, G8 N64 2.067 -> 2.077: a tie).
+    per-sequence loops (latency-bound: S x H programs walk their sequence): until session 18
+      128 tokens per step and 8 warps (64 with initial states); now one warp and 16 tokens per step
+      (SEQ_ONE_WARP_BT; AOT: 13-17 barriers and ~170 shared-memory accesses per step -> none).
+      With the one-warp post, same A/B: SISO B4 L4096 2.854 -> 2.793 (-4.0 % from both), B1 L16384
+      2.925 -> 2.857, G8 N64 2.048 -> 2.037, MIMO 6.092 -> 6.082 (SEQ_PROGRAMS 4 x 2112: no better
+      at SISO, -0.5 % at G8 N64; 2 warps x 32 tokens between the two).
     SPILL_GUARD (as the forward's and the core's): a stage kernel whose build for the call spills
     gets half its token block (`fallback`; not more warps: post at 8 warps ran 2.2x slower).
     POST_RECOMPUTE where post's pair tile (POST_BT x N/2) is at most 256 elements at 4 warps (at 8,
@@ -137,12 +169,12 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       G8 N64 2.291 -> 2.283."""
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
-    post8 = (rp >= 8 and _nhp(spec) >= 64) or (rp in (2, 4) and _nhp(spec) <= 8)
-    pw = 256 if rp == 4 and _nhp(spec) >= 64 else 512   # (MIMO R4 N128: 8 tokens spill 16 B, 4 do not)
-    post_bt = max(4, min(32, pw // w))
-    return dict(BT=max(4, min(32, (1024 if rp >= 8 else 2048) // w)), POST_BT=post_bt,
-                SEQ_BT=64 if spec.initial_states else 128, num_warps=4, post_num_warps=8 if post8 else 4,
-                seq_num_warps=8, CORE=None, CORE_IMPL="auto", SPILL_GUARD=True,
+    post8 = _post8(spec)
+    post_bt = _post_tile4(spec)   # the 4-warp tile, which POST_RECOMPUTE's rule was measured on
+    bt4 = max(4, min(32, (1024 if rp >= 8 else 2048) // w))   # prep / output at 4 warps
+    return dict(BT=bt4 if rp == 1 else max(2, bt4 // 4), POST_BT=post_bt if post8 else POST_ONE_WARP_BT,
+                SEQ_BT=SEQ_ONE_WARP_BT, num_warps=4 if rp == 1 else 1, post_num_warps=8 if post8 else 1,
+                seq_num_warps=1, CORE=None, CORE_IMPL="auto", SPILL_GUARD=True,
                 POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8, PREP_HEADS_FAST=True)
 
 
@@ -163,9 +195,14 @@ def space(spec: ScanSpec, problem=None) -> list:
         if c not in out:
             out.append(c)
     add(dict(d, SPILL_GUARD=False, CORE=dict(SPILL_GUARD=False)))
-    add(dict(d, POST_BT=max(2, d["POST_BT"] // 2)))
+    add(dict(d, POST_BT=max(1, d["POST_BT"] // 2)))
     add(dict(d, POST_BT=min(64, d["POST_BT"] * 2)))
-    add(dict(d, post_num_warps=2))
+    add(dict(d, POST_SUB=2))   # two token blocks per post program (G8 N64: -2.7 %; elsewhere +1 %)
+    if d["post_num_warps"] == 1:   # the 4-warp post and 8-warp sequence loops of before session 18
+        add(dict(d, POST_BT=_post_tile4(spec), post_num_warps=4))
+        add(dict(d, SEQ_BT=64 if spec.initial_states else 128, seq_num_warps=8))
+    else:
+        add(dict(d, post_num_warps=2))
     add(dict(d, POST_RECOMPUTE=not d["POST_RECOMPUTE"]))
     RC, N, P = _pow2(spec.rank), spec.d_state, spec.head_dim
     odt = op_dtype(spec, d)
@@ -189,6 +226,9 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
+    v = config.get("POST_SUB", 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise bad_arg("config.POST_SUB", "an int >= 1", v)
     v = config.get("SEQ_PROGRAMS", 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise bad_arg("config.SEQ_PROGRAMS", "an int >= 1", v)
@@ -209,7 +249,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.Y_DTYPE", "'auto' or 'float32'", config.get("Y_DTYPE"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE", "POST_SUB"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -426,6 +466,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     BT, PBT, SBT = config["BT"], config["POST_BT"], config["SEQ_BT"]
+    psub = config.get("POST_SUB", 1)
     nw, pnw, snw = config["num_warps"], config["post_num_warps"], config["seq_num_warps"]
     varlen = t.cu_seqlens is not None
     interp = _interpret()
@@ -486,7 +527,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, HEADS_FAST=hf, VT_OUT=not b["vt_is_v"]), num_warps=nw),
-        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
+        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT * psub), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -502,7 +543,8 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
+                             SUB=psub),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -576,7 +618,7 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
-    npblk = triton.cdiv(B * L, grads["_config"]["POST_BT"])
+    npblk = triton.cdiv(B * L, grads["_config"]["POST_BT"] * grads["_config"].get("POST_SUB", 1))
     NSEG, _ = seq_segments(grads["_config"], S, H, L)
     e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
     idt = t.v.dtype
@@ -631,13 +673,13 @@ class _Timer:
 def fallback(config: dict, spilled) -> dict:
     """The config to try after `config` when the stage kernels named in `spilled` spill: half
     the token block of each (post: POST_BT; prep, output, save_y's output: BT; the per-sequence loops: SEQ_BT),
-    down to 2 / 4 / 32 tokens; None when nothing is left to give up."""
+    down to 1 / 4 / 4 tokens; None when nothing is left to give up."""
     c = dict(config)
-    if "bwd_post" in spilled and c["POST_BT"] > 2:
+    if "bwd_post" in spilled and c["POST_BT"] > 1:
         c["POST_BT"] //= 2
     if ("bwd_prep" in spilled or "bwd_output" in spilled or "save_y_output_fwd" in spilled) and c["BT"] > 4:
         c["BT"] //= 2
-    if ("bwd_seq_fwd" in spilled or "bwd_seq_bwd" in spilled) and c["SEQ_BT"] > 32:
+    if ("bwd_seq_fwd" in spilled or "bwd_seq_bwd" in spilled) and c["SEQ_BT"] > 4:
         c["SEQ_BT"] //= 2
     return None if c == config else c
 
