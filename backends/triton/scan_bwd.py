@@ -161,6 +161,10 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
       H100 (bench/scan_bwd_ab.py, results/scan_bwd_ab_post_recompute_h100_a8236e1.json, gradients
       bitwise equal both ways) SISO G8 N64 (8 x 32) 2.362 -> 2.303 ms, MIMO R4 N128 (4 x 64)
       7.61 -> 7.41 and 15.03 -> 14.70; SISO N128 (8 x 64) 3.591 -> 3.683, slower: read there.
+      With the one-warp post (session 18) recompute wins at SISO N128 too (post is then near its
+      bytes, and qh / ks are 512 of its ~3 KB per token and head): 2.785 -> 2.696 ms (B4 L4096),
+      2.891 -> 2.780 (B1 L16384), gradients bitwise equal (results/scan_bwd_ab_post_recompute_1warp_h100.json).
+      Default wherever post runs one warp.
     PREP_HEADS_FAST: prep's programs on a 1-D grid with the heads of a token block side by side
       (the grid (token blocks, H) walked all token blocks of one head first, so every head re-read
       the group's Q / K from HBM once they outgrew L2: MIMO R4's 32 MB at B4 L4096). H100,
@@ -170,12 +174,12 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
     w = max(_nhp(spec), max(2, _pow2(spec.head_dim)))
     rp = _pow2(spec.rank)
     post8 = _post8(spec)
-    post_bt = _post_tile4(spec)   # the 4-warp tile, which POST_RECOMPUTE's rule was measured on
+    post_bt = _post_tile4(spec)   # the 4-warp (or 8-warp) tile
     bt4 = max(4, min(32, (1024 if rp >= 8 else 2048) // w))   # prep / output at 4 warps
     return dict(BT=bt4 if rp == 1 else max(2, bt4 // 4), POST_BT=post_bt if post8 else POST_ONE_WARP_BT,
                 SEQ_BT=SEQ_ONE_WARP_BT, num_warps=4 if rp == 1 else 1, post_num_warps=8 if post8 else 1,
                 seq_num_warps=1, CORE=None, CORE_IMPL="auto", SPILL_GUARD=True,
-                POST_RECOMPUTE=post_bt * _nhp(spec) <= 256 and not post8, PREP_HEADS_FAST=True)
+                POST_RECOMPUTE=not post8, PREP_HEADS_FAST=True)
 
 
 def space(spec: ScanSpec, problem=None) -> list:
