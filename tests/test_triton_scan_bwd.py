@@ -502,13 +502,16 @@ def test_prep_grid_orders_agree(name):
 
 
 def test_post_recompute_config():
-    """The default recomputes where post's pair tile is small (the H100's bench heads: MIMO R4 N128
-    and SISO N64 yes, SISO N128 no); the space offers the other; a non-bool value is an error
-    naming the key."""
+    """The default recomputes wherever post runs one warp (the H100's bench heads: SISO N128, SISO
+    N64 and MIMO R4 N128 since session 18), not where it runs 8 (R = 8 with N >= 128, R = 2..4
+    with N <= 16); the space offers the other; a non-bool value is an error naming the key."""
     siso, mimo = POST_CASES["siso-bf16-shared-states"][0], POST_CASES["mimo4-N128-P64-norm-bf16"][0]
-    assert scan_bwd.default_config(CASES["bench-siso-N128-P64"][0])["POST_RECOMPUTE"] is False
-    assert scan_bwd.default_config(_spec(d_state=64, head_dim=64))["POST_RECOMPUTE"] is True
-    assert scan_bwd.default_config(mimo)["POST_RECOMPUTE"] is True
+    for spec in (CASES["bench-siso-N128-P64"][0], _spec(d_state=64, head_dim=64), mimo):
+        d = scan_bwd.default_config(spec)
+        assert d["POST_RECOMPUTE"] is True and d["post_num_warps"] == 1, d
+    for spec in (_spec(rank=8, d_state=128, head_dim=64), _spec(rank=2, d_state=16)):
+        d = scan_bwd.default_config(spec)
+        assert d["POST_RECOMPUTE"] is False and d["post_num_warps"] == 8, d
     for spec in (siso, mimo):
         d = scan_bwd.default_config(spec)
         assert dict(d, POST_RECOMPUTE=not d["POST_RECOMPUTE"]) in scan_bwd.space(spec)
