@@ -94,6 +94,21 @@ def _block_rows(blk, BT: tl.constexpr, BL, L, pm, last_ptr, LAST: tl.constexpr):
 
 
 @triton.jit
+def _bias_partial(ptr, pid, h, H, R, r, N: tl.constexpr, c0, c1, jm, e0, e1, s0, s1, rr, SUB: tl.constexpr):
+    """Rank r's bias gradient summed over this block's tokens (e0 / e1: the pair halves, [BT, NHP]):
+    stored at once as the program's partial row (SUB = 1), or added into row r of the accumulator
+    tiles s0 / s1 [RC, NHP] that post_kernel stores after its SUB blocks. Returns s0, s1."""
+    if SUB == 1:
+        row = ((pid.to(tl.int64) * H + h) * R + r) * N
+        tl.store(ptr + row + c0, tl.sum(e0, axis=0), mask=jm)
+        tl.store(ptr + row + c1, tl.sum(e1, axis=0), mask=jm)
+    else:
+        s0 = tl.where(rr[:, None] == r, s0 + tl.sum(e0, axis=0)[None, :], s0)
+        s1 = tl.where(rr[:, None] == r, s1 + tl.sum(e1, axis=0)[None, :], s1)
+    return s0, s1
+
+
+@triton.jit
 def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
     """fp32 pair halves rounded to ptr's element type and back: the values a store to ptr and
     a load from it would give (post's RECOMPUTE path stands in for reading prep's qh / ks)."""
@@ -140,6 +155,12 @@ def post_kernel(
             skb0 = tl.zeros([RC, NHP], dtype=tl.float32)
             skb1 = tl.zeros([RC, NHP], dtype=tl.float32)
             smv = tl.zeros([RC, PP], dtype=tl.float32)
+        else:         # (no accumulators: each block's row is stored as it is formed)
+            sqb0 = 0.0
+            sqb1 = 0.0
+            skb0 = 0.0
+            skb1 = 0.0
+            smv = 0.0
         for sub in range(SUB):
             if SUB > 1:
                 m, mm, m64, b, t, vm, sl, is_last = _block_rows(pid * SUB + sub, BT, BL, L, pm, last_ptr,
@@ -181,13 +202,7 @@ def post_kernel(
                                         h * R + r2, j, N, PAIR_HALF)
                     e0 += w[:, None] * y0
                     e1 += w[:, None] * y1
-                if SUB == 1:   # the partial row of this block straight away (no accumulator tiles)
-                    prow1 = ((pid.to(tl.int64) * H + h) * R + r) * N
-                    tl.store(pqb_ptr + prow1 + c0, tl.sum(e0, axis=0), mask=jm)
-                    tl.store(pqb_ptr + prow1 + c1, tl.sum(e1, axis=0), mask=jm)
-                else:
-                    sqb0 = tl.where(rr[:, None] == r, sqb0 + tl.sum(e0, axis=0)[None, :], sqb0)
-                    sqb1 = tl.where(rr[:, None] == r, sqb1 + tl.sum(e1, axis=0)[None, :], sqb1)
+                sqb0, sqb1 = _bias_partial(pqb_ptr, pid, h, H, R, r, N, c0, c1, jm, e0, e1, sqb0, sqb1, rr, SUB)
                 a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
                 _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
             for r2 in range(R):
@@ -234,13 +249,7 @@ def post_kernel(
                     e0 += (gamma * w)[:, None] * y0
                     e1 += (gamma * w)[:, None] * y1
                     dvt += (gamma * mqk)[:, None] * dyr
-                if SUB == 1:
-                    prow1 = ((pid.to(tl.int64) * H + h) * R + r2) * N
-                    tl.store(pkb_ptr + prow1 + c0, tl.sum(e0, axis=0), mask=jm)
-                    tl.store(pkb_ptr + prow1 + c1, tl.sum(e1, axis=0), mask=jm)
-                else:
-                    skb0 = tl.where(rr[:, None] == r2, skb0 + tl.sum(e0, axis=0)[None, :], skb0)
-                    skb1 = tl.where(rr[:, None] == r2, skb1 + tl.sum(e1, axis=0)[None, :], skb1)
+                skb0, skb1 = _bias_partial(pkb_ptr, pid, h, H, R, r2, N, c0, c1, jm, e0, e1, skb0, skb1, rr, SUB)
                 a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
                 _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
                 if HAS_MV:
