@@ -184,9 +184,10 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
 
 def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates of the backward (op "backward", at most 16): the default; the default
-    without its spill guards; post's token block halved and doubled and post at 2 warps (post
-    is latency-bound: the stage sweep's fastest points, some spilling); post with
-    POST_RECOMPUTE flipped; where TileLang runs and its walks take the spec, the other core
+    without its spill guards; post's token block halved and doubled; two token blocks per post
+    program (POST_SUB 2); where post and the sequence loops run one warp, their 4- / 8-warp forms
+    of before session 18, else post at 2 warps; post with POST_RECOMPUTE flipped; where TileLang
+    runs and its walks take the spec, the other core
     implementation than "auto" picks (CORE_IMPL "triton" / "tilelang": auto's choice rests on a
     few H100 shapes); then the Triton core's own candidates (scan_bwd_core.space: the FUSED walks
     first, then chunk rows, BLOCK_N, warps, segment length) as CORE overrides of its default,
