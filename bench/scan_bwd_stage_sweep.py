@@ -8,7 +8,9 @@ benchmark shapes (bench/scan.py's make_inputs), with the other keys at their def
 Buffers come from scan_bwd.buffers for each config (their partial-sum blocks depend on it),
 filled with random values (timing does not depend on them; correctness of every config's
 tiling is the CPU tests' job). Median ms by triton.testing.do_bench (L2 flushed between runs);
-each row also has the registers and spilled bytes of the GPU's own build.
+each row also has the registers and spilled bytes of the GPU's own build. Timing a stage alone
+has misled once (session 5: post with fewer dvt partials than the pipeline gives it); confirm a
+winner with bench/scan_bwd_ab.py (fwd+bwd, A / B alternating).
 """
 from __future__ import annotations
 
@@ -35,12 +37,12 @@ SHAPES = [("siso B4-L4096-H32", "siso", 4, 4096, 32, 1, 128, 64, 1),
           ("siso B4-L4096-H32-G8-N64", "siso", 4, 4096, 32, 8, 64, 64, 1),
           ("mimo B4-L2048-H32", "mimo", 4, 2048, 32, 1, 128, 64, 4)]
 DEVICE = "cuda"
-SWEEPS = {   # stage call name -> {config key: values}
-    "bwd_post": {"POST_RECOMPUTE": [False, True], "POST_BT": [4, 8, 16, 32], "post_num_warps": [2, 4, 8]},
-    "bwd_prep": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
-    "bwd_output": {"BT": [16, 32, 64], "num_warps": [2, 4, 8]},
-    "bwd_seq_fwd": {"SEQ_BT": [64, 128], "seq_num_warps": [4, 8], "SEQ_PROGRAMS": [528, 1056, 2112]},
-    "bwd_seq_bwd": {"SEQ_BT": [64, 128], "seq_num_warps": [4, 8], "SEQ_PROGRAMS": [528, 1056, 2112]},
+SWEEPS = {   # stage call name -> {config key: values} (session 18 added the one-warp points, the defaults now)
+    "bwd_post": {"POST_RECOMPUTE": [False, True], "POST_BT": [1, 2, 4, 8, 16], "post_num_warps": [1, 2, 4, 8]},
+    "bwd_prep": {"BT": [4, 8, 16, 32, 64], "num_warps": [1, 2, 4, 8]},
+    "bwd_output": {"BT": [4, 8, 16, 32, 64], "num_warps": [1, 2, 4, 8]},
+    "bwd_seq_fwd": {"SEQ_BT": [16, 32, 64, 128], "seq_num_warps": [1, 2, 4, 8], "SEQ_PROGRAMS": [1056, 2112, 8448]},
+    "bwd_seq_bwd": {"SEQ_BT": [16, 32, 64, 128], "seq_num_warps": [1, 2, 4, 8], "SEQ_PROGRAMS": [1056, 2112, 8448]},
 }
 
 
