@@ -205,8 +205,8 @@ def test_saved_y_dtype(dtype, mode, split, kept, rng):
 
 
 def _backward_twice(spec, problem, rng, lengths=None, overrides=({}, {})):
-    """The backward twice on the same inputs and upstream gradients, the default config with each
-    of the two `overrides`."""
+    """The backward on the same inputs and upstream gradients once per entry of `overrides` (the
+    default config with it; twice the default unless told otherwise)."""
     case = scan_case(spec, problem, rng, lengths=lengths)
     sp = case_spec(case)
     t = prepare_scan(sp, case.problem, **case.args)
@@ -239,27 +239,29 @@ def test_deterministic(rng):
         assert torch.equal(x, y), n
 
 
-@pytest.mark.parametrize("rank,pbt,sub", [(1, 2, 3), (3, 2, 4), (3, 4, 2)])
-def test_post_token_blocks_per_program(rank, pbt, sub, rng):
-    """POST_SUB: each post program takes `sub` token blocks in turn and writes one bias / MIMO_V
-    partial row per head and rank for all of them (fewer rows for torch to sum). Every other
-    gradient is bitwise the one-block-per-program run's (the per-token arithmetic is the same);
-    the bias and MIMO_V gradients differ only in the order of an fp32 sum. R = 3 (padded ranks
-    in the accumulator tiles), GQA, varlen with an empty sequence and blocks past the end, states;
-    and against the oracle."""
-    spec = _spec(rank=rank, varlen=True, initial_states=True, final_states=True, shared_angles=True,
-                 input_dtype="bfloat16", **(MIMO if rank > 1 else {}))
+@pytest.mark.parametrize("rank", [1, 3])
+def test_post_token_block_sizes(rank, rng):
+    """Post's token block at the spill guard's floor (1 token) and at 4 against the default's
+    2-token block (one warp): every gradient bitwise the same (the per-token arithmetic does not
+    depend on the block) except the bias / MIMO_V gradients, whose per-block partial rows are
+    summed in another order (fp32). R = 3 (a padded rank), GQA, varlen with an empty sequence and
+    blocks past the end, states; and the floor against the oracle."""
+    from mamba3_kernels.backends.triton import scan_bwd as sb
+    spec = _spec(rank=rank, d_state=32, n_angles=8, varlen=True, initial_states=True, final_states=True,
+                 shared_angles=True, input_dtype="bfloat16", **(MIMO if rank > 1 else {}))
     pr, lens = Problem(1, 23, 4, 2, 3), [9, 0, 14]
-    one, many = _backward_twice(spec, pr, rng, lengths=lens,
-                                overrides=(dict(POST_BT=pbt, POST_SUB=1), dict(POST_BT=pbt, POST_SUB=sub)))
+    assert sb.default_config(spec, pr)["POST_BT"] == sb.POST_ONE_WARP_BT == 2
+    base, one, four = _backward_twice(spec, pr, rng, lengths=lens,
+                                      overrides=({}, dict(POST_BT=1), dict(POST_BT=4)))
     summed = {"q_bias", "k_bias", "mimo_v"}
-    for (n, x), (_, y) in zip(_flat(one), _flat(many)):
-        if n in summed:
-            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=n)
-        else:
-            assert torch.equal(x, y), n
-    assert {n for n, _ in _flat(one)} >= {"q_bias", "k_bias"} | ({"mimo_v"} if rank > 1 else set())
-    rows, case = run_grad_case(spec, pr, rng, lengths=lens, bwd_config=dict(POST_BT=pbt, POST_SUB=sub))
+    for other in (one, four):
+        for (n, x), (_, y) in zip(_flat(base), _flat(other)):
+            if n in summed:
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=n)
+            else:
+                assert torch.equal(x, y), n
+    assert {n for n, _ in _flat(base)} >= {"q_bias", "k_bias"} | ({"mimo_v"} if rank > 1 else set())
+    rows, case = run_grad_case(spec, pr, rng, lengths=lens, bwd_config=dict(POST_BT=1))
     check(rows, case)
 
 

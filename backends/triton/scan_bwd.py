@@ -184,8 +184,8 @@ def default_config(spec: ScanSpec, problem=None) -> dict:
 
 def space(spec: ScanSpec, problem=None) -> list:
     """Tuning candidates of the backward (op "backward", at most 16): the default; the default
-    without its spill guards; post's token block halved and doubled; two token blocks per post
-    program (POST_SUB 2); where post and the sequence loops run one warp, their 4- / 8-warp forms
+    without its spill guards; post's token block halved and doubled; where post and the sequence
+    loops run one warp, their 4- / 8-warp forms
     of before session 18, else post at 2 warps; post with POST_RECOMPUTE flipped; where TileLang
     runs and its walks take the spec, the other core
     implementation than "auto" picks (CORE_IMPL "triton" / "tilelang": auto's choice rests on a
@@ -202,7 +202,6 @@ def space(spec: ScanSpec, problem=None) -> list:
     add(dict(d, SPILL_GUARD=False, CORE=dict(SPILL_GUARD=False)))
     add(dict(d, POST_BT=max(1, d["POST_BT"] // 2)))
     add(dict(d, POST_BT=min(64, d["POST_BT"] * 2)))
-    add(dict(d, POST_SUB=2))   # two token blocks per post program (G8 N64: -2.7 %; elsewhere +1 %)
     if d["post_num_warps"] == 1:   # the 4-warp post and 8-warp sequence loops of before session 18
         add(dict(d, POST_BT=_post_tile4(spec), post_num_warps=4))
         add(dict(d, SEQ_BT=64 if spec.initial_states else 128, seq_num_warps=8))
@@ -231,9 +230,6 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise bad_arg(f"config.{key}", "a power of two >= 1", v)
-    v = config.get("POST_SUB", 1)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise bad_arg("config.POST_SUB", "an int >= 1", v)
     v = config.get("SEQ_PROGRAMS", 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise bad_arg("config.SEQ_PROGRAMS", "an int >= 1", v)
@@ -254,7 +250,7 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.Y_DTYPE", "'auto' or 'float32'", config.get("Y_DTYPE"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE", "POST_SUB"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -471,7 +467,6 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
     BT, PBT, SBT = config["BT"], config["POST_BT"], config["SEQ_BT"]
-    psub = config.get("POST_SUB", 1)
     nw, pnw, snw = config["num_warps"], config["post_num_warps"], config["seq_num_warps"]
     varlen = t.cu_seqlens is not None
     interp = _interpret()
@@ -532,7 +527,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("s_vb", sv[0]), ("s_vt", sv[1]), ("s_vh", sv[2]),
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, HEADS_FAST=hf, VT_OUT=not b["vt_is_v"]), num_warps=nw),
-        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT * psub), kernel=_post.post_kernel,
+        dict(name="bwd_post", stage=5, grid=_post.token_grid(B * L, G, PBT), kernel=_post.post_kernel,
              args=[("q_ptr", t.q), ("k_ptr", t.k), ("v_ptr", t.v), ("qb_ptr", t.q_bias),
                    ("kb_ptr", t.k_bias), ("mv_ptr", opt(t.mimo_v)), ("d_ptr", opt(t.d)),
                    ("theta_ptr", b["theta"]), ("gamma_ptr", b["gamma"]), ("scale_ptr", b["scale"]),
@@ -548,8 +543,7 @@ def plan(spec: ScanSpec, config: dict, t, bufs: dict, device=None):
                    ("BL", B * L), ("L", L), ("H", H), ("G", G)],
              constexprs=dict(common, BT=PBT, NVP=b["dvt"].shape[0] if b["dvt"] is not None else 1,
                              HAS_D=t.d is not None, HAS_KF=b["dkf"] is not None,
-                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False)),
-                             SUB=psub),
+                             HAS_VF=b["dvf"] is not None, RECOMPUTE=bool(config.get("POST_RECOMPUTE", False))),
              num_warps=pnw),
         dict(name="bwd_seq_bwd_sums", stage=6, kernel=_prep.seg_sum_kernel, grid=sgrid, run=A > 0,
              args=[("x_ptr", b["dtheta"]), ("dt_ptr", t.dt), ("cu_ptr", cu), ("tot_ptr", b["btot"]),
@@ -623,7 +617,7 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     G = t.q.shape[3]
     R, N, A = spec.rank, spec.d_state, spec.n_angles
     S = B if t.cu_seqlens is None else t.cu_seqlens.shape[0] - 1
-    npblk = triton.cdiv(B * L, grads["_config"]["POST_BT"] * grads["_config"].get("POST_SUB", 1))
+    npblk = triton.cdiv(B * L, grads["_config"]["POST_BT"])
     NSEG, _ = seq_segments(grads["_config"], S, H, L)
     e = lambda *s, dt=F32: torch.empty(s, dtype=dt, device=device)
     idt = t.v.dtype

@@ -1,6 +1,6 @@
 """Backward stages 5 and 6 of the chunked scan (SPEC §9.1; orchestrated by scan_bwd.py).
 
-`post_kernel` grid (token blocks / SUB, G), token-parallel (one warp by default: scan_bwd.default_config). From the core's fp32 gradients of its
+`post_kernel` grid (token blocks, G), token-parallel (one warp by default: scan_bwd.default_config). From the core's fp32 gradients of its
 operands (dqh, dks, dvt) and the output stage's dy, per token t of head h (q' = Q + Q_bias,
 k' = K + K_bias, kh = Rot(theta) k', M[r,r'] = q'_r . k'_r', W[r,r'] = dy_r . vt_r'):
     diagonal term y_r += gamma sum_r' M[r,r'] vt_r' and skip term y_r += D vt_r:
@@ -29,9 +29,7 @@ One program per (token block, Q/K group g) walks the group's H/G value heads in 
 accumulates dQ, dK of the group in place in its own rows (B, L, R, G, N): the final dQ/dK in the
 input dtype when G = H, else an fp32 buffer cast by the orchestrator (deterministic: fixed head
 order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and dscale
-(B, H, L) fp32, and per-program fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .): a
-program takes SUB token blocks in turn (config POST_SUB) and sums its partials over them in registers
-(SUB = 1: each block's row is stored as it is formed, with no accumulator tiles).
+(B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .).
 
 `seq_bwd_kernel` grid (sequences x segments, H): walks one segment of a sequence backwards
 chunk by chunk, from its carry-in Gacc (dTheta_final + the later segments' dtheta sums from
@@ -75,40 +73,6 @@ def _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p, 
 
 
 @triton.jit
-def _block_rows(blk, BT: tl.constexpr, BL, L, pm, last_ptr, LAST: tl.constexpr):
-    """Token rows of block `blk` (BT tokens of the flattened B * L): m, its mask, int64 m, batch
-    row b, position t, the [BT, PP] row mask, and (LAST) each token's sequence if it is that
-    sequence's last token (sl, is_last; 0 / False otherwise or without LAST)."""
-    m = blk * BT + tl.arange(0, BT)
-    mm = m < BL
-    m64 = m.to(tl.int64)
-    vm = mm[:, None] & pm[None, :]
-    if LAST:
-        seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
-        is_last = seq_last >= 0
-        sl = tl.where(is_last, seq_last, 0).to(tl.int64)
-    else:
-        is_last = mm & False
-        sl = m64 * 0
-    return m, mm, m64, m64 // L, m64 % L, vm, sl, is_last
-
-
-@triton.jit
-def _bias_partial(ptr, pid, h, H, R, r, N: tl.constexpr, c0, c1, jm, e0, e1, s0, s1, rr, SUB: tl.constexpr):
-    """Rank r's bias gradient summed over this block's tokens (e0 / e1: the pair halves, [BT, NHP]):
-    stored at once as the program's partial row (SUB = 1), or added into row r of the accumulator
-    tiles s0 / s1 [RC, NHP] that post_kernel stores after its SUB blocks. Returns s0, s1."""
-    if SUB == 1:
-        row = ((pid.to(tl.int64) * H + h) * R + r) * N
-        tl.store(ptr + row + c0, tl.sum(e0, axis=0), mask=jm)
-        tl.store(ptr + row + c1, tl.sum(e1, axis=0), mask=jm)
-    else:
-        s0 = tl.where(rr[:, None] == r, s0 + tl.sum(e0, axis=0)[None, :], s0)
-        s1 = tl.where(rr[:, None] == r, s1 + tl.sum(e1, axis=0)[None, :], s1)
-    return s0, s1
-
-
-@triton.jit
 def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
     """fp32 pair halves rounded to ptr's element type and back: the values a store to ptr and
     a load from it would give (post's RECOMPUTE path stands in for reading prep's qh / ks)."""
@@ -126,161 +90,142 @@ def post_kernel(
     R: tl.constexpr, RC: tl.constexpr, N: tl.constexpr, NHP: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, PAIR_HALF: tl.constexpr, NVP: tl.constexpr,
     HAS_MV: tl.constexpr, HAS_D: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, INTERP: tl.constexpr,
-    RECOMPUTE: tl.constexpr, SUB: tl.constexpr = 1,
+    RECOMPUTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)   # partial rows: nblk * H * R * N can pass 2^31 at ~4M tokens
     g = tl.program_id(1)
     HG = H // G
+    m = pid * BT + tl.arange(0, BT)
+    mm = m < BL
+    m64 = m.to(tl.int64)
+    b = m64 // L
+    t = m64 % L
     j = tl.arange(0, NHP)
     jm = j < (N // 2)
     c0, c1 = _pair_cols(j, N, PAIR_HALF)
     p = tl.arange(0, PP)
     pm = p < P
-    rr = tl.arange(0, RC)
-    prm = (rr < R)[:, None]
-    if SUB == 1:   # the program's rows once (ptxas allocates this form as before POST_SUB existed)
-        m, mm, m64, b, t, vm, sl, is_last = _block_rows(pid, BT, BL, L, pm, last_ptr, HAS_KF or HAS_VF)
+    vm = mm[:, None] & pm[None, :]
+    if HAS_KF or HAS_VF:
+        seq_last = tl.load(last_ptr + m64, mask=mm, other=-1)
+        is_last = seq_last >= 0
+        sl = tl.where(is_last, seq_last, 0).to(tl.int64)
     # the heads of group g one after the other: dQ / dK of the group accumulate in place in
     # this program's own rows (fixed head order: deterministic, no atomics)
     for hh in range(HG):
         h = g * HG + hh
         acc = hh > 0
+        # the previous head's dQ / dK stores, by whichever threads held them, visible to every
+        # thread of the program before it reads them back (the load and store tiles need not
+        # map elements to threads alike)
+        tl.debug_barrier()
+        cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t, j, p,
+                                                   h, H, L, s_vb, s_vt, s_vh, A)
         if HAS_D:
             dd = tl.load(d_ptr + h)
         else:
             dd = 0.0
-        if SUB > 1:   # this head's bias / MIMO_V partial sums over the program's token blocks, per rank
-            sqb0 = tl.zeros([RC, NHP], dtype=tl.float32)
-            sqb1 = tl.zeros([RC, NHP], dtype=tl.float32)
-            skb0 = tl.zeros([RC, NHP], dtype=tl.float32)
-            skb1 = tl.zeros([RC, NHP], dtype=tl.float32)
-            smv = tl.zeros([RC, PP], dtype=tl.float32)
-        else:         # (no accumulators: each block's row is stored as it is formed)
-            sqb0 = 0.0
-            sqb1 = 0.0
-            skb0 = 0.0
-            skb1 = 0.0
-            smv = 0.0
-        for sub in range(SUB):
-            if SUB > 1:
-                m, mm, m64, b, t, vm, sl, is_last = _block_rows(pid * SUB + sub, BT, BL, L, pm, last_ptr,
-                                                                HAS_KF or HAS_VF)
-            # the previous head's dQ / dK stores, by whichever threads held them, visible to every
-            # thread of the program before it reads them back (the load and store tiles need not
-            # map elements to threads alike)
-            tl.debug_barrier()
-            cs, sn, gamma, scale, v, sidx = _head_rows(theta_ptr, gamma_ptr, scale_ptr, v_ptr, m64, mm, vm, b, t,
-                                                       j, p, h, H, L, s_vb, s_vt, s_vh, A)
-            dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
-            dscale = tl.zeros([BT], dtype=tl.float32)
-            dgamma = tl.zeros([BT], dtype=tl.float32)
-            dv = tl.zeros([BT, PP], dtype=tl.float32)
-            for r in range(R):
-                grow = ((m64 * R + r) * G + g) * N
-                crow = ((m64 * RC + r) * H + h) * N
-                d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
-                # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
-                if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
-                    u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
-                                        j, N, PAIR_HALF)
-                    u0, u1 = _rotated(u0, u1, cs, sn, A)
-                    u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += d1 * u0 - d0 * u1
-                e0 = d0 * cs + d1 * sn
-                e1 = d1 * cs - d0 * sn
-                dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                              other=0.0).to(tl.float32)
-                for r2 in range(R):
-                    if HAS_MV:
-                        mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                        w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
-                    else:
-                        w = tl.sum(dyr * v, axis=1) * gamma
-                    y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                        h * R + r2, j, N, PAIR_HALF)
-                    e0 += w[:, None] * y0
-                    e1 += w[:, None] * y1
-                sqb0, sqb1 = _bias_partial(pqb_ptr, pid, h, H, R, r, N, c0, c1, jm, e0, e1, sqb0, sqb1, rr, SUB)
-                a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+        dtheta = tl.zeros([BT, NHP], dtype=tl.float32)
+        dscale = tl.zeros([BT], dtype=tl.float32)
+        dgamma = tl.zeros([BT], dtype=tl.float32)
+        dv = tl.zeros([BT, PP], dtype=tl.float32)
+        for r in range(R):
+            grow = ((m64 * R + r) * G + g) * N
+            crow = ((m64 * RC + r) * H + h) * N
+            d0, d1 = _ld(dqh_ptr, crow, mm, j, N, PAIR_HALF)
+            # d<dqh, Rot(theta) q'>/dtheta = dqh . (G qh) with the qh the core multiplied (see doc)
+            if RECOMPUTE:   # prep's arithmetic again, rounded as prep stored it: the same values
+                u0, u1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr, h * R + r,
+                                    j, N, PAIR_HALF)
+                u0, u1 = _rotated(u0, u1, cs, sn, A)
+                u0, u1 = _as_stored(u0, u1, qh_ptr, INTERP)
+            else:
+                u0, u1 = _ld(qh_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += d1 * u0 - d0 * u1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
+            dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                          other=0.0).to(tl.float32)
             for r2 in range(R):
-                x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
-                                    h * R + r2, j, N, PAIR_HALF)
-                kh0, kh1 = _rotated(x0, x1, cs, sn, A)
-                grow = ((m64 * R + r2) * G + g) * N
-                crow = ((m64 * RC + r2) * H + h) * N
-                f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
-                dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
-                if RECOMPUTE:   # ks = kh * scale as prep stores it
-                    u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
-                else:
-                    u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
-                dtheta += f1 * u0 - f0 * u1
-                d0 = f0 * scale[:, None]
-                d1 = f1 * scale[:, None]
-                if HAS_KF:
-                    g0, g1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
-                    dtheta += g1 * kh0 - g0 * kh1
-                    d0 += g0
-                    d1 += g1
-                e0 = d0 * cs + d1 * sn
-                e1 = d1 * cs - d0 * sn
-                vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
-                dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
-                for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
-                    dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
-                dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
                 if HAS_MV:
                     mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
-                    vt2 = v * mv2[None, :]
+                    w = tl.sum(dyr * v * mv2[None, :], axis=1) * gamma
                 else:
-                    vt2 = v
-                dvt += dd * dy2
-                for r in range(R):
-                    y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
-                                        h * R + r, j, N, PAIR_HALF)
-                    dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
-                                  other=0.0).to(tl.float32)
-                    mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
-                    w = tl.sum(dyr * vt2, axis=1)
-                    dgamma += mqk * w
-                    e0 += (gamma * w)[:, None] * y0
-                    e1 += (gamma * w)[:, None] * y1
-                    dvt += (gamma * mqk)[:, None] * dyr
-                skb0, skb1 = _bias_partial(pkb_ptr, pid, h, H, R, r2, N, c0, c1, jm, e0, e1, skb0, skb1, rr, SUB)
-                a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
-                _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
-                if HAS_MV:
-                    dv += dvt * mv2[None, :]
-                    if SUB == 1:
-                        tl.store(pmv_ptr + ((pid.to(tl.int64) * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0),
-                                 mask=pm)
-                    else:
-                        smv = tl.where(rr[:, None] == r2, smv + tl.sum(dvt * v, axis=0)[None, :], smv)
-                else:
-                    dv += dvt
-            if HAS_VF:
-                dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
-                              other=0.0)
-            tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
-                     mask=vm)
-            if A > 0:
-                tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
-                         mask=mm[:, None] & (j[None, :] < A))
-            tl.store(dgam_ptr + sidx, dgamma, mask=mm)
-            tl.store(dsc_ptr + sidx, dscale, mask=mm)
-        if SUB > 1:   # one partial row per (program, head, rank): summed over blocks by the orchestrator
-            prow = ((pid.to(tl.int64) * H + h) * R + rr) * N
-            pqm = prm & jm[None, :]
-            tl.store(pqb_ptr + prow[:, None] + c0[None, :], sqb0, mask=pqm)
-            tl.store(pqb_ptr + prow[:, None] + c1[None, :], sqb1, mask=pqm)
-            tl.store(pkb_ptr + prow[:, None] + c0[None, :], skb0, mask=pqm)
-            tl.store(pkb_ptr + prow[:, None] + c1[None, :], skb1, mask=pqm)
+                    w = tl.sum(dyr * v, axis=1) * gamma
+                y0, y1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                    h * R + r2, j, N, PAIR_HALF)
+                e0 += w[:, None] * y0
+                e1 += w[:, None] * y1
+            prow = ((pid64 * H + h) * R + r) * N
+            tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+        for r2 in range(R):
+            x0, x1 = _ld_biased(k_ptr, b * s_kb + t * s_kt + r2 * s_kr + g * s_kg, mm, kb_ptr,
+                                h * R + r2, j, N, PAIR_HALF)
+            kh0, kh1 = _rotated(x0, x1, cs, sn, A)
+            grow = ((m64 * R + r2) * G + g) * N
+            crow = ((m64 * RC + r2) * H + h) * N
+            f0, f1 = _ld(dks_ptr, crow, mm, j, N, PAIR_HALF)
+            dscale += tl.sum(f0 * kh0 + f1 * kh1, axis=1)
+            if RECOMPUTE:   # ks = kh * scale as prep stores it
+                u0, u1 = _as_stored(kh0 * scale[:, None], kh1 * scale[:, None], ks_ptr, INTERP)
+            else:
+                u0, u1 = _ld(ks_ptr, crow, mm, j, N, PAIR_HALF)
+            dtheta += f1 * u0 - f0 * u1
+            d0 = f0 * scale[:, None]
+            d1 = f1 * scale[:, None]
+            if HAS_KF:
+                g0, g1 = _ld(dkf_ptr, ((sl * R + r2) * H + h) * N, mm & is_last, j, N, PAIR_HALF)
+                dtheta += g1 * kh0 - g0 * kh1
+                d0 += g0
+                d1 += g1
+            e0 = d0 * cs + d1 * sn
+            e1 = d1 * cs - d0 * sn
+            vrow = ((m64 * RC + r2) * H + h)[:, None] * P + p[None, :]
+            dvt = tl.load(dvt_ptr + vrow, mask=vm, other=0.0)
+            for i in tl.static_range(1, NVP):   # the core's N-block partials of dvt
+                dvt += tl.load(dvt_ptr + i * s_vpart + vrow, mask=vm, other=0.0)
+            dy2 = tl.load(dy_ptr + vrow, mask=vm, other=0.0).to(tl.float32)
             if HAS_MV:
-                tl.store(pmv_ptr + ((pid.to(tl.int64) * H + h) * R + rr)[:, None] * P + p[None, :], smv,
-                         mask=prm & pm[None, :])
+                mv2 = tl.load(mv_ptr + (h * R + r2) * P + p, mask=pm, other=0.0)
+                vt2 = v * mv2[None, :]
+            else:
+                vt2 = v
+            dvt += dd * dy2
+            for r in range(R):
+                y0, y1 = _ld_biased(q_ptr, b * s_qb + t * s_qt + r * s_qr + g * s_qg, mm, qb_ptr,
+                                    h * R + r, j, N, PAIR_HALF)
+                dyr = tl.load(dy_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :], mask=vm,
+                              other=0.0).to(tl.float32)
+                mqk = tl.sum(y0 * x0 + y1 * x1, axis=1)
+                w = tl.sum(dyr * vt2, axis=1)
+                dgamma += mqk * w
+                e0 += (gamma * w)[:, None] * y0
+                e1 += (gamma * w)[:, None] * y1
+                dvt += (gamma * mqk)[:, None] * dyr
+            prow = ((pid64 * H + h) * R + r2) * N
+            tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
+            tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
+            _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
+            if HAS_MV:
+                dv += dvt * mv2[None, :]
+                tl.store(pmv_ptr + ((pid64 * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
+            else:
+                dv += dvt
+        if HAS_VF:
+            dv += tl.load(dvf_ptr + (sl * H + h)[:, None] * P + p[None, :], mask=vm & is_last[:, None],
+                          other=0.0)
+        tl.store(dv_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(dv, dv_ptr.dtype.element_ty, INTERP),
+                 mask=vm)
+        if A > 0:
+            tl.store(dth_ptr + (m64[:, None] * H + h) * A + j[None, :], dtheta,
+                     mask=mm[:, None] & (j[None, :] < A))
+        tl.store(dgam_ptr + sidx, dgamma, mask=mm)
+        tl.store(dsc_ptr + sidx, dscale, mask=mm)
 
 
 @triton.jit
