@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scan_fwd_sass import bench_spec, sass_counts  # noqa: E402
+from scan_fwd_sass import bench_spec, sass_counts, sass_text  # noqa: E402
 
 
 def stage_builds(spec, prob, over: dict):
@@ -51,14 +49,8 @@ def stage_builds(spec, prob, over: dict):
 def memory_sequence(cubin: bytes) -> list:
     """The kernel's global loads / stores, barriers, shared accesses and branches in SASS order,
     runs of one opcode folded: [(opcode, count, first address)]."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        txt = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     out = []
-    for line in txt.splitlines():
+    for line in sass_text(cubin).splitlines():
         m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if not m or m.group(2).split(".")[0] not in ("LDG", "STG", "BAR", "LDS", "STS", "BRA"):
             continue

@@ -17,13 +17,18 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def sass_counts(cubin: bytes) -> dict:
+def sass_text(cubin: bytes) -> str:
+    """cuobjdump -sass of a cubin (the cuobjdump Triton ships)."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        txt = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_counts(cubin: bytes) -> dict:
+    txt = sass_text(cubin)
     ins = []  # (address, opcode, line)
     for line in txt.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
