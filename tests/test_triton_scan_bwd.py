@@ -251,8 +251,9 @@ def test_post_token_block_sizes(rank, rng):
                  shared_angles=True, input_dtype="bfloat16", **(MIMO if rank > 1 else {}))
     pr, lens = Problem(1, 23, 4, 2, 3), [9, 0, 14]
     assert sb.default_config(spec, pr)["POST_BT"] == sb.POST_ONE_WARP_BT == 2
+    f32 = dict(PARTIALS="float32")   # fp32 partial rows: only their summation order differs
     base, one, four = _backward_twice(spec, pr, rng, lengths=lens,
-                                      overrides=({}, dict(POST_BT=1), dict(POST_BT=4)))
+                                      overrides=(f32, dict(f32, POST_BT=1), dict(f32, POST_BT=4)))
     summed = {"q_bias", "k_bias", "mimo_v"}
     for other in (one, four):
         for (n, x), (_, y) in zip(_flat(base), _flat(other)):
@@ -263,6 +264,36 @@ def test_post_token_block_sizes(rank, rng):
     assert {n for n, _ in _flat(base)} >= {"q_bias", "k_bias"} | ({"mimo_v"} if rank > 1 else set())
     rows, case = run_grad_case(spec, pr, rng, lengths=lens, bwd_config=dict(POST_BT=1))
     check(rows, case)
+
+
+@pytest.mark.parametrize("rank,dtype", [(1, "bfloat16"), (2, "float16"), (2, "float32")])
+def test_bias_partials_dtype(rank, dtype, rng):
+    """Post's per-block partials of dQ_bias / dK_bias / dMIMO_V are bf16 for 16-bit inputs (PARTIALS
+    "auto"), fp32 for fp32 inputs or with PARTIALS "float32": every other gradient bitwise equal
+    either way; the summed ones within bf16 rounding of the fp32 path's and, for 16-bit inputs,
+    not equal to it (the rounding is really there); both against the oracle (GQA, varlen with an
+    empty sequence, states, MIMO_V at R = 2). A bad value names the key."""
+    spec = _spec(rank=rank, d_state=32, n_angles=8, varlen=True, initial_states=True, final_states=True,
+                 shared_angles=True, input_dtype=dtype, **(MIMO if rank > 1 else {}))
+    pr, lens = Problem(1, 29, 4, 2, 3), [11, 0, 18]
+    half = dtype != "float32"
+    assert scan_bwd.partials_dtype(spec) == (torch.bfloat16 if half else torch.float32)
+    assert scan_bwd.partials_dtype(spec, dict(PARTIALS="float32")) == torch.float32
+    auto, f32 = _backward_twice(spec, pr, rng, lengths=lens, overrides=({}, dict(PARTIALS="float32")))
+    summed = {"q_bias", "k_bias"} | ({"mimo_v"} if rank > 1 else set())
+    assert {n for n, _ in _flat(auto)} >= summed
+    for (n, x), (_, y) in zip(_flat(auto), _flat(f32)):
+        if n in summed:
+            assert x.dtype == y.dtype == torch.float32, n
+            torch.testing.assert_close(x, y, rtol=1e-2, atol=1e-2 * y.abs().max().item(), msg=n)
+            assert torch.equal(x, y) != half, n
+        else:
+            assert torch.equal(x, y), n
+    for cfg in ({}, dict(PARTIALS="float32")):
+        rows, case = run_grad_case(spec, pr, rng, lengths=lens, bwd_config=cfg)
+        check(rows, case)
+    with pytest.raises(ValueError, match="config.PARTIALS"):
+        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), PARTIALS="bfloat16"))
 
 
 def _simple_args(rng, requires=True):

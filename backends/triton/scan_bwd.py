@@ -38,7 +38,9 @@ theta instead of reading prep's per-head copies: the same values bit for bit, 2 
 token, head and rank less read; default where post's tile is small, see default_config; the
 tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config), SEQ_PROGRAMS (how
 many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`), Y_DTYPE ("auto": the y that
-SISO's save_y keeps is bf16 for 16-bit inputs, `saved_y_dtype`; "float32" keeps it fp32). The core's operands carry
+SISO's save_y keeps is bf16 for 16-bit inputs, `saved_y_dtype`; "float32" keeps it fp32), PARTIALS ("auto":
+post's bias / MIMO_V partial sums per token block in bf16 for 16-bit inputs, `partials_dtype`;
+"float32"). The core's operands carry
 pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
@@ -248,14 +250,33 @@ def check_config(spec: ScanSpec, config: dict) -> None:
             raise bad_arg(f"config.{key}", "True or False", config.get(key))
     if config.get("Y_DTYPE", "auto") not in ("auto", "float32"):
         raise bad_arg("config.Y_DTYPE", "'auto' or 'float32'", config.get("Y_DTYPE"))
+    if config.get("PARTIALS", "auto") not in ("auto", "float32"):
+        raise bad_arg("config.PARTIALS", "'auto' or 'float32'", config.get("PARTIALS"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
-                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE"})
+                                    "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE",
+                                    "PARTIALS"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
         raise bad_arg("config.CORE", "None or a dict (overrides of the core's default config)",
                       type(config["CORE"]).__name__)
+
+
+def partials_dtype(spec: ScanSpec, config=None) -> torch.dtype:
+    """The dtype of post's per-token-block partial sums of dQ_bias, dK_bias and dMIMO_V (one row
+    per POST_BT tokens, head and rank: 268 MB in fp32 at SISO B4 L4096 with the 2-token blocks):
+    bf16 for 16-bit inputs, fp32 for fp32 inputs or with config PARTIALS "float32" (default
+    "auto"). The sums over blocks run in fp32 either way. Measured on the CPU against the float64
+    adjoint (bf16 inputs; bench/notes/scan_bwd.md, session 18): q_bias / k_bias rel_l2 2.3-3.1e-3
+    -> 2.7-3.5e-3 (the final bf16 rounding of the gradient dominates; upstream's are 6.7-7.3e-3).
+    H100, fwd+bwd graph ms, with the rows' half layout (scan_bwd_post._store_halves, which took
+    post's SISO interleaved build from 10 CTA barriers to 1): SISO B4 L4096 2.733 -> 2.632,
+    B1 L16384 2.785 -> 2.718, G8 N64 2.085 -> 2.031, MIMO R4 B4 L2048 5.937 -> 5.538, B4 L4096
+    11.648 -> 10.872 (results/scan_bwd_ab_partials_bf16_h100.json; the layout alone with fp32
+    rows: SISO 2.733 -> 2.709)."""
+    fp32 = spec.input_dtype == "float32" or (config or {}).get("PARTIALS", "auto") == "float32"
+    return F32 if fp32 else torch.bfloat16
 
 
 def op_dtype(spec: ScanSpec, config=None):
@@ -627,14 +648,23 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     b["dv"] = e(B, L, H, P, dt=idt)
     b["dtheta"] = e(B, L, H, max(A, 1))
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
-    b["pqb"], b["pkb"] = e(npblk, H, R, N), e(npblk, H, R, N)
-    b["pmv"] = e(npblk, H, R, P) if t.mimo_v is not None else None
+    pdt = partials_dtype(spec, grads["_config"])
+    b["pqb"], b["pkb"] = e(npblk, H, R, N, dt=pdt), e(npblk, H, R, N, dt=pdt)
+    b["pmv"] = e(npblk, H, R, P, dt=pdt) if t.mimo_v is not None else None
     b["ddt"] = e(B, H, L)
     b["dtrap"] = e(B, H, L) if t.trap is not None else None
     b["dang"] = e(B, L, H, max(A, 1))
     b["dthi"] = e(S, H, max(A, 1)) if t.state_in is not None else None
     b["btot"] = e(S * NSEG, H, max(A, 1))
     return b
+
+
+def _pair_order(x: torch.Tensor, spec: ScanSpec) -> torch.Tensor:
+    """Summed bias partial rows (H, R, N) from post's half layout (pair j at columns j, N/2 + j:
+    scan_bwd_post._store_halves) into the pairing's column order."""
+    if spec.pairing == "half":
+        return x
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
 
 
 def launch(c: dict) -> None:
@@ -802,14 +832,14 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     out["adt"] = core["dadt"].to(F32).contiguous()
     out["dt"] = b["ddt"]
     out["trap"] = b["dtrap"]
-    out["q_bias"] = b["pqb"].sum(0)
-    out["k_bias"] = b["pkb"].sum(0)
+    out["q_bias"] = _pair_order(b["pqb"].sum(0, dtype=F32), spec)
+    out["k_bias"] = _pair_order(b["pkb"].sum(0, dtype=F32), spec)
     out["d"] = b["pd"].sum(0) if b["pd"] is not None else None
     out["z"] = b["dz"]
     out["mimo_z"] = b["pmz"].sum(0) if b["pmz"] is not None else None
     out["mimo_out"] = b["pmo"].sum(0) if b["pmo"] is not None else None
     out["norm_weight"] = b["pw"].sum(0) if b["pw"] is not None else None
-    dmv = b["pmv"].sum(0) if b["pmv"] is not None else None
+    dmv = b["pmv"].sum(0, dtype=F32) if b["pmv"] is not None else None
     if A:
         dang = b["dang"]
         out["angles"] = dang.sum(2) if spec.shared_angles else dang

@@ -29,7 +29,8 @@ One program per (token block, Q/K group g) walks the group's H/G value heads in 
 accumulates dQ, dK of the group in place in its own rows (B, L, R, G, N): the final dQ/dK in the
 input dtype when G = H, else an fp32 buffer cast by the orchestrator (deterministic: fixed head
 order, no atomics). Also writes dV, per-token dtheta (B, L, H, A), dgamma and dscale
-(B, H, L) fp32, and per-block fp32 partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .).
+(B, H, L) fp32, and per-block partial sums of dQ_bias, dK_bias, dMIMO_V (nblk, H, R, .): fp32, or
+bf16 for 16-bit inputs (scan_bwd.partials_dtype; summed in fp32 by the orchestrator).
 
 `seq_bwd_kernel` grid (sequences x segments, H): walks one segment of a sequence backwards
 chunk by chunk, from its carry-in Gacc (dTheta_final + the later segments' dtheta sums from
@@ -46,7 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import (FAST_MATH, PI, _carry_in, _cast, _cos_sin, _ld, _ld_biased, _pair_cols, _rotated,
+from .scan_bwd_prep import (FAST_MATH, PI, _carry_in, _cast, _cos_sin, _ld, _ld_biased, _rotated,
                             _seg_bounds, _sigmoid, _store_pairs, _tanh)
 
 
@@ -81,6 +82,17 @@ def _as_stored(x0, x1, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _store_halves(ptr, row, j, x0, x1, N: tl.constexpr, INTERP: tl.constexpr):
+    """A partial row's pair halves x0, x1 [NHP] at ptr + row in the half layout (pair j's columns
+    at j and N/2 + j, whatever the pairing: two contiguous stores; the orchestrator puts the
+    summed rows back in the pairing's column order, scan_bwd._pair_order)."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    jm = j < N // 2
+    tl.store(ptr + row + j, _cast(x0, ty, INTERP), mask=jm)
+    tl.store(ptr + row + N // 2 + j, _cast(x1, ty, INTERP), mask=jm)
+
+
+@triton.jit
 def post_kernel(
     q_ptr, k_ptr, v_ptr, qb_ptr, kb_ptr, mv_ptr, d_ptr, theta_ptr, gamma_ptr, scale_ptr,
     qh_ptr, ks_ptr, dqh_ptr, dks_ptr, dvt_ptr, dy_ptr, last_ptr, dkf_ptr, dvf_ptr,
@@ -102,8 +114,6 @@ def post_kernel(
     b = m64 // L
     t = m64 % L
     j = tl.arange(0, NHP)
-    jm = j < (N // 2)
-    c0, c1 = _pair_cols(j, N, PAIR_HALF)
     p = tl.arange(0, PP)
     pm = p < P
     vm = mm[:, None] & pm[None, :]
@@ -158,8 +168,7 @@ def post_kernel(
                 e0 += w[:, None] * y0
                 e1 += w[:, None] * y1
             prow = ((pid64 * H + h) * R + r) * N
-            tl.store(pqb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-            tl.store(pqb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            _store_halves(pqb_ptr, prow, j, tl.sum(e0, axis=0), tl.sum(e1, axis=0), N, INTERP)
             a0, a1 = _ld(dq_ptr, grow, mm & acc, j, N, PAIR_HALF)
             _store_pairs(dq_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
         for r2 in range(R):
@@ -207,13 +216,13 @@ def post_kernel(
                 e1 += (gamma * w)[:, None] * y1
                 dvt += (gamma * mqk)[:, None] * dyr
             prow = ((pid64 * H + h) * R + r2) * N
-            tl.store(pkb_ptr + prow + c0, tl.sum(e0, axis=0), mask=jm)
-            tl.store(pkb_ptr + prow + c1, tl.sum(e1, axis=0), mask=jm)
+            _store_halves(pkb_ptr, prow, j, tl.sum(e0, axis=0), tl.sum(e1, axis=0), N, INTERP)
             a0, a1 = _ld(dk_ptr, grow, mm & acc, j, N, PAIR_HALF)
             _store_pairs(dk_ptr, grow, mm, j, e0 + a0, e1 + a1, N, N // 2, PAIR_HALF, INTERP)
             if HAS_MV:
                 dv += dvt * mv2[None, :]
-                tl.store(pmv_ptr + ((pid64 * H + h) * R + r2) * P + p, tl.sum(dvt * v, axis=0), mask=pm)
+                tl.store(pmv_ptr + ((pid64 * H + h) * R + r2) * P + p,
+                         _cast(tl.sum(dvt * v, axis=0), pmv_ptr.dtype.element_ty, INTERP), mask=pm)
             else:
                 dv += dvt
         if HAS_VF:
