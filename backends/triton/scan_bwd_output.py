@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scan_bwd_prep import _cast, _sigmoid
+from .scan_bwd_prep import _cast, _row_tile, _sigmoid
 
 MODES = {"reduce": 0, "per_rank": 1, "norm_reduce": 2}
 
@@ -64,7 +64,7 @@ def output_bwd_kernel(
                      other=0.0).to(tl.float32)
         dz = tl.zeros([BT, PP], dtype=tl.float32)
     if MODE == 2:
-        w = tl.load(w_ptr + h * P + p, mask=pm, other=0.0)
+        w = _row_tile(w_ptr + h * P, p, pm, m64)
         dw = tl.zeros([PP], dtype=tl.float32)
     DYT = dy_ptr.dtype.element_ty
     for r in range(R):
@@ -76,12 +76,12 @@ def output_bwd_kernel(
             y = tl.load(y_ptr + row, mask=msk, other=0.0).to(tl.float32)
         prow = (pid * H + h) * R + r
         if HAS_MO:
-            mo = tl.load(mo_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+            mo = _row_tile(mo_ptr + (h * R + r) * P, p, pm, m64)
         else:
             mo = 1.0
         if HAS_Z:
             if HAS_MZ:
-                mz = tl.load(mz_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+                mz = _row_tile(mz_ptr + (h * R + r) * P, p, pm, m64)
             else:
                 mz = 1.0
             u = zz * mz
@@ -102,19 +102,19 @@ def output_bwd_kernel(
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / P + eps)
             xhat = y * rstd[:, None]
-            n = xhat * w[None, :]
+            n = xhat * w
             dn = do * gate * mo
             if HAS_Z:
                 dgate = do * n * mo
             if HAS_MO:
                 tl.store(pmo_ptr + prow * P + p, tl.sum(do * n * gate, axis=0), mask=pm)
-            dnw = dn * w[None, :]
+            dnw = dn * w
             dw += tl.sum(dn * xhat, axis=0)
             dy = rstd[:, None] * (dnw - xhat * (tl.sum(dnw * xhat, axis=1) / P)[:, None])
         tl.store(dy_ptr + drow, _cast(dy, DYT, INTERP), mask=msk)
         if HAS_D:
             if HAS_MV:
-                dd += tl.sum(dy * v * tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :], axis=1)
+                dd += tl.sum(dy * v * _row_tile(mv_ptr + (h * R + r) * P, p, pm, m64), axis=1)
             else:
                 dd += tl.sum(dy * v, axis=1)
         if HAS_Z:
@@ -154,19 +154,19 @@ def output_fwd_kernel(
         zz = tl.load(z_ptr + (b * s_zb + t * s_zt + h * s_zh)[:, None] + p[None, :], mask=msk,
                      other=0.0).to(tl.float32)
     if MODE == 2:
-        w = tl.load(w_ptr + h * P + p, mask=pm, other=0.0)
+        w = _row_tile(w_ptr + h * P, p, pm, m64)
     acc = tl.zeros([BT, PP], dtype=tl.float32)
     OT = out_ptr.dtype.element_ty
     for r in range(R):
         row = ((m64 * R + r) * H + h)[:, None] * P + p[None, :]
         y = tl.load(y_ptr + row, mask=msk, other=0.0)
         if HAS_MO:
-            mo = tl.load(mo_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+            mo = _row_tile(mo_ptr + (h * R + r) * P, p, pm, m64)
         else:
             mo = 1.0
         if HAS_Z:
             if HAS_MZ:
-                u = zz * tl.load(mz_ptr + (h * R + r) * P + p, mask=pm, other=0.0)[None, :]
+                u = zz * _row_tile(mz_ptr + (h * R + r) * P, p, pm, m64)
             else:
                 u = zz
             gate = u * _sigmoid(u)
@@ -178,6 +178,6 @@ def output_fwd_kernel(
             acc += y * gate * mo
         else:
             rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / P + eps)
-            acc += y * rstd[:, None] * w[None, :] * gate * mo
+            acc += y * rstd[:, None] * w * gate * mo
     if MODE != 1:
         tl.store(out_ptr + (m64 * H + h)[:, None] * P + p[None, :], _cast(acc, OT, INTERP), mask=msk)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .scan_common import (FAST_MATH, _cast, _cos_sin, _pair_cols, _pairs_raw, _rotate,  # noqa: F401  (post and
-                          _store_pairs, _wrap)  # output import from here)
+                          _row_tile, _store_pairs, _wrap)  # output import from here)
 
 PI = tl.constexpr(3.141592653589793)
 
@@ -63,9 +63,13 @@ def _ld_biased(ptr, row, rmask, bias_ptr, bias_row, j, N: tl.constexpr, PAIR_HAL
     x0, x1 = _ld(ptr, row, rmask, j, N, PAIR_HALF)
     c0, c1 = _pair_cols(j, N, PAIR_HALF)
     jm = j < N // 2
-    b0 = tl.load(bias_ptr + bias_row * N + c0, mask=jm, other=0.0).to(tl.float32)
-    b1 = tl.load(bias_ptr + bias_row * N + c1, mask=jm, other=0.0).to(tl.float32)
-    return x0 + b0[None, :], x1 + b1[None, :]
+    if PAIR_HALF:   # contiguous halves: as tiles (scan_common._row_tile)
+        b0 = _row_tile(bias_ptr + bias_row * N, c0, jm, row)
+        b1 = _row_tile(bias_ptr + bias_row * N, c1, jm, row)
+    else:           # strided (even / odd columns): the 1-D load already has the broadcast's layout
+        b0 = tl.load(bias_ptr + bias_row * N + c0, mask=jm, other=0.0).to(tl.float32)[None, :]
+        b1 = tl.load(bias_ptr + bias_row * N + c1, mask=jm, other=0.0).to(tl.float32)[None, :]
+    return x0 + b0, x1 + b1
 
 
 @triton.jit
@@ -270,8 +274,7 @@ def prep_kernel(
         _store_pairs(ks_ptr, orow, mm, j, k0 * scale[:, None], k1 * scale[:, None], N, N // 2, PAIR_HALF, INTERP)
         if VT_OUT:   # (else the core reads v itself as vt: SISO, no MIMO_V, v the operand tensor)
             if HAS_MV:
-                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=pm, other=0.0)
-                vt = v * mv[None, :]
+                vt = v * _row_tile(mv_ptr + (h * R + r) * P, p, pm, m)
             else:
                 vt = v
             tl.store(vt_ptr + ((m64 * RC + r) * H + h)[:, None] * P + p[None, :],

@@ -446,6 +446,17 @@ def _rotate(x0, x1, c, s):
 
 
 @triton.jit
+def _row_tile(ptr, cols, cmask, rows):
+    """The row ptr[cols] (a per-head weight or bias row) as a [ROWS, C] fp32 tile whose rows are
+    all that row (rows [ROWS]: any int tensor of the tile's rows; every row loads the same addresses,
+    L1 hits). For a contiguous row, a 1-D load gets a vectorised layout of its own and its
+    broadcast against [ROWS, C] tiles goes through shared memory (a CTA barrier each); as a tile
+    it takes the tiles' layout (MIMO prep: 19 -> 0 barriers, AOT 3.6). Not for strided rows
+    (interleaved pair columns): those 1-D loads already have the broadcast's layout."""
+    return tl.load(ptr + cols[None, :] + (rows * 0)[:, None], mask=cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _store_pairs(ptr, row_off, rmask, j, x0, x1, N: tl.constexpr, NH: tl.constexpr, PAIR_HALF: tl.constexpr,
                  INTERP: tl.constexpr):
     """Store fp32 pair halves (x0, x1) [ROWS, NHP] as rows at row_off [ROWS] (int64 element
