@@ -393,11 +393,13 @@ def _bias_pairs(bias_ptr, h, R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr,
         b0 = tl.load(bias_ptr + h * N + c0, mask=j < NH, other=0.0)[None, :]
         b1 = tl.load(bias_ptr + h * N + c1, mask=j < NH, other=0.0)[None, :]
     else:
-        r = tl.arange(0, C * RP) % RP
+        r = tl.arange(0, RP)
         m = (r < R)[:, None] & (j < NH)[None, :]
         off = (h * R + r)[:, None] * N
         b0 = tl.load(bias_ptr + off + c0[None, :], mask=m, other=0.0)
         b1 = tl.load(bias_ptr + off + c1[None, :], mask=m, other=0.0)
+        b0 = tl.reshape(tl.broadcast_to(b0[None, :, :], [C, RP, NHP]), [C * RP, NHP])
+        b1 = tl.reshape(tl.broadcast_to(b1[None, :, :], [C, RP, NHP]), [C * RP, NHP])
     return b0, b1
 
 
