@@ -296,6 +296,53 @@ def test_bias_partials_dtype(rank, dtype, rng):
         scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), PARTIALS="bfloat16"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stage7_sums_kernels(dtype):
+    """scan_bwd_sums against float64 sums of the same values: block_sums over rows that are not a
+    multiple of its row step or split (and columns not a multiple of its block), Z = 2 and 1;
+    head_sum with A not a power of two; empty inputs; two runs bitwise equal."""
+    from mamba3_kernels.backends.triton import scan_bwd_sums as sums
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    for Z, rows, shape in ((2, 1037, (3, 1, 50)), (1, 5, (2, 3, 16)), (2, sums.ROWS_PER, (1, 1, 130))):
+        x = torch.randn((Z, rows, *shape), generator=g).to(dtype)
+        got = sums.block_sums(x, scan_bwd.launch)
+        assert got.dtype == torch.float32 and got.shape == (Z, *shape)
+        ref = x.double().sum(1)
+        assert (got.double() - ref).abs().max() <= 1e-5 * x.double().abs().sum(1).max()
+        assert torch.equal(got, sums.block_sums(x, scan_bwd.launch))
+    assert torch.equal(sums.block_sums(torch.zeros(2, 0, 3, 1, 4), scan_bwd.launch), torch.zeros(2, 3, 1, 4))
+    for B, L, H, A in ((2, 19, 3, 6), (1, 33, 8, 16)):
+        x = torch.randn((B, L, H, A), generator=g)
+        got = sums.head_sum(x, scan_bwd.launch)
+        assert got.shape == (B, L, A)
+        torch.testing.assert_close(got.double(), x.double().sum(2), rtol=1e-6, atol=1e-6)
+    assert sums.head_sum(torch.zeros(1, 0, 4, 8), scan_bwd.launch).shape == (1, 0, 8)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_stage7_sums_triton_or_torch(rank, rng):
+    """SUMS "triton" (the default) and "torch" give the same gradients: bitwise where they do not
+    sum (everything but q_bias, k_bias, mimo_v and the shared angles), within fp32 summation order
+    elsewhere; both against the oracle (GQA, varlen with an empty sequence, states, shared angles,
+    MIMO_V at R = 2). A bad value names the key."""
+    spec = _spec(rank=rank, d_state=32, n_angles=8, varlen=True, initial_states=True, final_states=True,
+                 shared_angles=True, input_dtype="bfloat16", **(MIMO if rank > 1 else {}))
+    pr, lens = Problem(1, 29, 4, 2, 3), [11, 0, 18]
+    tri, tor = _backward_twice(spec, pr, rng, lengths=lens, overrides=({}, dict(SUMS="torch")))
+    summed = {"q_bias", "k_bias", "angles"} | ({"mimo_v"} if rank > 1 else set())
+    for (n, x), (_, y) in zip(_flat(tri), _flat(tor)):
+        if n in summed:
+            assert x.dtype == y.dtype == torch.float32, n
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * y.abs().max().item(), msg=n)
+        else:
+            assert torch.equal(x, y), n
+    assert {n for n, _ in _flat(tri)} >= summed
+    rows, case = run_grad_case(spec, pr, rng, lengths=lens)
+    check(rows, case)
+    with pytest.raises(ValueError, match="config.SUMS"):
+        scan_bwd.check_config(spec, dict(scan_bwd.default_config(spec), SUMS="numpy"))
+
+
 def _simple_args(rng, requires=True):
     spec = ScanSpec(d_state=8, head_dim=4, input_dtype="float32")
     from mamba3_kernels.reference.inputs import random_scan_inputs

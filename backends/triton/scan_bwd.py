@@ -22,8 +22,9 @@ gamma_t = DT_t lam_t, scale_t = gamma_t + DT_{t+1}(1 - lam_{t+1})):
                last token -> dQ, dK (the group's heads accumulated in place), dV, dtheta,
                dgamma, dscale, bias / MIMO_V / D partials
   6  seq_bwd   (scan_bwd_post.py, grid (S, H)) dDT, dTrap, reverse angle cumsum -> dAngles, dTheta_init
-  7  torch     block partial sums, the fp32 -> input dtype cast of dQ / dK when G < H,
-               shared-angle head sum, the initial states' K/V/MIMO_V parts.
+  7  sums      block partial sums (the bias / MIMO_V ones and the shared-angle head sum of dAngles
+               by scan_bwd_sums.py, the small ones by torch), the fp32 -> input dtype cast of
+               dQ / dK when G < H, the initial states' K/V/MIMO_V parts (torch).
 Every reduction is a fixed-order sum (no atomics): two runs are bitwise equal.
 
 Config keys: BT (tokens per program of output and prep), POST_BT (of post), SEQ_BT (tokens per
@@ -40,7 +41,8 @@ tuner tries the other), PREP_HEADS_FAST (prep's grid order, see default_config),
 many programs the per-sequence stages aim at, default `SEQ_PROGRAMS`), Y_DTYPE ("auto": the y that
 SISO's save_y keeps is bf16 for 16-bit inputs, `saved_y_dtype`; "float32" keeps it fp32), PARTIALS ("auto":
 post's bias / MIMO_V partial sums per token block in bf16 for 16-bit inputs, `partials_dtype`;
-"float32"). The core's operands carry
+"float32"), SUMS ("triton": stage 7's sums of those partials over blocks and the shared-angle
+head sum of dAngles by scan_bwd_sums.py; "torch": by torch's reductions). The core's operands carry
 pow2(R) ranks (zero-padded for R = 3, 5, 6, 7).
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ from . import _interpret, _pow2
 from . import scan_bwd_output as _outk
 from . import scan_bwd_post as _post
 from . import scan_bwd_prep as _prep
+from . import scan_bwd_sums as _sums
 from .aot import Guard, step_down
 
 F32 = torch.float32
@@ -252,10 +255,12 @@ def check_config(spec: ScanSpec, config: dict) -> None:
         raise bad_arg("config.Y_DTYPE", "'auto' or 'float32'", config.get("Y_DTYPE"))
     if config.get("PARTIALS", "auto") not in ("auto", "float32"):
         raise bad_arg("config.PARTIALS", "'auto' or 'float32'", config.get("PARTIALS"))
+    if config.get("SUMS", "triton") not in ("triton", "torch"):
+        raise bad_arg("config.SUMS", "'triton' or 'torch'", config.get("SUMS"))
     unknown = sorted(set(config) - {"BT", "POST_BT", "SEQ_BT", "num_warps", "post_num_warps",
                                     "seq_num_warps", "CORE", "CORE_IMPL", "OPERANDS", "SPILL_GUARD",
                                     "POST_RECOMPUTE", "PREP_HEADS_FAST", "SEQ_PROGRAMS", "Y_DTYPE",
-                                    "PARTIALS"})
+                                    "PARTIALS", "SUMS"})
     if unknown:
         raise bad_arg("config", "keys of scan_bwd.default_config (plus OPERANDS)", unknown)
     if config.get("CORE") is not None and not isinstance(config["CORE"], dict):
@@ -649,7 +654,8 @@ def post_buffers(spec: ScanSpec, t, grads: dict, device) -> dict:
     b["dtheta"] = e(B, L, H, max(A, 1))
     b["dgamma"], b["dscale"] = e(B, H, L), e(B, H, L)
     pdt = partials_dtype(spec, grads["_config"])
-    b["pqb"], b["pkb"] = e(npblk, H, R, N, dt=pdt), e(npblk, H, R, N, dt=pdt)
+    b["pqkb"] = e(2, npblk, H, R, N, dt=pdt)   # dQ_bias, dK_bias partials: one buffer, one sum
+    b["pqb"], b["pkb"] = b["pqkb"][0], b["pqkb"][1]
     b["pmv"] = e(npblk, H, R, P, dt=pdt) if t.mimo_v is not None else None
     b["ddt"] = e(B, H, L)
     b["dtrap"] = e(B, H, L) if t.trap is not None else None
@@ -832,17 +838,27 @@ def backward(spec: ScanSpec, config: dict, saved, grads: dict, problem=None, tim
     out["adt"] = core["dadt"].to(F32).contiguous()
     out["dt"] = b["ddt"]
     out["trap"] = b["dtrap"]
-    out["q_bias"] = _pair_order(b["pqb"].sum(0, dtype=F32), spec)
-    out["k_bias"] = _pair_order(b["pkb"].sum(0, dtype=F32), spec)
+    tsums = config.get("SUMS", "triton") == "triton"
+    if tsums:
+        dqb, dkb = _sums.block_sums(b["pqkb"], launch)
+    else:
+        dqb, dkb = b["pqb"].sum(0, dtype=F32), b["pkb"].sum(0, dtype=F32)
+    out["q_bias"], out["k_bias"] = _pair_order(dqb, spec), _pair_order(dkb, spec)
     out["d"] = b["pd"].sum(0) if b["pd"] is not None else None
     out["z"] = b["dz"]
     out["mimo_z"] = b["pmz"].sum(0) if b["pmz"] is not None else None
     out["mimo_out"] = b["pmo"].sum(0) if b["pmo"] is not None else None
     out["norm_weight"] = b["pw"].sum(0) if b["pw"] is not None else None
-    dmv = b["pmv"].sum(0, dtype=F32) if b["pmv"] is not None else None
+    if b["pmv"] is None:
+        dmv = None
+    else:
+        dmv = _sums.block_sums(b["pmv"][None], launch)[0] if tsums else b["pmv"].sum(0, dtype=F32)
     if A:
         dang = b["dang"]
-        out["angles"] = dang.sum(2) if spec.shared_angles else dang
+        if not spec.shared_angles:
+            out["angles"] = dang
+        else:
+            out["angles"] = _sums.head_sum(dang, launch) if tsums else dang.sum(2)
     else:
         out["angles"] = None
     if st is not None:
@@ -913,6 +929,13 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
         if config.get("SPILL_GUARD"):
             ycfg = save_y_spill_free(spec, config, t, grads["_y"], lambda c: build([c], arch)[0]["spills"] > 0)
         calls.append(save_y_call(spec, ycfg, t, grads["_y"]))
+    if L and config.get("SUMS", "triton") == "triton":   # stage 7's sums (scan_bwd_sums.py)
+        pb = torch.empty((2, triton.cdiv(B * L, config["POST_BT"]), H, R, N), dtype=partials_dtype(spec, config),
+                         device="meta")
+        calls.append(_sums.block_sums_call(pb, _sums.split_buffer(pb)))
+        if spec.shared_angles and A:
+            dang = e(B, L, H, A)
+            calls.append(_sums.head_sum_call(dang, e(B, L, A)))
     res = build(calls, arch)
     if needs_y(spec) and R == 1:   # scan(..., save_y=True)'s forward: phase 4 storing y too, after its guard
         fcfg = fwd_default
