@@ -306,11 +306,14 @@ def test_stage7_sums_kernels(dtype):
     for Z, rows, shape in ((2, 1037, (3, 1, 50)), (1, 5, (2, 3, 16)), (2, sums.ROWS_PER, (1, 1, 130))):
         x = torch.randn((Z, rows, *shape), generator=g).to(dtype)
         got = sums.block_sums(x, scan_bwd.launch)
-        assert got.dtype == torch.float32 and got.shape == (Z, *shape)
+        assert len(got) == Z and all(g.dtype == torch.float32 and g.shape == shape for g in got)
+        assert len({g.untyped_storage().data_ptr() for g in got}) == Z   # distinct outputs of the custom op
+        got = torch.stack(got)
         ref = x.double().sum(1)
         assert (got.double() - ref).abs().max() <= 1e-5 * x.double().abs().sum(1).max()
-        assert torch.equal(got, sums.block_sums(x, scan_bwd.launch))
-    assert torch.equal(sums.block_sums(torch.zeros(2, 0, 3, 1, 4), scan_bwd.launch), torch.zeros(2, 3, 1, 4))
+        assert torch.equal(got, torch.stack(sums.block_sums(x, scan_bwd.launch)))
+    empty = sums.block_sums(torch.zeros(2, 0, 3, 1, 4), scan_bwd.launch)
+    assert len(empty) == 2 and all(torch.equal(e, torch.zeros(3, 1, 4)) for e in empty)
     for B, L, H, A in ((2, 19, 3, 6), (1, 33, 8, 16)):
         x = torch.randn((B, L, H, A), generator=g)
         got = sums.head_sum(x, scan_bwd.launch)

@@ -63,15 +63,16 @@ def split_buffer(x: torch.Tensor) -> torch.Tensor:
                        dtype=torch.float32, device=x.device)
 
 
-def block_sums(x: torch.Tensor, launch) -> torch.Tensor:
-    """x (Z, nblk, ...) contiguous, any float dtype -> x.sum(1) in fp32 (Z, ...): Z tensors of
-    block partials summed over their blocks in one launch (`launch`: scan_bwd.launch)."""
+def block_sums(x: torch.Tensor, launch) -> list:
+    """x (Z, nblk, ...) contiguous, any float dtype -> [x[z].sum(0) in fp32 for z < Z]: Z tensors of
+    block partials summed over their blocks in one launch (`launch`: scan_bwd.launch). The Z sums are
+    separate tensors (no shared storage: they leave the backward's custom op as distinct outputs)."""
     Z, rows, shape = x.shape[0], x.shape[1], x.shape[2:]
     if rows == 0 or shape.numel() == 0 or Z == 0:
-        return torch.zeros((Z, *shape), dtype=torch.float32, device=x.device)
+        return [torch.zeros(shape, dtype=torch.float32, device=x.device) for _ in range(Z)]
     part = split_buffer(x)
     launch(block_sums_call(x.contiguous(), part))
-    return part.sum(1).view(Z, *shape)
+    return [part[z].sum(0).view(shape) for z in range(Z)]
 
 
 @triton.jit
