@@ -49,9 +49,15 @@ run: $(VENV)/.installed
 	  $(BIN)/mamba3-kernels bench --op step --H 32 --out bench/results/bench_step_local.json; \
 	else echo "no GPU here: tuning and benchmarks skipped (they run on the GPU)"; fi
 
+# On a GPU host the CPU tests (Triton interpreter on CPU tensors) run in a process that cannot see
+# the GPU (tests/conftest.py sets TRITON_INTERPRET there), then the GPU tests in another.
 test: $(VENV)/.installed $(VENV36)/.installed
 	@mkdir -p $(TMPDIR)
-	MAMBA3_TRITON36_PYTHON=$(CURDIR)/$(VENV36)/bin/python $(BIN)/python -m pytest -q tests
+	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  echo "GPU here: CPU tests first (interpreter, GPU hidden), then the GPU tests (-m gpu)"; \
+	  CUDA_VISIBLE_DEVICES= MAMBA3_TRITON36_PYTHON=$(CURDIR)/$(VENV36)/bin/python $(BIN)/python -m pytest -q -m "not gpu" tests \
+	    && $(BIN)/python -m pytest -q -m gpu tests; \
+	else MAMBA3_TRITON36_PYTHON=$(CURDIR)/$(VENV36)/bin/python $(BIN)/python -m pytest -q tests; fi
 
 clean:
 	rm -rf .cache .pytest_cache .hypothesis
