@@ -929,13 +929,11 @@ def compile(spec: ScanSpec, config: dict, problem=None, arch: str = "sm_90a", co
         if config.get("SPILL_GUARD"):
             ycfg = save_y_spill_free(spec, config, t, grads["_y"], lambda c: build([c], arch)[0]["spills"] > 0)
         calls.append(save_y_call(spec, ycfg, t, grads["_y"]))
-    if L and config.get("SUMS", "triton") == "triton":   # stage 7's sums (scan_bwd_sums.py)
-        pb = torch.empty((2, triton.cdiv(B * L, config["POST_BT"]), H, R, N), dtype=partials_dtype(spec, config),
-                         device="meta")
-        calls.append(_sums.block_sums_call(pb, _sums.split_buffer(pb)))
+    if L and config.get("SUMS", "triton") == "triton":   # stage 7's sums (scan_bwd_sums.py) on post's buffers
+        pb = post_buffers(spec, t, dict(grads, _config=config), "meta")
+        calls.append(_sums.block_sums_call(pb["pqkb"], _sums.split_buffer(pb["pqkb"])))
         if spec.shared_angles and A:
-            dang = e(B, L, H, A)
-            calls.append(_sums.head_sum_call(dang, e(B, L, A)))
+            calls.append(_sums.head_sum_call(pb["dang"], e(B, L, A)))
     res = build(calls, arch)
     if needs_y(spec) and R == 1:   # scan(..., save_y=True)'s forward: phase 4 storing y too, after its guard
         fcfg = fwd_default

@@ -51,7 +51,7 @@ def block_sums_kernel(x_ptr, out_ptr, ROWS, COLS, NSPLIT, RPP: tl.constexpr, BR:
 
 def block_sums_call(x: torch.Tensor, part: torch.Tensor) -> dict:
     """The launch of block_sums_kernel adding x (Z, nblk, ...) into part (Z, NSPLIT, cols)."""
-    Z, rows, cols, nsplit = x.shape[0], x.shape[1], x[0, 0].numel(), part.shape[1]
+    Z, rows, cols, nsplit = x.shape[0], x.shape[1], x.shape[2:].numel(), part.shape[1]
     return dict(name="bwd_block_sums", kernel=block_sums_kernel, grid=(triton.cdiv(cols, BLOCK_C), nsplit, Z),
                 args=[("x_ptr", x), ("out_ptr", part), ("ROWS", rows), ("COLS", cols), ("NSPLIT", nsplit)],
                 constexprs=dict(RPP=ROWS_PER, BR=BLOCK_R, BC=BLOCK_C), num_warps=4)
@@ -59,8 +59,8 @@ def block_sums_call(x: torch.Tensor, part: torch.Tensor) -> dict:
 
 def split_buffer(x: torch.Tensor) -> torch.Tensor:
     """block_sums' fp32 per-split sums (Z, NSPLIT, cols) for x (Z, nblk, ...)."""
-    return torch.empty((x.shape[0], triton.cdiv(x.shape[1], ROWS_PER), x[0, 0].numel() if x.shape[1] else 0),
-                       dtype=torch.float32, device=x.device)
+    return torch.empty((x.shape[0], triton.cdiv(x.shape[1], ROWS_PER), x.shape[2:].numel()), dtype=torch.float32,
+                       device=x.device)
 
 
 def block_sums(x: torch.Tensor, launch) -> list:
